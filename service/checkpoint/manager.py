@@ -1,0 +1,374 @@
+"""The worker-side checkpointer: snapshot, sharded write, commit, retention, verified resume.
+
+Save (all ranks): take a snapshot of the registry into reused staging buffers (the only part
+that blocks training when async), then in one background thread: DCP writes every rank's shards
+and ``.metadata`` through the checksumming writer; the per-file checksums are gathered to rank 0,
+which writes ``manifest.json`` and then the ``latest`` pointer; rank 0 tells every rank whether
+the commit happened. All checkpoint collectives run on a dedicated gloo group so they never
+interleave with the training group's all-reduces.
+
+Load (all ranks): rank 0 finds the newest committed checkpoint and broadcasts its manifest;
+every rank loads through the verifying reader. A corrupt checkpoint fails the load on all ranks
+together (DCP gathers the error), is reported, and the next older committed one is tried.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+import service
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.dcp_io import ChecksummingWriter, CorruptCheckpointError, VerifyingReader
+from service.checkpoint.manifest import Manifest, ManifestError, parse_step_dir, step_dir
+from service.checkpoint.retention import apply_retention
+from service.checkpoint.storage import Storage, open_storage
+from service.config import Config
+from service.errors import UserError
+from service.metrics import CheckpointMetrics
+from service.train.distributed import DistInfo, new_gloo_group
+from service.train.state import PER_RANK_KEYS
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection: FTDIFF_CRASH_AT="<stage>:<step>" kills this process with SIGKILL
+# at that point of the commit protocol, so tests exercise real crashes at exact moments.
+CRASH_STAGES = ("after_shards", "after_metadata", "after_manifest", "after_pointer")
+
+
+def crash_point(stage: str, step: int) -> None:
+    spec = os.environ.get("FTDIFF_CRASH_AT")
+    if spec and spec == f"{stage}:{step}":
+        log.warning("FTDIFF_CRASH_AT: killing this process at %s of step %d", stage, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _CrashingWriter(ChecksummingWriter):
+    """Adds the after_shards / after_metadata crash points around DCP's metadata write."""
+
+    step = -1
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        crash_point("after_shards", self.step)
+        super().finish(metadata, results)
+        crash_point("after_metadata", self.step)
+
+
+class _Group:
+    """Collectives of the checkpoint group, degrading to no-ops when running alone."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.pg = new_gloo_group() if dist.is_initialized() else None
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.pg is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def gather_to_all(self, obj: Any) -> list[Any]:
+        if self.pg is None:
+            return [obj]
+        out: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(out, obj, group=self.pg)
+        return out
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    return {"ftdiff": service.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        state: dict[str, Stateful],
+        metrics: CheckpointMetrics | None = None,
+    ):
+        self.cfg, self.info, self.state, self.metrics = cfg, info, state, metrics
+        ck = cfg.checkpoint
+        self.storage = open_storage(ck.url, ck.endpoint_url, ck.region)
+        self.catalog = Catalog(self.storage)
+        self.group = _Group(info)
+        self.last_committed_step: int | None = None
+        self.failures = 0
+        self.skipped = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
+        self._pending: concurrent.futures.Future[bool] | None = None
+        self._staging: dict[str, torch.Tensor] = {}
+        self._pin = info.device.type == "cuda"
+
+    # -- save --------------------------------------------------------------------------------
+    def maybe_save(self, step: int, samples_seen: int) -> None:
+        if step % self.cfg.checkpoint.every_steps == 0:
+            self.save(step, samples_seen, blocking=not self.cfg.checkpoint.async_)
+
+    def save(self, step: int, samples_seen: int, *, blocking: bool) -> bool | None:
+        """Save ``step``. Blocking: returns whether it committed. Async: returns None at once."""
+        if self._pending is not None and not self._pending.done():
+            # At most one save in flight. Every rank takes the same branch: the previous save
+            # ends with a collective, so "done" is in sync up to a race we settle by waiting.
+            self.skipped += 1
+            if self.metrics:
+                self.metrics.saves_skipped.inc()
+            log.info("checkpoint: save of step %d waits for the previous one", step)
+        self.wait()
+        if blocking:
+            t0 = time.monotonic()
+            ok = self._write(step, samples_seen, self._live_state(), t0)
+            return ok
+        t0 = time.monotonic()
+        try:
+            snapshot = self._snapshot()
+        except Exception:
+            self._count_failure("snapshot", step)
+            return None
+        if self.metrics:
+            self.metrics.save_duration.labels(phase="stall").observe(time.monotonic() - t0)
+        self._pending = self._executor.submit(self._write, step, samples_seen, snapshot, t0)
+        return None
+
+    def wait(self) -> bool | None:
+        """Block until the in-flight save (if any) has finished; its commit status."""
+        if self._pending is None:
+            return None
+        result = self._pending.result()
+        self._pending = None
+        return result
+
+    def _live_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.state.items()}
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of the whole state in staging buffers reused across saves (pinned on CUDA)."""
+        out = {key: self._stage(obj.state_dict(), key) for key, obj in self.state.items()}
+        if self._pin:
+            torch.cuda.synchronize()
+        return out
+
+    def _stage(self, obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            buf = self._staging.get(path)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=self._pin)
+                self._staging[path] = buf
+            buf.copy_(obj.detach(), non_blocking=self._pin)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._stage(v, f"{path}.{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._stage(v, f"{path}.{i}") for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+    def _write(self, step: int, samples_seen: int, state: dict[str, Any], t0: float) -> bool:
+        """The commit protocol, on every rank. Returns whether ``step`` is now committed."""
+        folder = step_dir(step)
+        try:
+            already = None
+            if self.info.is_main:
+                already = self._prepare_folder(step)
+            already = self.group.broadcast(already)
+            if already:
+                self.last_committed_step = step
+                return True
+            writer = _CrashingWriter(
+                self.storage.fs, self.storage.path(folder), object_store=self.storage.is_object_store
+            )
+            writer.step = step
+            dcp.save(state, storage_writer=writer, process_group=self.group.pg)
+            written = self.group.gather_to_all(writer.written)
+        except Exception as e:
+            self._count_failure("write", step, e)
+            return False
+        if self.metrics:
+            self.metrics.bytes_written.inc(sum(f.size for f in writer.written.values()))
+        committed = False
+        if self.info.is_main:
+            committed = self._commit(step, samples_seen, written)
+        try:
+            committed = bool(self.group.broadcast(committed))
+        except Exception as e:
+            self._count_failure("manifest", step, e)
+            return False
+        if committed:
+            self.last_committed_step = step
+            if self.metrics:
+                self.metrics.last_committed_step.set(step)
+                self.metrics.last_committed_timestamp.set(time.time())
+                self.metrics.save_duration.labels(phase="commit").observe(time.monotonic() - t0)
+            log.info("checkpoint: committed %s (%.2fs)", self.storage.url_of(folder), time.monotonic() - t0)
+            if self.info.is_main:
+                self._retention()
+        return committed
+
+    def _prepare_folder(self, step: int) -> bool:
+        """Rank 0, before any rank writes: True if ``step`` is already committed (never write
+        into a committed folder); otherwise clear debris of an earlier failed attempt."""
+        try:
+            self.catalog.manifest(step)
+            return True
+        except ManifestError:
+            pass
+        self.storage.remove_tree(step_dir(step))
+        self.storage.makedirs(step_dir(step))
+        return False
+
+    def _commit(self, step: int, samples_seen: int, written: list[dict[str, Any]]) -> bool:
+        files: dict[str, Any] = {}
+        for entries in written:
+            files.update(entries)
+        manifest = Manifest(
+            step=step,
+            world_size=self.info.world_size,
+            config_hash=self.cfg.hash(),
+            files=files,
+            versions=_versions(),
+            samples_seen=samples_seen,
+        )
+        try:
+            self.catalog.write_manifest(manifest)
+        except Exception as e:
+            self._count_failure("manifest", step, e)
+            return False
+        crash_point("after_manifest", step)
+        try:
+            self.catalog.write_pointer(step)
+        except Exception as e:
+            # The manifest is written, so the step *is* committed; discovery repairs the
+            # stale pointer by scanning.
+            self._count_failure("pointer", step, e)
+        crash_point("after_pointer", step)
+        return True
+
+    def _retention(self) -> None:
+        ck = self.cfg.checkpoint
+        try:
+            _, failed = apply_retention(self.catalog, ck.keep_last, ck.keep_every)
+            if failed and self.metrics:
+                self.metrics.failures.labels(stage="retention").inc(len(failed))
+        except Exception as e:
+            self._count_failure("retention", None, e)
+
+    def _count_failure(self, stage: str, step: int | None, err: BaseException | None = None) -> None:
+        self.failures += 1
+        if self.metrics:
+            self.metrics.failures.labels(stage=stage).inc()
+        what = f"step {step}" if step is not None else "checkpoint"
+        log.error("checkpoint: %s failed at stage %s: %s", what, stage, _describe(err))
+
+    # -- load --------------------------------------------------------------------------------
+    def resume(self) -> int | None:
+        """Load the checkpoint the config asks for into the registry; the loaded step or None."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            log.info("checkpoint.resume = never: starting fresh")
+            return None
+        if mode == "auto":
+            catalog, pinned = self.catalog, None
+        else:
+            catalog, pinned = _catalog_for(mode, self.cfg)
+        return self._load_newest(catalog, pinned)
+
+    def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
+        tried: list[str] = []
+        candidate = self._first_candidate(catalog, pinned) if self.info.is_main else None
+        candidate = self.group.broadcast(candidate)
+        if candidate is None:
+            log.info("no committed checkpoint under %s: starting fresh", catalog.storage.display_url)
+            return None
+        while candidate is not None:
+            step, manifest = candidate
+            t0 = time.monotonic()
+            try:
+                self._load(catalog.storage, step, manifest)
+            except Exception as e:
+                reason = _describe(e)
+                log.error("checkpoint %s is unusable: %s", catalog.storage.url_of(step_dir(step)), reason)
+                tried.append(f"{step_dir(step)}: {reason}")
+                if self.metrics:
+                    self.metrics.verify_failures.inc()
+                    self.metrics.failures.labels(stage="load").inc()
+                if pinned is not None:
+                    break
+                candidate = self._older_candidate(catalog, step) if self.info.is_main else None
+                candidate = self.group.broadcast(candidate)
+                continue
+            if self.metrics:
+                self.metrics.load_duration.observe(time.monotonic() - t0)
+                self.metrics.last_committed_step.set(step)
+            self.last_committed_step = step
+            log.info("resumed from %s (world size %d -> %d)", catalog.storage.url_of(step_dir(step)),
+                     manifest.world_size, self.info.world_size)
+            return step
+        raise UserError(
+            f"checkpoints exist under {catalog.storage.display_url} but none could be loaded:\n  "
+            + "\n  ".join(tried)
+            + "\nRun `ftdiff ckpt verify` on it; to deliberately start from scratch set "
+            "checkpoint.resume = \"never\" (or point checkpoint.url elsewhere)."
+        )
+
+    def _first_candidate(self, catalog: Catalog, pinned: int | None) -> tuple[int, Manifest] | None:
+        if pinned is not None:
+            try:
+                return pinned, catalog.manifest(pinned)
+            except ManifestError as e:
+                raise UserError(f"checkpoint {catalog.storage.url_of(step_dir(pinned))}: {e}") from None
+        return catalog.latest(self.cfg.checkpoint.every_steps)
+
+    def _older_candidate(self, catalog: Catalog, below: int) -> tuple[int, Manifest] | None:
+        for step in reversed(catalog.committed_steps()):
+            if step < below:
+                return step, catalog.manifest(step)
+        return None
+
+    def _load(self, storage: Storage, step: int, manifest: Manifest) -> None:
+        # Per-rank state (RNG) only means something at the world size it was saved with.
+        same_world = manifest.world_size == self.info.world_size
+        state = {k: v for k, v in self.state.items() if same_world or k not in PER_RANK_KEYS}
+        reader = VerifyingReader(storage.fs, storage.path(step_dir(step)), manifest.files)
+        dcp.load(state, storage_reader=reader, process_group=self.group.pg)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def _catalog_for(url: str, cfg: Config) -> tuple[Catalog, int | None]:
+    """A resume URL names a checkpoint root (its latest) or one step folder."""
+    trimmed = url.rstrip("/")
+    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
+    root = trimmed.rsplit("/", 1)[0] if step is not None else trimmed
+    storage = open_storage(root, cfg.checkpoint.endpoint_url, cfg.checkpoint.region)
+    return Catalog(storage), step
+
+
+def _describe(err: BaseException | None) -> str:
+    if err is None:
+        return "unknown error"
+    # DCP wraps per-rank failures; surface the first underlying cause.
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(failures.items()))
+        inner_err = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {_describe(inner_err)}"
+    if isinstance(err, CorruptCheckpointError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"

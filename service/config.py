@@ -1,0 +1,206 @@
+"""One typed configuration for the whole job: TOML file + ``--set a.b=c`` overrides.
+
+The config is validated (pydantic, unknown keys forbidden) before any process group, file or
+bucket is touched, so a typo costs a clear error instead of a half-started cluster job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import UserError
+
+# Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
+# below are the embedded default job: tiny preset, synthetic data, local storage under ./runs.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    # strict: "3" is not an int, "yes" is not a bool; extra keys are typos.
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = "ftdiff"
+    """Run name; used in logs and the default storage location."""
+    seed: int = 0
+    """Seeds the data order, augmentation, noise and timesteps and the model init."""
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    """UNet size: tiny (CPU tests), small, base (GPU, 64x64)."""
+    sample_size: int | None = Field(default=None, ge=8, le=1024)
+    """Image side in pixels; defaults to the preset's size. Must be divisible by the UNet's
+    total downsampling factor."""
+    num_train_timesteps: int = Field(default=1000, ge=10)
+
+
+class DataConfig(_Section):
+    kind: Literal["synthetic", "folder", "digits"] = "synthetic"
+    url: str | None = None
+    """Image folder (local path or fsspec URL such as s3://bucket/images) for kind=folder."""
+    epoch_size: int = Field(default=50_000, ge=1)
+    """Samples per epoch of the synthetic data (it is infinite; an epoch is a naming unit)."""
+    num_workers: int = Field(default=0, ge=0, le=64)
+    """DataLoader worker processes per rank. Does not change the samples or the math."""
+    hflip: bool = True
+    """Random horizontal flip; the decision is a pure function of (seed, epoch, index)."""
+
+    @model_validator(mode="after")
+    def _folder_needs_url(self) -> "DataConfig":
+        if self.kind == "folder" and not self.url:
+            raise ValueError("data.kind = 'folder' needs data.url (a local path or fsspec URL)")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(default=200, ge=1)
+    global_batch_size: int = Field(default=16, ge=1)
+    """Samples per optimizer step over all ranks; must divide by the world size."""
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio at max_steps."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    ema_decay: float = Field(default=0.999, gt=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU. fp16 enables the grad scaler."""
+    log_every: int = Field(default=10, ge=1)
+    step_sleep_s: float = Field(default=0.0, ge=0, le=10)
+    """Artificial delay per step, for fault-injection tests and demos only."""
+
+
+class CheckpointConfig(_Section):
+    url: str = "runs/ftdiff/checkpoints"
+    """Root of this run's checkpoints: path, file://, s3://bucket/prefix or memory://."""
+    every_steps: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=3, ge=2)
+    """Committed checkpoints kept; >= 2 because the newest may still be in flight."""
+    keep_every: int = Field(default=0, ge=0)
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    async_: bool = Field(default=True, alias="async")
+    """Write in the background; training blocks only for an in-memory snapshot."""
+    resume: str = "auto"
+    """auto: latest committed under url, if any; never: start fresh; or a checkpoint URL."""
+    grace_s: float = Field(default=30.0, gt=0)
+    """Time allowed for the emergency checkpoint after SIGTERM."""
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL or AWS's own."""
+    region: str | None = None
+
+
+class SupervisorConfig(_Section):
+    hang_timeout_s: float = Field(default=60.0, gt=0)
+    max_restarts: int = Field(default=10, ge=0)
+    min_nodes: int | None = Field(default=None, ge=1)
+    """Smallest node count the job may shrink to; default: all nodes (no shrinking)."""
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=29450, ge=0, le=65535)
+    token: str | None = None
+    """Shared secret for heartbeats; default: FTDIFF_TOKEN from the environment."""
+
+
+class MetricsConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9400, ge=0, le=65535)
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def hash(self) -> str:
+        """Stable digest of the settings, recorded in every checkpoint manifest."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item!r}: the key must be section.key, e.g. train.max_steps")
+    try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            allowed = _allowed_keys(str(section)) if section else sorted(Config.model_fields)
+            lines.append(f"  {key}: unknown key; allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section: str) -> list[str]:
+    field = Config.model_fields.get(section)
+    if field is None or field.annotation is None:
+        return sorted(Config.model_fields)
+    model = field.annotation
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a preset in configs/ (tiny, small, base)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = CONFIGS_DIR / f"{path}.toml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.toml")))
+    raise UserError(f"config file {str(path)!r} not found (bundled presets: {names})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or bundled preset), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        cfg_path = resolve_config_path(path)
+        source = str(cfg_path)
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        (section, key), value = _parse_override(item)
+        sect = data.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise UserError(f"--set {item!r}: {section!r} is not a section")
+        sect[key] = value
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "dict") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, source)) from None

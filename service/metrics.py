@@ -1,0 +1,74 @@
+"""Prometheus metric definitions (``ftdiff_<subsystem>_<name>_<unit>``).
+
+Every set of metrics takes the registry it registers into, so tests use their own registry and
+nothing is registered at import time. Updating a metric is an in-memory operation: the training
+step never does network I/O for metrics (Prometheus pulls).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
+
+
+class CheckpointMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.last_committed_step = Gauge(
+            "ftdiff_checkpoint_last_committed_step", "Step of the newest committed checkpoint",
+            registry=registry,
+        )
+        self.last_committed_timestamp = Gauge(
+            "ftdiff_checkpoint_last_committed_timestamp_seconds",
+            "Unix time of the newest commit", registry=registry,
+        )
+        self.save_duration = Histogram(
+            "ftdiff_checkpoint_save_duration_seconds",
+            "Checkpoint save time: stall = training blocked, commit = save start to committed",
+            ["phase"], buckets=SAVE_BUCKETS, registry=registry,
+        )
+        self.load_duration = Histogram(
+            "ftdiff_checkpoint_load_duration_seconds", "Checkpoint load time",
+            buckets=SAVE_BUCKETS, registry=registry,
+        )
+        self.bytes_written = Counter(
+            "ftdiff_checkpoint_bytes_written_total", "Checkpoint bytes written by this process",
+            registry=registry,
+        )
+        self.failures = Counter(
+            "ftdiff_checkpoint_failures_total", "Failed checkpoint operations", ["stage"],
+            registry=registry,
+        )
+        self.verify_failures = Counter(
+            "ftdiff_checkpoint_verify_failures_total",
+            "Committed checkpoints that failed size/checksum verification", registry=registry,
+        )
+        self.saves_skipped = Counter(
+            "ftdiff_checkpoint_saves_skipped_total",
+            "Saves skipped or delayed because the previous one was still in flight",
+            registry=registry,
+        )
+        for stage in CHECKPOINT_FAILURE_STAGES:
+            self.failures.labels(stage=stage)
+        for phase in ("stall", "commit"):
+            self.save_duration.labels(phase=phase)
+
+
+class TrainMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.step = Gauge("ftdiff_train_step", "Optimizer steps completed", registry=registry)
+        self.loss = Gauge("ftdiff_train_loss", "Training loss (global batch mean)", registry=registry)
+        self.samples_per_second = Gauge(
+            "ftdiff_train_samples_per_second", "Training throughput over all ranks",
+            registry=registry,
+        )
+
+
+class WorkerMetrics:
+    """Everything a training worker exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.checkpoint = CheckpointMetrics(self.registry)
+        self.train = TrainMetrics(self.registry)

@@ -1,0 +1,5 @@
+import sys
+
+from service.train.entry import main
+
+sys.exit(main())

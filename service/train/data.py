@@ -1,0 +1,265 @@
+"""Training data: image sources, the global sample order, and per-sample noise.
+
+The order of training is one global stream of samples: epoch ``e`` is a seeded permutation of the
+source, and stream position ``p`` is sample ``p % N`` of epoch ``p // N``. Step ``s`` consumes
+positions ``[s*B, (s+1)*B)`` (B = global batch) and rank ``r`` of ``W`` takes the r-th slice of
+``B/W``. A checkpoint stores one integer (the position), so a job resumed at any world size
+continues exactly where it stopped, and because augmentation, noise and timestep are pure
+functions of (seed, epoch, index), the math of a global batch does not depend on the world size
+or on the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from service.config import Config, DataConfig
+from service.errors import UserError
+from service.train.model import IMAGE_CHANNELS, sample_size
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (stable across processes)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ImageSource(Protocol):
+    """A finite, indexable set of images as float tensors (3, H, W) in [-1, 1]."""
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> torch.Tensor: ...
+
+
+class SyntheticSource:
+    """Procedurally drawn shapes: colour, kind, position and size follow from the index.
+
+    Infinite in principle; ``epoch_size`` fixes how many distinct images make an epoch. The
+    images are simple enough that a tiny UNet visibly learns them within a few hundred steps.
+    """
+
+    PALETTE = torch.tensor(
+        [[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.2, 0.4, 0.9], [0.95, 0.85, 0.2], [0.8, 0.3, 0.8]]
+    )
+
+    def __init__(self, size: int, epoch_size: int, seed: int):
+        self.size, self.epoch_size, self.seed = size, epoch_size, seed
+        axis = torch.linspace(-1.0, 1.0, size)
+        self.yy, self.xx = torch.meshgrid(axis, axis, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def image(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed("synthetic", self.seed, index))
+        u = torch.rand(8, generator=g)
+        kind = int(u[0] * 3)
+        colour = self.PALETTE[int(u[1] * len(self.PALETTE))]
+        background = 0.15 + 0.2 * u[2]
+        cx, cy = (u[3] - 0.5) * 0.9, (u[4] - 0.5) * 0.9
+        radius = 0.25 + 0.3 * u[5]
+        dx, dy = self.xx - cx, self.yy - cy
+        if kind == 0:
+            mask = dx**2 + dy**2 <= radius**2
+        elif kind == 1:
+            mask = (dx.abs() <= radius) & (dy.abs() <= radius)
+        else:
+            mask = dx.abs() + dy.abs() <= radius * 1.3
+        img = torch.full((IMAGE_CHANNELS, self.size, self.size), float(background))
+        img[:, mask] = colour[:, None]
+        return img * 2.0 - 1.0
+
+
+def _to_tensor(pil_image: Any, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size``, centre-crop, scale to [-1, 1]."""
+    from PIL import Image
+
+    img = pil_image.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class FolderSource:
+    """PNG/JPEG files under a local path or any fsspec URL, in sorted path order."""
+
+    def __init__(self, url: str, size: int):
+        import fsspec
+        from PIL import UnidentifiedImageError
+
+        self.url, self.size = url, size
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+            files = [p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+        except (OSError, ValueError, PermissionError) as e:
+            raise UserError(f"data.url {url!r} cannot be read: {e}") from None
+        if not files:
+            raise UserError(
+                f"data.url {url!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "point it at a folder of PNG/JPEG files"
+            )
+        self.fs, self.files = fs, sorted(files)
+        try:  # fail at start-up, not hours into the run, if the files are not images
+            self.image(0)
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"data.url {url!r}: cannot decode {self.files[0]!r}: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with self.fs.open(self.files[index], "rb") as f:
+            data = f.read()
+        return _to_tensor(Image.open(io.BytesIO(data)), self.size)
+
+
+class DigitsSource:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), upscaled to RGB."""
+
+    def __init__(self, size: int):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise UserError(
+                "data.kind = 'digits' needs scikit-learn: pip install 'ftdiff[digits]'"
+            ) from None
+        images = torch.from_numpy(load_digits().images).float() / 16.0  # (N, 8, 8) in [0, 1]
+        images = torch.nn.functional.interpolate(images[:, None], size=(size, size), mode="bilinear")
+        self.images = (images.expand(-1, IMAGE_CHANNELS, -1, -1) * 2.0 - 1.0).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def build_source(cfg: Config) -> ImageSource:
+    size = sample_size(cfg.model)
+    data: DataConfig = cfg.data
+    if data.kind == "synthetic":
+        return SyntheticSource(size, data.epoch_size, cfg.run.seed)
+    if data.kind == "folder":
+        assert data.url is not None  # guaranteed by config validation
+        return FolderSource(data.url, size)
+    return DigitsSource(size)
+
+
+class GlobalOrder:
+    """Maps a global stream position to (epoch, index in epoch, source index)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+
+    @functools.lru_cache(maxsize=4)
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        epoch, index = divmod(position, self.num_samples)
+        return epoch, index, int(self.permutation(epoch)[index])
+
+
+class TrainingSamples(Dataset):
+    """Indexed by global stream position: the augmented image, its noise and its timestep."""
+
+    def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool):
+        self.source, self.seed = source, seed
+        self.num_timesteps, self.hflip = num_timesteps, hflip
+        self.order = GlobalOrder(len(source), seed)
+
+    def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
+        return 2**62
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        epoch, index, source_index = self.order.locate(position)
+        image = self.source.image(source_index)
+        g = torch.Generator().manual_seed(derive_seed("sample", self.seed, epoch, index))
+        flip = bool(torch.rand(1, generator=g) < 0.5) and self.hflip
+        timestep = torch.randint(0, self.num_timesteps, (), generator=g)
+        noise = torch.randn(image.shape, generator=g)
+        if flip:
+            image = image.flip(-1)
+        return {
+            "image": image,
+            "noise": noise,
+            "timestep": timestep,
+            "position": torch.tensor(position),
+            "source_index": torch.tensor(source_index),
+        }
+
+
+def rank_positions(start: int, global_batch: int, rank: int, world_size: int) -> list[int]:
+    """The positions ``rank`` trains on in the global batch that begins at ``start``."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} not divisible by world size {world_size}")
+    local = global_batch // world_size
+    first = start + rank * local
+    return list(range(first, first + local))
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """Yields this rank's slice of ``num_steps`` global batches from ``start_position`` on."""
+
+    def __init__(self, start_position: int, num_steps: int, global_batch: int, rank: int, world: int):
+        self.start_position, self.num_steps = start_position, num_steps
+        self.global_batch, self.rank, self.world = global_batch, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.num_steps):
+            start = self.start_position + k * self.global_batch
+            yield rank_positions(start, self.global_batch, self.rank, self.world)
+
+
+def check_batch_geometry(global_batch: int, world_size: int) -> None:
+    if global_batch % world_size:
+        raise UserError(
+            f"train.global_batch_size = {global_batch} is not divisible by the world size "
+            f"{world_size}; choose a multiple of {world_size} (e.g. "
+            f"{max(world_size, global_batch - global_batch % world_size)})"
+        )
+
+
+def build_loader(
+    samples: TrainingSamples,
+    start_position: int,
+    num_steps: int,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """A loader over this rank's slices of the global stream, from ``start_position`` on."""
+    sampler = RankBatchSampler(start_position, num_steps, global_batch, rank, world_size)
+    return DataLoader(
+        samples,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+    )

@@ -1,0 +1,79 @@
+"""Process-group set-up and teardown for workers launched by torchrun (or alone)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _timeout(env_name: str, default_s: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(env_name, default_s)))
+
+
+# Collective timeout: long enough for a slow checkpoint load, short enough that a dead peer
+# turns into an error instead of a silent hang (the supervisor's hang detector covers the rest).
+COLLECTIVE_TIMEOUT = _timeout("FTDIFF_COLLECTIVE_TIMEOUT_S", 300)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    node: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group (nccl on CUDA, gloo otherwise), or run alone."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node = os.environ.get("FTDIFF_NODE", os.environ.get("GROUP_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=COLLECTIVE_TIMEOUT,
+            device_id=device if backend == "nccl" else None,
+        )
+        log.debug("joined process group: rank %d/%d backend %s", rank, world_size, backend)
+    return DistInfo(rank, world_size, local_rank, device, node)
+
+
+def new_gloo_group() -> dist.ProcessGroup | None:
+    """A CPU group for background checkpoint collectives, apart from the training group."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group; safe to call on every exit path, also after errors."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # teardown after a peer died must not mask the real error
+            log.debug("destroy_process_group failed", exc_info=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,214 @@
+"""The training loop: get batch, noise it, predict the noise, step, log, maybe checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from service.checkpoint.manager import Checkpointer
+from service.config import Config
+from service.errors import EXIT_OK, EXIT_PREEMPTED
+from service.metrics import WorkerMetrics
+from service.train import state as keys
+from service.train.data import TrainingSamples, build_loader, build_source, check_batch_geometry
+from service.train.distributed import DistInfo
+from service.train.model import EMAState, build_ema, build_noise_scheduler, build_unet
+from service.train.progress import ProgressReporter
+from service.train.state import (
+    DataState,
+    GradScalerState,
+    LRSchedulerState,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    TrainState,
+    build_registry,
+    warmup_cosine,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    choice = cfg.train.precision
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+class Trainer:
+    """Builds every component from the config and runs the loop to ``train.max_steps``."""
+
+    def __init__(self, cfg: Config, info: DistInfo, metrics: WorkerMetrics | None = None):
+        self.cfg, self.info = cfg, info
+        self.metrics = metrics or WorkerMetrics()
+        check_batch_geometry(cfg.train.global_batch_size, info.world_size)
+        self.local_batch = cfg.train.global_batch_size // info.world_size
+
+        self.source = build_source(cfg)
+        self.noise_scheduler = build_noise_scheduler(cfg.model)
+        self.samples = TrainingSamples(
+            self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip
+        )
+        self.model = build_unet(cfg.model, cfg.run.seed).to(info.device)
+        self.net: torch.nn.Module = self.model
+        if dist.is_initialized():
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
+        )
+        self.autocast_dtype = _precision(cfg, info.device)
+        self.scaler = torch.amp.GradScaler(
+            info.device.type, enabled=self.autocast_dtype is torch.float16
+        )
+        self.ema = build_ema(self.model, cfg.train)
+        self.train_state = TrainState()
+        self.data_state = DataState()
+        self.registry = build_registry(
+            **{
+                keys.MODEL: ModelState(self.net),
+                keys.EMA: EMAState(self.ema, self.model),
+                keys.OPTIMIZER: OptimizerState(self.net, self.optimizer),
+                keys.LR_SCHEDULER: LRSchedulerState(self.lr_scheduler),
+                keys.GRAD_SCALER: GradScalerState(self.scaler),
+                keys.TRAIN_STATE: self.train_state,
+                keys.DATA: self.data_state,
+                keys.RNG: RNGState(info.rank, info.device),
+            }
+        )
+        self.checkpointer = Checkpointer(cfg, info, self.registry, self.metrics.checkpoint)
+        self.checkpointer.storage.check_reachable()
+        self.loss_history: dict[int, float] = {}
+        self._stop_signal: int | None = None
+
+    # -- signals -----------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT only set a flag: the current step finishes, then every rank agrees
+        to stop at the same step and commits an emergency checkpoint."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.checkpointer.resume()
+        start = self.train_state.step
+        total = self.cfg.train.max_steps
+        gb = self.cfg.train.global_batch_size
+        loader = build_loader(
+            self.samples, self.data_state.position, max(0, total - start), gb,
+            self.info.rank, self.info.world_size, self.cfg.data.num_workers,
+        )
+        log.info(
+            "training steps %d..%d: world size %d, global batch %d (%d per rank), %s",
+            start, total, self.info.world_size, gb, self.local_batch, self.info.device,
+        )
+        self.net.train()
+        with ProgressReporter(self.info.is_main, start, total) as progress:
+            window_t, window_samples = time.monotonic(), 0
+            for batch in loader:
+                loss = self._train_step(batch)
+                self._advance(gb)
+                global_loss, stop = self._agree(loss)
+                step = self.train_state.step
+                self.loss_history[step] = global_loss
+                window_samples += gb
+                if step % self.cfg.train.log_every == 0 or step == total:
+                    now = time.monotonic()
+                    rate = window_samples / max(now - window_t, 1e-9)
+                    window_t, window_samples = now, 0
+                    self._report(progress, step, global_loss, rate)
+                progress.advance(step, global_loss)
+                if stop:
+                    return self._emergency_stop(step)
+                self.checkpointer.maybe_save(step, self.train_state.samples_seen)
+                if self.cfg.train.step_sleep_s:
+                    time.sleep(self.cfg.train.step_sleep_s)
+        return self._finish()
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.info.device
+        images = batch["image"].to(device, non_blocking=True)
+        noise = batch["noise"].to(device, non_blocking=True)
+        timesteps = batch["timestep"].to(device, non_blocking=True)
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        autocast = (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            prediction = self.net(noisy, timesteps).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.ema.step(self.model.parameters())
+        return loss.detach()
+
+    def _advance(self, global_batch: int) -> None:
+        self.train_state.step += 1
+        self.train_state.samples_seen += global_batch
+        self.data_state.position += global_batch
+        self.train_state.epoch = self.data_state.position // len(self.source)
+
+    def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Global mean loss and whether any rank was asked to stop, in one small all-reduce."""
+        packed = torch.stack([loss.float(), torch.tensor(float(self._stop_signal is not None), device=loss.device)])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+            packed[0] /= self.info.world_size
+        return float(packed[0]), bool(packed[1] > 0)
+
+    def _report(self, progress: ProgressReporter, step: int, loss: float, rate: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.metrics.train.step.set(step)
+        self.metrics.train.loss.set(loss)
+        self.metrics.train.samples_per_second.set(rate)
+        progress.log(step, loss, lr, rate)
+
+    def _finish(self) -> int:
+        step = self.train_state.step
+        self.checkpointer.wait()
+        if self.checkpointer.last_committed_step != step:
+            ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
+            if not ok:
+                raise RuntimeError(f"final checkpoint at step {step} could not be committed")
+        log.info("done: step %d committed", step)
+        return EXIT_OK
+
+    def _emergency_stop(self, step: int) -> int:
+        t0 = time.monotonic()
+        log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
+        self.checkpointer.wait()
+        ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
+        elapsed = time.monotonic() - t0
+        if not ok:
+            raise RuntimeError(f"emergency checkpoint at step {step} failed")
+        if elapsed > self.cfg.checkpoint.grace_s:
+            log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)
+        return EXIT_PREEMPTED
+
+    def close(self) -> None:
+        self.checkpointer.close()
