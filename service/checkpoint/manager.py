@@ -239,6 +239,7 @@ class Checkpointer:
             files=files,
             versions=_versions(),
             samples_seen=samples_seen,
+            config=self.cfg.to_dict(),
         )
         try:
             self.catalog.write_manifest(manifest)

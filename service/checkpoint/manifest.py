@@ -46,6 +46,8 @@ class Manifest:
     files: dict[str, FileEntry]
     versions: dict[str, str] = field(default_factory=dict)
     samples_seen: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's full config, so export/sample can rebuild the model without the TOML."""
     time: float = field(default_factory=time.time)
     format: str = FORMAT
 
@@ -73,6 +75,7 @@ class Manifest:
                 files=files,
                 versions=dict(body.get("versions", {})),
                 samples_seen=int(body.get("samples_seen", 0)),
+                config=dict(body.get("config", {})),
                 time=float(body["time"]),
             )
         except ManifestError:

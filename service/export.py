@@ -1,0 +1,35 @@
+"""Export a checkpoint's weights: a safetensors file, or a diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from service.checkpoint.weights import CheckpointRef, Weights, load_weights
+from service.errors import UserError
+
+
+def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema") -> Path:
+    cfg, state = load_weights(ref, which)
+    target = Path(out)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        if target.is_dir():
+            raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"step": str(ref.step), "weights": which, "source": ref.url,
+                "config": json.dumps(ref.manifest.config, sort_keys=True)}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata=meta)
+        return target
+    from diffusers import DDPMPipeline
+
+    from service.sample import unet_from_state
+    from service.train.model import build_noise_scheduler
+
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
+    pipeline = DDPMPipeline(unet=unet_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))
+    pipeline.save_pretrained(str(target))
+    return target

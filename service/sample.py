@@ -1,0 +1,48 @@
+"""Render a grid of samples from a UNet (EMA weights by default) as a PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+from service.config import Config
+from service.train.model import build_noise_scheduler, unet_kwargs
+
+
+def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50) -> torch.Tensor:
+    """``n`` images in [0, 1], shape (n, 3, H, W). DDIM sampling: 50 steps instead of 1000."""
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(cfg.model).config)
+    pipeline = DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = pipeline(batch_size=n, generator=generator, num_inference_steps=steps, output_type="np")
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:
+    """Tile images (n, 3, H, W) in [0, 1] into a square-ish grid PNG, upscaled for viewing."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = images[i]
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return out
+
+
+def unet_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> UNet2DModel:
+    unet = UNet2DModel(**unet_kwargs(cfg.model))
+    unet.load_state_dict(state)
+    return unet.eval()

@@ -1,0 +1,1 @@
+"""Job side: launches torchrun agents locally, or watches a cluster-launched job."""
