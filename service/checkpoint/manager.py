@@ -20,11 +20,13 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 import service
@@ -40,6 +42,9 @@ from service.train.distributed import DistInfo, new_gloo_group
 from service.train.state import PER_RANK_KEYS
 
 log = logging.getLogger(__name__)
+
+# DCP raises CheckpointException (a BaseException!) when any rank failed; catch it with the rest.
+CHECKPOINT_ERRORS = (Exception, CheckpointException)
 
 # Test-only fault injection: FTDIFF_CRASH_AT="<stage>:<step>" kills this process with SIGKILL
 # at that point of the commit protocol, so tests exercise real crashes at exact moments.
@@ -77,6 +82,26 @@ class _Group:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.pg)
         return box[0]
+
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and give every rank its result — or its error, so that a
+        storage failure on rank 0 fails every rank instead of leaving them in a collective."""
+        outcome: tuple[str, Any] | None = None
+        if self.info.is_main:
+            try:
+                outcome = ("ok", fn())
+            except UserError as e:
+                outcome = ("user", str(e))
+            except CHECKPOINT_ERRORS as e:
+                outcome = ("error", _describe(e))
+        outcome = self.broadcast(outcome)
+        assert outcome is not None
+        kind, value = outcome
+        if kind == "user":
+            raise UserError(value)
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
 
     def gather_to_all(self, obj: Any) -> list[Any]:
         if self.pg is None:
@@ -135,7 +160,7 @@ class Checkpointer:
         t0 = time.monotonic()
         try:
             snapshot = self._snapshot()
-        except Exception:
+        except CHECKPOINT_ERRORS:
             self._count_failure("snapshot", step)
             return None
         if self.metrics:
@@ -179,10 +204,7 @@ class Checkpointer:
         """The commit protocol, on every rank. Returns whether ``step`` is now committed."""
         folder = step_dir(step)
         try:
-            already = None
-            if self.info.is_main:
-                already = self._prepare_folder(step)
-            already = self.group.broadcast(already)
+            already = self.group.from_main(lambda: self._prepare_folder(step))
             if already:
                 self.last_committed_step = step
                 return True
@@ -192,7 +214,7 @@ class Checkpointer:
             writer.step = step
             dcp.save(state, storage_writer=writer, process_group=self.group.pg)
             written = self.group.gather_to_all(writer.written)
-        except Exception as e:
+        except CHECKPOINT_ERRORS as e:
             self._count_failure("write", step, e)
             return False
         if self.metrics:
@@ -202,7 +224,7 @@ class Checkpointer:
             committed = self._commit(step, samples_seen, written)
         try:
             committed = bool(self.group.broadcast(committed))
-        except Exception as e:
+        except CHECKPOINT_ERRORS as e:
             self._count_failure("manifest", step, e)
             return False
         if committed:
@@ -243,13 +265,13 @@ class Checkpointer:
         )
         try:
             self.catalog.write_manifest(manifest)
-        except Exception as e:
+        except CHECKPOINT_ERRORS as e:
             self._count_failure("manifest", step, e)
             return False
         crash_point("after_manifest", step)
         try:
             self.catalog.write_pointer(step)
-        except Exception as e:
+        except CHECKPOINT_ERRORS as e:
             # The manifest is written, so the step *is* committed; discovery repairs the
             # stale pointer by scanning.
             self._count_failure("pointer", step, e)
@@ -262,7 +284,7 @@ class Checkpointer:
             _, failed = apply_retention(self.catalog, ck.keep_last, ck.keep_every)
             if failed and self.metrics:
                 self.metrics.failures.labels(stage="retention").inc(len(failed))
-        except Exception as e:
+        except CHECKPOINT_ERRORS as e:
             self._count_failure("retention", None, e)
 
     def _count_failure(self, stage: str, step: int | None, err: BaseException | None = None) -> None:
@@ -287,8 +309,7 @@ class Checkpointer:
 
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
         tried: list[str] = []
-        candidate = self._first_candidate(catalog, pinned) if self.info.is_main else None
-        candidate = self.group.broadcast(candidate)
+        candidate = self.group.from_main(lambda: self._first_candidate(catalog, pinned))
         if candidate is None:
             log.info("no committed checkpoint under %s: starting fresh", catalog.storage.display_url)
             return None
@@ -297,7 +318,7 @@ class Checkpointer:
             t0 = time.monotonic()
             try:
                 self._load(catalog.storage, step, manifest)
-            except Exception as e:
+            except CHECKPOINT_ERRORS as e:
                 reason = _describe(e)
                 log.error("checkpoint %s is unusable: %s", catalog.storage.url_of(step_dir(step)), reason)
                 tried.append(f"{step_dir(step)}: {reason}")
@@ -306,8 +327,8 @@ class Checkpointer:
                     self.metrics.failures.labels(stage="load").inc()
                 if pinned is not None:
                     break
-                candidate = self._older_candidate(catalog, step) if self.info.is_main else None
-                candidate = self.group.broadcast(candidate)
+                below = step
+                candidate = self.group.from_main(lambda: self._older_candidate(catalog, below))
                 continue
             if self.metrics:
                 self.metrics.load_duration.observe(time.monotonic() - t0)

@@ -1,0 +1,114 @@
+"""Shared helpers for tests: real torchrun jobs, a moto S3 server, checkpoint weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Keep the tiny jobs quick and quiet: one CPU thread per worker, small batches.
+TINY = [
+    "train.global_batch_size=8",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "data.epoch_size=64",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    env.update(extra or {})
+    return env
+
+
+def torchrun_cmd(overrides: list[str], nproc: int = 2, max_restarts: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        f"--max-restarts={max_restarts}",
+        "-m", "service.train", "--log-format", "json", *set_args(TINY + overrides),
+    ]
+
+
+def single_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "service.train", "--log-format", "json", *set_args(TINY + overrides)]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=base_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def losses(stderr: str) -> dict[int, float]:
+    """step -> global loss, from the JSON log lines of rank 0."""
+    out: dict[int, float] = {}
+    for line in stderr.splitlines():
+        if line.startswith("{") and '"loss"' in line:
+            body = json.loads(line)
+            out[int(body["step"])] = float(body["loss"])
+    return out
+
+
+def weights(url: str, which: str = "model", env: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    from service.checkpoint.weights import load_weights, resolve
+
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return load_weights(resolve(url), which)[1]  # type: ignore[arg-type]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def wait_for_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """End a process this test started (by pid, never by name)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)

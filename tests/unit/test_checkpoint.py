@@ -1,0 +1,279 @@
+"""The commit protocol, discovery, verification and retention, in one process."""
+
+import json
+import uuid
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.manager import Checkpointer
+from service.checkpoint.manifest import POINTER, Manifest, FileEntry, pointer_json, step_dir
+from service.checkpoint.retention import apply_retention, plan_deletions
+from service.checkpoint.storage import open_storage
+from service.config import load_config
+from service.errors import UserError
+from service.metrics import CheckpointMetrics
+from service.train.distributed import DistInfo
+from service.train.state import ModelState, OptimizerState, TrainState
+
+
+class Job:
+    """A minimal registry (model, optimizer, counters) around a Checkpointer."""
+
+    def __init__(self, url: str, *overrides: str, seed: int = 0):
+        self.cfg = load_config(None, [f'checkpoint.url="{url}"', "checkpoint.every_steps=1", *overrides])
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(8, 8)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        self.train = TrainState()
+        registry = {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.opt),
+                    "train_state": self.train}
+        self.metrics = CheckpointMetrics(CollectorRegistry())
+        info = DistInfo(0, 1, 0, torch.device("cpu"), "0")
+        self.ckpt = Checkpointer(self.cfg, info, registry, self.metrics)
+
+    def step(self) -> None:
+        loss = self.model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.train.step += 1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+@pytest.fixture
+def mem_url() -> str:
+    return f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("async_", [True, False])
+def test_save_commit_resume_round_trip(mem_url, async_):
+    job = Job(mem_url, f"checkpoint.async={'true' if async_ else 'false'}")
+    for _ in range(3):
+        job.step()
+        job.ckpt.maybe_save(job.train.step, job.train.step * 4)
+    job.ckpt.wait()
+    expected = job.weights()
+    job.ckpt.close()
+    assert job.ckpt.last_committed_step == 3
+
+    fresh = Job(mem_url, seed=7)
+    assert fresh.ckpt.resume() == 3
+    assert fresh.train.step == 3
+    for k, v in fresh.weights().items():
+        assert torch.equal(v, expected[k])
+    assert fresh.opt.state_dict()["state"][0]["step"] == 3
+    catalog = Catalog(open_storage(mem_url))
+    m = catalog.manifest(3)
+    assert m.world_size == 1 and m.samples_seen == 12 and ".metadata" in m.files
+    assert json.loads(catalog.storage.read_bytes(POINTER)) == {"step": 3, "path": step_dir(3)}
+
+
+def test_async_snapshot_is_isolated_from_later_updates(mem_url):
+    job = Job(mem_url)
+    job.step()
+    before = job.weights()
+    job.ckpt.save(1, 4, blocking=False)
+    with torch.no_grad():  # mutate right away, while the write may still be in flight
+        for p in job.model.parameters():
+            p.add_(100)
+    assert job.ckpt.wait() is True
+    fresh = Job(mem_url, seed=3)
+    fresh.ckpt.resume()
+    for k, v in fresh.weights().items():
+        assert torch.equal(v, before[k])
+
+
+def test_staging_buffers_are_reused(mem_url):
+    job = Job(mem_url)
+    job.step()
+    job.ckpt.save(1, 0, blocking=False)
+    job.ckpt.wait()
+    buffers = {k: v.data_ptr() for k, v in job.ckpt._staging.items()}
+    job.step()
+    job.ckpt.save(2, 0, blocking=False)
+    job.ckpt.wait()
+    assert buffers and {k: v.data_ptr() for k, v in job.ckpt._staging.items()} == buffers
+
+
+def _fake_commit(catalog: Catalog, step: int) -> None:
+    catalog.storage.fs.pipe_file(catalog.storage.path(step_dir(step), ".metadata"), b"x")
+    catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "8cdc1683")}))
+
+
+class CountingFs:
+    """Counts storage requests: outermost calls only (memory's exists() calls info())."""
+
+    METHODS = ("cat_file", "exists", "ls", "info", "find", "glob", "open", "size", "du")
+
+    def __init__(self, fs):
+        self.calls = []
+        self.depth = 0
+        for name in self.METHODS:
+            original = getattr(fs, name)
+
+            def wrapper(*a, _name=name, _orig=original, **kw):
+                if self.depth == 0:
+                    self.calls.append(_name)
+                self.depth += 1
+                try:
+                    return _orig(*a, **kw)
+                finally:
+                    self.depth -= 1
+
+            setattr(fs, name, wrapper)
+
+
+def test_latest_costs_at_most_three_requests_with_1000_checkpoints(mem_url):
+    catalog = Catalog(open_storage(mem_url))
+    for step in range(10, 10_010, 10):
+        _fake_commit(catalog, step)
+    catalog.write_pointer(10_000)
+    counter = CountingFs(catalog.storage.fs)
+    step, _ = catalog.latest(interval=10)
+    assert step == 10_000
+    assert len(counter.calls) <= 3, counter.calls
+
+
+@pytest.mark.parametrize("pointer", [None, b"garbage", pointer_json(20), pointer_json(50)])
+def test_missing_stale_or_bad_pointer_falls_back_to_scan(mem_url, pointer):
+    catalog = Catalog(open_storage(mem_url))
+    for step in (10, 20, 30):
+        _fake_commit(catalog, step)
+    # an uncommitted folder newer than every commit must not count
+    catalog.storage.fs.pipe_file(catalog.storage.path(step_dir(40), "__0_0.distcp"), b"partial")
+    if pointer is not None:
+        catalog.storage.write_bytes_atomic(POINTER, pointer)
+    assert catalog.latest(interval=10)[0] == 30
+
+
+def test_verify_detects_truncation_flip_and_missing_manifest(mem_url):
+    job = Job(mem_url)
+    for _ in range(2):
+        job.step()
+        job.ckpt.save(job.train.step, 0, blocking=True)
+    catalog = job.ckpt.catalog
+    assert catalog.verify(1) == [] and catalog.verify(2) == []
+    fs, folder = catalog.storage.fs, catalog.storage.path(step_dir(2))
+    shard = f"{folder}/__0_0.distcp"
+    data = fs.cat_file(shard)
+    fs.pipe_file(shard, data[: len(data) // 2])
+    assert any("size" in p for p in catalog.verify(2))
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    fs.pipe_file(shard, bytes(flipped))
+    assert any("crc32" in p for p in catalog.verify(2))
+    fs.rm(f"{folder}/manifest.json")
+    assert any("not committed" in p for p in catalog.verify(2))
+
+
+def test_corrupt_newest_falls_back_to_previous(mem_url):
+    job = Job(mem_url)
+    saved = {}
+    for _ in range(2):
+        job.step()
+        job.ckpt.save(job.train.step, 0, blocking=True)
+        saved[job.train.step] = job.weights()
+    fs = job.ckpt.storage.fs
+    shard = job.ckpt.storage.path(step_dir(2), "__0_0.distcp")
+    data = bytearray(fs.cat_file(shard))
+    data[100] ^= 0x01
+    fs.pipe_file(shard, bytes(data))
+    fresh = Job(mem_url, seed=9)
+    assert fresh.ckpt.resume() == 1
+    for k, v in fresh.weights().items():
+        assert torch.equal(v, saved[1][k])
+    assert fresh.metrics.verify_failures._value.get() == 1
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
+    job = Job(mem_url)
+    job.step()
+    job.ckpt.save(1, 0, blocking=True)
+    fs = job.ckpt.storage.fs
+    fs.pipe_file(job.ckpt.storage.path(step_dir(1), "__0_0.distcp"), b"junk")
+    with pytest.raises(UserError, match="none could be loaded"):
+        Job(mem_url).ckpt.resume()
+    assert Job(mem_url, 'checkpoint.resume="never"').ckpt.resume() is None
+
+
+def test_resume_from_explicit_url(mem_url, tmp_path):
+    job = Job(mem_url)
+    for _ in range(3):
+        job.step()
+        job.ckpt.save(job.train.step, 0, blocking=True)
+    other = f"memory://other-{uuid.uuid4().hex[:6]}"
+    fresh = Job(other, f'checkpoint.resume="{mem_url}/{step_dir(2)}"')
+    assert fresh.ckpt.resume() == 2 and fresh.train.step == 2
+    assert Job(other, f'checkpoint.resume="{mem_url}"').ckpt.resume() == 3
+
+
+def test_never_writes_into_a_committed_folder(mem_url):
+    job = Job(mem_url)
+    job.step()
+    assert job.ckpt.save(1, 0, blocking=True)
+    manifest = job.ckpt.catalog.storage.read_bytes(f"{step_dir(1)}/manifest.json")
+    job.step()  # different weights, same step number
+    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.catalog.storage.read_bytes(f"{step_dir(1)}/manifest.json") == manifest
+
+
+def test_retention_plan():
+    assert plan_deletions([10, 20, 30, 40], [], 2, 0) == [10, 20]
+    assert plan_deletions([10, 20, 30, 40], [], 2, 20) == [10]
+    assert plan_deletions([10, 20, 30], [25, 35], 2, 0) == [10, 25]
+    assert plan_deletions([], [5], 2, 0) == []
+    assert plan_deletions([40], [], 1, 0) == []
+
+
+def test_retention_runs_after_commits_and_keeps_newest_when_a_save_fails(mem_url, monkeypatch):
+    job = Job(mem_url, "checkpoint.keep_last=2", "checkpoint.keep_every=2")
+    for _ in range(5):
+        job.step()
+        assert job.ckpt.save(job.train.step, 0, blocking=True)
+    catalog = job.ckpt.catalog
+    assert catalog.committed_steps() == [2, 4, 5]
+
+    import service.checkpoint.manager as manager
+
+    def broken_save(*_a, **_k):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(manager.dcp, "save", broken_save)
+    job.step()
+    assert job.ckpt.save(6, 0, blocking=False) is None
+    assert job.ckpt.wait() is False
+    assert job.ckpt.failures == 1
+    assert job.metrics.failures.labels(stage="write")._value.get() == 1
+    assert catalog.committed_steps() == [2, 4, 5]
+    assert catalog.latest()[0] == 5
+
+
+def test_failed_deletion_is_retried_later(mem_url, monkeypatch):
+    catalog = Catalog(open_storage(mem_url))
+    for step in (1, 2, 3):
+        _fake_commit(catalog, step)
+    original = catalog.delete
+    monkeypatch.setattr(catalog, "delete", lambda step: (_ for _ in ()).throw(OSError("503")))
+    deleted, failed = apply_retention(catalog, 2, 0)
+    assert deleted == [] and failed == [1]
+    monkeypatch.setattr(catalog, "delete", original)
+    _fake_commit(catalog, 4)
+    deleted, failed = apply_retention(catalog, 2, 0)
+    assert deleted == [1, 2] and failed == []
+    assert catalog.committed_steps() == [3, 4]
+
+
+def test_storage_errors_name_the_url_not_secrets(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError) as e:
+        open_storage(f"{f}/sub").check_reachable()
+    assert str(f) in str(e.value)
+    with pytest.raises(UserError) as e:
+        open_storage("nosuchproto://x/y")
+    assert "nosuchproto" in str(e.value)

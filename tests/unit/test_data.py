@@ -1,0 +1,153 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from service.config import load_config
+from service.errors import UserError
+from service.train.data import (
+    DigitsSource,
+    FolderSource,
+    GlobalOrder,
+    SyntheticSource,
+    TrainingSamples,
+    build_loader,
+    check_batch_geometry,
+    rank_positions,
+)
+
+N = 60  # samples per epoch in these tests; not a multiple of the batch on purpose
+GB = 12
+
+
+def consumed(world: int, start_pos: int, steps: int) -> list[int]:
+    """Source indices every rank trains on for `steps` global batches from `start_pos`."""
+    order = GlobalOrder(N, seed=3)
+    out = []
+    for k in range(steps):
+        for rank in range(world):
+            for p in rank_positions(start_pos + k * GB, GB, rank, world):
+                out.append(order.locate(p))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_sample_exactly_once_per_epoch(world):
+    located = consumed(world, 0, steps=N // GB * 3)  # three whole epochs
+    for epoch in range(3):
+        idx = [src for e, _, src in located if e == epoch]
+        assert sorted(idx) == list(range(N)), f"epoch {epoch}"
+
+
+@pytest.mark.parametrize("world,resume_world", [(2, 2), (2, 3), (3, 1)])
+def test_resume_at_arbitrary_position_continues_exactly(world, resume_world):
+    steps_before = 7  # 84 samples: mid-epoch 1
+    before = consumed(world, 0, steps_before)
+    after = consumed(resume_world, steps_before * GB, 10)
+    full = consumed(1, 0, steps_before + 10)
+    assert sorted(before + after) == sorted(full)
+    assert Counter(before + after) == Counter(full)
+
+
+def test_world_size_does_not_change_the_global_batch():
+    for step in range(5):
+        one = rank_positions(step * GB, GB, 0, 1)
+        three = sum((rank_positions(step * GB, GB, r, 3) for r in range(3)), [])
+        assert one == three
+
+
+def test_epoch_permutations_differ_and_are_seeded():
+    a, b = GlobalOrder(N, 0), GlobalOrder(N, 0)
+    assert torch.equal(a.permutation(0), b.permutation(0))
+    assert not torch.equal(a.permutation(0), a.permutation(1))
+    assert not torch.equal(a.permutation(0), GlobalOrder(N, 1).permutation(0))
+
+
+def test_per_sample_noise_is_a_pure_function():
+    src = SyntheticSource(16, N, seed=0)
+    s1 = TrainingSamples(src, seed=0, num_timesteps=1000, hflip=True)
+    s2 = TrainingSamples(SyntheticSource(16, N, seed=0), seed=0, num_timesteps=1000, hflip=True)
+    for p in (0, 5, N + 5):
+        a, b = s1[p], s2[p]
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(s1[0]["noise"], s1[1]["noise"])
+    # The same source image in another epoch gets other noise.
+    assert not torch.equal(s1[5]["noise"], s1[N + 5]["noise"])
+    assert not torch.equal(s1[0]["noise"], TrainingSamples(src, seed=1, num_timesteps=1000, hflip=True)[0]["noise"])
+
+
+def test_loader_worker_count_does_not_change_batches():
+    src = SyntheticSource(16, N, seed=0)
+    samples = TrainingSamples(src, seed=0, num_timesteps=1000, hflip=True)
+    batches = []
+    for workers in (0, 2):
+        loader = build_loader(samples, start_position=24, num_steps=4, global_batch=GB, rank=1,
+                              world_size=2, num_workers=workers)
+        batches.append(list(loader))
+    assert len(batches[0]) == 4
+    for a, b in zip(*batches):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+    assert batches[0][0]["position"].tolist() == list(range(30, 36))
+
+
+def test_indivisible_global_batch_is_a_clear_error():
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        check_batch_geometry(16, 3)
+
+
+def test_synthetic_images_in_range_and_varied():
+    src = SyntheticSource(16, 100, seed=0)
+    imgs = torch.stack([src.image(i) for i in range(20)])
+    assert imgs.shape == (20, 3, 16, 16)
+    assert imgs.min() >= -1 and imgs.max() <= 1
+    assert imgs.std(dim=0).mean() > 0.1
+
+
+def test_folder_source_reads_resizes_and_crops(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 30), (0, 0, 255)).save(tmp_path / "b.jpg")
+    (tmp_path / "notes.txt").write_text("ignored")
+    src = FolderSource(str(tmp_path), 16)
+    assert len(src) == 2
+    a = src.image(0)
+    assert a.shape == (3, 16, 16)
+    assert a[0].mean() > 0.9 and a[2].mean() < -0.9
+
+
+def test_folder_source_over_memory_fsspec():
+    import io
+
+    import fsspec
+    from PIL import Image
+
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(buf, format="PNG")
+    fs.pipe("/imgs/x/one.png", buf.getvalue())
+    src = FolderSource("memory://imgs", 16)
+    assert len(src) == 1 and src.image(0)[1].mean() > 0.9
+
+
+def test_empty_or_unreadable_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="holds no images"):
+        FolderSource(str(tmp_path), 16)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot decode"):
+        FolderSource(str(tmp_path), 16)
+
+
+def test_digits_source():
+    src = DigitsSource(16)
+    assert len(src) == 1797
+    assert src.image(0).shape == (3, 16, 16)
+
+
+def test_build_source_from_config():
+    from service.train.data import build_source
+
+    cfg = load_config(None, ["data.kind=\"digits\""])
+    assert len(build_source(cfg)) == 1797

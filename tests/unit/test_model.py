@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from service.config import load_config
+from service.train.model import EMAState, build_ema, build_unet, check_geometry, sample_size
+from service.train.state import LRSchedulerState, TrainState, warmup_cosine
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_unet_shapes_per_preset(preset):
+    cfg = load_config(None, [f"model.preset=\"{preset}\""])
+    model = build_unet(cfg.model, seed=0)
+    size = sample_size(cfg.model)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10])).sample
+    assert out.shape == x.shape
+
+
+def test_init_depends_only_on_seed():
+    cfg = load_config(None)
+    a, b = build_unet(cfg.model, 0), build_unet(cfg.model, 0)
+    torch.manual_seed(123)  # global RNG must not matter
+    c = build_unet(cfg.model, 0)
+    for (k, v), w, u in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(v, w) and torch.equal(v, u), k
+    d = build_unet(cfg.model, 1)
+    assert not all(torch.equal(v, w) for v, w in zip(a.state_dict().values(), d.state_dict().values()))
+
+
+def test_bad_sample_size_is_rejected():
+    cfg = load_config(None, ["model.preset=\"base\"", "model.sample_size=36"])
+    with pytest.raises(ValueError, match="divisible by 8"):
+        check_geometry(cfg.model)
+
+
+def test_ema_state_round_trip():
+    cfg = load_config(None)
+    model = build_unet(cfg.model, 0)
+    ema = build_ema(model, cfg.train)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.step(model.parameters())
+    state = EMAState(ema, model).state_dict()
+    other_model = build_unet(cfg.model, 5)
+    other = build_ema(other_model, cfg.train)
+    EMAState(other, other_model).load_state_dict(state)
+    assert other.optimization_step == 1
+    for a, b in zip(ema.shadow_params, other.shadow_params):
+        assert torch.equal(a, b)
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_lr_scheduler_state_restores_lr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, 110, 0.1))
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    state = LRSchedulerState(sched).state_dict()
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, warmup_cosine(10, 110, 0.1))
+    LRSchedulerState(sched2).load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    opt.step(); sched.step(); opt2.step(); sched2.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_train_state_round_trip():
+    s = TrainState(step=5, samples_seen=80, epoch=1)
+    t = TrainState()
+    t.load_state_dict(s.state_dict())
+    assert t == s
