@@ -82,17 +82,22 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
     trimmed = args.url.rstrip("/")
     step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
+    problems: list[str] = []
     if step is None:
+        # A run's root: its latest committed checkpoint, and the pointer that should name it.
         catalog = _catalog(args)
-        found = catalog.latest()
-        if found is None:
+        committed = catalog.committed_steps()  # a full scan: verify reads everything anyway
+        if not committed:
             print(f"no committed checkpoint under {catalog.storage.display_url}", file=sys.stderr)
             return EXIT_FAILURE
-        step = found[0]
+        step = committed[-1]
+        pointer = catalog.pointer_step()
+        if pointer != step:
+            problems.append(f"latest pointer names {pointer!r}, but the newest committed step is {step}")
     else:
         args.url = trimmed.rsplit("/", 1)[0]
         catalog = _catalog(args)
-    problems = catalog.verify(step)
+    problems += catalog.verify(step)
     where = catalog.storage.url_of(f"step-{step:09d}")
     if problems:
         print(f"CORRUPT {where}", file=sys.stderr)

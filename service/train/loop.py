@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +97,10 @@ class Trainer:
         self.checkpointer.storage.check_reachable()
         self.loss_history: dict[int, float] = {}
         self._stop_signal: int | None = None
+        # Audit trail of the samples each rank trained on (FTDIFF_SAMPLE_TRACE=<dir>), used to
+        # prove exactly-once consumption across restarts and world-size changes.
+        trace_dir = os.environ.get("FTDIFF_SAMPLE_TRACE")
+        self._trace = Path(trace_dir) / f"rank{info.rank}-pid{os.getpid()}.jsonl" if trace_dir else None
 
     # -- signals -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -126,6 +133,8 @@ class Trainer:
             for batch in loader:
                 loss = self._train_step(batch)
                 self._advance(gb)
+                if self._trace is not None:
+                    self._record_trace(batch)
                 global_loss, stop = self._agree(loss)
                 step = self.train_state.step
                 self.loss_history[step] = global_loss
@@ -172,6 +181,13 @@ class Trainer:
         self.train_state.samples_seen += global_batch
         self.data_state.position += global_batch
         self.train_state.epoch = self.data_state.position // len(self.source)
+
+    def _record_trace(self, batch: dict[str, torch.Tensor]) -> None:
+        assert self._trace is not None
+        line = {"step": self.train_state.step, "rank": self.info.rank,
+                "world_size": self.info.world_size, "positions": batch["position"].tolist()}
+        with self._trace.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
         """Global mean loss and whether any rank was asked to stop, in one small all-reduce."""
