@@ -48,3 +48,18 @@ def s3_bucket(s3_server: dict[str, str]) -> str:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+BASELINE_STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """An uninterrupted 2-rank tiny run (12 steps, checkpoint every 4): the reference result."""
+    from tests.helpers import losses, run, torchrun_cmd
+
+    url = str(tmp_path_factory.mktemp("baseline"))
+    res = run(torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                            f'checkpoint.url="{url}"']))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return url, losses(res.stderr)

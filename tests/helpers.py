@@ -112,3 +112,47 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=timeout)
+
+
+def trace_lines(trace_dir: Path) -> list[dict]:
+    lines = []
+    for f in sorted(Path(trace_dir).glob("*.jsonl")):
+        lines += [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+    return lines
+
+
+def wait_for_step(trace_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    """Block until some rank traced ``step`` (or later); returns that trace line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in trace_lines(trace_dir):
+            if line["step"] >= step:
+                return line
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def worker_pids(trace_dir: Path) -> dict[int, int]:
+    """rank -> pid of the newest worker process of that rank (from trace file names)."""
+    pids: dict[int, tuple[float, int]] = {}
+    for f in Path(trace_dir).glob("rank*-pid*.jsonl"):
+        rank = int(f.name.split("-")[0][4:])
+        pid = int(f.stem.split("pid")[1])
+        mtime = f.stat().st_mtime
+        if rank not in pids or mtime > pids[rank][0]:
+            pids[rank] = (mtime, pid)
+    return {r: p for r, (_, p) in pids.items()}
+
+
+def committed_positions(trace: list[dict], final_step: int) -> list[int]:
+    """Positions of the steps that count: for each step, the last attempt that trained it."""
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for line in trace:
+        by_step.setdefault(line["step"], {})[line["rank"]] = line["positions"]
+    out: list[int] = []
+    for step in range(1, final_step + 1):
+        for rank in sorted(by_step[step]):
+            out += by_step[step][rank]
+    return out

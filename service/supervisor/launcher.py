@@ -19,6 +19,10 @@ from service.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 
 log = logging.getLogger(__name__)
 
+# A fresh rendezvous store per round, so restarted workers never read a dead peer's address
+# (see service.train.distributed._restart_safe_store).
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -76,7 +80,7 @@ def run_local_job(
         cfg.supervisor.max_restarts, min_nodes, run_id=f"{cfg.run.name}-{os.getpid()}",
     )
     agents = [
-        subprocess.Popen(cmd, env={**os.environ, "FTDIFF_NODE": str(i)}) for i in range(nnodes)
+        subprocess.Popen(cmd, env={**os.environ, **AGENT_ENV, "FTDIFF_NODE": str(i)}) for i in range(nnodes)
     ]
     log.info("started %d torchrun agent(s), rendezvous at %s", nnodes, endpoint)
 

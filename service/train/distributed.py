@@ -53,9 +53,38 @@ def init_distributed() -> DistInfo:
             backend=backend,
             timeout=COLLECTIVE_TIMEOUT,
             device_id=device if backend == "nccl" else None,
+            store=_restart_safe_store(rank, world_size),
+            rank=rank,
+            world_size=world_size,
         )
         log.debug("joined process group: rank %d/%d backend %s", rank, world_size, backend)
     return DistInfo(rank, world_size, local_rank, device, node)
+
+
+def _restart_safe_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, namespaced per torchrun restart.
+
+    With c10d rendezvous, torchrun shares one agent TCPStore with the workers of *every*
+    restart, unprefixed: a restarted worker can read a dead peer's address from the previous
+    attempt and fail with "Gloo connectFullMesh failed ... Connection refused". Prefixing the
+    keys with the restart count avoids that on a single node. Across nodes the per-agent
+    restart counts can differ, so multi-node launches should also set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (ftdiff's launcher and manifests do),
+    which gives every rendezvous round a fresh store.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host, port, world_size=world_size, is_master=not shared and rank == 0,
+        timeout=COLLECTIVE_TIMEOUT, multi_tenant=not shared,
+    )
+    if not shared:
+        return store
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and rank == 0:
+        log.warning("torchrun shares its rendezvous store across restarts; set "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on multi-node jobs")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ftdiff/restart-{restart}", store)
 
 
 def new_gloo_group() -> dist.ProcessGroup | None:

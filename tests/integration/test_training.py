@@ -13,16 +13,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.multiprocess
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """An uninterrupted 2-rank run: the reference for every comparison in this module."""
-    url = str(tmp_path_factory.mktemp("baseline"))
-    res = run(torchrun_cmd([f"train.max_steps={STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"']))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return url, losses(res.stderr)
+STEPS = 12  # = conftest.BASELINE_STEPS
 
 
 @pytest.mark.timeout(180)
