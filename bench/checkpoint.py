@@ -1,0 +1,222 @@
+"""Checkpoint benchmark: ftdiff's save/commit/load against the usual alternatives, one run.
+
+2 CPU ranks (gloo), ~400 MB of model + AdamW state, written to ``--target`` (a directory or
+s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as the last line:
+
+  stall_s          training blocked per save, ftdiff async (median)
+  commit_s         save start -> committed (checksums, manifest, pointer), ftdiff (median)
+  load_s           ftdiff verified resume
+  dcp_sync_s       torch.distributed.checkpoint.save
+  dcp_async_blocking_s / dcp_async_total_s   stock dcp.async_save
+  dcp_load_s       torch.distributed.checkpoint.load
+  torch_save_rank0_s  torch.save of the full state by rank 0 (what HF training scripts do)
+  memcpy_s         one in-memory copy of the state
+  rss_first_mb / rss_last_mb / rss_growth_mb   peak RSS after the first and the last of N saves
+  ratios: stall_vs_dcp_sync, stall_vs_memcpy, commit_vs_dcp_sync, load_vs_dcp_load
+
+Usage: python bench/checkpoint.py --target /tmp/ckbench [--mb 400] [--repeats 3] [--rss-saves 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_state(mb: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model whose params + AdamW moments come to about ``mb`` megabytes."""
+    torch.manual_seed(0)
+    width = 2048
+    per_layer = width * width * 4 * 3  # weights + exp_avg + exp_avg_sq, fp32
+    layers = max(1, round(mb * 1e6 / per_layer))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, group=None) -> float:  # type: ignore[no-untyped-def]
+    dist.barrier(group)
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier(group)
+    return time.perf_counter() - t0
+
+
+def fs_for(target: str):  # type: ignore[no-untyped-def]
+    from service.checkpoint.storage import open_storage
+
+    return open_storage(target)
+
+
+def writer_for(target: str):  # type: ignore[no-untyped-def]
+    if "://" in target:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(target, sync_files=False)
+    return dcp.FileSystemWriter(target)
+
+
+def reader_for(target: str):  # type: ignore[no-untyped-def]
+    if "://" in target:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(target)
+    return dcp.FileSystemReader(target)
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from prometheus_client import CollectorRegistry
+
+    from service.checkpoint.manager import Checkpointer
+    from service.config import load_config
+    from service.metrics import CheckpointMetrics
+    from service.train.distributed import DistInfo
+    from service.train.state import ModelState, OptimizerState, TrainState
+
+    model, opt = build_state(args.mb)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    tensors = [t for t in model.state_dict().values()] + [
+        v for s in opt.state_dict()["state"].values() for v in s.values() if torch.is_tensor(v) and v.dim()
+    ]
+    state_mb = sum(t.numel() * t.element_size() for t in tensors) / 1e6
+    base = args.target.rstrip("/") + f"/run-{args.run_id}"
+    r: dict[str, float] = {"state_mb": round(state_mb, 1)}
+
+    # One in-memory copy of the state (into preallocated buffers, as a snapshot would).
+    bufs = [torch.empty_like(t) for t in tensors]
+    for b, t in zip(bufs, tensors):
+        b.copy_(t)
+    r["memcpy_s"] = statistics.median(
+        timed(lambda: [b.copy_(t) for b, t in zip(bufs, tensors)]) for _ in range(args.repeats)
+    )
+    del bufs
+
+    # Rank 0 writes the whole state with torch.save.
+    def torch_save() -> None:
+        if rank == 0:
+            fs = fs_for(f"{base}/torch_save")
+            with fs.fs.open(fs.path("state.pt"), "wb") as f:
+                torch.save(state, f)
+    r["torch_save_rank0_s"] = timed(torch_save)
+
+    # DCP synchronous save and load.
+    dcp_state = {"model": ModelState(model), "optimizer": OptimizerState(model, opt)}
+    r["dcp_sync_s"] = statistics.median(
+        timed(lambda i=i: dcp.save(dcp_state, storage_writer=writer_for(f"{base}/dcp_sync_{i}")))
+        for i in range(args.repeats)
+    )
+    r["dcp_load_s"] = timed(lambda: dcp.load(dcp_state, storage_reader=reader_for(f"{base}/dcp_sync_0")))
+
+    # Stock DCP async_save: blocking part and total.
+    async_pg = dist.new_group(backend="gloo")
+    blocking, total = [], []
+    for i in range(args.repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fut = dcp.async_save(dcp_state, storage_writer=writer_for(f"{base}/dcp_async_{i}"), process_group=async_pg)
+        blocking.append(time.perf_counter() - t0)
+        fut.result()
+        total.append(time.perf_counter() - t0)
+        dist.barrier()
+    r["dcp_async_blocking_s"] = statistics.median(blocking)
+    r["dcp_async_total_s"] = statistics.median(total)
+
+    # ftdiff: async snapshot + background commit, then verified resume.
+    cfg = load_config(None, [f'checkpoint.url="{base}/ftdiff"', "checkpoint.every_steps=1", "checkpoint.keep_last=2"])
+    info = DistInfo(rank, world, rank, torch.device("cpu"), "0")
+    train = TrainState()
+    registry = {"model": ModelState(model), "optimizer": OptimizerState(model, opt), "train_state": train}
+    ck = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
+    stalls, commits = [], []
+    for step in range(1, args.repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        ck.save(step, 0, blocking=False)
+        stalls.append(time.perf_counter() - t0)
+        ok = ck.wait()
+        commits.append(time.perf_counter() - t0)
+        assert ok, "ftdiff save did not commit"
+    r["stall_s"] = statistics.median(stalls)
+    r["commit_s"] = statistics.median(commits)
+    fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
+    r["load_s"] = timed(fresh.resume)
+
+    # Peak RSS across many consecutive async saves (retention keeps 2 on storage).
+    rss = []
+    for step in range(args.repeats + 1, args.repeats + 1 + args.rss_saves):
+        ck.save(step, 0, blocking=False)
+        time.sleep(0.05)  # a short "training step" overlapping the background write
+        ck.wait()
+        rss.append(rss_mb())
+    ck.close()
+    fresh.close()
+    if rss:
+        r["rss_first_mb"], r["rss_last_mb"] = round(rss[0], 1), round(rss[-1], 1)
+        r["rss_growth_mb"] = round(rss[-1] - rss[0], 1)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(r))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=None, help="directory or s3://bucket/prefix (default: a temp dir)")
+    p.add_argument("--mb", type=int, default=400)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rss-saves", type=int, default=20)
+    args = p.parse_args()
+    tmp = None
+    if args.target is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ckbench-")
+        args.target = tmp.name
+    args.run_id = uuid.uuid4().hex[:8]
+    from service.supervisor.launcher import free_port
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        mp.spawn(worker, args=(2, free_port(), args, out.name), nprocs=2, join=True)
+        r = json.loads(Path(out.name).read_text())
+    r["target"] = "s3" if args.target.startswith("s3://") else "local"
+    r["ratios"] = {
+        "stall_vs_dcp_sync": round(r["stall_s"] / r["dcp_sync_s"], 3),
+        "stall_vs_memcpy": round(r["stall_s"] / r["memcpy_s"], 3),
+        "stall_vs_dcp_async_blocking": round(r["stall_s"] / r["dcp_async_blocking_s"], 3),
+        "commit_vs_dcp_sync": round(r["commit_s"] / r["dcp_sync_s"], 3),
+        "load_vs_dcp_load": round(r["load_s"] / r["dcp_load_s"], 3),
+    }
+    for k, v in list(r.items()):
+        if isinstance(v, float):
+            r[k] = round(v, 4)
+    if tmp is not None:
+        tmp.cleanup()
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
