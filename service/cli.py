@@ -72,7 +72,7 @@ def cmd_ckpt_show(args: argparse.Namespace) -> int:
     print(json.dumps({
         "url": ref.url, "step": m.step, "world_size": m.world_size, "samples_seen": m.samples_seen,
         "config_hash": m.config_hash, "versions": m.versions, "time": m.time, "bytes": m.total_bytes,
-        "files": {k: {"size": v.size, "crc32": v.crc32} for k, v in sorted(m.files.items())},
+        "files": {k: {"size": v.size, "crc32c": v.crc32c} for k, v in sorted(m.files.items())},
     }, indent=2))
     return EXIT_OK
 

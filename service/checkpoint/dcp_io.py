@@ -1,22 +1,25 @@
 """torch.distributed.checkpoint storage classes that checksum while writing and verify on read.
 
-The writer wraps every stream DCP opens so each file's size and CRC-32 are known the moment it
-is closed — the manifest never needs a read-back. The reader reads each file once, whole,
-checks it against the manifest before DCP deserialises any of it, and hands DCP an in-memory
-copy to slice from; a corrupt or truncated shard therefore fails the load instead of loading
-garbage weights.
+Checksums are CRC-32C (hardware-accelerated, ~10 GB/s; the checksum S3 and GCS use too). The
+writer wraps every stream DCP opens so each file's size and CRC-32C are known the moment it is
+closed — the manifest never needs a read-back. On object stores the reader fetches each file
+once, whole (one GET instead of a ranged GET per tensor), checks it against the manifest before
+DCP deserialises any of it, and lets DCP slice the verified bytes in memory. On local and
+network file systems, where DCP reads slices cheaply from the page cache, each rank instead
+verifies its share of the files through mmap before the load (see ``verify_files``).
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import threading
-import zlib
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
 
+import crc32c
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 
 from service.checkpoint.manifest import FileEntry
@@ -30,18 +33,23 @@ class CorruptCheckpointError(RuntimeError):
         self.path, self.reason = path, reason
 
 
+def crc32c_hex(data: Any) -> str:
+    return f"{crc32c.crc32c(data):08x}"
+
+
 class _HashingStream(io.RawIOBase):
-    """Write-through stream that keeps a running CRC-32 and byte count."""
+    """Write-through stream that keeps a running CRC-32C and byte count."""
 
     def __init__(self, inner: Any):
-        self.inner, self.crc, self.size = inner, 0, 0
+        self.inner, self.size = inner, 0
+        self.crc = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
+        self.crc = crc32c.crc32c(view, self.crc)
         self.size += len(view)
         self.inner.write(view)
         return len(view)
@@ -84,7 +92,7 @@ class _HashingFs(_SharedFs):
             yield hashing  # type: ignore[misc]
         with self._lock:
             self.entries[os.path.basename(os.fspath(path))] = FileEntry(
-                hashing.size, f"{hashing.crc & 0xFFFFFFFF:08x}"
+                hashing.size, f"{hashing.crc:08x}"
             )
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
@@ -96,7 +104,7 @@ class _HashingFs(_SharedFs):
 
 
 class ChecksummingWriter(FsspecWriter):
-    """FsspecWriter that records (size, crc32) of every file it writes, by file name."""
+    """FsspecWriter that records (size, crc32c) of every file it writes, by file name."""
 
     def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1):
         # No fsync on object stores: a finished PUT is durable, and fsync is meaningless there.
@@ -125,22 +133,45 @@ class _VerifyingFs(_SharedFs):
         yield io.BytesIO(read_verified(self.fs, os.fspath(path), self.expected))
 
 
-def read_verified(fs: Any, path: str, expected: dict[str, FileEntry]) -> bytes:
-    """The whole file, after checking its size and CRC-32 against the manifest entry."""
-    name = os.path.basename(path)
-    entry = expected.get(name)
+def _check(path: str, entry: FileEntry, size: int, data: Any) -> None:
+    if size != entry.size:
+        raise CorruptCheckpointError(path, f"size {size} != {entry.size} in the manifest")
+    crc = crc32c_hex(data)
+    if crc != entry.crc32c:
+        raise CorruptCheckpointError(path, f"crc32c {crc} != {entry.crc32c} in the manifest")
+
+
+def _entry(path: str, expected: dict[str, FileEntry]) -> FileEntry:
+    entry = expected.get(os.path.basename(path))
     if entry is None:
         raise CorruptCheckpointError(path, "file is not listed in the manifest")
+    return entry
+
+
+def read_verified(fs: Any, path: str, expected: dict[str, FileEntry]) -> bytes:
+    """The whole file, after checking its size and CRC-32C against the manifest entry."""
+    entry = _entry(path, expected)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "file is missing") from None
-    if len(data) != entry.size:
-        raise CorruptCheckpointError(path, f"size {len(data)} != {entry.size} in the manifest")
-    crc = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-    if crc != entry.crc32:
-        raise CorruptCheckpointError(path, f"crc32 {crc} != {entry.crc32} in the manifest")
+    _check(path, entry, len(data), data)
     return data
+
+
+def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
+    """Check a local file without copying it: CRC-32C over an mmap of the page cache."""
+    entry = _entry(path, expected)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                _check(path, entry, 0, b"")
+                return
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                _check(path, entry, size, mm)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, "file is missing") from None
 
 
 class VerifyingReader(FsspecReader):

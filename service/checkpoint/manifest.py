@@ -1,7 +1,7 @@
 """The manifest: what makes a checkpoint folder *committed*, and the ``latest`` pointer.
 
 Commit protocol, in this order: (i) every rank's shards, (ii) DCP's ``.metadata``, (iii)
-``manifest.json`` listing every file with its size and CRC-32 (computed while writing), (iv) the
+``manifest.json`` listing every file with its size and CRC-32C (computed while writing), (iv) the
 ``latest`` pointer. A folder without a valid manifest is not a checkpoint, whatever else it holds.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 POINTER = "latest"
 FORMAT = "ftdiff-checkpoint/1"
+# Manifest: every file's size and CRC-32C (hex); see dcp_io.
 STEP_DIR_RE = re.compile(r"^step-(\d{9,})$")
 
 
@@ -31,7 +32,7 @@ def parse_step_dir(name: str) -> int | None:
 @dataclass(frozen=True)
 class FileEntry:
     size: int
-    crc32: str
+    crc32c: str
 
 
 class ManifestError(ValueError):
@@ -65,7 +66,7 @@ class Manifest:
             body: dict[str, Any] = json.loads(data)
             if body.get("format") != FORMAT:
                 raise ManifestError(f"unknown manifest format {body.get('format')!r}")
-            files = {k: FileEntry(int(v["size"]), str(v["crc32"])) for k, v in body["files"].items()}
+            files = {k: FileEntry(int(v["size"]), str(v["crc32c"])) for k, v in body["files"].items()}
             if ".metadata" not in files:
                 raise ManifestError("manifest lists no .metadata")
             return cls(

@@ -78,6 +78,7 @@ def test_async_snapshot_is_isolated_from_later_updates(mem_url):
     job.step()
     before = job.weights()
     job.ckpt.save(1, 4, blocking=False)
+    job.ckpt.before_update()  # the trainer's contract: the copy is done before weights change
     with torch.no_grad():  # mutate right away, while the write may still be in flight
         for p in job.model.parameters():
             p.add_(100)
@@ -102,7 +103,7 @@ def test_staging_buffers_are_reused(mem_url):
 
 def _fake_commit(catalog: Catalog, step: int) -> None:
     catalog.storage.fs.pipe_file(catalog.storage.path(step_dir(step), ".metadata"), b"x")
-    catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "8cdc1683")}))
+    catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "00000000")}))
 
 
 class CountingFs:
@@ -166,7 +167,7 @@ def test_verify_detects_truncation_flip_and_missing_manifest(mem_url):
     flipped = bytearray(data)
     flipped[len(flipped) // 2] ^= 0xFF
     fs.pipe_file(shard, bytes(flipped))
-    assert any("crc32" in p for p in catalog.verify(2))
+    assert any("crc32c" in p for p in catalog.verify(2))
     fs.rm(f"{folder}/manifest.json")
     assert any("not committed" in p for p in catalog.verify(2))
 
@@ -235,6 +236,7 @@ def test_retention_runs_after_commits_and_keeps_newest_when_a_save_fails(mem_url
     for _ in range(5):
         job.step()
         assert job.ckpt.save(job.train.step, 0, blocking=True)
+    job.ckpt.drain()
     catalog = job.ckpt.catalog
     assert catalog.committed_steps() == [2, 4, 5]
 
@@ -249,6 +251,7 @@ def test_retention_runs_after_commits_and_keeps_newest_when_a_save_fails(mem_url
     assert job.ckpt.wait() is False
     assert job.ckpt.failures == 1
     assert job.metrics.failures.labels(stage="write")._value.get() == 1
+    job.ckpt.drain()
     assert catalog.committed_steps() == [2, 4, 5]
     assert catalog.latest()[0] == 5
 
@@ -277,3 +280,38 @@ def test_storage_errors_name_the_url_not_secrets(tmp_path):
     with pytest.raises(UserError) as e:
         open_storage("nosuchproto://x/y")
     assert "nosuchproto" in str(e.value)
+
+
+def test_snapshot_copy_overlaps_until_before_update(mem_url, monkeypatch):
+    """save() returns before the copy is done; before_update() blocks until it is."""
+    import threading
+
+    job = Job(mem_url)
+    job.step()
+    gate = threading.Event()
+    original = job.ckpt._stage
+
+    def slow_stage(obj, path):
+        gate.wait(5)
+        return original(obj, path)
+
+    monkeypatch.setattr(job.ckpt, "_stage", slow_stage)
+    job.ckpt.save(1, 0, blocking=False)
+    assert not job.ckpt._snapshot_done.is_set()  # the copy is still pending: no stall yet
+    threading.Timer(0.2, gate.set).start()
+    job.ckpt.before_update()
+    assert job.ckpt.last_stall_s >= 0.15
+    assert job.ckpt.wait() is True
+
+
+def test_local_load_verifies_files(tmp_path):
+    job = Job(str(tmp_path))
+    for _ in range(2):
+        job.step()
+        job.ckpt.save(job.train.step, 0, blocking=True)
+    shard = tmp_path / step_dir(2) / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x04
+    shard.write_bytes(bytes(data))
+    fresh = Job(str(tmp_path), seed=4)
+    assert fresh.ckpt.resume() == 1
