@@ -1,0 +1,71 @@
+"""GPU check: base preset, nccl, world size 1, bf16 autocast — samples/s, peak GPU memory, and
+the async checkpoint from GPU memory through pinned staging buffers (stall and commit time).
+
+Run by bench/gpu_check.sh under torchrun; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    from service.config import load_config
+    from service.train.data import build_loader
+    from service.train.distributed import cleanup_distributed, init_distributed
+    from service.train.loop import Trainer
+
+    steps, warmup = 60, 10
+    ckpt_dir = tempfile.mkdtemp(prefix="gpucheck-")
+    cfg = load_config("base", [
+        f"train.max_steps={steps}", "train.global_batch_size=64", "data.num_workers=4",
+        f'checkpoint.url="{ckpt_dir}"', "checkpoint.every_steps=100000", 'checkpoint.resume="never"',
+    ])
+    info = init_distributed()
+    trainer = Trainer(cfg, info)
+    loader = build_loader(trainer.samples, 0, steps, 64, info.rank, info.world_size, 4)
+    torch.cuda.reset_peak_memory_stats()
+    for i, batch in enumerate(loader):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        trainer._train_step(batch)
+    torch.cuda.synchronize()
+    rate = (steps - warmup) * 64 / (time.perf_counter() - t0)
+
+    # Async save of the full state from GPU memory (pinned, reused staging buffers).
+    ck = trainer.checkpointer
+    stalls, commits = [], []
+    for step in (1, 2, 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ck.save(step, 0, blocking=False)
+        ck.before_update()
+        stalls.append(ck.last_stall_s)
+        assert ck.wait(), "save did not commit"
+        commits.append(time.perf_counter() - t0)
+    state_mb = sum(b.numel() * b.element_size() for b in ck._staging.values()) / 1e6
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset": "base",
+        "precision": "bf16", "world_size": info.world_size, "global_batch": 64,
+        "samples_per_s": round(rate, 1),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "ckpt_state_mb": round(state_mb, 1), "ckpt_stall_s": round(sorted(stalls)[1], 4),
+        "ckpt_commit_s": round(sorted(commits)[1], 3), "ckpt_pinned": bool(ck._pin),
+    }))
+    trainer.close()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
