@@ -45,6 +45,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from service.config import load_config
+    from service.logs import setup_logging
+    from service.supervisor.attach import run_attached
+
+    setup_logging(0, args.log_format, args.verbose)
+    return run_attached(load_config(args.config, args.set))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.train.entry import run_worker
 
@@ -154,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="simulated nodes (torchrun agents)")
     p.add_argument("--nproc-per-node", type=int, default=2, help="worker processes per node")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("supervise", help="watch a cluster-launched job (attach mode)")
+    add_worker_args(p)
+    p.set_defaults(func=cmd_supervise)
 
     p = sub.add_parser("worker", help="the torchrun worker entry (same as python -m service.train)")
     add_worker_args(p)

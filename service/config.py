@@ -104,13 +104,21 @@ class SupervisorConfig(_Section):
     """Smallest node count the job may shrink to; default: all nodes (no shrinking)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     host: str = "127.0.0.1"
+    """Address the supervisor binds (heartbeats, /metrics, /healthz). Loopback by default;
+    binding wider (0.0.0.0 in a pod) is an explicit choice."""
     port: int = Field(default=29450, ge=0, le=65535)
+    url: str | None = None
+    """Where workers send heartbeats (attach mode, e.g. http://ftdiff-supervisor:29450);
+    the local launcher sets FTDIFF_SUPERVISOR_URL itself. Unset: no heartbeats."""
     token: str | None = None
-    """Shared secret for heartbeats; default: FTDIFF_TOKEN from the environment."""
+    """Shared secret for heartbeats and control requests; default: FTDIFF_TOKEN."""
+    crash_loop_failures: int = Field(default=3, ge=1)
+    """Failures without a new commit that count as a crash loop (then: exponential backoff)."""
 
 
 class MetricsConfig(_Section):
     host: str = "127.0.0.1"
+    """Address of the supervisor's /metrics, /healthz, /readyz (loopback by default)."""
     port: int = Field(default=9400, ge=0, le=65535)
 
 

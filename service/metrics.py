@@ -72,3 +72,45 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.checkpoint = CheckpointMetrics(self.registry)
         self.train = TrainMetrics(self.registry)
+
+
+JOB_STATES = ("starting", "running", "restarting", "backoff", "stopping", "succeeded", "failed")
+RESTART_REASONS = ("worker_crash", "hang", "lost_node", "ordered", "job_failed")
+FAILURE_KINDS = ("worker_crash", "hang", "lost_node", "agent_failed")
+
+
+class SupervisorMetrics:
+    """What the supervisor serves on /metrics: job health, plus checkpoint and training
+    progress relayed from the workers' heartbeats (one scrape target for the whole job)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        from prometheus_client import Enum
+
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.restarts = Counter("ftdiff_job_restarts_total", "Job restarts ordered or observed", ["reason"], registry=r)
+        self.failures_detected = Counter(
+            "ftdiff_job_failures_detected_total", "Failures detected by the supervisor", ["kind"], registry=r
+        )
+        self.world_size = Gauge("ftdiff_job_world_size", "Ranks in the current job", registry=r)
+        self.state = Enum("ftdiff_job_state", "Job state", states=list(JOB_STATES), registry=r)
+        self.heartbeat_age = Gauge(
+            "ftdiff_worker_heartbeat_age_seconds", "Seconds since each rank's last heartbeat", ["rank"], registry=r
+        )
+        self.rejected = Counter(
+            "ftdiff_supervisor_rejected_requests_total", "Requests refused (bad or missing token, bad body)",
+            registry=r,
+        )
+        self.last_committed_step = Gauge(
+            "ftdiff_checkpoint_last_committed_step", "Step of the newest committed checkpoint", registry=r
+        )
+        self.last_committed_timestamp = Gauge(
+            "ftdiff_checkpoint_last_committed_timestamp_seconds", "Unix time the supervisor first saw that commit",
+            registry=r,
+        )
+        self.train_step = Gauge("ftdiff_train_step", "Highest optimizer step reported by any rank", registry=r)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason=reason)
+        for kind in FAILURE_KINDS:
+            self.failures_detected.labels(kind=kind)
+        self.state.state("starting")

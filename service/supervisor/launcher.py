@@ -1,27 +1,39 @@
-"""``ftdiff train``: run a local job as torchrun agents (one per simulated node).
+"""``ftdiff train``: a supervised local job — N torchrun agents (one per simulated node).
 
-torchrun stays the engine: each agent restarts its own workers (``--max-restarts``) and the
-workers resume from the latest committed checkpoint by themselves.
+torchrun stays the engine: each agent restarts its own crashed workers (``--max-restarts``),
+and workers resume from the latest committed checkpoint by themselves. The supervisor adds what
+torchrun cannot see: hangs (a SIGSTOPped rank, a rank stuck in a collective), lost agents
+(relaunched here), crash loops (exponential backoff, then a report naming the failing rank,
+node and traceback), and a clean preemption path for SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 
 from service.config import Config, load_config
-from service.errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
+from service.metrics import SupervisorMetrics
+from service.supervisor.monitor import JobMonitor
+from service.supervisor.report import failure_report
+from service.supervisor.server import SupervisorServer
 
 log = logging.getLogger(__name__)
 
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
 # (see service.train.distributed._restart_safe_store).
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+MAX_BACKOFF_S = 30.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,11 +44,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def torchrun_command(
     cfg_args: list[str], nnodes: int, nproc_per_node: int, rdzv_endpoint: str, max_restarts: int,
-    min_nodes: int | None = None, run_id: str = "ftdiff",
+    min_nodes: int | None = None, run_id: str = "ftdiff", log_dir: str | None = None,
 ) -> list[str]:
     """The torchrun invocation of one agent; the worker is ``-m service.train``."""
     node_range = f"{min_nodes}:{nnodes}" if min_nodes and min_nodes < nnodes else str(nnodes)
-    return [
+    cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={node_range}",
         f"--nproc-per-node={nproc_per_node}",
@@ -44,8 +56,11 @@ def torchrun_command(
         f"--rdzv-endpoint={rdzv_endpoint}",
         f"--rdzv-id={run_id}",
         f"--max-restarts={max_restarts}",
-        "-m", "service.train", *cfg_args,
+        "--monitor-interval=0.5",
     ]
+    if log_dir:
+        cmd.append(f"--log-dir={log_dir}")
+    return cmd + ["-m", "service.train", *cfg_args]
 
 
 def worker_args(config: str | None, overrides: list[str], log_format: str) -> list[str]:
@@ -55,53 +70,252 @@ def worker_args(config: str | None, overrides: list[str], log_format: str) -> li
     return args + ["--log-format", log_format]
 
 
-def run_local_job(
-    config: str | None, overrides: list[str], nnodes: int, nproc_per_node: int, log_format: str = "text",
-) -> int:
-    """Start ``nnodes`` agents on loopback and wait; SIGTERM/SIGINT are forwarded to them."""
-    from service.logs import setup_logging
-
-    setup_logging(0, log_format)
-    cfg: Config = load_config(config, overrides)  # validate before starting anything
+def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
     if nnodes < 1 or nproc_per_node < 1:
         raise UserError("--nnodes and --nproc-per-node must be at least 1")
     min_nodes = cfg.supervisor.min_nodes
     if min_nodes is not None and min_nodes > nnodes:
         raise UserError(f"supervisor.min_nodes = {min_nodes} is more than --nnodes = {nnodes}")
-    world = nnodes * nproc_per_node
-    if cfg.train.global_batch_size % world:
-        raise UserError(
-            f"train.global_batch_size = {cfg.train.global_batch_size} is not divisible by the world "
-            f"size {world} (= {nnodes} nodes x {nproc_per_node} processes)"
+    for nodes in range(min_nodes or nnodes, nnodes + 1):
+        world = nodes * nproc_per_node
+        if cfg.train.global_batch_size % world:
+            raise UserError(
+                f"train.global_batch_size = {cfg.train.global_batch_size} is not divisible by the "
+                f"world size {world} ({nodes} nodes x {nproc_per_node} processes)"
+            )
+
+
+@dataclass
+class Agent:
+    node: int
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+
+
+class LocalSupervisor:
+    def __init__(self, cfg: Config, config: str | None, overrides: list[str], nnodes: int,
+                 nproc_per_node: int, log_format: str = "text"):
+        self.cfg, self.nnodes, self.nproc = cfg, nnodes, nproc_per_node
+        sup = cfg.supervisor
+        self.token = sup.token or os.environ.get("FTDIFF_TOKEN") or secrets.token_urlsafe(24)
+        self.metrics = SupervisorMetrics()
+        self.monitor = JobMonitor(sup.hang_timeout_s)
+        self.server = SupervisorServer(
+            sup.host, sup.port, self.token, self.monitor, self.metrics,
+            on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
+            ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
         )
-    endpoint = f"127.0.0.1:{free_port()}"
-    cmd = torchrun_command(
-        worker_args(config, overrides, log_format), nnodes, nproc_per_node, endpoint,
-        cfg.supervisor.max_restarts, min_nodes, run_id=f"{cfg.run.name}-{os.getpid()}",
-    )
-    agents = [
-        subprocess.Popen(cmd, env={**os.environ, **AGENT_ENV, "FTDIFF_NODE": str(i)}) for i in range(nnodes)
-    ]
-    log.info("started %d torchrun agent(s), rendezvous at %s", nnodes, endpoint)
+        self.metrics_server = None
+        if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.server.port):
+            self.metrics_server = SupervisorServer(
+                cfg.metrics.host, cfg.metrics.port, self.token, self.monitor, self.metrics,
+                ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
+            )
+        self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
+        self.rdzv = f"127.0.0.1:{free_port()}"
+        self.run_id = f"{cfg.run.name}-{os.getpid()}"
+        self.cmd_args = worker_args(config, overrides, log_format)
+        self.agents: dict[int, Agent] = {}
+        self.relaunches = 0
+        self.failures_since_commit = 0
+        self.committed_at_last_failure: int | None = None
+        self._stop_signal: int | None = None
+        self._restart_request = False
 
-    def forward(signum: int, _frame: object) -> None:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.send_signal(signum)
+    # -- process control ------------------------------------------------------------------------
+    def _launch(self, node: int) -> None:
+        env = {
+            **os.environ, **AGENT_ENV,
+            "FTDIFF_NODE": str(node),
+            "FTDIFF_SUPERVISOR_URL": f"http://127.0.0.1:{self.server.port}",
+            "FTDIFF_TOKEN": self.token,
+        }
+        cmd = torchrun_command(
+            self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
+            self.cfg.supervisor.min_nodes, self.run_id, os.path.join(self.log_dir, f"node{node}"),
+        )
+        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env))
+        log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    def _stop_agents(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        for agent in self.agents.values():
+            if agent.proc.poll() is None:
+                agent.proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        for agent in self.agents.values():
+            try:
+                agent.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                agent.proc.kill()
+                agent.proc.wait(timeout=10)
+        self._kill_workers(lambda s: True)
+
+    def _kill_workers(self, which) -> None:  # type: ignore[no-untyped-def]
+        """SIGKILL worker processes (known from heartbeats) — ours, by pid."""
+        for state in list(self.monitor.ranks.values()):
+            if which(state):
+                _kill(state.hb.pid)
+
+    # -- events ---------------------------------------------------------------------------------
+    def _restart_observed(self, hb) -> None:  # type: ignore[no-untyped-def]
+        log.warning("rank %d (node %s) restarted with pid %d: worker crash", hb.rank, hb.node, hb.pid)
+        self.metrics.failures_detected.labels(kind="worker_crash").inc()
+        self.metrics.restarts.labels(reason="worker_crash").inc()
+        self._count_failure()
+
+    def _restart_requested(self) -> None:
+        self._restart_request = True
+
+    def _count_failure(self) -> None:
+        committed = self.monitor.last_committed_step
+        if committed != self.committed_at_last_failure:
+            self.failures_since_commit = 0
+            self.committed_at_last_failure = committed
+        self.failures_since_commit += 1
+
+    def _backoff_s(self) -> float:
+        extra = self.failures_since_commit - self.cfg.supervisor.crash_loop_failures
+        return 0.0 if extra < 0 else min(MAX_BACKOFF_S, 2.0 ** extra)
+
+    def _handle_hang(self) -> None:
+        hung = self.monitor.hung()
+        if not hung:
+            return
+        desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in hung)
+        log.error("hang detected: no progress for %.0fs on %s; restarting the job",
+                  self.cfg.supervisor.hang_timeout_s, desc)
+        self.metrics.failures_detected.labels(kind="hang").inc()
+        self.metrics.restarts.labels(reason="hang").inc()
+        self._count_failure()
+        for s in hung:  # a stopped or stuck process cannot act on an order: kill it
+            _kill(s.hb.pid)
+        # The others leave on their next heartbeat instead of waiting out torchrun's grace.
+        self.monitor.order_restart()
+
+    def _handle_agents(self) -> int | None:
+        """Exit code when the job is over, else None. Relaunches lost or failed agents."""
+        codes = {n: a.proc.poll() for n, a in self.agents.items()}
+        if all(c == 0 for c in codes.values()):
+            return EXIT_OK
+        for node, code in codes.items():
+            if code is None or code == 0:
+                continue
+            lost = code < 0  # killed by a signal: the node is gone, not the program
+            kind = "lost_node" if lost else "agent_failed"
+            log.error("node %d: torchrun agent exited with %s (%s)", node, code, kind)
+            self.metrics.failures_detected.labels(kind=kind).inc()
+            self._count_failure()
+            if self.relaunches >= self.cfg.supervisor.max_restarts:
+                return self._give_up(node, code)
+            self.relaunches += 1
+            self.metrics.restarts.labels(reason="lost_node" if lost else "job_failed").inc()
+            # Orphaned workers of a lost agent would hold the old rendezvous: end them.
+            self._kill_workers(lambda s, n=node: s.hb.node == str(n))
+            delay = self._backoff_s()
+            if delay:
+                self.metrics.state.state("backoff")
+                log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
+                            self.failures_since_commit, delay)
+                if self._sleep(delay):
+                    return None
+            self.metrics.state.state("restarting")
+            self._launch(node)
+        return None
+
+    def _give_up(self, node: int, code: int) -> int:
+        self.metrics.state.state("failed")
+        report = failure_report(self.log_dir, self.monitor, node, code)
+        log.error("giving up after %d relaunches:\n%s", self.relaunches, report)
+        print(report, file=sys.stderr)
+        self._stop_agents()
+        return EXIT_FAILURE
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless a stop signal arrives; True if one did."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self._stop_signal is None:
+            time.sleep(0.1)
+        return self._stop_signal is not None
+
+    def _update_metrics(self) -> None:
+        for rank, age in self.monitor.heartbeat_ages().items():
+            self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)
+        self.metrics.world_size.set(self.monitor.world_size())
+        self.metrics.train_step.set(self.monitor.max_step())
+        committed = self.monitor.last_committed_step
+        if committed is not None and committed != getattr(self, "_metric_commit", None):
+            self._metric_commit = committed
+            self.metrics.last_committed_step.set(committed)
+            self.metrics.last_committed_timestamp.set(time.time())
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.server.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        log.info("supervisor on 127.0.0.1:%d, metrics on %s:%d; rendezvous %s",
+                 self.server.port, self.cfg.metrics.host,
+                 (self.metrics_server or self.server).port, self.rdzv)
+        try:
+            for node in range(self.nnodes):
+                self._launch(node)
+            self.metrics.state.state("running")
+            tick = min(0.5, self.cfg.supervisor.heartbeat_interval_s / 2)
+            while True:
+                if self._stop_signal is not None:
+                    return self._preempt()
+                code = self._handle_agents()
+                if code is not None:
+                    self.metrics.state.state("succeeded" if code == EXIT_OK else "failed")
+                    return code
+                if self._restart_request:
+                    self._restart_request = False
+                    self.metrics.restarts.labels(reason="ordered").inc()
+                    self.monitor.order_restart()
+                self._handle_hang()
+                self._update_metrics()
+                time.sleep(tick)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if any(a.proc.poll() is None for a in self.agents.values()):
+                self._stop_agents()
+            self.server.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _preempt(self) -> int:
+        """Forward the signal; workers commit an emergency checkpoint and exit."""
+        self.metrics.state.state("stopping")
+        log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self._stop_signal)
+        self._stop_agents(signal.SIGTERM, timeout=self.cfg.checkpoint.grace_s + 30)
+        return EXIT_PREEMPTED
+
+
+def _kill(pid: int) -> None:
     try:
-        codes = [agent.wait() for agent in agents]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        deadline = time.monotonic() + 30
-        for agent in agents:
-            if agent.poll() is None:
-                agent.terminate()
-                agent.wait(timeout=max(1, deadline - time.monotonic()))
-    worst = next((c for c in codes if c != 0), 0)
-    if worst:
-        log.error("job failed: agent exit codes %s", codes)
-        return worst if worst in (EXIT_USAGE,) else (worst if worst > 0 else EXIT_FAILURE)
-    return 0
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_local_job(
+    config: str | None, overrides: list[str], nnodes: int, nproc_per_node: int, log_format: str = "text",
+) -> int:
+    """Validate, then supervise the job until max_steps is committed (0) or it gives up."""
+    from service.logs import setup_logging
+
+    setup_logging(0, log_format)
+    cfg = load_config(config, overrides)  # validate before starting anything
+    check_job_geometry(cfg, nnodes, nproc_per_node)
+    try:
+        supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format)
+    except OSError as e:
+        raise UserError(f"cannot listen on supervisor.port/metrics.port: {e}") from None
+    return supervisor.run()
+

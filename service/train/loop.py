@@ -18,8 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from service.checkpoint.manager import Checkpointer
 from service.config import Config
-from service.errors import EXIT_OK, EXIT_PREEMPTED
+from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from service.metrics import WorkerMetrics
+from service.supervisor.heartbeat import Heartbeat, HeartbeatSender
 from service.train import state as keys
 from service.train.data import TrainingSamples, build_loader, build_source, check_batch_geometry
 from service.train.distributed import DistInfo
@@ -97,10 +98,38 @@ class Trainer:
         self.checkpointer.storage.check_reachable()
         self.loss_history: dict[int, float] = {}
         self._stop_signal: int | None = None
+        self.phase = "starting"
+        self.heartbeats = self._start_heartbeats()
         # Audit trail of the samples each rank trained on (FTDIFF_SAMPLE_TRACE=<dir>), used to
         # prove exactly-once consumption across restarts and world-size changes.
         trace_dir = os.environ.get("FTDIFF_SAMPLE_TRACE")
         self._trace = Path(trace_dir) / f"rank{info.rank}-pid{os.getpid()}.jsonl" if trace_dir else None
+
+    # -- heartbeats to the supervisor -----------------------------------------------------------
+    def _start_heartbeats(self) -> HeartbeatSender | None:
+        url = os.environ.get("FTDIFF_SUPERVISOR_URL") or self.cfg.supervisor.url
+        if not url:
+            return None
+        token = os.environ.get("FTDIFF_TOKEN") or self.cfg.supervisor.token
+        if not token:
+            raise UserError("a supervisor URL is set but no token: set supervisor.token or FTDIFF_TOKEN")
+        return HeartbeatSender(
+            url, token, self.cfg.supervisor.heartbeat_interval_s, self._heartbeat,
+            on_stop_order=lambda: self._request_stop(signal.SIGTERM),
+        ).start()
+
+    def _request_stop(self, signum: int) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+
+    def _heartbeat(self) -> Heartbeat:
+        info = self.info
+        return Heartbeat(
+            rank=info.rank, local_rank=info.local_rank, node=info.node, pid=os.getpid(),
+            world_size=info.world_size, step=self.train_state.step, phase=self.phase,
+            last_committed_step=self.checkpointer.last_committed_step,
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), time=time.time(),
+        )
 
     # -- signals -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -108,14 +137,16 @@ class Trainer:
         to stop at the same step and commits an emergency checkpoint."""
 
         def request_stop(signum: int, _frame: Any) -> None:
-            self._stop_signal = signum
+            self._request_stop(signum)
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> int:
+        self.phase = "loading"
         self.checkpointer.resume()
+        self.phase = "training"
         start = self.train_state.step
         total = self.cfg.train.max_steps
         gb = self.cfg.train.global_batch_size
@@ -207,6 +238,7 @@ class Trainer:
 
     def _finish(self) -> int:
         step = self.train_state.step
+        self.phase = "checkpointing"
         self.checkpointer.wait()
         if self.checkpointer.last_committed_step != step:
             ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
@@ -217,6 +249,7 @@ class Trainer:
 
     def _emergency_stop(self, step: int) -> int:
         t0 = time.monotonic()
+        self.phase = "stopping"
         log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
         self.checkpointer.wait()
         ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
@@ -228,4 +261,8 @@ class Trainer:
         return EXIT_PREEMPTED
 
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            if self.heartbeats is not None:
+                self.heartbeats.stop()

@@ -1,0 +1,129 @@
+"""Worker -> supervisor heartbeats, and the supervisor's answer (restart orders).
+
+Each worker runs a daemon thread that POSTs its status every ``heartbeat_interval_s`` to the
+supervisor with a shared bearer token. The answer may order the worker to exit so that its
+torchrun agent restarts it (attach mode). The thread never blocks training: a supervisor that
+cannot be reached costs one short timeout per interval on this thread, nothing else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+
+# Exit code of a worker that leaves because the supervisor ordered a restart.
+EXIT_RESTART_ORDERED = 44
+PHASES = ("starting", "loading", "training", "checkpointing", "stopping")
+
+
+@dataclass
+class Heartbeat:
+    rank: int
+    local_rank: int
+    node: str
+    pid: int
+    world_size: int
+    step: int
+    phase: str
+    last_committed_step: int | None
+    restart_count: int
+    time: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Heartbeat":
+        body = json.loads(data)
+        hb = cls(
+            rank=int(body["rank"]), local_rank=int(body["local_rank"]), node=str(body["node"]),
+            pid=int(body["pid"]), world_size=int(body["world_size"]), step=int(body["step"]),
+            phase=str(body["phase"]),
+            last_committed_step=None if body.get("last_committed_step") is None else int(body["last_committed_step"]),
+            restart_count=int(body.get("restart_count", 0)), time=float(body["time"]),
+        )
+        if hb.phase not in PHASES:
+            raise ValueError(f"unknown phase {hb.phase!r}")
+        return hb
+
+
+def token_ok(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <token>`` header."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].encode(), token.encode())
+
+
+class HeartbeatSender:
+    """The worker's heartbeat thread."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        interval_s: float,
+        status: Callable[[], Heartbeat],
+        on_exit_order: Callable[[int], None] | None = None,
+        on_stop_order: Callable[[], None] | None = None,
+    ):
+        self.url = url.rstrip("/") + "/heartbeat"
+        self.token, self.interval_s, self.status = token, interval_s, status
+        self.on_exit_order = on_exit_order or _exit_for_restart
+        self.on_stop_order = on_stop_order or (lambda: None)
+        self.sent = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "HeartbeatSender":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval_s + 1)
+
+    def send_once(self) -> None:
+        request = urllib.request.Request(
+            self.url, data=self.status().to_json(), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=max(0.5, self.interval_s)) as response:
+            answer = json.loads(response.read() or b"{}")
+        self.sent += 1
+        action = answer.get("action")
+        if action == "exit":  # addressed to this very process (by pid)
+            self.on_exit_order(int(answer.get("generation", 0)))
+        elif action == "stop":  # preemption relayed by the supervisor: checkpoint, then exit
+            self.on_stop_order()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_once()
+            except (OSError, ValueError, urllib.error.URLError) as e:
+                self.failed += 1
+                if self.failed in (1, 10, 100):  # say so, without flooding the log
+                    log.warning("heartbeat to %s failed (%s); training continues", self.url, e)
+            self._stop.wait(self.interval_s)
+
+
+def _exit_for_restart(generation: int) -> None:
+    log.error("supervisor ordered a restart (generation %d): exiting so torchrun restarts us", generation)
+    logging.shutdown()
+    # os._exit: the main thread may be stuck in a collective; only a hard exit gets out.
+    os._exit(EXIT_RESTART_ORDERED)
+
+
+def now() -> float:
+    return time.time()

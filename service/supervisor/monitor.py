@@ -1,0 +1,98 @@
+"""What the supervisor knows about the workers, and the failures it infers from heartbeats.
+
+Pure bookkeeping with an injectable clock, so the detection rules are unit-tested without
+processes: a rank *hangs* when its step (or phase) has not changed for ``hang_timeout_s`` or
+its heartbeats stopped for that long; a rank *restarted* when it reports a new pid.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.supervisor.heartbeat import Heartbeat
+
+
+@dataclass
+class RankState:
+    hb: Heartbeat
+    last_seen: float
+    last_progress: float
+
+
+class JobMonitor:
+    def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self.hang_timeout_s, self.clock = hang_timeout_s, clock
+        self.ranks: dict[int, RankState] = {}
+        self.last_committed_step: int | None = None
+        self.crashes_seen = 0
+        self._lock = threading.Lock()
+        self._doomed_pids: set[int] = set()
+        self.generation = 0
+
+    def observe(self, hb: Heartbeat) -> bool:
+        """Record a heartbeat; True if it reveals a restarted worker (new pid for a rank)."""
+        now = self.clock()
+        with self._lock:
+            if hb.pid in self._doomed_pids:
+                return False  # a process told to exit; its replacement will report soon
+            old = self.ranks.get(hb.rank)
+            restarted = old is not None and old.hb.pid != hb.pid
+            progressed = old is None or restarted or (hb.step, hb.phase) != (old.hb.step, old.hb.phase)
+            self.ranks[hb.rank] = RankState(hb, now, now if progressed else old.last_progress)  # type: ignore[union-attr]
+            if hb.last_committed_step is not None:
+                self.last_committed_step = max(self.last_committed_step or 0, hb.last_committed_step)
+            # A world-size change leaves ranks beyond the new size behind: forget them.
+            for rank in [r for r in self.ranks if r >= hb.world_size]:
+                del self.ranks[rank]
+            if restarted:
+                self.crashes_seen += 1
+            return restarted
+
+    def hung(self) -> list[RankState]:
+        """Ranks with no progress, or no heartbeat, for longer than the hang timeout."""
+        now = self.clock()
+        with self._lock:
+            return [
+                s for s in self.ranks.values()
+                if s.hb.pid not in self._doomed_pids
+                and (now - s.last_progress > self.hang_timeout_s or now - s.last_seen > self.hang_timeout_s)
+            ]
+
+    def heartbeat_ages(self) -> dict[int, float]:
+        now = self.clock()
+        with self._lock:
+            return {r: now - s.last_seen for r, s in self.ranks.items()}
+
+    def order_restart(self) -> list[RankState]:
+        """Mark every known worker process for exit (answered on its next heartbeat) and
+        forget the ranks: the next heartbeats come from the restarted processes."""
+        with self._lock:
+            doomed = list(self.ranks.values())
+            self._doomed_pids |= {s.hb.pid for s in doomed}
+            self.ranks.clear()
+            self.generation += 1
+            return doomed
+
+    def should_exit(self, pid: int) -> bool:
+        with self._lock:
+            return pid in self._doomed_pids
+
+    def max_step(self) -> int:
+        with self._lock:
+            return max((s.hb.step for s in self.ranks.values()), default=0)
+
+    def world_size(self) -> int:
+        with self._lock:
+            return max((s.hb.world_size for s in self.ranks.values()), default=0)
+
+    def all_fresh(self, world_size: int) -> bool:
+        """Every rank of the job has reported within the hang timeout (readiness)."""
+        now = self.clock()
+        with self._lock:
+            return (
+                world_size > 0 and len(self.ranks) >= world_size
+                and all(now - s.last_seen <= self.hang_timeout_s for s in self.ranks.values())
+            )

@@ -1,0 +1,115 @@
+"""The supervisor's HTTP endpoint: heartbeats in, restart orders out, /metrics, health.
+
+``POST /heartbeat`` and ``POST /control/restart`` need ``Authorization: Bearer <token>``;
+anything else on them is refused (401) and counted. ``GET /metrics``, ``/healthz`` and
+``/readyz`` are open, like any Prometheus target: they reveal no secrets. The default bind
+address is loopback; binding wider is an explicit choice in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.metrics import SupervisorMetrics
+from service.supervisor.heartbeat import Heartbeat, token_ok
+from service.supervisor.monitor import JobMonitor
+
+log = logging.getLogger(__name__)
+MAX_BODY = 64 * 1024
+
+
+class SupervisorServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        monitor: JobMonitor,
+        metrics: SupervisorMetrics,
+        on_restart_observed: Callable[[Heartbeat], None] | None = None,
+        on_restart_requested: Callable[[], None] | None = None,
+        ready: Callable[[], bool] | None = None,
+    ):
+        self.token, self.monitor, self.metrics = token, monitor, metrics
+        self.on_restart_observed = on_restart_observed or (lambda hb: None)
+        self.on_restart_requested = on_restart_requested or (lambda: None)
+        self.ready = ready or (lambda: True)
+        self.stop_all = False  # attach mode: relay a preemption to every worker
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, fmt: str, *args: object) -> None:  # keep access logs quiet
+                log.debug("%s " + fmt, self.address_string(), *args)
+
+            def _reply(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _refuse(self, code: int, why: str) -> None:
+                server.metrics.rejected.inc()
+                self._reply(code, json.dumps({"error": why}).encode())
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path == "/metrics":
+                    self._reply(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    self._reply(200, b'{"status": "ok"}')
+                elif self.path == "/readyz":
+                    ok = server.ready()
+                    self._reply(200 if ok else 503, json.dumps({"ready": ok}).encode())
+                else:
+                    self._reply(404, b'{"error": "not found"}')
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path not in ("/heartbeat", "/control/restart"):
+                    self._reply(404, b'{"error": "not found"}')
+                    return
+                if not token_ok(self.headers.get("Authorization"), server.token):
+                    self._refuse(401, "missing or wrong token")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    self._refuse(413, "body too large")
+                    return
+                body = self.rfile.read(length)
+                if self.path == "/control/restart":
+                    server.on_restart_requested()
+                    self._reply(200, json.dumps({"generation": server.monitor.generation}).encode())
+                    return
+                try:
+                    hb = Heartbeat.from_json(body)
+                except (ValueError, KeyError, TypeError) as e:
+                    self._refuse(400, f"bad heartbeat: {e}")
+                    return
+                if server.monitor.should_exit(hb.pid):
+                    answer = {"action": "exit", "generation": server.monitor.generation}
+                elif server.stop_all:
+                    server.monitor.observe(hb)
+                    answer = {"action": "stop", "generation": server.monitor.generation}
+                else:
+                    if server.monitor.observe(hb):
+                        server.on_restart_observed(hb)
+                    answer = {"action": "none", "generation": server.monitor.generation}
+                self._reply(200, json.dumps(answer).encode())
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="supervisor-http", daemon=True)
+
+    def start(self) -> "SupervisorServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
