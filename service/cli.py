@@ -50,7 +50,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
     from service.supervisor.attach import run_attached
 
-    setup_logging(0, args.log_format, args.verbose)
+    setup_logging("supervisor", args.log_format, args.verbose)
     return run_attached(load_config(args.config, args.set))
 
 

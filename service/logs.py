@@ -13,12 +13,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 
 class _RankFilter(logging.Filter):
-    def __init__(self, rank: int):
+    def __init__(self, rank: int | str):
         super().__init__()
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
+        record.rank = self.rank if isinstance(self.rank, str) else f"rank {self.rank}"
         return True
 
 
@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
         body: dict[str, Any] = {
             "time": round(record.created, 3),
             "level": record.levelname.lower(),
-            "rank": getattr(record, "rank", 0),
+            "rank": getattr(record, "rank", "rank 0"),
             "logger": record.name,
             "msg": record.getMessage(),
         }
@@ -41,14 +41,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def setup_logging(rank: int = 0, fmt: str = "text", verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+def setup_logging(rank: int | str = 0, fmt: str = "text", verbose: bool = False) -> None:
+    """``rank``: the worker's rank, or a role name ("supervisor") for non-worker processes."""
+    level = logging.DEBUG if verbose else (logging.INFO if rank in (0, "supervisor") else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter(rank))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s")
+        formatter = logging.Formatter("%(asctime)s [%(rank)s] %(levelname)s %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -178,7 +178,18 @@ class LocalSupervisor:
         return 0.0 if extra < 0 else min(MAX_BACKOFF_S, 2.0 ** extra)
 
     def _handle_hang(self) -> None:
-        hung = self.monitor.hung()
+        hung = []
+        for state in self.monitor.hung():
+            if pid_alive(state.hb.pid):
+                hung.append(state)
+                continue
+            # Silent because it is gone, not stuck: a crash that torchrun is restarting.
+            if self.monitor.forget(state.hb.rank) is not None:
+                log.warning("rank %d (node %s, pid %d) is gone: worker crash",
+                            state.hb.rank, state.hb.node, state.hb.pid)
+                self.metrics.failures_detected.labels(kind="worker_crash").inc()
+                self.metrics.restarts.labels(reason="worker_crash").inc()
+                self._count_failure()
         if not hung:
             return
         desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in hung)
@@ -297,6 +308,16 @@ class LocalSupervisor:
         return EXIT_PREEMPTED
 
 
+def pid_alive(pid: int) -> bool:
+    """True for a live process (a zombie awaiting its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -310,7 +331,7 @@ def run_local_job(
     """Validate, then supervise the job until max_steps is committed (0) or it gives up."""
     from service.logs import setup_logging
 
-    setup_logging(0, log_format)
+    setup_logging("supervisor", log_format)
     cfg = load_config(config, overrides)  # validate before starting anything
     check_job_geometry(cfg, nnodes, nproc_per_node)
     try:

@@ -61,6 +61,11 @@ class JobMonitor:
                 and (now - s.last_progress > self.hang_timeout_s or now - s.last_seen > self.hang_timeout_s)
             ]
 
+    def forget(self, rank: int) -> RankState | None:
+        """Drop a rank whose process is known to be gone (its replacement reports afresh)."""
+        with self._lock:
+            return self.ranks.pop(rank, None)
+
     def heartbeat_ages(self) -> dict[int, float]:
         now = self.clock()
         with self._lock:

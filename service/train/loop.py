@@ -166,6 +166,7 @@ class Trainer:
                 self._advance(gb)
                 if self._trace is not None:
                     self._record_trace(batch)
+                self._maybe_inject_failure()
                 global_loss, stop = self._agree(loss)
                 step = self.train_state.step
                 self.loss_history[step] = global_loss
@@ -213,6 +214,13 @@ class Trainer:
         self.train_state.samples_seen += global_batch
         self.data_state.position += global_batch
         self.train_state.epoch = self.data_state.position // len(self.source)
+
+    def _maybe_inject_failure(self) -> None:
+        """Test-only: FTDIFF_FAIL_AT_STEP=<step> raises in every attempt that reaches it
+        (a deterministic crash loop with a real traceback for torchelastic's error file)."""
+        fail_at = os.environ.get("FTDIFF_FAIL_AT_STEP")
+        if fail_at and int(fail_at) == self.train_state.step:
+            raise RuntimeError(f"injected failure at step {fail_at} (FTDIFF_FAIL_AT_STEP)")
 
     def _record_trace(self, batch: dict[str, torch.Tensor]) -> None:
         assert self._trace is not None

@@ -1,0 +1,151 @@
+"""The supervised local job (`ftdiff train`) under real faults: kill -9 of a worker, SIGSTOP
+(hang), kill -9 of a torchrun agent (lost node), a crash loop, SIGTERM to the supervisor."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.storage import open_storage
+from service.errors import EXIT_PREEMPTED
+from service.supervisor import faults
+from tests.conftest import BASELINE_STEPS
+from tests.helpers import (
+    REPO,
+    TINY,
+    assert_bitwise_equal,
+    base_env,
+    free_port,
+    set_args,
+    stop,
+    trace_lines,
+    wait_for_step,
+    weights,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.multiprocess
+HANG_TIMEOUT = 4.0
+INTERVAL = 0.5
+
+
+class Job:
+    """A supervised job: `ftdiff train` in a subprocess, with its trace and metrics endpoint."""
+
+    def __init__(self, tmp: Path, overrides: list[str], nnodes: int = 1, nproc: int = 2,
+                 env: dict[str, str] | None = None):
+        self.trace = tmp / "trace"
+        self.trace.mkdir()
+        self.url = str(tmp / "ckpt")
+        self.metrics_port = free_port()
+        args = TINY + [
+            f'checkpoint.url="{self.url}"', "supervisor.port=0", f"metrics.port={self.metrics_port}",
+            f"supervisor.hang_timeout_s={HANG_TIMEOUT}", f"supervisor.heartbeat_interval_s={INTERVAL}",
+            *overrides,
+        ]
+        cmd = [sys.executable, "-m", "service.cli", "train", "--nnodes", str(nnodes),
+               "--nproc-per-node", str(nproc), "--log-format", "json", *set_args(args)]
+        self.proc = subprocess.Popen(cmd, env=base_env({"FTDIFF_SAMPLE_TRACE": str(self.trace), **(env or {})}),
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_step(self, step: int) -> None:
+        wait_for_step(self.trace, step, self.proc)
+
+    def metric(self, name: str) -> float:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited ({self.proc.returncode}): {self.proc.stderr.read()[-3000:]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def finish(self, timeout: float = 200) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+            raise
+        return self.proc.returncode, err
+
+
+@pytest.mark.timeout(300)
+def test_worker_crash_and_hang_are_recovered_bitwise_equal(baseline, tmp_path):
+    ref_url, _ = baseline
+    job = Job(tmp_path, [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                         "train.step_sleep_s=0.3"])
+    job.wait_step(3)
+    faults.kill9(worker_pids(job.trace)[1])
+    deadline = time.monotonic() + 60
+    while job.metric('ftdiff_job_failures_detected_total{kind="worker_crash"}') < 1:
+        assert time.monotonic() < deadline, "worker crash not detected"
+        time.sleep(0.2)
+
+    # After the restart, freeze one worker: a hang, detected within timeout + 2 intervals.
+    first_pids = set(worker_pids(job.trace).values())
+    deadline = time.monotonic() + 60
+    while not (set(worker_pids(job.trace).values()) - first_pids) or max(
+            l["step"] for l in trace_lines(job.trace)) < 6:
+        assert time.monotonic() < deadline, "restarted workers did not reach step 6"
+        time.sleep(0.1)
+    victim = worker_pids(job.trace)[0]
+    frozen_at = time.monotonic()
+    faults.freeze(victim)
+    while job.metric('ftdiff_job_failures_detected_total{kind="hang"}') < 1:
+        assert time.monotonic() - frozen_at < 30, "hang not detected"
+        time.sleep(0.1)
+    detected_after = time.monotonic() - frozen_at
+    assert detected_after <= HANG_TIMEOUT + 2 * INTERVAL + 1.0, detected_after
+
+    code, err = job.finish()
+    assert code == 0, err[-3000:]
+    assert Catalog(open_storage(job.url)).latest()[0] == BASELINE_STEPS
+    assert_bitwise_equal(weights(ref_url, "model"), weights(job.url, "model"))
+    assert_bitwise_equal(weights(ref_url, "ema"), weights(job.url, "ema"))
+
+
+@pytest.mark.timeout(300)
+def test_lost_node_is_relaunched_and_the_job_finishes_bitwise_equal(baseline, tmp_path):
+    ref_url, _ = baseline
+    job = Job(tmp_path, [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                         "train.step_sleep_s=0.3"], nnodes=2, nproc=1)
+    job.wait_step(5)
+    agents = faults.children(job.proc.pid)
+    assert len(agents) == 2
+    faults.kill9(agents[1])  # node 1's torchrun agent disappears
+    code, err = job.finish()
+    assert code == 0, err[-3000:]
+    assert_bitwise_equal(weights(ref_url, "model"), weights(job.url, "model"))
+
+
+@pytest.mark.timeout(300)
+def test_crash_loop_gives_up_with_a_report(tmp_path):
+    job = Job(tmp_path, ["train.max_steps=20", "checkpoint.every_steps=2", "supervisor.max_restarts=1",
+                         "supervisor.crash_loop_failures=1"], env={"FTDIFF_FAIL_AT_STEP": "3"})
+    code, err = job.finish()
+    assert code == 1
+    assert "job failed" in err and "failing worker: rank" in err
+    assert "injected failure at step 3" in err
+    assert Catalog(open_storage(job.url)).latest()[0] == 2  # committed work survives
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_supervisor_commits_and_exits_preempted(tmp_path):
+    job = Job(tmp_path, ["train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1"])
+    job.wait_step(6)
+    job.proc.send_signal(signal.SIGTERM)
+    code, err = job.finish(90)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    last = max(line["step"] for line in trace_lines(job.trace))
+    catalog = Catalog(open_storage(job.url))
+    assert catalog.latest()[0] == last
+    assert catalog.verify(last) == []

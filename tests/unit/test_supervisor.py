@@ -1,0 +1,160 @@
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from service.config import load_config
+from service.errors import UserError
+from service.metrics import SupervisorMetrics
+from service.supervisor.heartbeat import Heartbeat, HeartbeatSender, token_ok
+from service.supervisor.launcher import check_job_geometry, torchrun_command
+from service.supervisor.monitor import JobMonitor
+from service.supervisor.report import failure_report
+from service.supervisor.server import SupervisorServer
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None):
+    return Heartbeat(rank=rank, local_rank=rank, node=node, pid=pid, world_size=world, step=step,
+                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0)
+
+
+def test_hang_is_no_progress_or_no_heartbeat_for_the_timeout():
+    clock = Clock()
+    m = JobMonitor(10, clock)
+    m.observe(hb(0, 100, step=1))
+    m.observe(hb(1, 101, step=1))
+    clock.t += 6
+    m.observe(hb(0, 100, step=2))  # rank 0 progresses; rank 1 goes silent
+    clock.t += 5
+    assert [s.hb.rank for s in m.hung()] == [1]
+    m.observe(hb(1, 101, step=1))  # heartbeats again, but still no progress
+    assert [s.hb.rank for s in m.hung()] == [1]
+    m.observe(hb(1, 101, step=3))
+    assert m.hung() == []
+
+
+def test_new_pid_is_a_restart_and_ordered_exits_are_not():
+    m = JobMonitor(10, Clock())
+    assert not m.observe(hb(0, 100))
+    assert m.observe(hb(0, 200))
+    assert m.crashes_seen == 1
+    doomed = m.order_restart()
+    assert [s.hb.pid for s in doomed] == [200]
+    assert m.should_exit(200) and not m.should_exit(300)
+    assert not m.observe(hb(0, 200))  # the doomed process is ignored
+    assert not m.observe(hb(0, 300))  # its replacement is not counted as a crash
+    assert m.generation == 1
+
+
+def test_commits_and_world_size_changes():
+    m = JobMonitor(10, Clock())
+    m.observe(hb(0, 1, committed=4))
+    m.observe(hb(1, 2, committed=8))
+    assert m.last_committed_step == 8 and m.world_size() == 2
+    m.observe(hb(0, 3, world=1, committed=8))
+    assert set(m.ranks) == {0}
+
+
+def test_token_check():
+    assert token_ok("Bearer s3cret", "s3cret")
+    assert not token_ok("Bearer nope", "s3cret")
+    assert not token_ok(None, "s3cret") and not token_ok("s3cret", "s3cret")
+
+
+@pytest.fixture
+def server():
+    metrics = SupervisorMetrics()
+    monitor = JobMonitor(10)
+    srv = SupervisorServer("127.0.0.1", 0, "tok", monitor, metrics).start()
+    yield srv
+    srv.stop()
+
+
+def _post(url, body, token):
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, json.loads(r.read())
+
+
+def test_server_refuses_and_counts_unauthenticated_requests(server):
+    url = f"http://127.0.0.1:{server.port}"
+    for token in (None, "wrong"):
+        for path in ("/heartbeat", "/control/restart"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                _post(url + path, hb().to_json(), token)
+            assert e.value.code == 401
+    assert server.metrics.rejected._value.get() == 4
+    assert server.monitor.ranks == {}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(url + "/heartbeat", b"{not json", "tok")
+    assert e.value.code == 400
+    status, answer = _post(url + "/heartbeat", hb().to_json(), "tok")
+    assert status == 200 and answer["action"] == "none"
+    assert 0 in server.monitor.ranks
+
+
+def test_server_relays_exit_orders_and_serves_metrics(server):
+    url = f"http://127.0.0.1:{server.port}"
+    _post(url + "/heartbeat", hb(pid=42).to_json(), "tok")
+    server.monitor.order_restart()
+    assert _post(url + "/heartbeat", hb(pid=42).to_json(), "tok")[1]["action"] == "exit"
+    assert _post(url + "/heartbeat", hb(pid=43).to_json(), "tok")[1]["action"] == "none"
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert "ftdiff_job_restarts_total" in text and "ftdiff_supervisor_rejected_requests_total" in text
+    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+        assert r.status == 200
+
+
+def test_sender_exits_on_order_and_survives_unreachable_supervisor(server):
+    orders = []
+    sender = HeartbeatSender(f"http://127.0.0.1:{server.port}", "tok", 0.05, lambda: hb(pid=7),
+                             on_exit_order=orders.append)
+    sender.send_once()
+    server.monitor.order_restart()
+    sender.send_once()
+    assert orders == [1]
+    dead = HeartbeatSender("http://127.0.0.1:1", "tok", 0.05, lambda: hb(pid=8)).start()
+    import time
+
+    time.sleep(0.3)
+    dead.stop()
+    assert dead.failed >= 2 and dead.sent == 0
+
+
+def test_job_geometry_errors():
+    cfg = load_config(None, ["supervisor.min_nodes=3"])
+    with pytest.raises(UserError, match="min_nodes = 3 is more than --nnodes = 2"):
+        check_job_geometry(cfg, 2, 1)
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        check_job_geometry(load_config(None), 3, 1)
+    check_job_geometry(load_config(None, ["supervisor.min_nodes=1"]), 2, 2)
+
+
+def test_torchrun_command_shape():
+    cmd = torchrun_command(["--config", "x"], 2, 1, "127.0.0.1:5", 3, min_nodes=1, log_dir="/tmp/l")
+    assert "--nnodes=1:2" in cmd and "--max-restarts=3" in cmd and "--rdzv-backend=c10d" in cmd
+    assert cmd[-4:] == ["-m", "service.train", "--config", "x"]
+
+
+def test_failure_report_names_rank_node_and_traceback(tmp_path):
+    err = tmp_path / "node1" / "run_x" / "attempt_0" / "0" / "error.json"
+    err.parent.mkdir(parents=True)
+    err.write_text(json.dumps({"message": {"message": "RuntimeError: injected",
+                                           "extraInfo": {"py_callstack": "Traceback...\nRuntimeError: injected"}}}))
+    m = JobMonitor(10)
+    m.observe(hb(rank=1, pid=5, node="1", committed=4))
+    m.ranks[1].hb.local_rank = 0
+    text = failure_report(str(tmp_path), m, 1, 1)
+    assert "rank 1" in text and "node 1" in text and "RuntimeError: injected" in text
+    assert "last committed step: 4" in text
