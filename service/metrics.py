@@ -7,7 +7,11 @@ step never does network I/O for metrics (Prometheus pulls).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
@@ -57,6 +61,11 @@ class CheckpointMetrics:
 
 class TrainMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.expected_checkpoint_interval = Gauge(
+            "ftdiff_checkpoint_expected_interval_seconds",
+            "checkpoint.every_steps x the recent time per step: how often commits should come",
+            registry=registry,
+        )
         self.step = Gauge("ftdiff_train_step", "Optimizer steps completed", registry=registry)
         self.loss = Gauge("ftdiff_train_loss", "Training loss (global batch mean)", registry=registry)
         self.samples_per_second = Gauge(
@@ -101,16 +110,54 @@ class SupervisorMetrics:
             "ftdiff_supervisor_rejected_requests_total", "Requests refused (bad or missing token, bad body)",
             registry=r,
         )
-        self.last_committed_step = Gauge(
-            "ftdiff_checkpoint_last_committed_step", "Step of the newest committed checkpoint", registry=r
-        )
-        self.last_committed_timestamp = Gauge(
-            "ftdiff_checkpoint_last_committed_timestamp_seconds", "Unix time the supervisor first saw that commit",
-            registry=r,
-        )
-        self.train_step = Gauge("ftdiff_train_step", "Highest optimizer step reported by any rank", registry=r)
+        # Worker metrics arrive with the heartbeats and are re-exported with a rank label, so
+        # one scrape of the supervisor covers the whole job.
+        self.relay = WorkerRelay()
+        r.register(self.relay)
         for reason in RESTART_REASONS:
             self.restarts.labels(reason=reason)
         for kind in FAILURE_KINDS:
             self.failures_detected.labels(kind=kind)
         self.state.state("starting")
+
+
+Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    """A registry's current samples as plain data (family, type, help, samples) for a heartbeat."""
+    out: Snapshot = []
+    for family in registry.collect():
+        samples = [(s.name, dict(s.labels), float(s.value)) for s in family.samples
+                   if not s.name.endswith("_created")]
+        out.append((family.name, family.type, family.documentation, samples))
+    return out
+
+
+class WorkerRelay:
+    """A custom collector yielding each rank's latest snapshot with an added ``rank`` label.
+
+    Counter resets when a worker restarts are fine: Prometheus' rate() and increase() handle them.
+    """
+
+    def __init__(self) -> None:
+        self._by_rank: dict[int, Snapshot] = {}
+
+    def update(self, rank: int, snap: Snapshot) -> None:
+        self._by_rank[rank] = snap
+
+    def forget(self, keep: Callable[[int], bool]) -> None:
+        for rank in [r for r in self._by_rank if not keep(r)]:
+            del self._by_rank[rank]
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for rank, snap in sorted(self._by_rank.items()):
+            for name, typ, doc, samples in snap:
+                family = families.setdefault(name, Metric(name, doc, typ))
+                for sample_name, labels, value in samples:
+                    family.add_sample(sample_name, {**labels, "rank": str(rank)}, value)
+        yield from families.values()
+
+    def describe(self) -> list[Any]:
+        return []  # dynamic: never checked for name collisions at registration

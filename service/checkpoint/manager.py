@@ -380,6 +380,7 @@ class Checkpointer:
             if self.metrics:
                 self.metrics.load_duration.observe(time.monotonic() - t0)
                 self.metrics.last_committed_step.set(step)
+                self.metrics.last_committed_timestamp.set(manifest.time)
             self.last_committed_step = step
             log.info("resumed from %s (world size %d -> %d)", catalog.storage.url_of(step_dir(step)),
                      manifest.world_size, self.info.world_size)

@@ -83,12 +83,8 @@ class AttachedSupervisor:
         for rank, age in self.monitor.heartbeat_ages().items():
             self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)
         self.metrics.world_size.set(self.monitor.world_size())
-        self.metrics.train_step.set(self.monitor.max_step())
-        if self.monitor.last_committed_step is not None:
-            if self.monitor.last_committed_step != getattr(self, "_metric_commit", None):
-                self._metric_commit = self.monitor.last_committed_step
-                self.metrics.last_committed_step.set(self.monitor.last_committed_step)
-                self.metrics.last_committed_timestamp.set(time.time())
+        world = self.monitor.world_size()
+        self.metrics.relay.forget(lambda rank: rank in self.monitor.ranks or rank < world)
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: object) -> None:

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Heartbeat:
     last_committed_step: int | None
     restart_count: int
     time: float
+    metrics: list = field(default_factory=list)
+    """The worker's metric samples (service.metrics.snapshot), relayed to /metrics."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -51,6 +53,7 @@ class Heartbeat:
             phase=str(body["phase"]),
             last_committed_step=None if body.get("last_committed_step") is None else int(body["last_committed_step"]),
             restart_count=int(body.get("restart_count", 0)), time=float(body["time"]),
+            metrics=list(body.get("metrics", [])),
         )
         if hb.phase not in PHASES:
             raise ValueError(f"unknown phase {hb.phase!r}")

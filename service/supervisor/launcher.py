@@ -252,12 +252,8 @@ class LocalSupervisor:
         for rank, age in self.monitor.heartbeat_ages().items():
             self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)
         self.metrics.world_size.set(self.monitor.world_size())
-        self.metrics.train_step.set(self.monitor.max_step())
-        committed = self.monitor.last_committed_step
-        if committed is not None and committed != getattr(self, "_metric_commit", None):
-            self._metric_commit = committed
-            self.metrics.last_committed_step.set(committed)
-            self.metrics.last_committed_timestamp.set(time.time())
+        world = self.monitor.world_size()
+        self.metrics.relay.forget(lambda rank: rank in self.monitor.ranks or rank < world)
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> int:

@@ -98,6 +98,8 @@ class SupervisorServer:
                 else:
                     if server.monitor.observe(hb):
                         server.on_restart_observed(hb)
+                    if hb.metrics:
+                        server.metrics.relay.update(hb.rank, hb.metrics)
                     answer = {"action": "none", "generation": server.monitor.generation}
                 self._reply(200, json.dumps(answer).encode())
 

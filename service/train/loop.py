@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from service.checkpoint.manager import Checkpointer
 from service.config import Config
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from service.metrics import WorkerMetrics
+from service.metrics import WorkerMetrics, snapshot
 from service.supervisor.heartbeat import Heartbeat, HeartbeatSender
 from service.train import state as keys
 from service.train.data import TrainingSamples, build_loader, build_source, check_batch_geometry
@@ -129,6 +129,7 @@ class Trainer:
             world_size=info.world_size, step=self.train_state.step, phase=self.phase,
             last_committed_step=self.checkpointer.last_committed_step,
             restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), time=time.time(),
+            metrics=snapshot(self.metrics.registry),
         )
 
     # -- signals -----------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class Trainer:
                 global_loss, stop = self._agree(loss)
                 step = self.train_state.step
                 self.loss_history[step] = global_loss
+                self.metrics.train.step.set(step)
                 window_samples += gb
                 if step % self.cfg.train.log_every == 0 or step == total:
                     now = time.monotonic()
@@ -242,6 +244,8 @@ class Trainer:
         self.metrics.train.step.set(step)
         self.metrics.train.loss.set(loss)
         self.metrics.train.samples_per_second.set(rate)
+        gb = self.cfg.train.global_batch_size
+        self.metrics.train.expected_checkpoint_interval.set(self.cfg.checkpoint.every_steps * gb / max(rate, 1e-9))
         progress.log(step, loss, lr, rate)
 
     def _finish(self) -> int:

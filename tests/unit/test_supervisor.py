@@ -158,3 +158,23 @@ def test_failure_report_names_rank_node_and_traceback(tmp_path):
     text = failure_report(str(tmp_path), m, 1, 1)
     assert "rank 1" in text and "node 1" in text and "RuntimeError: injected" in text
     assert "last committed step: 4" in text
+
+
+def test_worker_metrics_are_relayed_with_a_rank_label(server):
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import WorkerMetrics, snapshot
+
+    worker = WorkerMetrics(CollectorRegistry())
+    worker.checkpoint.failures.labels(stage="write").inc(2)
+    worker.checkpoint.save_duration.labels(phase="stall").observe(0.01)
+    worker.train.step.set(17)
+    beat = hb(rank=1, pid=9)
+    beat.metrics = snapshot(worker.registry)
+    url = f"http://127.0.0.1:{server.port}"
+    _post(url + "/heartbeat", beat.to_json(), "tok")
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'ftdiff_checkpoint_failures_total{rank="1",stage="write"} 2.0' in text
+    assert 'ftdiff_train_step{rank="1"} 17.0' in text
+    assert 'ftdiff_checkpoint_save_duration_seconds_count{phase="stall",rank="1"} 1.0' in text
