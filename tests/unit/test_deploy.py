@@ -1,0 +1,164 @@
+"""The Docker, compose and Kubernetes recipes are linted, schema-checked and cross-checked
+against the project's own CLI and config validation — no engine or cluster exists here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO
+from tests.kustomize_lite import referenced_files, render
+
+K8S = REPO / "deploy" / "k8s"
+DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"]
+CORE_API = ("v1", "apps/v1", "batch/v1")
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or (str(Path(sys.executable).parent / name)
+                                   if (Path(sys.executable).parent / name).exists() else None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing: it is a test extra in pyproject.toml")
+        pytest.skip(f"{name} not installed")
+    return found
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile):
+    res = run([tool("hadolint"), str(dockerfile)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_yamllint_everything():
+    files = [str(p) for p in [*REPO.glob("deploy/**/*.y*ml"), *REPO.glob("docker/*.y*ml")]]
+    res = run([tool("yamllint"), "-c", str(REPO / ".yamllint"), "--strict", *files])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/cpu", "overlays/gpu"])
+def test_rendered_manifests_pass_strict_schema_validation(overlay, tmp_path):
+    docs = render(K8S / overlay)
+    core = [d for d in docs if d["apiVersion"] in CORE_API]
+    assert {d["kind"] for d in core} >= {"Job", "Service", "Deployment", "Secret", "ConfigMap"}
+    out = tmp_path / "rendered.yaml"
+    out.write_text(yaml.safe_dump_all(core))
+    res = run([tool("kubernetes-validate"), "--strict", "--quiet", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    crds = {d["kind"] for d in docs if d["apiVersion"] not in CORE_API}
+    assert crds == {"ServiceMonitor", "PrometheusRule"}
+
+
+def test_prometheusrule_is_rendered_from_the_tested_rules():
+    sys.path.insert(0, str(K8S))
+    try:
+        import render_prometheusrule
+    finally:
+        sys.path.pop(0)
+    assert (K8S / "base" / "prometheusrule.yaml").read_text() == render_prometheusrule.render()
+
+
+def test_every_referenced_file_exists():
+    for overlay in ("base", "overlays/cpu", "overlays/gpu"):
+        for path in referenced_files(K8S / overlay):
+            assert path.exists(), path
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    for name, svc in compose["services"].items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (REPO / "docker" / source).resolve().exists(), (name, source)
+        if "build" in svc:
+            context = (REPO / "docker" / svc["build"]["context"]).resolve()
+            assert (context / svc["build"]["dockerfile"]).exists()
+    for dockerfile in DOCKERFILES:
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (REPO / source).exists(), (dockerfile.name, source)
+    prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.compose.yml").read_text())
+    assert prom["rule_files"] == ["/etc/prometheus/ftdiff.rules.yml"]
+
+
+def _ftdiff_args(command: list[str]) -> list[str]:
+    return command[1:] if command and command[0] == "ftdiff" else command
+
+
+def test_commands_are_real_subcommands_with_valid_flags():
+    from torch.distributed.run import get_args_parser
+
+    from service.cli import build_parser
+    from service.train.entry import build_parser as worker_parser
+
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    ftdiff_commands = [compose["services"]["trainer"]["command"]]
+    torchrun_commands = []
+    for overlay in ("base", "overlays/cpu", "overlays/gpu"):
+        for doc in render(K8S / overlay):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []):
+                (torchrun_commands if c["command"][0] == "torchrun" else ftdiff_commands).append(c["command"])
+    kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
+    worker = kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    torchrun_commands.append(worker["command"])
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert 'ENTRYPOINT ["ftdiff"]' in text
+        ftdiff_commands.append(["ftdiff", *yaml.safe_load(re.search(r"^CMD (.*)$", text, re.M).group(1))])
+
+    parser = build_parser()
+    for cmd in ftdiff_commands:
+        args = parser.parse_args(_ftdiff_args(cmd))  # SystemExit on a bad flag
+        assert args.command in ("train", "supervise")
+    for cmd in torchrun_commands:
+        targs = get_args_parser().parse_args(cmd[1:])
+        assert targs.module and targs.training_script == "service.train"
+        worker_parser().parse_args(targs.training_script_args)
+
+
+def test_shipped_configs_pass_validation():
+    from service.config import load_config
+
+    k8s = load_config(K8S / "base" / "ftdiff.toml")
+    assert k8s.supervisor.url and k8s.metrics.host == "0.0.0.0"
+    compose = load_config(REPO / "configs" / "compose.toml")
+    assert compose.checkpoint.url.startswith("s3://")
+    # the overrides in the CPU overlay must be valid too
+    load_config(K8S / "base" / "ftdiff.toml", ['model.preset="small"', "train.global_batch_size=64"])
+
+
+def test_crd_manifests_have_the_expected_shape():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(K8S / "base")}
+    monitor = docs[("ServiceMonitor", "ftdiff")]
+    service = docs[("Service", "ftdiff-supervisor")]
+    assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
+    policy = kubeflow["spec"]["elasticPolicy"]
+    assert policy["rdzvBackend"] == "c10d" and policy["minReplicas"] <= policy["maxReplicas"]
+
+
+def test_promtool_checks_compose_prometheus_config(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool missing: .ci/run installs prometheus")
+        pytest.skip("promtool not installed")
+    # The compose file mounts the rules at /etc/prometheus; check it with the rules beside it.
+    text = (REPO / "deploy" / "prometheus" / "prometheus.compose.yml").read_text()
+    (tmp_path / "prometheus.yml").write_text(text.replace("/etc/prometheus/ftdiff.rules.yml", "ftdiff.rules.yml"))
+    shutil.copy(REPO / "deploy" / "prometheus" / "ftdiff.rules.yml", tmp_path / "ftdiff.rules.yml")
+    res = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
