@@ -77,8 +77,8 @@ class AttachedSupervisor:
             self.metrics.failures_detected.labels(kind="hang").inc()
             self.metrics.restarts.labels(reason="hang").inc()
             self._count_failure()
-            self.monitor.order_restart()
-        elif hung and self.metrics is not None:
+            self.monitor.order_restart(stuck=hung)
+        elif hung:
             self.metrics.state.state("failed")
         for rank, age in self.monitor.heartbeat_ages().items():
             self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -76,7 +77,7 @@ class HeartbeatSender:
         token: str,
         interval_s: float,
         status: Callable[[], Heartbeat],
-        on_exit_order: Callable[[int], None] | None = None,
+        on_exit_order: Callable[[int, list[int]], None] | None = None,
         on_stop_order: Callable[[], None] | None = None,
     ):
         self.url = url.rstrip("/") + "/heartbeat"
@@ -106,7 +107,8 @@ class HeartbeatSender:
         self.sent += 1
         action = answer.get("action")
         if action == "exit":  # addressed to this very process (by pid)
-            self.on_exit_order(int(answer.get("generation", 0)))
+            kill = [int(p) for p in answer.get("kill", [])]
+            self.on_exit_order(int(answer.get("generation", 0)), kill)
         elif action == "stop":  # preemption relayed by the supervisor: checkpoint, then exit
             self.on_stop_order()
 
@@ -121,8 +123,16 @@ class HeartbeatSender:
             self._stop.wait(self.interval_s)
 
 
-def _exit_for_restart(generation: int) -> None:
+def _exit_for_restart(generation: int, kill: list[int]) -> None:
     log.error("supervisor ordered a restart (generation %d): exiting so torchrun restarts us", generation)
+    # Stuck peers on this node (named by the authenticated supervisor) cannot leave by
+    # themselves; without this, torchrun would wait out its grace period before killing them.
+    for pid in kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            log.error("ended stuck peer process %d on this node", pid)
+        except (ProcessLookupError, PermissionError):
+            pass
     logging.shutdown()
     # os._exit: the main thread may be stuck in a collective; only a hard exit gets out.
     os._exit(EXIT_RESTART_ORDERED)

@@ -45,9 +45,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 def torchrun_command(
     cfg_args: list[str], nnodes: int, nproc_per_node: int, rdzv_endpoint: str, max_restarts: int,
     min_nodes: int | None = None, run_id: str = "ftdiff", log_dir: str | None = None,
+    rdzv_conf: str | None = None,
 ) -> list[str]:
     """The torchrun invocation of one agent; the worker is ``-m service.train``."""
     node_range = f"{min_nodes}:{nnodes}" if min_nodes and min_nodes < nnodes else str(nnodes)
+    extra = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={node_range}",
@@ -57,6 +59,7 @@ def torchrun_command(
         f"--rdzv-id={run_id}",
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.5",
+        *extra,
     ]
     if log_dir:
         cmd.append(f"--log-dir={log_dir}")
@@ -112,7 +115,10 @@ class LocalSupervisor:
                 ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
             )
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
-        self.rdzv = f"127.0.0.1:{free_port()}"
+        # The supervisor hosts the rendezvous store itself: if an agent hosted it, losing that
+        # agent's node would take the rendezvous down with it and strand every survivor.
+        self.rdzv_store = _rendezvous_store()
+        self.rdzv = f"127.0.0.1:{self.rdzv_store.port}"
         self.run_id = f"{cfg.run.name}-{os.getpid()}"
         self.cmd_args = worker_args(config, overrides, log_format)
         self.agents: dict[int, Agent] = {}
@@ -133,6 +139,8 @@ class LocalSupervisor:
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
             self.cfg.supervisor.min_nodes, self.run_id, os.path.join(self.log_dir, f"node{node}"),
+            # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives.
+            rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3",
         )
         self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env))
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
@@ -220,8 +228,11 @@ class LocalSupervisor:
                 return self._give_up(node, code)
             self.relaunches += 1
             self.metrics.restarts.labels(reason="lost_node" if lost else "job_failed").inc()
-            # Orphaned workers of a lost agent would hold the old rendezvous: end them.
+            # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
+            # survivors must restart too (their group is broken): order them out now, which
+            # also keeps their disappearance from being counted as separate crashes.
             self._kill_workers(lambda s, n=node: s.hb.node == str(n))
+            self.monitor.order_restart()
             delay = self._backoff_s()
             if delay:
                 self.metrics.state.state("backoff")
@@ -302,6 +313,16 @@ class LocalSupervisor:
         log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self._stop_signal)
         self._stop_agents(signal.SIGTERM, timeout=self.cfg.checkpoint.grace_s + 30)
         return EXIT_PREEMPTED
+
+
+def _rendezvous_store():  # type: ignore[no-untyped-def]
+    """A TCPStore on a free loopback port that outlives any agent (torchrun's c10d backend)."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=60))
 
 
 def pid_alive(pid: int) -> bool:

@@ -30,6 +30,7 @@ class JobMonitor:
         self.crashes_seen = 0
         self._lock = threading.Lock()
         self._doomed_pids: set[int] = set()
+        self._stuck_by_node: dict[str, set[int]] = {}
         self.generation = 0
 
     def observe(self, hb: Heartbeat) -> bool:
@@ -71,12 +72,18 @@ class JobMonitor:
         with self._lock:
             return {r: now - s.last_seen for r, s in self.ranks.items()}
 
-    def order_restart(self) -> list[RankState]:
+    def order_restart(self, stuck: list[RankState] | None = None) -> list[RankState]:
         """Mark every known worker process for exit (answered on its next heartbeat) and
-        forget the ranks: the next heartbeats come from the restarted processes."""
+        forget the ranks: the next heartbeats come from the restarted processes.
+
+        ``stuck`` processes cannot act on an order (SIGSTOPped, wedged); their peers on the same
+        node are asked to SIGKILL them on the way out (see ``kill_list``).
+        """
         with self._lock:
             doomed = list(self.ranks.values())
             self._doomed_pids |= {s.hb.pid for s in doomed}
+            for s in stuck or []:
+                self._stuck_by_node.setdefault(s.hb.node, set()).add(s.hb.pid)
             self.ranks.clear()
             self.generation += 1
             return doomed
@@ -84,6 +91,11 @@ class JobMonitor:
     def should_exit(self, pid: int) -> bool:
         with self._lock:
             return pid in self._doomed_pids
+
+    def kill_list(self, node: str, pid: int) -> list[int]:
+        """Stuck processes on ``node`` that the exiting process ``pid`` should end."""
+        with self._lock:
+            return sorted(self._stuck_by_node.get(node, set()) - {pid})
 
     def max_step(self) -> int:
         with self._lock:

@@ -91,7 +91,8 @@ class SupervisorServer:
                     self._refuse(400, f"bad heartbeat: {e}")
                     return
                 if server.monitor.should_exit(hb.pid):
-                    answer = {"action": "exit", "generation": server.monitor.generation}
+                    answer = {"action": "exit", "generation": server.monitor.generation,
+                              "kill": server.monitor.kill_list(hb.node, hb.pid)}
                 elif server.stop_all:
                     server.monitor.observe(hb)
                     answer = {"action": "stop", "generation": server.monitor.generation}

@@ -226,7 +226,7 @@ class Trainer:
 
     def _record_trace(self, batch: dict[str, torch.Tensor]) -> None:
         assert self._trace is not None
-        line = {"step": self.train_state.step, "rank": self.info.rank,
+        line = {"step": self.train_state.step, "rank": self.info.rank, "time": time.time(),
                 "world_size": self.info.world_size, "positions": batch["position"].tolist()}
         with self._trace.open("a") as f:
             f.write(json.dumps(line) + "\n")

@@ -119,11 +119,13 @@ def test_server_relays_exit_orders_and_serves_metrics(server):
 def test_sender_exits_on_order_and_survives_unreachable_supervisor(server):
     orders = []
     sender = HeartbeatSender(f"http://127.0.0.1:{server.port}", "tok", 0.05, lambda: hb(pid=7),
-                             on_exit_order=orders.append)
+                             on_exit_order=lambda gen, kill: orders.append((gen, kill)))
     sender.send_once()
-    server.monitor.order_restart()
+    stuck = hb(rank=1, pid=99)
+    server.monitor.observe(stuck)
+    server.monitor.order_restart(stuck=[server.monitor.ranks[1]])
     sender.send_once()
-    assert orders == [1]
+    assert orders == [(1, [99])]  # same node "0": this worker ends its stuck peer on the way out
     dead = HeartbeatSender("http://127.0.0.1:1", "tok", 0.05, lambda: hb(pid=8)).start()
     import time
 

@@ -1,0 +1,143 @@
+"""Attach mode: `ftdiff supervise` beside a job started with plain torchrun orders restarts
+through the workers' heartbeats, relays a preemption, and refuses strangers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.storage import open_storage
+from service.supervisor import faults
+from tests.conftest import BASELINE_STEPS
+from tests.helpers import (
+    REPO,
+    assert_bitwise_equal,
+    base_env,
+    free_port,
+    set_args,
+    stop,
+    torchrun_cmd,
+    trace_lines,
+    wait_for_port,
+    wait_for_step,
+    weights,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.multiprocess
+TOKEN = "attach-test-token"
+
+
+def start_supervisor(port: int, metrics_port: int) -> subprocess.Popen:
+    args = [f"supervisor.port={port}", f"metrics.port={metrics_port}", "supervisor.hang_timeout_s=4",
+            "supervisor.heartbeat_interval_s=0.5"]
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "supervise", *set_args(args)],
+                            env=base_env({"FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_port(port, 30)
+    return proc
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
+
+
+@pytest.mark.timeout(300)
+def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(baseline, tmp_path):
+    ref_url, _ = baseline
+    port, metrics_port = free_port(), free_port()
+    sup = start_supervisor(port, metrics_port)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    url = tmp_path / "ckpt"
+    job = subprocess.Popen(
+        torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
+                      "train.step_sleep_s=0.3", f'supervisor.url="http://127.0.0.1:{port}"',
+                      "supervisor.heartbeat_interval_s=0.5"], max_restarts=2),
+        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(trace, 5, job)
+        frozen = worker_pids(trace)[1]
+        old_files = set(trace.glob("*.jsonl"))
+        frozen_at = time.time()
+        faults.freeze(frozen)
+        t0 = time.monotonic()
+        while metric(metrics_port, 'ftdiff_job_failures_detected_total{kind="hang"}') < 1:
+            assert time.monotonic() - t0 < 30, "hang not detected"
+            time.sleep(0.2)
+        _, err = job.communicate(timeout=200)
+        assert job.returncode == 0, err[-3000:]
+        # The frozen worker was ended by its peer on the same node, well before torchrun's own
+        # 30 s grace for stopping workers would have run out.
+        new_files = set(trace.glob("*.jsonl")) - old_files
+        first_step_after = min(json.loads(f.read_text().splitlines()[0])["time"] for f in new_files)
+        assert first_step_after - frozen_at < 25, first_step_after - frozen_at
+        assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
+        assert metric(metrics_port, 'ftdiff_job_restarts_total{reason="hang"}') >= 1
+    finally:
+        stop(job)
+        stop(sup)
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_supervisor_is_relayed_as_a_preemption(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    sup = start_supervisor(port, metrics_port)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    url = tmp_path / "ckpt"
+    job = subprocess.Popen(
+        torchrun_cmd(["train.max_steps=300", "checkpoint.every_steps=100", f'checkpoint.url="{url}"',
+                      "train.step_sleep_s=0.1", f'supervisor.url="http://127.0.0.1:{port}"',
+                      "supervisor.heartbeat_interval_s=0.3"]),
+        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(trace, 5, job)
+        sup.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+        last = max(l["step"] for l in trace_lines(trace))
+        catalog = Catalog(open_storage(str(url)))
+        assert catalog.latest()[0] == last, err[-2000:]
+        assert sup.wait(timeout=60) == 0
+    finally:
+        stop(job)
+        stop(sup)
+
+
+@pytest.mark.timeout(60)
+def test_supervise_refuses_wrong_tokens_and_bad_setup(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    sup = start_supervisor(port, metrics_port)
+    try:
+        body = json.dumps({"rank": 0, "local_rank": 0, "node": "0", "pid": 1, "world_size": 1, "step": 0,
+                           "phase": "training", "last_committed_step": None, "restart_count": 0,
+                           "time": 0}).encode()
+        for token in ("wrong", None):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/heartbeat", data=body, method="POST",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=5)
+            assert e.value.code == 401
+        assert metric(metrics_port, "ftdiff_supervisor_rejected_requests_total") == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5) as r:
+            pytest.fail(f"readyz should be 503 with no workers, got {r.status}")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503
+    finally:
+        stop(sup)
+    # No token at all: a clear error, exit 2.
+    res = subprocess.run([sys.executable, "-m", "service.cli", "supervise", "--set", "supervisor.port=0"],
+                         env=base_env({"FTDIFF_TOKEN": ""}), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "token" in res.stderr and "Traceback" not in res.stderr
