@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,3 +157,26 @@ def committed_positions(trace: list[dict], final_step: int) -> list[int]:
         for rank in sorted(by_step[step]):
             out += by_step[step][rank]
     return out
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ftdiff_inprocess(*args: str) -> CliResult:
+    """The real `ftdiff` CLI, called in this process (skips a 5 s interpreter start-up)."""
+    import contextlib
+    import io
+
+    from service.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return CliResult(code, out.getvalue(), err.getvalue())

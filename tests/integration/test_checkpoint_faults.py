@@ -23,6 +23,7 @@ from tests.helpers import (
     REPO,
     assert_bitwise_equal,
     base_env,
+    ftdiff_inprocess,
     losses,
     run,
     set_args,
@@ -150,17 +151,35 @@ def test_world_size_2_1_2_exactly_once_and_close_to_uninterrupted(baseline, tmp_
 
 
 # -- corrupt files: verify exits 1, load falls back ---------------------------------------------
-def ftdiff(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "service.cli", *args], env=env, timeout=60)
+def ftdiff(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """`ftdiff` in this process; the S3 endpoint comes from the s3_server fixture's environment."""
+    return ftdiff_inprocess(*args)
 
 
-@pytest.fixture
-def three_commits_on_s3(s3_bucket, s3_server):
-    url = f"{s3_bucket}/run"
+@pytest.fixture(scope="module")
+def three_commits_template(s3_server):
+    """One real run with commits at steps 2, 4, 6 on S3; each test gets its own copy."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
+    bucket = f"ftdiff-template-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    url = f"s3://{bucket}/run"
     res = run(single_cmd(["train.max_steps=6", "checkpoint.every_steps=2", f'checkpoint.url="{url}"']),
               env=s3_server)
     assert res.returncode == 0, res.stderr[-2000:]
-    return url
+    return fs, f"{bucket}/run"
+
+
+@pytest.fixture
+def three_commits_on_s3(three_commits_template, s3_bucket):
+    fs, template = three_commits_template
+    target = f"{s3_bucket[len('s3://'):]}/run"
+    for path in fs.find(template):
+        fs.copy(path, target + path[len(template):])
+    return f"s3://{target}"
 
 
 def _corrupt(catalog: Catalog, how: str) -> None:

@@ -1,17 +1,10 @@
 """export and sample from a real run's checkpoint."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.helpers import REPO, base_env, weights
-
-
-def ftdiff(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=base_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+from tests.helpers import ftdiff_inprocess as ftdiff
+from tests.helpers import weights
 
 
 @pytest.mark.timeout(120)
