@@ -117,7 +117,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     r["memcpy_s"] = statistics.median(
         timed(lambda: [b.copy_(t) for b, t in zip(bufs, tensors)]) for _ in range(args.repeats)
     )
-    del bufs
 
     # Rank 0 writes the whole state with torch.save.
     def torch_save() -> None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +24,6 @@ from tests.helpers import (
     ftdiff_inprocess,
     losses,
     run,
-    set_args,
     single_cmd,
     stop,
     torchrun_cmd,
