@@ -53,7 +53,7 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
         if i == warmup:
             t0 = time.perf_counter()
         trainer._train_step(batch_data)
-        trainer._agree(torch.tensor(0.0))
+        trainer._agree(torch.tensor(0.0))  # the per-step sync of the real loop
     elapsed = time.perf_counter() - t0
     if rank == 0:
         Path(out).write_text(json.dumps({"samples_per_s": (steps - warmup) * batch * world / elapsed}))

@@ -88,6 +88,11 @@ class CheckpointConfig(_Section):
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     async_: bool = Field(default=True, alias="async")
     """Write in the background; training blocks only for an in-memory snapshot."""
+    when_busy: Literal["wait", "skip"] = "wait"
+    """A save comes due while the previous one is still writing: wait for it, or skip this
+    one (all ranks decide together; counted in ftdiff_checkpoint_saves_skipped_total)."""
+    writer_threads: int = Field(default=1, ge=1, le=32)
+    """Files (and upload streams) per rank per save; more can help on object stores."""
     resume: str = "auto"
     """auto: latest committed under url, if any; never: start fresh; or a checkpoint URL."""
     grace_s: float = Field(default=30.0, gt=0)

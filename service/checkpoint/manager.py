@@ -148,9 +148,23 @@ class Checkpointer:
         self.last_stall_s = 0.0
 
     # -- save --------------------------------------------------------------------------------
-    def maybe_save(self, step: int, samples_seen: int) -> None:
-        if step % self.cfg.checkpoint.every_steps == 0:
-            self.save(step, samples_seen, blocking=not self.cfg.checkpoint.async_)
+    @property
+    def busy(self) -> bool:
+        """A save is still in flight on this rank."""
+        return self._pending is not None and not self._pending.done()
+
+    def maybe_save(self, step: int, samples_seen: int, busy_anywhere: bool = False) -> None:
+        """Save if ``step`` is due. ``busy_anywhere`` must be the same on every rank (the trainer
+        all-reduces ``busy``), so that with ``when_busy = "skip"`` all ranks skip together."""
+        if step % self.cfg.checkpoint.every_steps:
+            return
+        if busy_anywhere and self.cfg.checkpoint.when_busy == "skip":
+            self.skipped += 1
+            if self.metrics:
+                self.metrics.saves_skipped.inc()
+            log.warning("checkpoint: skipping step %d, the previous save is still writing", step)
+            return
+        self.save(step, samples_seen, blocking=not self.cfg.checkpoint.async_)
 
     def save(self, step: int, samples_seen: int, *, blocking: bool) -> bool | None:
         """Save ``step``. Blocking: returns whether it committed. Async: returns None at once;
@@ -254,7 +268,8 @@ class Checkpointer:
                 self.last_committed_step = step
                 return True
             writer = _CrashingWriter(
-                self.storage.fs, self.storage.path(folder), object_store=self.storage.is_object_store
+                self.storage.fs, self.storage.path(folder), object_store=self.storage.is_object_store,
+                thread_count=self.cfg.checkpoint.writer_threads,
             )
             writer.step = step
             dcp.save(state, storage_writer=writer, process_group=self.group.pg)

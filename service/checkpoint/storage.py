@@ -136,13 +136,16 @@ class Storage:
         """Fail fast, with the URL (never a secret) and a hint, if the root cannot be used."""
         try:
             if self.is_object_store:
+                # ls, not exists(): s3fs's exists() answers False for a dead endpoint or a
+                # refused credential too, which would be reported as a missing bucket.
                 bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
+                try:
+                    self.fs.ls(bucket, detail=False)
+                except FileNotFoundError:
                     raise UserError(
                         f"storage URL {self.display_url!r}: bucket {bucket!r} does not exist "
                         "(create it, or fix checkpoint.url)"
-                    )
-                self.fs.ls(bucket, detail=False)
+                    ) from None
             else:
                 self.makedirs()
                 self.fs.ls(self.root, detail=False)

@@ -107,6 +107,7 @@ class LocalSupervisor:
             sup.host, sup.port, self.token, self.monitor, self.metrics,
             on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
             ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
+            known_nodes={str(n) for n in range(nnodes)},
         )
         self.metrics_server = None
         if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.server.port):
@@ -351,6 +352,11 @@ def run_local_job(
     setup_logging("supervisor", log_format)
     cfg = load_config(config, overrides)  # validate before starting anything
     check_job_geometry(cfg, nnodes, nproc_per_node)
+    # Storage mistakes fail here, once, instead of in every worker of every restart.
+    from service.checkpoint.storage import open_storage
+
+    ck = cfg.checkpoint
+    open_storage(ck.url, ck.endpoint_url, ck.region).check_reachable()
     try:
         supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format)
     except OSError as e:

@@ -35,12 +35,14 @@ class SupervisorServer:
         on_restart_observed: Callable[[Heartbeat], None] | None = None,
         on_restart_requested: Callable[[], None] | None = None,
         ready: Callable[[], bool] | None = None,
+        known_nodes: set[str] | None = None,
     ):
         self.token, self.monitor, self.metrics = token, monitor, metrics
         self.on_restart_observed = on_restart_observed or (lambda hb: None)
         self.on_restart_requested = on_restart_requested or (lambda: None)
         self.ready = ready or (lambda: True)
         self.stop_all = False  # attach mode: relay a preemption to every worker
+        self.known_nodes = known_nodes  # local mode: heartbeats from other nodes are refused
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -89,6 +91,9 @@ class SupervisorServer:
                     hb = Heartbeat.from_json(body)
                 except (ValueError, KeyError, TypeError) as e:
                     self._refuse(400, f"bad heartbeat: {e}")
+                    return
+                if server.known_nodes is not None and hb.node not in server.known_nodes:
+                    self._refuse(403, f"unknown node {hb.node!r}")
                     return
                 if server.monitor.should_exit(hb.pid):
                     answer = {"action": "exit", "generation": server.monitor.generation,

@@ -168,7 +168,7 @@ class Trainer:
                 if self._trace is not None:
                     self._record_trace(batch)
                 self._maybe_inject_failure()
-                global_loss, stop = self._agree(loss)
+                global_loss, stop, busy = self._agree(loss)
                 step = self.train_state.step
                 self.loss_history[step] = global_loss
                 self.metrics.train.step.set(step)
@@ -181,7 +181,7 @@ class Trainer:
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
-                self.checkpointer.maybe_save(step, self.train_state.samples_seen)
+                self.checkpointer.maybe_save(step, self.train_state.samples_seen, busy_anywhere=busy)
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()
@@ -231,13 +231,17 @@ class Trainer:
         with self._trace.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """Global mean loss and whether any rank was asked to stop, in one small all-reduce."""
-        packed = torch.stack([loss.float(), torch.tensor(float(self._stop_signal is not None), device=loss.device)])
+    def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
+        """One small all-reduce per step gives every rank the same view of: the global mean
+        loss, whether any rank was asked to stop, and whether any rank's save is still writing."""
+        flags = torch.tensor(
+            [float(self._stop_signal is not None), float(self.checkpointer.busy)], device=loss.device
+        )
+        packed = torch.cat([loss.float().reshape(1), flags])
         if dist.is_initialized():
             dist.all_reduce(packed)
             packed[0] /= self.info.world_size
-        return float(packed[0]), bool(packed[1] > 0)
+        return float(packed[0]), bool(packed[1] > 0), bool(packed[2] > 0)
 
     def _report(self, progress: ProgressReporter, step: int, loss: float, rate: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]

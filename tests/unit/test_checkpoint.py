@@ -315,3 +315,26 @@ def test_local_load_verifies_files(tmp_path):
     shard.write_bytes(bytes(data))
     fresh = Job(str(tmp_path), seed=4)
     assert fresh.ckpt.resume() == 1
+
+
+def test_skip_policy_skips_and_counts(mem_url):
+    job = Job(mem_url, 'checkpoint.when_busy="skip"')
+    job.step()
+    job.ckpt.maybe_save(1, 0, busy_anywhere=True)
+    assert job.ckpt.skipped == 1 and job.metrics.saves_skipped._value.get() == 1
+    assert job.ckpt.catalog.committed_steps() == []
+    job.ckpt.maybe_save(1, 0, busy_anywhere=False)
+    assert job.ckpt.wait() is True
+    wait_job = Job(f"{mem_url}-w")  # default policy: wait, never skip
+    wait_job.step()
+    wait_job.ckpt.maybe_save(1, 0, busy_anywhere=True)
+    assert wait_job.ckpt.wait() is True
+
+
+def test_writer_threads_split_each_rank_into_several_files(mem_url):
+    job = Job(mem_url, "checkpoint.writer_threads=2")
+    job.step()
+    assert job.ckpt.save(1, 0, blocking=True)
+    files = job.ckpt.catalog.manifest(1).files
+    assert len([f for f in files if f.endswith(".distcp")]) == 2
+    assert Job(mem_url, seed=3).ckpt.resume() == 1

@@ -180,3 +180,16 @@ def test_worker_metrics_are_relayed_with_a_rank_label(server):
     assert 'ftdiff_checkpoint_failures_total{rank="1",stage="write"} 2.0' in text
     assert 'ftdiff_train_step{rank="1"} 17.0' in text
     assert 'ftdiff_checkpoint_save_duration_seconds_count{phase="stall",rank="1"} 1.0' in text
+
+
+def test_heartbeats_from_unknown_nodes_are_refused():
+    metrics = SupervisorMetrics()
+    srv = SupervisorServer("127.0.0.1", 0, "tok", JobMonitor(10), metrics, known_nodes={"0", "1"}).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _post(f"http://127.0.0.1:{srv.port}/heartbeat", hb(node="7").to_json(), "tok")
+        assert e.value.code == 403
+        assert metrics.rejected._value.get() == 1 and srv.monitor.ranks == {}
+        assert _post(f"http://127.0.0.1:{srv.port}/heartbeat", hb(node="1").to_json(), "tok")[0] == 200
+    finally:
+        srv.stop()

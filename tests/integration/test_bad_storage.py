@@ -1,0 +1,64 @@
+"""Storage mistakes users make — missing bucket, wrong credentials, dead endpoint — give exit
+code 2 and a message naming the URL, never a secret, and nothing is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, base_env, free_port, run, single_cmd, stop, wait_for_port
+
+SECRET = "sup3r-secret-value-do-not-print"
+
+
+@pytest.fixture(scope="module")
+def strict_s3():
+    """A moto server that checks credentials (no access key is known to it)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=base_env({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def _env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG", "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+
+
+def _check(res: subprocess.CompletedProcess, needle: str) -> None:
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert needle in res.stderr, res.stderr[-2000:]
+    assert SECRET not in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_missing_bucket(s3_server):
+    env = {**s3_server, "AWS_SECRET_ACCESS_KEY": SECRET}
+    res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://no-such-bucket-ftdiff/run"']), env=env)
+    _check(res, "no-such-bucket-ftdiff")
+    assert "does not exist" in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_wrong_credentials(strict_s3):
+    res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://some-bucket/run"']), env=_env(strict_s3))
+    _check(res, "s3://some-bucket/run")
+    assert "access denied" in res.stderr and "credentials" in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_endpoint_fails_fast_in_the_supervisor(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", "--set", 'checkpoint.url="s3://bucket/run"',
+         "--set", "supervisor.port=0", "--set", "metrics.port=0"],
+        env=base_env(_env(dead)), cwd=REPO, capture_output=True, text=True, timeout=100)
+    _check(res, "unreachable")
