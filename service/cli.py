@@ -87,10 +87,10 @@ def cmd_ckpt_show(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
-    from service.checkpoint.manifest import parse_step_dir
+    from service.checkpoint.catalog import split_checkpoint_url
 
-    trimmed = args.url.rstrip("/")
-    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
+    root, step = split_checkpoint_url(args.url)
+    args.url = root
     problems: list[str] = []
     if step is None:
         # A run's root: its latest committed checkpoint, and the pointer that should name it.
@@ -104,7 +104,6 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
         if pointer != step:
             problems.append(f"latest pointer names {pointer!r}, but the newest committed step is {step}")
     else:
-        args.url = trimmed.rsplit("/", 1)[0]
         catalog = _catalog(args)
     problems += catalog.verify(step)
     where = catalog.storage.url_of(f"step-{step:09d}")

@@ -26,6 +26,13 @@ from service.checkpoint.storage import Storage
 log = logging.getLogger(__name__)
 
 
+def split_checkpoint_url(url: str) -> tuple[str, int | None]:
+    """``URL`` (a run's root) or ``URL/step-N`` -> (root, step, or None for "the latest")."""
+    trimmed = url.rstrip("/")
+    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
+    return (trimmed.rsplit("/", 1)[0] if step is not None else trimmed), step
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     step: int

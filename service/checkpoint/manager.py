@@ -31,14 +31,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 import service
-from service.checkpoint.catalog import Catalog
+from service.checkpoint.catalog import Catalog, split_checkpoint_url
 from service.checkpoint.dcp_io import (
     ChecksummingWriter,
     CorruptCheckpointError,
     VerifyingReader,
     verify_local_file,
 )
-from service.checkpoint.manifest import Manifest, ManifestError, parse_step_dir, step_dir
+from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.retention import apply_retention
 from service.checkpoint.storage import Storage, open_storage
 from service.config import Config
@@ -469,9 +469,7 @@ class Checkpointer:
 
 def _catalog_for(url: str, cfg: Config) -> tuple[Catalog, int | None]:
     """A resume URL names a checkpoint root (its latest) or one step folder."""
-    trimmed = url.rstrip("/")
-    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
-    root = trimmed.rsplit("/", 1)[0] if step is not None else trimmed
+    root, step = split_checkpoint_url(url)
     storage = open_storage(root, cfg.checkpoint.endpoint_url, cfg.checkpoint.region)
     return Catalog(storage), step
 

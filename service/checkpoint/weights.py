@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 import torch.distributed.checkpoint as dcp
 
-from service.checkpoint.catalog import Catalog
+from service.checkpoint.catalog import Catalog, split_checkpoint_url
 from service.checkpoint.dcp_io import VerifyingReader
-from service.checkpoint.manifest import Manifest, ManifestError, parse_step_dir, step_dir
+from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.storage import open_storage
 from service.config import Config, config_from_dict
 from service.errors import UserError
@@ -41,9 +41,7 @@ class CheckpointRef:
 
 def resolve(url: str, endpoint_url: str | None = None, region: str | None = None) -> CheckpointRef:
     """``URL`` (a run's root: its latest committed checkpoint) or ``URL/step-N``."""
-    trimmed = url.rstrip("/")
-    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
-    root = trimmed.rsplit("/", 1)[0] if step is not None else trimmed
+    root, step = split_checkpoint_url(url)
     catalog = Catalog(open_storage(root, endpoint_url, region))
     if step is not None:
         try:

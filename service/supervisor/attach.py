@@ -19,6 +19,7 @@ import time
 from service.config import Config
 from service.errors import EXIT_OK, UserError
 from service.metrics import SupervisorMetrics
+from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.server import SupervisorServer
 
@@ -39,9 +40,7 @@ class AttachedSupervisor:
         if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.server.port):
             self.metrics_server = SupervisorServer(cfg.metrics.host, cfg.metrics.port, token,
                                                    self.monitor, self.metrics, ready=ready)
-        self.orders = 0
-        self.failures_since_commit = 0
-        self._commit_seen: int | None = None
+        self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self._stop_signal: int | None = None
         self._order_pending = False
 
@@ -49,21 +48,15 @@ class AttachedSupervisor:
         if self._stop_signal is not None:
             return
         log.warning("rank %d (node %s) restarted with pid %d", hb.rank, hb.node, hb.pid)
-        self.metrics.failures_detected.labels(kind="worker_crash").inc()
-        self.metrics.restarts.labels(reason="worker_crash").inc()
-        self._count_failure()
+        self.ledger.record("worker_crash", "worker_crash")
 
     def _order_restart_now(self) -> None:
         self._order_pending = True
 
-    def _count_failure(self) -> None:
-        if self.monitor.last_committed_step != self._commit_seen:
-            self._commit_seen = self.monitor.last_committed_step
-            self.failures_since_commit = 0
-        self.failures_since_commit += 1
-
     def _gave_up(self) -> bool:
-        return self.failures_since_commit > self.cfg.supervisor.max_restarts
+        """Past max_restarts failures without a new commit, stop ordering restarts (the
+        JobCrashLooping alert and the state say so); a person has to look."""
+        return self.ledger.failures_since_commit > self.cfg.supervisor.max_restarts
 
     def tick(self) -> None:
         if self._order_pending:
@@ -74,17 +67,11 @@ class AttachedSupervisor:
         if hung and not self._gave_up():
             desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
             log.error("hang detected on %s: ordering a restart through the workers", desc)
-            self.metrics.failures_detected.labels(kind="hang").inc()
-            self.metrics.restarts.labels(reason="hang").inc()
-            self._count_failure()
+            self.ledger.record("hang", "hang")
             self.monitor.order_restart(stuck=hung)
         elif hung:
             self.metrics.state.state("failed")
-        for rank, age in self.monitor.heartbeat_ages().items():
-            self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)
-        self.metrics.world_size.set(self.monitor.world_size())
-        world = self.monitor.world_size()
-        self.metrics.relay.forget(lambda rank: rank in self.monitor.ranks or rank < world)
+        publish(self.monitor, self.metrics)
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: object) -> None:

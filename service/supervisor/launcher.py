@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from service.metrics import SupervisorMetrics
+from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
 from service.supervisor.server import SupervisorServer
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
 # (see service.train.distributed._restart_safe_store).
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-MAX_BACKOFF_S = 30.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,8 +124,7 @@ class LocalSupervisor:
         self.cmd_args = worker_args(config, overrides, log_format)
         self.agents: dict[int, Agent] = {}
         self.relaunches = 0
-        self.failures_since_commit = 0
-        self.committed_at_last_failure: int | None = None
+        self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self._stop_signal: int | None = None
         self._restart_request = False
 
@@ -168,23 +167,10 @@ class LocalSupervisor:
     # -- events ---------------------------------------------------------------------------------
     def _restart_observed(self, hb) -> None:  # type: ignore[no-untyped-def]
         log.warning("rank %d (node %s) restarted with pid %d: worker crash", hb.rank, hb.node, hb.pid)
-        self.metrics.failures_detected.labels(kind="worker_crash").inc()
-        self.metrics.restarts.labels(reason="worker_crash").inc()
-        self._count_failure()
+        self.ledger.record("worker_crash", "worker_crash")
 
     def _restart_requested(self) -> None:
         self._restart_request = True
-
-    def _count_failure(self) -> None:
-        committed = self.monitor.last_committed_step
-        if committed != self.committed_at_last_failure:
-            self.failures_since_commit = 0
-            self.committed_at_last_failure = committed
-        self.failures_since_commit += 1
-
-    def _backoff_s(self) -> float:
-        extra = self.failures_since_commit - self.cfg.supervisor.crash_loop_failures
-        return 0.0 if extra < 0 else min(MAX_BACKOFF_S, 2.0 ** extra)
 
     def _handle_hang(self) -> None:
         hung = []
@@ -196,17 +182,13 @@ class LocalSupervisor:
             if self.monitor.forget(state.hb.rank) is not None:
                 log.warning("rank %d (node %s, pid %d) is gone: worker crash",
                             state.hb.rank, state.hb.node, state.hb.pid)
-                self.metrics.failures_detected.labels(kind="worker_crash").inc()
-                self.metrics.restarts.labels(reason="worker_crash").inc()
-                self._count_failure()
+                self.ledger.record("worker_crash", "worker_crash")
         if not hung:
             return
         desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in hung)
         log.error("hang detected: no progress for %.0fs on %s; restarting the job",
                   self.cfg.supervisor.hang_timeout_s, desc)
-        self.metrics.failures_detected.labels(kind="hang").inc()
-        self.metrics.restarts.labels(reason="hang").inc()
-        self._count_failure()
+        self.ledger.record("hang", "hang")
         for s in hung:  # a stopped or stuck process cannot act on an order: kill it
             _kill(s.hb.pid)
         # The others leave on their next heartbeat instead of waiting out torchrun's grace.
@@ -223,22 +205,21 @@ class LocalSupervisor:
             lost = code < 0  # killed by a signal: the node is gone, not the program
             kind = "lost_node" if lost else "agent_failed"
             log.error("node %d: torchrun agent exited with %s (%s)", node, code, kind)
-            self.metrics.failures_detected.labels(kind=kind).inc()
-            self._count_failure()
             if self.relaunches >= self.cfg.supervisor.max_restarts:
+                self.ledger.record(kind)
                 return self._give_up(node, code)
             self.relaunches += 1
-            self.metrics.restarts.labels(reason="lost_node" if lost else "job_failed").inc()
+            self.ledger.record(kind, "lost_node" if lost else "job_failed")
             # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
             # survivors must restart too (their group is broken): order them out now, which
             # also keeps their disappearance from being counted as separate crashes.
             self._kill_workers(lambda s, n=node: s.hb.node == str(n))
             self.monitor.order_restart()
-            delay = self._backoff_s()
+            delay = self.ledger.backoff_s()
             if delay:
                 self.metrics.state.state("backoff")
                 log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
-                            self.failures_since_commit, delay)
+                            self.ledger.failures_since_commit, delay)
                 if self._sleep(delay):
                     return None
             self.metrics.state.state("restarting")
@@ -259,13 +240,6 @@ class LocalSupervisor:
         while time.monotonic() < deadline and self._stop_signal is None:
             time.sleep(0.1)
         return self._stop_signal is not None
-
-    def _update_metrics(self) -> None:
-        for rank, age in self.monitor.heartbeat_ages().items():
-            self.metrics.heartbeat_age.labels(rank=str(rank)).set(age)
-        self.metrics.world_size.set(self.monitor.world_size())
-        world = self.monitor.world_size()
-        self.metrics.relay.forget(lambda rank: rank in self.monitor.ranks or rank < world)
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -296,7 +270,7 @@ class LocalSupervisor:
                     self.metrics.restarts.labels(reason="ordered").inc()
                     self.monitor.order_restart()
                 self._handle_hang()
-                self._update_metrics()
+                publish(self.monitor, self.metrics)
                 time.sleep(tick)
         finally:
             for s, handler in previous.items():

@@ -193,3 +193,22 @@ def test_heartbeats_from_unknown_nodes_are_refused():
         assert _post(f"http://127.0.0.1:{srv.port}/heartbeat", hb(node="1").to_json(), "tok")[0] == 200
     finally:
         srv.stop()
+
+
+def test_failure_ledger_backoff_resets_on_new_commits():
+    from service.supervisor.ledger import FailureLedger
+
+    m = JobMonitor(10, Clock())
+    metrics = SupervisorMetrics()
+    ledger = FailureLedger(m, metrics, crash_loop_failures=2)
+    delays = []
+    for _ in range(5):
+        ledger.record("worker_crash", "worker_crash")
+        delays.append(ledger.backoff_s())
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0]
+    m.observe(hb(committed=10))  # progress: the loop is broken
+    ledger.record("hang", "hang")
+    assert ledger.failures_since_commit == 1 and ledger.backoff_s() == 0.0
+    for _ in range(20):
+        ledger.record("hang")
+    assert ledger.backoff_s() == 30.0

@@ -1,0 +1,43 @@
+"""What both supervisors (local and attach mode) keep: the failure count since the last new
+commit (crash-loop detection and backoff), the failure/restart metrics, and the periodic
+publication of heartbeat-derived metrics."""
+
+from __future__ import annotations
+
+from service.metrics import SupervisorMetrics
+from service.supervisor.monitor import JobMonitor
+
+MAX_BACKOFF_S = 30.0
+
+
+class FailureLedger:
+    def __init__(self, monitor: JobMonitor, metrics: SupervisorMetrics, crash_loop_failures: int):
+        self.monitor, self.metrics = monitor, metrics
+        self.crash_loop_failures = crash_loop_failures
+        self.failures_since_commit = 0
+        self._commit_at_last_failure: int | None = None
+
+    def record(self, kind: str, restart_reason: str | None = None) -> None:
+        """A failure was detected (and, if ``restart_reason``, a restart follows from it)."""
+        self.metrics.failures_detected.labels(kind=kind).inc()
+        if restart_reason:
+            self.metrics.restarts.labels(reason=restart_reason).inc()
+        committed = self.monitor.last_committed_step
+        if committed != self._commit_at_last_failure:  # progress since the last failure
+            self.failures_since_commit = 0
+            self._commit_at_last_failure = committed
+        self.failures_since_commit += 1
+
+    def backoff_s(self) -> float:
+        """0 until ``crash_loop_failures`` failures without a new commit, then 1, 2, 4 … 30 s."""
+        extra = self.failures_since_commit - self.crash_loop_failures
+        return 0.0 if extra < 0 else min(MAX_BACKOFF_S, 2.0 ** extra)
+
+
+def publish(monitor: JobMonitor, metrics: SupervisorMetrics) -> None:
+    """Heartbeat ages and world size; drop relayed metrics of ranks that no longer exist."""
+    for rank, age in monitor.heartbeat_ages().items():
+        metrics.heartbeat_age.labels(rank=str(rank)).set(age)
+    world = monitor.world_size()
+    metrics.world_size.set(world)
+    metrics.relay.forget(lambda rank: rank in monitor.ranks or rank < world)
