@@ -66,8 +66,13 @@ class AttachedSupervisor:
         hung = self.monitor.hung()
         if hung and not self._gave_up():
             desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
-            log.error("hang detected on %s: ordering a restart through the workers", desc)
-            self.ledger.record("hang", "hang")
+            lost = self.monitor.silent_nodes()
+            if lost:  # every rank of a node went quiet at once: the node (or its link) is gone
+                log.error("lost node(s) %s (%s): ordering a restart through the workers", sorted(lost), desc)
+                self.ledger.record("lost_node", "lost_node")
+            else:
+                log.error("hang detected on %s: ordering a restart through the workers", desc)
+                self.ledger.record("hang", "hang")
             self.monitor.order_restart(stuck=hung)
         elif hung:
             self.metrics.state.state("failed")

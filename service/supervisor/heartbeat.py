@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Exit code of a worker that leaves because the supervisor ordered a restart.
 EXIT_RESTART_ORDERED = 44
-PHASES = ("starting", "loading", "training", "checkpointing", "stopping")
+PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done")
 
 
 @dataclass
@@ -94,8 +94,14 @@ class HeartbeatSender:
         return self
 
     def stop(self) -> None:
+        """Stop the thread, then say goodbye: a final heartbeat (phase "done" when the worker
+        finished) keeps the supervisor from mistaking a normal exit for a hang."""
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
+        try:
+            self.send_once()
+        except (OSError, ValueError, urllib.error.URLError):
+            pass
 
     def send_once(self) -> None:
         request = urllib.request.Request(

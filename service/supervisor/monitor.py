@@ -39,6 +39,11 @@ class JobMonitor:
         with self._lock:
             if hb.pid in self._doomed_pids:
                 return False  # a process told to exit; its replacement will report soon
+            if hb.phase == "done":  # finished and leaving: silence from now on is expected
+                self.ranks.pop(hb.rank, None)
+                if hb.last_committed_step is not None:
+                    self.last_committed_step = max(self.last_committed_step or 0, hb.last_committed_step)
+                return False
             old = self.ranks.get(hb.rank)
             restarted = old is not None and old.hb.pid != hb.pid
             progressed = old is None or restarted or (hb.step, hb.phase) != (old.hb.step, old.hb.phase)
@@ -66,6 +71,19 @@ class JobMonitor:
         """Drop a rank whose process is known to be gone (its replacement reports afresh)."""
         with self._lock:
             return self.ranks.pop(rank, None)
+
+    def silent_nodes(self) -> set[str]:
+        """Nodes whose every rank stopped heartbeating for longer than the hang timeout, in a
+        job of several nodes (attach mode cannot see processes; this is how a lost node or a
+        cut link looks from here)."""
+        now = self.clock()
+        with self._lock:
+            nodes: dict[str, list[bool]] = {}
+            for s in self.ranks.values():
+                nodes.setdefault(s.hb.node, []).append(now - s.last_seen > self.hang_timeout_s)
+            if len(nodes) < 2:
+                return set()
+            return {node for node, silent in nodes.items() if all(silent)}
 
     def heartbeat_ages(self) -> dict[int, float]:
         now = self.clock()

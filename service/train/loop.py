@@ -261,6 +261,7 @@ class Trainer:
             if not ok:
                 raise RuntimeError(f"final checkpoint at step {step} could not be committed")
         log.info("done: step %d committed", step)
+        self.phase = "done"
         return EXIT_OK
 
     def _emergency_stop(self, step: int) -> int:
@@ -274,6 +275,7 @@ class Trainer:
             raise RuntimeError(f"emergency checkpoint at step {step} failed")
         if elapsed > self.cfg.checkpoint.grace_s:
             log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)
+        self.phase = "done"
         return EXIT_PREEMPTED
 
     def close(self) -> None:

@@ -46,6 +46,19 @@ def start_supervisor(port: int, metrics_port: int) -> subprocess.Popen:
     return proc
 
 
+def start_job(tmp_path, port: int, overrides: list[str], max_restarts: int = 0):  # type: ignore[no-untyped-def]
+    """A plain torchrun job whose workers report to the supervisor on ``port``."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    url = tmp_path / "ckpt"
+    job = subprocess.Popen(
+        torchrun_cmd([*overrides, f'checkpoint.url="{url}"', f'supervisor.url="http://127.0.0.1:{port}"'],
+                     max_restarts=max_restarts),
+        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return job, trace, url
+
+
 def metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -57,15 +70,9 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
     ref_url, _ = baseline
     port, metrics_port = free_port(), free_port()
     sup = start_supervisor(port, metrics_port)
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
-    job = subprocess.Popen(
-        torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
-                      "train.step_sleep_s=0.3", f'supervisor.url="http://127.0.0.1:{port}"',
-                      "supervisor.heartbeat_interval_s=0.5"], max_restarts=2),
-        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job, trace, url = start_job(tmp_path, port, [
+        f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", "train.step_sleep_s=0.3",
+        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2)
     try:
         wait_for_step(trace, 5, job)
         frozen = worker_pids(trace)[1]
@@ -94,15 +101,9 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
 def test_sigterm_to_supervisor_is_relayed_as_a_preemption(tmp_path):
     port, metrics_port = free_port(), free_port()
     sup = start_supervisor(port, metrics_port)
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
-    job = subprocess.Popen(
-        torchrun_cmd(["train.max_steps=300", "checkpoint.every_steps=100", f'checkpoint.url="{url}"',
-                      "train.step_sleep_s=0.1", f'supervisor.url="http://127.0.0.1:{port}"',
-                      "supervisor.heartbeat_interval_s=0.3"]),
-        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job, trace, url = start_job(tmp_path, port, [
+        "train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1",
+        "supervisor.heartbeat_interval_s=0.3"])
     try:
         wait_for_step(trace, 5, job)
         sup.send_signal(signal.SIGTERM)

@@ -212,3 +212,26 @@ def test_failure_ledger_backoff_resets_on_new_commits():
     for _ in range(20):
         ledger.record("hang")
     assert ledger.backoff_s() == 30.0
+
+
+def test_a_node_whose_ranks_all_went_quiet_is_silent():
+    clock = Clock()
+    m = JobMonitor(5, clock)
+    m.observe(hb(0, 10, node="a"))
+    m.observe(hb(1, 11, node="b"))
+    clock.t += 6
+    m.observe(hb(0, 10, step=1, node="a"))
+    assert m.silent_nodes() == {"b"}
+    single = JobMonitor(5, clock)
+    single.observe(hb(0, 10, node="a"))
+    clock.t += 6
+    assert single.silent_nodes() == set()  # one node: a hang, not a lost node
+
+
+def test_a_finished_worker_is_not_a_hang():
+    clock = Clock()
+    m = JobMonitor(5, clock)
+    m.observe(hb(0, 10, step=40))
+    m.observe(hb(0, 10, step=40, phase="done", committed=40))
+    clock.t += 60
+    assert m.hung() == [] and m.last_committed_step == 40
