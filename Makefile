@@ -7,8 +7,11 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: run test install install-test clean
 
+# An isolated venv, unless the system Python already has torch (GPU images): then the venv
+# sees it, and the project keeps that CUDA build.
 $(BIN)/python:
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Install torch first where none is importable, so pip never resolves a multi-GB CUDA build.

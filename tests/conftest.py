@@ -56,10 +56,10 @@ BASELINE_STEPS = 12
 @pytest.fixture(scope="session")
 def baseline(tmp_path_factory):
     """An uninterrupted 2-rank tiny run (12 steps, checkpoint every 4): the reference result."""
-    from tests.helpers import losses, run, torchrun_cmd
+    from tests.helpers import losses, run, torchrun_cmd, why
 
     url = str(tmp_path_factory.mktemp("baseline"))
     res = run(torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
                             f'checkpoint.url="{url}"']))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, why(res)
     return url, losses(res.stderr)

@@ -63,6 +63,13 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240)
     return subprocess.run(cmd, env=base_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def why(res: subprocess.CompletedProcess) -> str:
+    """The lines of a failed run worth reading (errors first), then its tail."""
+    keys = ("Error", "error", "terminate", "what():", "Fatal", "Traceback", "exitcode")
+    important = [l for l in res.stderr.splitlines() if any(k in l for k in keys)][-40:]
+    return "\n".join(important) + "\n--- tail ---\n" + res.stderr[-2000:]
+
+
 def losses(stderr: str) -> dict[int, float]:
     """step -> global loss, from the JSON log lines of rank 0."""
     out: dict[int, float] = {}

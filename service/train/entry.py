@@ -39,7 +39,7 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         return EXIT_USAGE
 
     from service.logs import setup_logging
-    from service.train.distributed import cleanup_distributed, init_distributed
+    from service.train.distributed import barrier, cleanup_distributed, init_distributed
 
     # DCP warns on every save/load when running alone (world size 1); that is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -51,7 +51,13 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
 
         trainer = Trainer(cfg, info)
         trainer.install_signal_handlers()
-        return trainer.run()
+        code = trainer.run()
+        trainer.close()
+        trainer = None
+        # Leave together: a rank that tears its process group down while a peer still
+        # talks to it can take that peer down with "connection closed" aborts.
+        barrier()
+        return code
     except UserError as e:
         log.error("%s", e)
         return EXIT_USAGE

@@ -12,7 +12,7 @@ from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
 from service.supervisor import faults
-from tests.helpers import assert_bitwise_equal, run, torchrun_cmd, trace_lines, weights, worker_pids
+from tests.helpers import assert_bitwise_equal, run, torchrun_cmd, trace_lines, weights, why, worker_pids
 from tests.integration.test_supervisor_faults import HANG_TIMEOUT, INTERVAL, Job
 from tests.tcp_proxy import TcpProxy
 
@@ -46,7 +46,7 @@ def _restarted_and_past(job: Job, before: set[int], step: int) -> bool:
 def test_five_fault_kinds_end_bitwise_equal(s3_server, s3_bucket, tmp_path):
     ref = tmp_path / "reference"
     res = run(torchrun_cmd(COMMON + [f'checkpoint.url="{ref}"']))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, why(res)
 
     upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     url = f"{s3_bucket}/campaign"

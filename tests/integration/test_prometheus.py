@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -65,6 +66,20 @@ def test_rules_and_dashboard_use_only_metrics_that_exist():
         assert needed in titles
 
 
+def _wait_ready(port: int, timeout: float = 60) -> None:
+    """Prometheus answers 503 until its storage is up; /-/ready says when."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("prometheus never became ready")
+
+
 def _query(port: int, expr: str) -> float | None:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -104,6 +119,7 @@ def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
     )
     try:
         wait_for_port(prom_port, 30)
+        _wait_ready(prom_port)
         first = _wait_value(prom_port, "max(ftdiff_checkpoint_last_committed_step)", lambda v: v >= 4)
         _wait_value(prom_port, "max(ftdiff_checkpoint_last_committed_step)", lambda v: v > first)
         assert _query(prom_port, 'sum(ftdiff_job_restarts_total{reason="worker_crash"})') == 0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.helpers import (
+    why,
     assert_bitwise_equal,
     losses,
     run,
@@ -32,7 +33,7 @@ def test_two_ranks_train_and_commit_final_step(baseline):
 def test_same_seed_gives_bitwise_identical_weights(baseline, tmp_path):
     url, loss = baseline
     res = run(torchrun_cmd([f"train.max_steps={STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{tmp_path}"']))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, why(res)
     assert_bitwise_equal(weights(url, "model"), weights(str(tmp_path), "model"))
     assert_bitwise_equal(weights(url, "ema"), weights(str(tmp_path), "ema"))
     assert losses(res.stderr) == loss
@@ -42,7 +43,7 @@ def test_same_seed_gives_bitwise_identical_weights(baseline, tmp_path):
 def test_world_size_one_matches_two_within_float_tolerance(baseline, tmp_path):
     url, loss = baseline
     res = run(single_cmd([f"train.max_steps={STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{tmp_path}"']))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, why(res)
     a, b = weights(url, "model"), weights(str(tmp_path), "model")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -58,7 +59,7 @@ def test_loss_falls_on_synthetic_data(tmp_path):
         "train.max_steps=150", "train.global_batch_size=16", "train.lr=1e-3", "train.warmup_steps=10",
         "checkpoint.every_steps=150", f'checkpoint.url="{tmp_path}"', "data.epoch_size=2000",
     ]), timeout=280)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, why(res)
     loss = losses(res.stderr)
     first = sum(loss[s] for s in range(1, 11)) / 10
     last = sum(loss[s] for s in range(131, 151)) / 20
