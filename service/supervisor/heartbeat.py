@@ -98,10 +98,6 @@ class HeartbeatSender:
         finished) keeps the supervisor from mistaking a normal exit for a hang."""
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
-        try:
-            self.send_once()
-        except (OSError, ValueError, urllib.error.URLError):
-            pass
 
     def send_once(self) -> None:
         request = urllib.request.Request(
@@ -127,6 +123,10 @@ class HeartbeatSender:
                 if self.failed in (1, 10, 100):  # say so, without flooding the log
                     log.warning("heartbeat to %s failed (%s); training continues", self.url, e)
             self._stop.wait(self.interval_s)
+        try:  # the goodbye, from this thread too: the training thread never touches the network
+            self.send_once()
+        except (OSError, ValueError, urllib.error.URLError):
+            pass
 
 
 def _exit_for_restart(generation: int, kill: list[int]) -> None:
