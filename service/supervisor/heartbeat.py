@@ -99,7 +99,7 @@ class HeartbeatSender:
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
 
-    def send_once(self) -> None:
+    def send_once(self, obey: bool = True) -> None:
         request = urllib.request.Request(
             self.url, data=self.status().to_json(), method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
@@ -107,7 +107,7 @@ class HeartbeatSender:
         with urllib.request.urlopen(request, timeout=max(0.5, self.interval_s)) as response:
             answer = json.loads(response.read() or b"{}")
         self.sent += 1
-        action = answer.get("action")
+        action = answer.get("action") if obey else None
         if action == "exit":  # addressed to this very process (by pid)
             kill = [int(p) for p in answer.get("kill", [])]
             self.on_exit_order(int(answer.get("generation", 0)), kill)
@@ -124,7 +124,7 @@ class HeartbeatSender:
                     log.warning("heartbeat to %s failed (%s); training continues", self.url, e)
             self._stop.wait(self.interval_s)
         try:  # the goodbye, from this thread too: the training thread never touches the network
-            self.send_once()
+            self.send_once(obey=False)  # the worker is leaving anyway; no order applies now
         except (OSError, ValueError, urllib.error.URLError):
             pass
 
