@@ -103,7 +103,7 @@ def _wait_value(port: int, expr: str, ok, timeout: float = 90) -> float:  # type
 @pytest.mark.timeout(300)
 def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
     prometheus = need("prometheus")
-    job = Job(tmp_path, ["train.max_steps=60", "checkpoint.every_steps=4", "train.step_sleep_s=0.25"])
+    job = Job(tmp_path, ["train.max_steps=36", "checkpoint.every_steps=4", "train.step_sleep_s=0.25"])
     prom_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
