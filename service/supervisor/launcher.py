@@ -139,8 +139,9 @@ class LocalSupervisor:
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
             self.cfg.supervisor.min_nodes, self.run_id, os.path.join(self.log_dir, f"node{node}"),
-            # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives.
-            rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3",
+            # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives;
+            # with a node range, a round closes 2 s after the minimum has joined.
+            rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2",
         )
         self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env))
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
