@@ -66,7 +66,9 @@ class AttachedSupervisor:
         hung = self.monitor.hung()
         if hung and not self._gave_up():
             desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
-            lost = self.monitor.silent_nodes()
+            # A node whose ranks all stopped reporting (for more than two intervals) is gone;
+            # ranks that report but make no progress are hung.
+            lost = self.monitor.silent_nodes(2 * self.cfg.supervisor.heartbeat_interval_s)
             if lost:  # every rank of a node went quiet at once: the node (or its link) is gone
                 log.error("lost node(s) %s (%s): ordering a restart through the workers", sorted(lost), desc)
                 self.ledger.record("lost_node", "lost_node")

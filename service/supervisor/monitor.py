@@ -72,15 +72,15 @@ class JobMonitor:
         with self._lock:
             return self.ranks.pop(rank, None)
 
-    def silent_nodes(self) -> set[str]:
-        """Nodes whose every rank stopped heartbeating for longer than the hang timeout, in a
-        job of several nodes (attach mode cannot see processes; this is how a lost node or a
-        cut link looks from here)."""
+    def silent_nodes(self, silence_s: float) -> set[str]:
+        """Nodes whose every rank has sent no heartbeat for ``silence_s``, in a job of several
+        nodes (attach mode cannot see processes; this is how a lost node or a cut link looks
+        from here — and also a node whose only worker is SIGSTOPped)."""
         now = self.clock()
         with self._lock:
             nodes: dict[str, list[bool]] = {}
             for s in self.ranks.values():
-                nodes.setdefault(s.hb.node, []).append(now - s.last_seen > self.hang_timeout_s)
+                nodes.setdefault(s.hb.node, []).append(now - s.last_seen > silence_s)
             if len(nodes) < 2:
                 return set()
             return {node for node, silent in nodes.items() if all(silent)}

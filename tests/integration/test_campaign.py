@@ -53,7 +53,7 @@ def test_five_fault_kinds_end_bitwise_equal(s3_server, s3_bucket, tmp_path):
     committed_seen: set[int] = set()
     with TcpProxy(upstream) as proxy:
         env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
-        overrides = COMMON + [f'checkpoint.url="{url}"', "train.step_sleep_s=0.25", "supervisor.min_nodes=2"]
+        overrides = COMMON + [f'checkpoint.url="{url}"', "train.step_sleep_s=0.2", "supervisor.min_nodes=2"]
         job = Job(tmp_path / "run1", overrides, nnodes=2, nproc=1, env=env)
         catalog = Catalog(open_storage(url))
 

@@ -139,7 +139,7 @@ def test_world_size_2_1_2_exactly_once_and_close_to_uninterrupted(baseline, tmp_
     env = {"FTDIFF_SAMPLE_TRACE": str(trace)}
     worlds = []
     for nproc, stop_at in ((2, 3), (1, 7), (2, None)):
-        slow = ["train.step_sleep_s=0.3"] if stop_at else []
+        slow = ["train.step_sleep_s=0.2"] if stop_at else []
         cmd = torchrun_cmd(common + slow, nproc=nproc) if nproc > 1 else single_cmd(common + slow)
         proc = popen(cmd, env=env)
         if stop_at is not None:

@@ -1,9 +1,12 @@
 """Real torchrun jobs of the tiny preset on CPU (gloo): determinism, DDP, learning, bad input."""
 
+import sys
+
 import pytest
 import torch
 
 from tests.helpers import (
+    set_args,
     why,
     assert_bitwise_equal,
     losses,
@@ -83,10 +86,11 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, ove
     args = [o.format(empty=empty, file=blocker) for o in overrides]
     if not any(a.startswith("checkpoint.url") for a in args):
         args.append(f'checkpoint.url="{ckpt}"')
-    if "world size 2" in needle:  # only a real 2-rank job can be indivisible by 2
-        res = run(torchrun_cmd(["train.max_steps=2", *args]), timeout=100)
-        assert res.returncode != 0
-        assert needle in res.stderr
+    if "world size 2" in needle:  # a 2-rank job: the launcher refuses before starting anything
+        res = run([sys.executable, "-m", "service.cli", "train", "--nproc-per-node", "2",
+                   "--set", "supervisor.port=0", "--set", "metrics.port=0", *set_args(args)], timeout=100)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert needle in res.stderr and "Traceback" not in res.stderr
     else:
         res = run(single_cmd(["train.max_steps=2", *args]), timeout=100)
         assert res.returncode == 2, res.stderr[-2000:]

@@ -221,11 +221,11 @@ def test_a_node_whose_ranks_all_went_quiet_is_silent():
     m.observe(hb(1, 11, node="b"))
     clock.t += 6
     m.observe(hb(0, 10, step=1, node="a"))
-    assert m.silent_nodes() == {"b"}
+    assert m.silent_nodes(1.0) == {"b"}
     single = JobMonitor(5, clock)
     single.observe(hb(0, 10, node="a"))
     clock.t += 6
-    assert single.silent_nodes() == set()  # one node: a hang, not a lost node
+    assert single.silent_nodes(1.0) == set()  # one node: a hang, not a lost node
 
 
 def test_a_finished_worker_is_not_a_hang():
