@@ -16,10 +16,12 @@ import time
 import uuid
 
 import pytest
+import torch
 
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
-from tests.helpers import REPO, TINY, base_env, set_args, stop, wait_for_step
+from tests.conftest import BASELINE_STEPS
+from tests.helpers import REPO, TINY, base_env, set_args, stop, wait_for_step, weights
 
 pytestmark = pytest.mark.multiprocess
 SUBNET = "10.213.7"  # addresses inside this test's own namespaces only
@@ -70,13 +72,15 @@ def _metric(ns: str, port: int, name: str) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts, tmp_path):
+def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts, baseline, tmp_path):
+    """Also the min-nodes-1 case: the survivor continues alone, with the same global batch, and
+    ends within float tolerance of the fault-free run."""
     (ns_a, ns_b), (veth_a, veth_b) = two_hosts
     trace, url = tmp_path / "trace", tmp_path / "ckpt"
     trace.mkdir()
     sup_port, metrics_port, rdzv_port = 29450, 9400, 29400  # fresh namespaces: nothing else there
-    common = TINY + ["train.max_steps=24", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
-                     "train.step_sleep_s=0.2", "supervisor.hang_timeout_s=4", "supervisor.heartbeat_interval_s=0.5",
+    common = TINY + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
+                     "train.step_sleep_s=0.3", "supervisor.hang_timeout_s=4", "supervisor.heartbeat_interval_s=0.5",
                      f'supervisor.url="http://{SUBNET}.1:{sup_port}"']
     env = {"FTDIFF_TOKEN": TOKEN, "FTDIFF_SAMPLE_TRACE": str(trace)}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
@@ -106,8 +110,11 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts, tmp_path):
         assert agents[0].wait(timeout=200) == 0, (tmp_path / "a.log").read_text()[-3000:]
         catalog = Catalog(open_storage(str(url)))
         step, manifest = catalog.latest()
-        assert step == 24 and manifest.world_size == 1  # finished on the surviving host
+        assert step == BASELINE_STEPS and manifest.world_size == 1  # finished on the surviving host
         assert catalog.verify(step) == []
+        ref, got = weights(baseline[0], "model"), weights(str(url), "model")
+        for k in ref:
+            torch.testing.assert_close(ref[k], got[k], rtol=1e-4, atol=1e-5)
         time.sleep(5)  # > hang_timeout: a worker that finished must not look hung afterwards
         assert _metric(ns_a, metrics_port, 'ftdiff_job_failures_detected_total{kind="hang"}') == 0
     finally:

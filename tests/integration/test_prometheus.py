@@ -126,8 +126,10 @@ def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
         faults.kill9(worker_pids(job.trace)[1])
         _wait_value(prom_port, 'sum(ftdiff_job_restarts_total{reason="worker_crash"})', lambda v: v >= 1)
         assert _query(prom_port, 'max(ftdiff_job_state{ftdiff_job_state="running"})') == 1
-        code, err = job.finish()
-        assert code == 0, err[-3000:]
+        # and the restarted job commits again, seen through the same scrape
+        # (right after the crash the dead ranks' series are gone, so the query may be empty)
+        before = _query(prom_port, "max(ftdiff_checkpoint_last_committed_step)") or first
+        _wait_value(prom_port, "max(ftdiff_checkpoint_last_committed_step)", lambda v: v > before)
     finally:
         stop(job.proc)
         stop(prom)
