@@ -15,13 +15,13 @@ together (DCP gathers the error), is reported, and the next older committed one 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 import service
 from service.checkpoint.catalog import Catalog, split_checkpoint_url
+from service.checkpoint.direct_read import DirectFileReader
 from service.checkpoint.dcp_io import (
     ChecksummingWriter,
     CorruptCheckpointError,
@@ -45,7 +46,7 @@ from service.config import Config
 from service.errors import UserError
 from service.metrics import CheckpointMetrics
 from service.train.distributed import DistInfo, new_gloo_group
-from service.train.state import PER_RANK_KEYS
+from service.train.state import PER_RANK_KEYS, OptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +138,22 @@ class Checkpointer:
         self.catalog = Catalog(self.storage)
         self.group = _Group(info)
         self.last_committed_step: int | None = None
+        # Committed steps this run failed to load (it fell back past them). When training
+        # reaches such a step again, its save replaces the unusable folder instead of taking
+        # "already committed" for an answer.
+        self.unloadable_steps: set[int] = set()
         self.failures = 0
         self.skipped = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
+        # Deletions get their own thread: unlinking hundreds of MB takes long enough that a
+        # snapshot queued behind it would stall training (they are safe to overlap with a
+        # save: retention never touches a folder newer than the newest commit).
+        self._deleter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-retention")
         self._pending: concurrent.futures.Future[bool] | None = None
         self._staging: dict[str, torch.Tensor] = {}
         self._pin = info.device.type == "cuda"
         self._snapshot_done: threading.Event | None = None
+        self._warmed = False
         self._stall_so_far = 0.0
         self.last_stall_s = 0.0
 
@@ -193,6 +203,30 @@ class Checkpointer:
         self._pending = self._executor.submit(self._snapshot_and_write, step, samples_seen, refs, t0)
         return None
 
+    def warm_up(self) -> None:
+        """Allocate the staging buffers in the background, ahead of the first async save.
+
+        Allocating and faulting in the state's size of host memory (pinned, on CUDA: seconds
+        for GBs) would otherwise stall that first save. Call after an optimizer step; cheap to
+        call every step (it acts once). Only shapes are read on the background thread.
+        """
+        if self._warmed or not self.cfg.checkpoint.async_:
+            return
+        if any(isinstance(o, OptimizerState) and not o.optimizer.state for o in self.state.values()):
+            # Asking for the state dict of an optimizer without state would make DCP create it
+            # with a zero-learning-rate step, changing the run; wait for the first real step.
+            return
+        self._warmed = True
+        refs = {key: obj.state_dict() for key, obj in self.state.items()}
+        self._executor.submit(self._allocate_staging, refs)
+
+    def _allocate_staging(self, refs: dict[str, Any]) -> None:
+        try:
+            for key, value in refs.items():
+                self._stage(value, key, copy=False)
+        except CHECKPOINT_ERRORS as e:  # the first save allocates what is missing
+            log.warning("checkpoint: could not pre-allocate staging buffers: %s", _describe(e))
+
     def before_update(self) -> None:
         """Block until an in-flight snapshot has copied the weights (call before optimizer.step).
 
@@ -219,9 +253,10 @@ class Checkpointer:
         return result
 
     def drain(self) -> None:
-        """Wait for the in-flight save and the background work queued behind it (retention)."""
+        """Wait for the in-flight save and all background work (staging warm-up, retention)."""
         self.wait()
         self._executor.submit(lambda: None).result()
+        self._deleter.submit(lambda: None).result()
 
     def _live_state(self) -> dict[str, Any]:
         return {k: v for k, v in self.state.items()}
@@ -241,20 +276,24 @@ class Checkpointer:
             self._snapshot_done.set()
         return self._write(step, samples_seen, snapshot, t0)
 
-    def _stage(self, obj: Any, path: str) -> Any:
-        """Copy tensors into staging buffers allocated once and reused (pinned on CUDA)."""
+    def _stage(self, obj: Any, path: str, copy: bool = True) -> Any:
+        """Copy tensors into staging buffers allocated once and reused (pinned on CUDA).
+        With ``copy=False`` only make sure the buffers exist, their pages faulted in."""
         if isinstance(obj, torch.Tensor):
             buf = self._staging.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=self._pin)
+                if not copy:
+                    buf.zero_()
                 self._staging[path] = buf
-            buf.copy_(obj.detach(), non_blocking=self._pin)
+            if copy:
+                buf.copy_(obj.detach(), non_blocking=self._pin)
             return buf
         if isinstance(obj, dict):
-            return {k: self._stage(v, f"{path}.{k}") for k, v in obj.items()}
+            return {k: self._stage(v, f"{path}.{k}", copy) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._stage(v, f"{path}.{i}") for i, v in enumerate(obj))
-        return copy.deepcopy(obj)
+            return type(obj)(self._stage(v, f"{path}.{i}", copy) for i, v in enumerate(obj))
+        return deepcopy(obj) if copy else None
 
     def _write(self, step: int, samples_seen: int, state: dict[str, Any] | None, t0: float) -> bool:
         """The commit protocol, on every rank. Returns whether ``step`` is now committed."""
@@ -295,17 +334,20 @@ class Checkpointer:
                 self.metrics.save_duration.labels(phase="commit").observe(time.monotonic() - t0)
             log.info("checkpoint: committed %s (%.2fs)", self.storage.url_of(folder), time.monotonic() - t0)
             if self.info.is_main:
-                # Queued behind this save on the same thread: deletions never delay a commit,
-                # and never run concurrently with the next save.
-                self._executor.submit(self._retention)
+                # In the background: deletions never delay a commit or the next snapshot.
+                self._deleter.submit(self._retention)
         return committed
 
     def _prepare_folder(self, step: int) -> bool:
         """Rank 0, before any rank writes: True if ``step`` is already committed (never write
-        into a committed folder); otherwise clear debris of an earlier failed attempt."""
+        into a committed folder); otherwise clear debris of an earlier failed attempt. A
+        committed folder this run could not load is uncommitted first, then replaced."""
         try:
             self.catalog.manifest(step)
-            return True
+            if step not in self.unloadable_steps:
+                return True
+            log.warning("checkpoint: replacing %s, which could not be loaded", step_dir(step))
+            self.catalog.delete(step)  # manifest first: never a half-deleted committed folder
         except ManifestError:
             pass
         self.storage.remove_tree(step_dir(step))
@@ -384,6 +426,7 @@ class Checkpointer:
                 reason = _describe(e)
                 log.error("checkpoint %s is unusable: %s", catalog.storage.url_of(step_dir(step)), reason)
                 tried.append(f"{step_dir(step)}: {reason}")
+                self.unloadable_steps.add(step)
                 if self.metrics:
                     self.metrics.verify_failures.inc()
                     self.metrics.failures.labels(stage="load").inc()
@@ -450,7 +493,7 @@ class Checkpointer:
         checker.start()
         load_error: BaseException | None = None
         try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), process_group=self.group.pg)
+            dcp.load(state, storage_reader=DirectFileReader(folder), process_group=self.group.pg)
         except CHECKPOINT_ERRORS as e:  # a corrupt file may also break deserialisation
             load_error = e
         checker.join()
@@ -465,6 +508,7 @@ class Checkpointer:
             self.drain()
         finally:
             self._executor.shutdown(wait=True)
+            self._deleter.shutdown(wait=True)
 
 
 def _catalog_for(url: str, cfg: Config) -> tuple[Catalog, int | None]:

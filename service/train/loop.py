@@ -182,6 +182,7 @@ class Trainer:
                 if stop:
                     return self._emergency_stop(step)
                 self.checkpointer.maybe_save(step, self.train_state.samples_seen, busy_anywhere=busy)
+                self.checkpointer.warm_up()  # staging buffers ready before the first async save
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()

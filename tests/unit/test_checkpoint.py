@@ -1,6 +1,7 @@
 """The commit protocol, discovery, verification and retention, in one process."""
 
 import json
+import threading
 import uuid
 
 import pytest
@@ -101,6 +102,24 @@ def test_staging_buffers_are_reused(mem_url):
     assert buffers and {k: v.data_ptr() for k, v in job.ckpt._staging.items()} == buffers
 
 
+def test_warm_up_allocates_the_buffers_the_first_save_uses(mem_url):
+    job = Job(mem_url)
+    job.ckpt.warm_up()  # no optimizer step yet: must not touch the optimizer, nor allocate
+    assert not job.opt.state and not job.ckpt._staging
+    job.step()
+    job.ckpt.warm_up()
+    job.ckpt.drain()
+    buffers = {k: v.data_ptr() for k, v in job.ckpt._staging.items()}
+    assert {"model.weight", "optimizer.state.weight.exp_avg", "optimizer.state.bias.exp_avg_sq"} <= set(buffers)
+    expected = job.weights()
+    job.ckpt.save(1, 0, blocking=False)
+    assert job.ckpt.wait() is True
+    assert {k: v.data_ptr() for k, v in job.ckpt._staging.items()} == buffers
+    fresh = Job(mem_url, seed=3)
+    assert fresh.ckpt.resume() == 1
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.weights().items())
+
+
 def _fake_commit(catalog: Catalog, step: int) -> None:
     catalog.storage.fs.pipe_file(catalog.storage.path(step_dir(step), ".metadata"), b"x")
     catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "00000000")}))
@@ -190,6 +209,16 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
         assert torch.equal(v, saved[1][k])
     assert fresh.metrics.verify_failures._value.get() == 1
 
+    # Training goes on from step 1; reaching step 2 again, the save replaces the corrupt
+    # folder (rather than taking "already committed" for an answer) and the result loads.
+    fresh.step()
+    assert fresh.ckpt.save(2, 0, blocking=True)
+    assert fresh.ckpt.catalog.verify(2) == []
+    again = Job(mem_url, seed=5)
+    assert again.ckpt.resume() == 2
+    for k, v in again.weights().items():
+        assert torch.equal(v, fresh.weights()[k])
+
 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     job = Job(mem_url)
@@ -256,6 +285,24 @@ def test_retention_runs_after_commits_and_keeps_newest_when_a_save_fails(mem_url
     assert catalog.latest()[0] == 5
 
 
+def test_slow_deletions_do_not_hold_up_the_next_save(mem_url, monkeypatch):
+    import service.checkpoint.manager as manager
+
+    gate = threading.Event()
+    real_retention = manager.apply_retention
+    monkeypatch.setattr(manager, "apply_retention", lambda *a: gate.wait(30) and real_retention(*a))
+    job = Job(mem_url, "checkpoint.keep_last=2")
+    for _ in range(4):
+        job.step()
+        job.ckpt.save(job.train.step, 0, blocking=False)
+        job.ckpt.before_update()
+        assert job.ckpt.wait() is True  # commits while every deletion is still blocked
+    assert job.ckpt.catalog.committed_steps() == [1, 2, 3, 4]
+    gate.set()
+    job.ckpt.drain()
+    assert job.ckpt.catalog.committed_steps() == [3, 4]
+
+
 def test_failed_deletion_is_retried_later(mem_url, monkeypatch):
     catalog = Catalog(open_storage(mem_url))
     for step in (1, 2, 3):
@@ -284,16 +331,14 @@ def test_storage_errors_name_the_url_not_secrets(tmp_path):
 
 def test_snapshot_copy_overlaps_until_before_update(mem_url, monkeypatch):
     """save() returns before the copy is done; before_update() blocks until it is."""
-    import threading
-
     job = Job(mem_url)
     job.step()
     gate = threading.Event()
     original = job.ckpt._stage
 
-    def slow_stage(obj, path):
+    def slow_stage(*args):
         gate.wait(5)
-        return original(obj, path)
+        return original(*args)
 
     monkeypatch.setattr(job.ckpt, "_stage", slow_stage)
     job.ckpt.save(1, 0, blocking=False)
