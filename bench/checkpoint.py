@@ -4,13 +4,18 @@
 s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as the last line:
 
   stall_s          training blocked per save, ftdiff async, while one forward/backward of the
-                   model runs (the copy overlaps it; training only waits before optimizer.step)
+                   model runs (the copy overlaps it; training only waits before optimizer.step);
+                   steady state; the first save is also reported on its own (first_stall_s):
+                   its buffers were allocated in the background by warm_up()
+  step_overhead_s  how much longer the step that saves takes than a step that does not (on a
+                   CPU-only host the copy shares the cores with the forward/backward, so this is
+                   where the copy's cost shows even when the stall is near zero)
   stall_no_overlap_s  the same with nothing to overlap (save, then at once optimizer.step)
   commit_s         save start -> committed (checksums, manifest, pointer), ftdiff (median)
   load_s           ftdiff verified resume
-  dcp_sync_s       torch.distributed.checkpoint.save
+  dcp_sync_s       torch.distributed.checkpoint.save (median; each paired with an ftdiff save)
   dcp_async_blocking_s / dcp_async_total_s   stock dcp.async_save
-  dcp_load_s       torch.distributed.checkpoint.load
+  dcp_load_s       torch.distributed.checkpoint.load (median; interleaved with load_s)
   torch_save_rank0_s  torch.save of the full state by rank 0 (what HF training scripts do)
   memcpy_s         one in-memory copy of the state
   rss_first_mb / rss_last_mb / rss_growth_mb   peak RSS after the first and the last of N saves
@@ -126,13 +131,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
                 torch.save(state, f)
     r["torch_save_rank0_s"] = timed(torch_save)
 
-    # DCP synchronous save and load.
+    # DCP synchronous save: this one is what the DCP load below reads; more are timed paired
+    # with ftdiff's saves further down, so both see the same state of the disk's write-back.
     dcp_state = {"model": ModelState(model), "optimizer": OptimizerState(model, opt)}
-    r["dcp_sync_s"] = statistics.median(
-        timed(lambda i=i: dcp.save(dcp_state, storage_writer=writer_for(f"{base}/dcp_sync_{i}")))
-        for i in range(args.repeats)
-    )
-    r["dcp_load_s"] = timed(lambda: dcp.load(dcp_state, storage_reader=reader_for(f"{base}/dcp_sync_0")))
+
+    def dcp_sync_save(name: str) -> float:
+        return timed(lambda: dcp.save(dcp_state, storage_writer=writer_for(f"{base}/dcp_sync_{name}")))
+
+    dcp_syncs = [dcp_sync_save("0")]
 
     # Stock DCP async_save: blocking part and total.
     async_pg = dist.new_group(backend="gloo")
@@ -159,29 +165,48 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     def forward_backward() -> None:  # reads the weights, writes only .grad
         model(x).square().mean().backward()
 
-    r["fwd_bwd_s"] = statistics.median(timed(forward_backward) for _ in range(2))
-    stalls, bare_stalls, commits = [], [], []
-    for step in range(1, 2 * args.repeats + 1):
-        overlap = step % 2 == 1
+    ck.warm_up()  # as the trainer does after its first step: staging buffers allocated ahead
+    ck.drain()
+    r["fwd_bwd_s"] = statistics.median(timed(forward_backward) for _ in range(3))
+
+    def save_step(step: int, overlap: bool) -> tuple[float, float, float]:
+        """(stall, step time beyond a plain forward/backward, save -> committed) of one save."""
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, 0, blocking=False)
         if overlap:
             forward_backward()
         ck.before_update()  # where the trainer blocks before optimizer.step()
-        (stalls if overlap else bare_stalls).append(ck.last_stall_s)
+        step_s = time.perf_counter() - t0
         ok = ck.wait()
-        commits.append(time.perf_counter() - t0 - (r["fwd_bwd_s"] if overlap else 0.0))
         assert ok, "ftdiff save did not commit"
-    r["stall_s"] = statistics.median(stalls)
-    r["stall_no_overlap_s"] = statistics.median(bare_stalls)
-    r["commit_s"] = statistics.median(commits)
+        done = time.perf_counter() - t0 - (r["fwd_bwd_s"] if overlap else 0.0)
+        return ck.last_stall_s, step_s - (r["fwd_bwd_s"] if overlap else 0.0), done
+
+    r["first_stall_s"] = save_step(1, True)[0]
+    def paired_save_step(step: int, overlap: bool) -> tuple[float, float, float]:
+        dcp_syncs.append(dcp_sync_save(str(step)))
+        return save_step(step, overlap)
+
+    runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    for i in range(args.repeats):
+        for overlap in (True, False):
+            runs[overlap].append(paired_save_step(2 + 2 * i + overlap, overlap))
+    r["dcp_sync_s"] = statistics.median(dcp_syncs)
+    r["stall_s"] = statistics.median(s for s, _, _ in runs[True])
+    r["step_overhead_s"] = statistics.median(o for _, o, _ in runs[True])
+    r["stall_no_overlap_s"] = statistics.median(s for s, _, _ in runs[False])
+    r["commit_s"] = statistics.median(c for _, _, c in runs[True] + runs[False])
     fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
-    r["load_s"] = timed(fresh.resume)
+    dcp_loads, loads = [], []
+    for _ in range(args.repeats):
+        dcp_loads.append(timed(lambda: dcp.load(dcp_state, storage_reader=reader_for(f"{base}/dcp_sync_0"))))
+        loads.append(timed(fresh.resume))
+    r["dcp_load_s"], r["load_s"] = statistics.median(dcp_loads), statistics.median(loads)
 
     # Peak RSS across many consecutive async saves (retention keeps 2 on storage).
     rss = []
-    for step in range(args.repeats + 1, args.repeats + 1 + args.rss_saves):
+    for step in range(2 * args.repeats + 2, 2 * args.repeats + 2 + args.rss_saves):
         ck.save(step, 0, blocking=False)
         forward_backward()
         ck.before_update()
@@ -220,6 +245,7 @@ def main() -> None:
     r["ratios"] = {
         "stall_vs_dcp_sync": round(r["stall_s"] / r["dcp_sync_s"], 3),
         "stall_vs_memcpy": round(r["stall_s"] / r["memcpy_s"], 3),
+        "step_overhead_vs_memcpy": round(r["step_overhead_s"] / r["memcpy_s"], 3),
         "stall_no_overlap_vs_memcpy": round(r["stall_no_overlap_s"] / r["memcpy_s"], 3),
         "stall_vs_dcp_async_blocking": round(r["stall_s"] / r["dcp_async_blocking_s"], 3),
         "commit_vs_dcp_sync": round(r["commit_s"] / r["dcp_sync_s"], 3),
