@@ -103,6 +103,26 @@ class _HashingFs(_SharedFs):
                 self.entries[os.path.basename(os.fspath(new_path))] = entry
 
 
+@contextmanager
+def _zip_crc32_off() -> Generator[None, None, None]:
+    """Skip the zip CRC-32 that torch.save computes (in software) for every record.
+
+    Our CRC-32C covers every byte of every file and is checked before a load; the zip one is
+    only checked by unzip tools, never by torch.load, and costs more than ours.
+    """
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # a torch without the switch: keep its default
+        yield
+        return
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
+
+
 class ChecksummingWriter(FsspecWriter):
     """FsspecWriter that records (size, crc32c) of every file it writes, by file name."""
 
@@ -117,6 +137,10 @@ class ChecksummingWriter(FsspecWriter):
         )
         self.fs = _HashingFs(fs)
         self.path = path
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        with _zip_crc32_off():
+            return super().write_data(plan, planner)
 
     @property
     def written(self) -> dict[str, FileEntry]:

@@ -101,10 +101,17 @@ class Storage:
             self.fs.pipe_file(target, data)
             return
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.pipe_file(tmp, data)
         if self.protocol in ("file", "local"):
+            # Durable before it becomes visible: the manifest and the pointer are what make a
+            # checkpoint committed, so they must survive a power loss as the shards do.
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, target)  # atomic on POSIX, unlike fs.mv on some versions
+            _fsync_dir(os.path.dirname(target))
         else:
+            self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, target)
 
     def exists(self, rel: str) -> bool:
@@ -163,6 +170,15 @@ class Storage:
                 f"storage URL {self.display_url!r} is unreachable: {type(e).__name__}: "
                 f"{_first_line(e)} (check checkpoint.endpoint_url / AWS_ENDPOINT_URL)"
             ) from None
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _first_line(e: BaseException) -> str:

@@ -383,3 +383,20 @@ def test_writer_threads_split_each_rank_into_several_files(mem_url):
     files = job.ckpt.catalog.manifest(1).files
     assert len([f for f in files if f.endswith(".distcp")]) == 2
     assert Job(mem_url, seed=3).ckpt.resume() == 1
+
+
+def test_writer_skips_zip_crc32_only_while_writing(tmp_path):
+    """torch.save's own zip CRC-32 is skipped for checkpoint files (ours covers every byte),
+    and the process-wide switch is restored afterwards."""
+    from torch.utils.serialization import config
+
+    job = Job(str(tmp_path))
+    job.step()
+    assert config.save.compute_crc32 is True
+    assert job.ckpt.save(1, 0, blocking=True)
+    assert config.save.compute_crc32 is True
+    shard = (tmp_path / step_dir(1) / "__0_0.distcp").read_bytes()
+    # Zip central directory entries ("PK\x01\x02") carry each record's CRC-32 at byte 16.
+    entries = [i for i in range(len(shard) - 4) if shard[i:i + 4] == b"PK\x01\x02"]
+    assert entries and all(shard[i + 16:i + 20] == b"\0\0\0\0" for i in entries)
+    assert Job(str(tmp_path), seed=3).ckpt.resume() == 1
