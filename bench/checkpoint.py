@@ -11,7 +11,10 @@ s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as
                    CPU-only host the copy shares the cores with the forward/backward, so this is
                    where the copy's cost shows even when the stall is near zero)
   stall_no_overlap_s  the same with nothing to overlap (save, then at once optimizer.step)
-  commit_s         save start -> committed (checksums, manifest, pointer), ftdiff (median)
+  commit_s         save start -> committed (checksums, manifest, pointer), ftdiff (median), with
+                   nothing else running, as DCP's sync save is timed; commit_overlapped_s: the
+                   same while a forward/backward shares the cores (its plain time subtracted)
+  samples          the individual dcp_sync_s and commit_s measurements behind the medians
   load_s           ftdiff verified resume
   dcp_sync_s       torch.distributed.checkpoint.save (median; each paired with an ftdiff save)
   dcp_async_blocking_s / dcp_async_total_s   stock dcp.async_save
@@ -21,7 +24,7 @@ s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as
   rss_first_mb / rss_last_mb / rss_growth_mb   peak RSS after the first and the last of N saves
   ratios: stall_vs_dcp_sync, stall_vs_memcpy, commit_vs_dcp_sync, load_vs_dcp_load
 
-Usage: python bench/checkpoint.py --target /tmp/ckbench [--mb 400] [--repeats 3] [--rss-saves 20]
+Usage: python bench/checkpoint.py --target /tmp/ckbench [--mb 400] [--repeats 4] [--rss-saves 20]
 """
 
 from __future__ import annotations
@@ -135,10 +138,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     # with ftdiff's saves further down, so both see the same state of the disk's write-back.
     dcp_state = {"model": ModelState(model), "optimizer": OptimizerState(model, opt)}
 
-    def dcp_sync_save(name: str) -> float:
-        return timed(lambda: dcp.save(dcp_state, storage_writer=writer_for(f"{base}/dcp_sync_{name}")))
+    def dcp_sync_save(name: str, keep: bool = False) -> float:
+        folder = f"{base}/dcp_sync_{name}"
+        took = timed(lambda: dcp.save(dcp_state, storage_writer=writer_for(folder)))
+        if not keep and rank == 0:
+            # Deleted like ftdiff's retention deletes old checkpoints, so that both write into
+            # the same state of the page cache (writing while the kernel must evict is slower).
+            fs_for(folder).remove_tree("")
+        dist.barrier()
+        return took
 
-    dcp_syncs = [dcp_sync_save("0")]
+    dcp_syncs = [dcp_sync_save("0", keep=True)]
 
     # Stock DCP async_save: blocking part and total.
     async_pg = dist.new_group(backend="gloo")
@@ -171,6 +181,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 
     def save_step(step: int, overlap: bool) -> tuple[float, float, float]:
         """(stall, step time beyond a plain forward/backward, save -> committed) of one save."""
+        plain = timed(forward_backward) if overlap else 0.0  # the same step without a save
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, 0, blocking=False)
@@ -180,10 +191,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         step_s = time.perf_counter() - t0
         ok = ck.wait()
         assert ok, "ftdiff save did not commit"
-        done = time.perf_counter() - t0 - (r["fwd_bwd_s"] if overlap else 0.0)
-        return ck.last_stall_s, step_s - (r["fwd_bwd_s"] if overlap else 0.0), done
+        done = time.perf_counter() - t0 - plain
+        ck.drain()  # saves are minutes apart in training: deletions are over before the next
+        return ck.last_stall_s, step_s - plain, done
 
     r["first_stall_s"] = save_step(1, True)[0]
+
     def paired_save_step(step: int, overlap: bool) -> tuple[float, float, float]:
         dcp_syncs.append(dcp_sync_save(str(step)))
         return save_step(step, overlap)
@@ -192,11 +205,18 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     for i in range(args.repeats):
         for overlap in (True, False):
             runs[overlap].append(paired_save_step(2 + 2 * i + overlap, overlap))
-    r["dcp_sync_s"] = statistics.median(dcp_syncs)
+    # The first DCP save (the one the load reads) is the run's first write of this size, like
+    # ftdiff's first save, which is not in commit_s either: it is left out of the median.
+    r["dcp_sync_s"] = statistics.median(dcp_syncs[1:])
     r["stall_s"] = statistics.median(s for s, _, _ in runs[True])
     r["step_overhead_s"] = statistics.median(o for _, o, _ in runs[True])
     r["stall_no_overlap_s"] = statistics.median(s for s, _, _ in runs[False])
-    r["commit_s"] = statistics.median(c for _, _, c in runs[True] + runs[False])
+    # Like DCP's sync save, with nothing else running; the overlapped saves shared the cores
+    # with a forward/backward, so their save -> committed is reported apart.
+    r["commit_s"] = statistics.median(c for _, _, c in runs[False])
+    r["commit_overlapped_s"] = statistics.median(c for _, _, c in runs[True])
+    r["samples"] = {"dcp_sync_s": [round(x, 3) for x in dcp_syncs],
+                    "commit_s": [round(c, 3) for _, _, c in runs[False]]}
     fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
     dcp_loads, loads = [], []
     for _ in range(args.repeats):
@@ -227,7 +247,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=None, help="directory or s3://bucket/prefix (default: a temp dir)")
     p.add_argument("--mb", type=int, default=400)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--rss-saves", type=int, default=20)
     p.add_argument("--batch", type=int, default=16, help="batch of the forward/backward that a save overlaps")
     args = p.parse_args()
