@@ -21,6 +21,7 @@ from typing import Any
 
 import crc32c
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.planner import WriteItemType
 
 from service.checkpoint.manifest import FileEntry
 
@@ -138,7 +139,13 @@ class ChecksummingWriter(FsspecWriter):
         self.fs = _HashingFs(fs)
         self.path = path
 
+    planned_tensors: set[str] | None = None
+
     def write_data(self, plan: Any, planner: Any) -> Any:
+        # This rank's final plan: which tensors DCP assigned to it (the snapshot learns it).
+        self.planned_tensors = {
+            item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO
+        }
         with _zip_crc32_off():
             return super().write_data(plan, planner)
 

@@ -151,6 +151,11 @@ class Checkpointer:
         self._deleter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-retention")
         self._pending: concurrent.futures.Future[bool] | None = None
         self._staging: dict[str, torch.Tensor] = {}
+        # Names of the tensors this rank wrote in its last save (None before the first). DCP
+        # writes each replicated tensor from one rank only, and its plan is deterministic, so
+        # the next save assigns the same share: the snapshot copies (and keeps buffers for)
+        # only that share — 1/world of the replicated state per rank instead of all of it.
+        self._share: set[str] | None = None
         self._pin = info.device.type == "cuda"
         self._snapshot_done: threading.Event | None = None
         self._warmed = False
@@ -278,8 +283,16 @@ class Checkpointer:
 
     def _stage(self, obj: Any, path: str, copy: bool = True) -> Any:
         """Copy tensors into staging buffers allocated once and reused (pinned on CUDA).
-        With ``copy=False`` only make sure the buffers exist, their pages faulted in."""
+        With ``copy=False`` only make sure the buffers exist, their pages faulted in.
+
+        A tensor that another rank writes becomes a data-less placeholder of the same shape
+        and dtype: DCP's plan stays the same on every rank, and should DCP ever ask this rank
+        to write it after all, the save fails (it cannot read a placeholder) instead of
+        writing weights that have moved on since the snapshot.
+        """
         if isinstance(obj, torch.Tensor):
+            if copy and self._share is not None and path not in self._share:
+                return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
             buf = self._staging.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=self._pin)
@@ -311,7 +324,10 @@ class Checkpointer:
                 thread_count=self.cfg.checkpoint.writer_threads,
             )
             writer.step = step
-            dcp.save(state, storage_writer=writer, process_group=self.group.pg)
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.group.pg)
+            finally:
+                self._learn_share(writer.planned_tensors)
             written = self.group.gather_to_all(writer.written)
         except CHECKPOINT_ERRORS as e:
             self._count_failure("write", step, e)
@@ -337,6 +353,13 @@ class Checkpointer:
                 # In the background: deletions never delay a commit or the next snapshot.
                 self._deleter.submit(self._retention)
         return committed
+
+    def _learn_share(self, planned: set[str] | None) -> None:
+        """Remember which tensors DCP had this rank write; drop the buffers of the others."""
+        if planned is None:  # DCP failed before it planned: nothing learnt
+            return
+        self._share = planned
+        self._staging = {k: v for k, v in self._staging.items() if k in planned}
 
     def _prepare_folder(self, step: int) -> bool:
         """Rank 0, before any rank writes: True if ``step`` is already committed (never write
