@@ -239,6 +239,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         r["rss_growth_mb"] = round(rss[-1] - rss[0], 1)
     if rank == 0:
         Path(out_path).write_text(json.dumps(r))
+        fs_for(base).remove_tree("")  # several GB per run: never leave them behind
     dist.barrier()
     dist.destroy_process_group()
 
