@@ -21,7 +21,7 @@ from service.errors import EXIT_OK, UserError
 from service.metrics import SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor
-from service.supervisor.server import SupervisorServer
+from service.supervisor.server import SupervisorEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,10 @@ class AttachedSupervisor:
         self.metrics = SupervisorMetrics()
         self.monitor = JobMonitor(sup.hang_timeout_s)
         ready = lambda: self.monitor.all_fresh(self.monitor.world_size())  # noqa: E731
-        self.server = SupervisorServer(sup.host, sup.port, token, self.monitor, self.metrics,
-                                       on_restart_observed=self._restart_observed,
-                                       on_restart_requested=self._order_restart_now, ready=ready)
-        self.metrics_server = None
-        if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.server.port):
-            self.metrics_server = SupervisorServer(cfg.metrics.host, cfg.metrics.port, token,
-                                                   self.monitor, self.metrics, ready=ready)
+        self.endpoints = SupervisorEndpoints(cfg, token, self.monitor, self.metrics, ready=ready,
+                                             on_restart_observed=self._restart_observed,
+                                             on_restart_requested=self._order_restart_now)
+        self.server = self.endpoints.control
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self._stop_signal: int | None = None
         self._order_pending = False
@@ -86,11 +83,10 @@ class AttachedSupervisor:
 
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, on_signal)
-        self.server.start()
-        if self.metrics_server is not None:
-            self.metrics_server.start()
+        self.endpoints.start()
         self.metrics.state.state("running")
-        log.info("supervising (attach mode) on %s:%d", self.cfg.supervisor.host, self.server.port)
+        log.info("supervising (attach mode) on %s:%d, metrics on %s", self.cfg.supervisor.host,
+                 self.server.port, self.endpoints.metrics_address)
         tick = min(0.5, self.cfg.supervisor.heartbeat_interval_s / 2)
         try:
             while self._stop_signal is None:
@@ -107,9 +103,7 @@ class AttachedSupervisor:
                 time.sleep(tick)
             return EXIT_OK
         finally:
-            self.server.stop()
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
+            self.endpoints.stop()
 
 
 def run_attached(cfg: Config) -> int:

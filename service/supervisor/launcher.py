@@ -27,7 +27,7 @@ from service.metrics import SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
-from service.supervisor.server import SupervisorServer
+from service.supervisor.server import SupervisorEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,13 @@ class LocalSupervisor:
         self.token = sup.token or os.environ.get("FTDIFF_TOKEN") or secrets.token_urlsafe(24)
         self.metrics = SupervisorMetrics()
         self.monitor = JobMonitor(sup.hang_timeout_s)
-        self.server = SupervisorServer(
-            sup.host, sup.port, self.token, self.monitor, self.metrics,
-            on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
+        self.endpoints = SupervisorEndpoints(
+            cfg, self.token, self.monitor, self.metrics,
             ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
+            on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
             known_nodes={str(n) for n in range(nnodes)},
         )
-        self.metrics_server = None
-        if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.server.port):
-            self.metrics_server = SupervisorServer(
-                cfg.metrics.host, cfg.metrics.port, self.token, self.monitor, self.metrics,
-                ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
-            )
+        self.server = self.endpoints.control
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
         # The supervisor hosts the rendezvous store itself: if an agent hosted it, losing that
         # agent's node would take the rendezvous down with it and strand every survivor.
@@ -248,12 +243,9 @@ class LocalSupervisor:
             self._stop_signal = signum
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.server.start()
-        if self.metrics_server is not None:
-            self.metrics_server.start()
-        log.info("supervisor on 127.0.0.1:%d, metrics on %s:%d; rendezvous %s",
-                 self.server.port, self.cfg.metrics.host,
-                 (self.metrics_server or self.server).port, self.rdzv)
+        self.endpoints.start()
+        log.info("supervisor on 127.0.0.1:%d, metrics on %s; rendezvous %s",
+                 self.server.port, self.endpoints.metrics_address, self.rdzv)
         try:
             for node in range(self.nnodes):
                 self._launch(node)
@@ -278,9 +270,7 @@ class LocalSupervisor:
                 signal.signal(s, handler)
             if any(a.proc.poll() is None for a in self.agents.values()):
                 self._stop_agents()
-            self.server.stop()
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
+            self.endpoints.stop()
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _preempt(self) -> int:

@@ -1,9 +1,11 @@
-"""The supervisor's HTTP endpoint: heartbeats in, restart orders out, /metrics, health.
+"""The supervisor's HTTP endpoints: heartbeats in, restart orders out, /metrics, health.
 
 ``POST /heartbeat`` and ``POST /control/restart`` need ``Authorization: Bearer <token>``;
 anything else on them is refused (401) and counted. ``GET /metrics``, ``/healthz`` and
 ``/readyz`` are open, like any Prometheus target: they reveal no secrets. The default bind
-address is loopback; binding wider is an explicit choice in the config.
+address is loopback; binding wider is an explicit choice in the config. When ``metrics.host``/
+``metrics.port`` differ from the supervisor's own address, a second server answers there with
+the open endpoints only (``SupervisorEndpoints``): exposing metrics wider never exposes control.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.config import Config
 from service.metrics import SupervisorMetrics
 from service.supervisor.heartbeat import Heartbeat, token_ok
 from service.supervisor.monitor import JobMonitor
@@ -36,8 +40,10 @@ class SupervisorServer:
         on_restart_requested: Callable[[], None] | None = None,
         ready: Callable[[], bool] | None = None,
         known_nodes: set[str] | None = None,
+        control: bool = True,
     ):
         self.token, self.monitor, self.metrics = token, monitor, metrics
+        self.control = control  # False: only /metrics, /healthz, /readyz
         self.on_restart_observed = on_restart_observed or (lambda hb: None)
         self.on_restart_requested = on_restart_requested or (lambda: None)
         self.ready = ready or (lambda: True)
@@ -72,7 +78,7 @@ class SupervisorServer:
                     self._reply(404, b'{"error": "not found"}')
 
             def do_POST(self) -> None:  # noqa: N802
-                if self.path not in ("/heartbeat", "/control/restart"):
+                if not server.control or self.path not in ("/heartbeat", "/control/restart"):
                     self._reply(404, b'{"error": "not found"}')
                     return
                 if not token_ok(self.headers.get("Authorization"), server.token):
@@ -121,3 +127,44 @@ class SupervisorServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class SupervisorEndpoints:
+    """The control server on ``supervisor.host:port`` and, if ``metrics.host:port`` is another
+    address, a scrape-only server there; started and stopped together."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        token: str,
+        monitor: JobMonitor,
+        metrics: SupervisorMetrics,
+        ready: Callable[[], bool],
+        **control_options: Any,
+    ):
+        sup = cfg.supervisor
+        self.control = SupervisorServer(sup.host, sup.port, token, monitor, metrics, ready=ready,
+                                        **control_options)
+        self.scrape: SupervisorServer | None = None
+        if (cfg.metrics.host, cfg.metrics.port) != (sup.host, self.control.port):
+            self.scrape = SupervisorServer(cfg.metrics.host, cfg.metrics.port, token, monitor,
+                                           metrics, ready=ready, control=False)
+
+    @property
+    def metrics_address(self) -> str:
+        server = self.scrape or self.control
+        host = server.httpd.server_address[0]
+        return f"{host}:{server.port}"
+
+    def start(self) -> "SupervisorEndpoints":
+        self.control.start()
+        if self.scrape is not None:
+            self.scrape.start()
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.control.stop()
+        finally:
+            if self.scrape is not None:
+                self.scrape.stop()

@@ -11,7 +11,7 @@ from service.supervisor.heartbeat import Heartbeat, HeartbeatSender, token_ok
 from service.supervisor.launcher import check_job_geometry, torchrun_command
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
-from service.supervisor.server import SupervisorServer
+from service.supervisor.server import SupervisorEndpoints, SupervisorServer
 
 
 class Clock:
@@ -101,6 +101,31 @@ def test_server_refuses_and_counts_unauthenticated_requests(server):
     status, answer = _post(url + "/heartbeat", hb().to_json(), "tok")
     assert status == 200 and answer["action"] == "none"
     assert 0 in server.monitor.ranks
+
+
+def test_metrics_address_serves_scrapes_but_never_control():
+    from service.supervisor.launcher import free_port
+
+    cfg = load_config(None, ['supervisor.host="127.0.0.1"', "supervisor.port=0",
+                             'metrics.host="127.0.0.1"', f"metrics.port={free_port()}"])
+    monitor = JobMonitor(10)
+    endpoints = SupervisorEndpoints(cfg, "tok", monitor, SupervisorMetrics(), ready=lambda: True).start()
+    try:
+        assert endpoints.scrape is not None
+        scrape = f"http://{endpoints.metrics_address}"
+        control = f"http://127.0.0.1:{endpoints.control.port}"
+        for path in ("/metrics", "/healthz", "/readyz"):
+            with urllib.request.urlopen(scrape + path, timeout=5) as r:
+                assert r.status == 200
+        for path in ("/heartbeat", "/control/restart"):  # even with the right token
+            with pytest.raises(urllib.error.HTTPError) as e:
+                _post(scrape + path, hb().to_json(), "tok")
+            assert e.value.code == 404
+        assert monitor.ranks == {}
+        assert _post(control + "/heartbeat", hb().to_json(), "tok")[0] == 200
+        assert 0 in monitor.ranks
+    finally:
+        endpoints.stop()
 
 
 def test_server_relays_exit_orders_and_serves_metrics(server):
