@@ -165,7 +165,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     r["dcp_async_total_s"] = statistics.median(total)
 
     # ftdiff: async snapshot + background commit, then verified resume.
-    cfg = load_config(None, [f'checkpoint.url="{base}/ftdiff"', "checkpoint.every_steps=1", "checkpoint.keep_last=2"])
+    cfg = load_config(None, [f'checkpoint.url="{base}/ftdiff"', "checkpoint.every_steps=1",
+                             "checkpoint.keep_last=2", *args.set])
     info = DistInfo(rank, world, rank, torch.device("cpu"), "0")
     train = TrainState()
     registry = {"model": ModelState(model), "optimizer": OptimizerState(model, opt), "train_state": train}
@@ -251,6 +252,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--rss-saves", type=int, default=20)
     p.add_argument("--batch", type=int, default=16, help="batch of the forward/backward that a save overlaps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ftdiff config override for its saves, e.g. checkpoint.writer_threads=4")
     args = p.parse_args()
     tmp = None
     if args.target is None:

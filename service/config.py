@@ -91,8 +91,9 @@ class CheckpointConfig(_Section):
     when_busy: Literal["wait", "skip"] = "wait"
     """A save comes due while the previous one is still writing: wait for it, or skip this
     one (all ranks decide together; counted in ftdiff_checkpoint_saves_skipped_total)."""
-    writer_threads: int = Field(default=1, ge=1, le=32)
-    """Files (and upload streams) per rank per save; more can help on object stores."""
+    writer_threads: int = Field(default=0, ge=0, le=32)
+    """Files (and upload streams) per rank per save. 0: automatic — 4 on object stores (one
+    upload stream each; s3fs uploads a file's parts one after another), 1 on file systems."""
     resume: str = "auto"
     """auto: latest committed under url, if any; never: start fresh; or a checkpoint URL."""
     grace_s: float = Field(default=30.0, gt=0)

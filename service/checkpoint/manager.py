@@ -55,6 +55,8 @@ CHECKPOINT_ERRORS = (Exception, CheckpointException)
 
 # Test-only fault injection: FTDIFF_CRASH_AT="<stage>:<step>" kills this process with SIGKILL
 # at that point of the commit protocol, so tests exercise real crashes at exact moments.
+OBJECT_STORE_WRITER_THREADS = 4
+
 CRASH_STAGES = ("after_shards", "after_metadata", "after_manifest", "after_pointer")
 
 
@@ -321,7 +323,7 @@ class Checkpointer:
                 return True
             writer = _CrashingWriter(
                 self.storage.fs, self.storage.path(folder), object_store=self.storage.is_object_store,
-                thread_count=self.cfg.checkpoint.writer_threads,
+                thread_count=self._writer_threads(),
             )
             writer.step = step
             try:
@@ -353,6 +355,14 @@ class Checkpointer:
                 # In the background: deletions never delay a commit or the next snapshot.
                 self._deleter.submit(self._retention)
         return committed
+
+    def _writer_threads(self) -> int:
+        configured = self.cfg.checkpoint.writer_threads
+        if configured:
+            return configured
+        # Measured on S3 (bench/checkpoint.py): 4 parallel uploads per rank commit in 0.6x the
+        # time of one; on file systems one stream per rank is as fast as several.
+        return OBJECT_STORE_WRITER_THREADS if self.storage.is_object_store else 1
 
     def _learn_share(self, planned: set[str] | None) -> None:
         """Remember which tensors DCP had this rank write; drop the buffers of the others."""

@@ -400,3 +400,9 @@ def test_writer_skips_zip_crc32_only_while_writing(tmp_path):
     entries = [i for i in range(len(shard) - 4) if shard[i:i + 4] == b"PK\x01\x02"]
     assert entries and all(shard[i + 16:i + 20] == b"\0\0\0\0" for i in entries)
     assert Job(str(tmp_path), seed=3).ckpt.resume() == 1
+
+
+def test_writer_threads_default_to_parallel_uploads_on_object_stores(mem_url):
+    assert Job("s3://bucket/run", "checkpoint.endpoint_url=\"http://127.0.0.1:9\"").ckpt._writer_threads() == 4
+    assert Job(mem_url).ckpt._writer_threads() == 1
+    assert Job("s3://bucket/run", "checkpoint.writer_threads=2").ckpt._writer_threads() == 2
