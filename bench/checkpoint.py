@@ -14,7 +14,8 @@ s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as
   commit_s         save start -> committed (checksums, manifest, pointer), ftdiff (median), with
                    nothing else running, as DCP's sync save is timed; commit_overlapped_s: the
                    same while a forward/backward shares the cores (its plain time subtracted)
-  samples          the individual dcp_sync_s and commit_s measurements behind the medians
+  samples          the individual dcp_sync_s and commit_s measurements behind the medians (the
+                   load's source and the warm-up rounds of each, first, are not in the medians)
   load_s           ftdiff verified resume
   dcp_sync_s       torch.distributed.checkpoint.save (median; each paired with an ftdiff save)
   dcp_async_blocking_s / dcp_async_total_s   stock dcp.async_save
@@ -46,6 +47,9 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+WARMUP_ROUNDS = 2
 
 
 def build_state(mb: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -202,20 +206,24 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         dcp_syncs.append(dcp_sync_save(str(step)))
         return save_step(step, overlap)
 
+    # Warm-up rounds, then the measured ones. The first writes of a run are slower for
+    # everyone (the page cache is still settling), so the warm-up rounds are recorded in
+    # "samples" but left out of every median — for DCP and ftdiff alike.
     runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
-    for i in range(args.repeats):
+    for i in range(WARMUP_ROUNDS + args.repeats):
         for overlap in (True, False):
-            runs[overlap].append(paired_save_step(2 + 2 * i + overlap, overlap))
-    # The first DCP save (the one the load reads) is the run's first write of this size, like
-    # ftdiff's first save, which is not in commit_s either: it is left out of the median.
-    r["dcp_sync_s"] = statistics.median(dcp_syncs[1:])
-    r["stall_s"] = statistics.median(s for s, _, _ in runs[True])
-    r["step_overhead_s"] = statistics.median(o for _, o, _ in runs[True])
-    r["stall_no_overlap_s"] = statistics.median(s for s, _, _ in runs[False])
+            step = 2 + 2 * i + (not overlap)  # increasing, as in training (the pointer follows)
+            runs[overlap].append(paired_save_step(step, overlap))
+    measured = {overlap: results[WARMUP_ROUNDS:] for overlap, results in runs.items()}
+    # dcp_syncs[0] is the load's source; then two per round.
+    r["dcp_sync_s"] = statistics.median(dcp_syncs[1 + 2 * WARMUP_ROUNDS:])
+    r["stall_s"] = statistics.median(s for s, _, _ in measured[True])
+    r["step_overhead_s"] = statistics.median(o for _, o, _ in measured[True])
+    r["stall_no_overlap_s"] = statistics.median(s for s, _, _ in measured[False])
     # Like DCP's sync save, with nothing else running; the overlapped saves shared the cores
     # with a forward/backward, so their save -> committed is reported apart.
-    r["commit_s"] = statistics.median(c for _, _, c in runs[False])
-    r["commit_overlapped_s"] = statistics.median(c for _, _, c in runs[True])
+    r["commit_s"] = statistics.median(c for _, _, c in measured[False])
+    r["commit_overlapped_s"] = statistics.median(c for _, _, c in measured[True])
     r["samples"] = {"dcp_sync_s": [round(x, 3) for x in dcp_syncs],
                     "commit_s": [round(c, 3) for _, _, c in runs[False]]}
     fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
@@ -227,7 +235,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 
     # Peak RSS across many consecutive async saves (retention keeps 2 on storage).
     rss = []
-    for step in range(2 * args.repeats + 2, 2 * args.repeats + 2 + args.rss_saves):
+    first_rss_step = 2 * (WARMUP_ROUNDS + args.repeats) + 2
+    for step in range(first_rss_step, first_rss_step + args.rss_saves):
         ck.save(step, 0, blocking=False)
         forward_backward()
         ck.before_update()
