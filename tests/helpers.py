@@ -25,6 +25,28 @@ TINY = [
 ]
 
 
+@dataclass
+class TracedRun:
+    """Where a test job writes: its sample trace (FTDIFF_SAMPLE_TRACE) and its checkpoints."""
+
+    trace: Path
+    url: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"FTDIFF_SAMPLE_TRACE": str(self.trace)}
+
+    @property
+    def url_arg(self) -> str:
+        return f'checkpoint.url="{self.url}"'
+
+
+def traced_run(tmp: Path) -> TracedRun:
+    run = TracedRun(tmp / "trace", tmp / "ckpt")
+    run.trace.mkdir(parents=True)
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

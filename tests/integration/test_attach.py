@@ -26,6 +26,7 @@ from tests.helpers import (
     stop,
     torchrun_cmd,
     trace_lines,
+    traced_run,
     wait_for_port,
     wait_for_step,
     weights,
@@ -48,15 +49,13 @@ def start_supervisor(port: int, metrics_port: int) -> subprocess.Popen:
 
 def start_job(tmp_path, port: int, overrides: list[str], max_restarts: int = 0):  # type: ignore[no-untyped-def]
     """A plain torchrun job whose workers report to the supervisor on ``port``."""
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
+    dirs = traced_run(tmp_path)
     job = subprocess.Popen(
-        torchrun_cmd([*overrides, f'checkpoint.url="{url}"', f'supervisor.url="http://127.0.0.1:{port}"'],
+        torchrun_cmd([*overrides, dirs.url_arg, f'supervisor.url="http://127.0.0.1:{port}"'],
                      max_restarts=max_restarts),
-        env=base_env({"FTDIFF_SAMPLE_TRACE": str(trace), "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+        env=base_env({**dirs.env, "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return job, trace, url
+    return job, dirs.trace, dirs.url
 
 
 def metric(port: int, name: str) -> float:

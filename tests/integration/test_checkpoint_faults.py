@@ -28,6 +28,7 @@ from tests.helpers import (
     stop,
     torchrun_cmd,
     trace_lines,
+    traced_run,
     wait_for_step,
     weights,
     worker_pids,
@@ -91,13 +92,12 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
 @pytest.mark.timeout(240)
 def test_kill9_one_worker_resumes_bitwise_equal(baseline, tmp_path):
     ref_url, ref_loss = baseline
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
+    dirs = traced_run(tmp_path)
+    trace, url = dirs.trace, dirs.url
     proc = popen(
         torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
-                      f'checkpoint.url="{url}"', "train.step_sleep_s=0.25"], max_restarts=2),
-        env={"FTDIFF_SAMPLE_TRACE": str(trace)},
+                      dirs.url_arg, "train.step_sleep_s=0.25"], max_restarts=2),
+        env=dirs.env,
     )
     wait_for_step(trace, 6, proc)
     os.kill(worker_pids(trace)[1], signal.SIGKILL)
@@ -113,11 +113,10 @@ def test_kill9_one_worker_resumes_bitwise_equal(baseline, tmp_path):
 # -- SIGTERM: emergency checkpoint at the current step ------------------------------------------
 @pytest.mark.timeout(120)
 def test_sigterm_commits_current_step_and_exits_preempted(tmp_path):
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
-    proc = popen(single_cmd(["train.max_steps=200", "checkpoint.every_steps=50", f'checkpoint.url="{url}"',
-                             "train.step_sleep_s=0.05"]), env={"FTDIFF_SAMPLE_TRACE": str(trace)})
+    dirs = traced_run(tmp_path)
+    trace, url = dirs.trace, dirs.url
+    proc = popen(single_cmd(["train.max_steps=200", "checkpoint.every_steps=50", dirs.url_arg,
+                             "train.step_sleep_s=0.05"]), env=dirs.env)
     wait_for_step(trace, 7, proc)
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc, 60)
@@ -132,11 +131,9 @@ def test_sigterm_commits_current_step_and_exits_preempted(tmp_path):
 @pytest.mark.timeout(300)
 def test_world_size_2_1_2_exactly_once_and_close_to_uninterrupted(baseline, tmp_path):
     ref_url, _ = baseline
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    url = tmp_path / "ckpt"
-    common = [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"']
-    env = {"FTDIFF_SAMPLE_TRACE": str(trace)}
+    dirs = traced_run(tmp_path)
+    trace, url, env = dirs.trace, dirs.url, dirs.env
+    common = [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg]
     worlds = []
     for nproc, stop_at in ((2, 3), (1, 7), (2, None)):
         slow = ["train.step_sleep_s=0.2"] if stop_at else []
@@ -261,11 +258,10 @@ def test_s3_outage_fails_saves_cleanly_and_training_continues(s3_bucket, s3_serv
 
     upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     url = f"{s3_bucket}/run"
-    trace = tmp_path / "trace"
-    trace.mkdir()
+    dirs = traced_run(tmp_path)
+    trace = dirs.trace
     with TcpProxy(upstream) as proxy:
-        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
-               "FTDIFF_SAMPLE_TRACE": str(trace)}
+        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", **dirs.env}
         proc = popen(single_cmd(["train.max_steps=45", "checkpoint.every_steps=3", f'checkpoint.url="{url}"',
                                  "checkpoint.keep_last=100", "train.step_sleep_s=0.1"]), env=env)
         wait_for_step(trace, 8, proc)

@@ -21,7 +21,7 @@ import torch
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from tests.conftest import BASELINE_STEPS
-from tests.helpers import REPO, TINY, base_env, set_args, stop, wait_for_step, weights
+from tests.helpers import REPO, TINY, base_env, set_args, stop, traced_run, wait_for_step, weights
 
 pytestmark = pytest.mark.multiprocess
 SUBNET = "10.213.7"  # addresses inside this test's own namespaces only
@@ -76,13 +76,13 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts, baseline, 
     """Also the min-nodes-1 case: the survivor continues alone, with the same global batch, and
     ends within float tolerance of the fault-free run."""
     (ns_a, ns_b), (veth_a, veth_b) = two_hosts
-    trace, url = tmp_path / "trace", tmp_path / "ckpt"
-    trace.mkdir()
+    dirs = traced_run(tmp_path)
+    trace, url = dirs.trace, dirs.url
     sup_port, metrics_port, rdzv_port = 29450, 9400, 29400  # fresh namespaces: nothing else there
     common = TINY + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
                      "train.step_sleep_s=0.3", "supervisor.hang_timeout_s=4", "supervisor.heartbeat_interval_s=0.5",
                      f'supervisor.url="http://{SUBNET}.1:{sup_port}"']
-    env = {"FTDIFF_TOKEN": TOKEN, "FTDIFF_SAMPLE_TRACE": str(trace)}
+    env = {"FTDIFF_TOKEN": TOKEN, **dirs.env}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
     sup = _in(ns_a, [sys.executable, "-m", "service.cli", "supervise", *set_args(
         common + ['supervisor.host="0.0.0.0"', f"supervisor.port={sup_port}",

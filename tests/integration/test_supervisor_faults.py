@@ -24,6 +24,7 @@ from tests.helpers import (
     set_args,
     stop,
     trace_lines,
+    traced_run,
     wait_for_step,
 )
 
@@ -37,18 +38,17 @@ class Job:
 
     def __init__(self, tmp: Path, overrides: list[str], nnodes: int = 1, nproc: int = 2,
                  env: dict[str, str] | None = None):
-        self.trace = tmp / "trace"
-        self.trace.mkdir(parents=True)
-        self.url = str(tmp / "ckpt")
+        dirs = traced_run(tmp)
+        self.trace, self.url = dirs.trace, str(dirs.url)
         self.metrics_port = free_port()
         args = TINY + [
-            f'checkpoint.url="{self.url}"', "supervisor.port=0", f"metrics.port={self.metrics_port}",
+            dirs.url_arg, "supervisor.port=0", f"metrics.port={self.metrics_port}",
             f"supervisor.hang_timeout_s={HANG_TIMEOUT}", f"supervisor.heartbeat_interval_s={INTERVAL}",
             *overrides,
         ]
         cmd = [sys.executable, "-m", "service.cli", "train", "--nnodes", str(nnodes),
                "--nproc-per-node", str(nproc), "--log-format", "json", *set_args(args)]
-        self.proc = subprocess.Popen(cmd, env=base_env({"FTDIFF_SAMPLE_TRACE": str(self.trace), **(env or {})}),
+        self.proc = subprocess.Popen(cmd, env=base_env({**dirs.env, **(env or {})}),
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_step(self, step: int) -> None:
