@@ -45,6 +45,8 @@ def main() -> None:
 
     # Async save of the full state from GPU memory (pinned, reused staging buffers).
     ck = trainer.checkpointer
+    ck.warm_up()  # pinned staging buffers allocated in the background, as the trainer does
+    ck.drain()
     stalls, commits = [], []
     for step in (1, 2, 3):
         torch.cuda.synchronize()

@@ -147,7 +147,19 @@ class ChecksummingWriter(FsspecWriter):
             item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO
         }
         with _zip_crc32_off():
-            return super().write_data(plan, planner)
+            written = super().write_data(plan, planner)
+        # DCP's extra writer threads (thread_count > 1) die silently on an error: their items
+        # are then simply missing from the results, and DCP would go on to write .metadata
+        # for a checkpoint that cannot be loaded. Refuse to continue instead.
+        results = written.value()
+        missing = {item.index for item in plan.items} - {result.index for result in results}
+        if missing:
+            example = sorted(str(index.fqn) for index in missing)[0]
+            raise OSError(
+                f"{len(missing)} of {len(plan.items)} checkpoint items were not written (a writer "
+                f"thread failed; e.g. {example}); see the error logged above"
+            )
+        return written
 
     @property
     def written(self) -> dict[str, FileEntry]:

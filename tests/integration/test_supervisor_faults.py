@@ -52,7 +52,11 @@ class Job:
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_step(self, step: int) -> None:
-        wait_for_step(self.trace, step, self.proc)
+        try:
+            wait_for_step(self.trace, step, self.proc)
+        except TimeoutError as e:
+            stop(self.proc)  # then its log can be read to the end
+            raise AssertionError(f"{e}; supervisor log:\n{self.proc.stderr.read()[-6000:]}") from None
 
     def metric(self, name: str) -> float:
         if self.proc.poll() is not None:

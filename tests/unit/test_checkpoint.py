@@ -406,3 +406,31 @@ def test_writer_threads_default_to_parallel_uploads_on_object_stores(mem_url):
     assert Job("s3://bucket/run", "checkpoint.endpoint_url=\"http://127.0.0.1:9\"").ckpt._writer_threads() == 4
     assert Job(mem_url).ckpt._writer_threads() == 1
     assert Job("s3://bucket/run", "checkpoint.writer_threads=2").ckpt._writer_threads() == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
+def test_a_failing_writer_thread_fails_the_save_instead_of_committing_a_partial_checkpoint(mem_url, monkeypatch):
+    """DCP's extra writer threads swallow their errors; the save must still fail (and the
+    previous commit stay the newest), never commit a checkpoint with items missing."""
+    from service.checkpoint import dcp_io
+
+    job = Job(mem_url, "checkpoint.writer_threads=2")
+    job.step()
+    assert job.ckpt.save(1, 0, blocking=True)
+    real_create = dcp_io._HashingFs.create_stream
+
+    def failing_in_extra_thread(self, path, mode):
+        # A blocking save writes on the main thread, plus one extra DCP thread: fail only there.
+        if "w" in mode and str(path).endswith(".distcp") and threading.current_thread() is not threading.main_thread():
+            raise OSError("injected: upload failed")
+        return real_create(self, path, mode)
+
+    monkeypatch.setattr(dcp_io._HashingFs, "create_stream", failing_in_extra_thread)
+    job.step()
+    assert job.ckpt.save(2, 0, blocking=True) is False
+    assert job.metrics.failures.labels(stage="write")._value.get() == 1
+    assert job.ckpt.catalog.committed_steps() == [1]
+    monkeypatch.undo()
+    job.step()
+    assert job.ckpt.save(3, 0, blocking=True)
+    assert Job(mem_url, seed=4).ckpt.resume() == 3
