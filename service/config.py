@@ -105,6 +105,9 @@ class CheckpointConfig(_Section):
 
 class SupervisorConfig(_Section):
     hang_timeout_s: float = Field(default=60.0, gt=0)
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    """Local mode: agents run but no worker has reported for this long since their launch, a
+    restart order or the last heartbeat (stuck in rendezvous or start-up): end and relaunch them."""
     max_restarts: int = Field(default=10, ge=0)
     min_nodes: int | None = Field(default=None, ge=1)
     """Smallest node count the job may shrink to; default: all nodes (no shrinking)."""

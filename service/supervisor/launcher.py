@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from service.metrics import SupervisorMetrics
+from service.supervisor import faults
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
@@ -190,6 +191,27 @@ class LocalSupervisor:
         # The others leave on their next heartbeat instead of waiting out torchrun's grace.
         self.monitor.order_restart()
 
+    def _handle_silence(self) -> None:
+        """Hang detection watches ranks, and a restart order forgets them all: agents stuck in
+        rendezvous, or workers stuck before their first heartbeat, leave nothing to watch.
+        When no worker has reported for ``startup_timeout_s`` since the agents' launch, the
+        last restart order or the last heartbeat, end the agents and whatever they started;
+        ``_handle_agents`` then relaunches them (counted, like any lost agent)."""
+        alive = [a for a in self.agents.values() if a.proc.poll() is None]
+        if not alive:
+            return
+        since_launch = time.monotonic() - max(a.started for a in self.agents.values())
+        silent = min(self.monitor.silent_for(), since_launch)
+        if silent <= self.cfg.supervisor.startup_timeout_s:
+            return
+        log.error("no worker has reported for %.0fs although %d torchrun agent(s) run (stuck in "
+                  "rendezvous or start-up?): ending them for a relaunch", silent, len(alive))
+        for agent in alive:
+            for pid in _descendants(agent.proc.pid):
+                _kill(pid)
+            agent.proc.kill()
+            agent.proc.wait(timeout=10)
+
     def _handle_agents(self) -> int | None:
         """Exit code when the job is over, else None. Relaunches lost or failed agents."""
         codes = {n: a.proc.poll() for n, a in self.agents.items()}
@@ -263,6 +285,7 @@ class LocalSupervisor:
                     self.metrics.restarts.labels(reason="ordered").inc()
                     self.monitor.order_restart()
                 self._handle_hang()
+                self._handle_silence()
                 publish(self.monitor, self.metrics)
                 time.sleep(tick)
         finally:
@@ -299,6 +322,18 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children before their own children."""
+    found: list[int] = []
+    frontier = [pid]
+    for _ in range(8):  # agent -> workers -> data loader workers: a few levels at most
+        frontier = [c for p in frontier for c in faults.children(p)]
+        if not frontier:
+            break
+        found += frontier
+    return found
 
 
 def _kill(pid: int) -> None:

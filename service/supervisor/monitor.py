@@ -29,6 +29,9 @@ class JobMonitor:
         self.last_committed_step: int | None = None
         self.crashes_seen = 0
         self._lock = threading.Lock()
+        # When a worker last reported, or a restart was last ordered: how long the job has
+        # been silent (a silent job has no ranks for hang detection to watch).
+        self._last_activity = clock()
         self._doomed_pids: set[int] = set()
         self._stuck_by_node: dict[str, set[int]] = {}
         self.generation = 0
@@ -39,6 +42,7 @@ class JobMonitor:
         with self._lock:
             if hb.pid in self._doomed_pids:
                 return False  # a process told to exit; its replacement will report soon
+            self._last_activity = now
             if hb.phase == "done":  # finished and leaving: silence from now on is expected
                 self.ranks.pop(hb.rank, None)
                 if hb.last_committed_step is not None:
@@ -104,7 +108,13 @@ class JobMonitor:
                 self._stuck_by_node.setdefault(s.hb.node, set()).add(s.hb.pid)
             self.ranks.clear()
             self.generation += 1
+            self._last_activity = self.clock()
             return doomed
+
+    def silent_for(self) -> float:
+        """Seconds since a worker last reported or a restart was last ordered."""
+        with self._lock:
+            return self.clock() - self._last_activity
 
     def should_exit(self, pid: int) -> bool:
         with self._lock:

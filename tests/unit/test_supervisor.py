@@ -260,3 +260,53 @@ def test_a_finished_worker_is_not_a_hang():
     m.observe(hb(0, 10, step=40, phase="done", committed=40))
     clock.t += 60
     assert m.hung() == [] and m.last_committed_step == 40
+
+
+@pytest.mark.timeout(60)
+def test_silent_agents_are_ended_for_a_relaunch():
+    """Agents that run while no worker reports (stuck in rendezvous or start-up) are ended,
+    with everything they started; a recent launch or heartbeat keeps them alive."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from service.supervisor import faults
+    from service.supervisor.launcher import Agent, LocalSupervisor
+
+    def gone(pid: int) -> bool:  # exited, or a zombie waiting for its (new) parent to reap it
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    cfg = load_config(None, ["supervisor.startup_timeout_s=0.5", "supervisor.port=0"])
+    sup = LocalSupervisor(cfg, None, [], nnodes=1, nproc_per_node=1)
+    # A stand-in agent with a child of its own, as torchrun has its workers.
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen("
+                              "[sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not faults.children(agent.pid):
+            assert time.monotonic() < deadline, "the stand-in agent did not start its child"
+            time.sleep(0.05)
+        child = faults.children(agent.pid)[0]
+        sup.agents[0] = Agent(0, agent)
+        sup._handle_silence()
+        assert agent.poll() is None  # just launched: not silent yet
+        time.sleep(0.7)
+        sup.monitor.observe(hb(rank=0, pid=999999))  # a worker reported: not silent
+        sup._handle_silence()
+        assert agent.poll() is None
+        time.sleep(0.7)
+        sup._handle_silence()
+        assert agent.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while not gone(child):
+            assert time.monotonic() < deadline, "the agent's child survived"
+            time.sleep(0.05)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        shutil.rmtree(sup.log_dir, ignore_errors=True)
