@@ -138,11 +138,10 @@ class ChecksummingWriter(FsspecWriter):
         )
         self.fs = _HashingFs(fs)
         self.path = path
-
-    planned_tensors: set[str] | None = None
+        # This rank's tensors in DCP's final plan, once it has planned (the snapshot learns it).
+        self.planned_tensors: set[str] | None = None
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        # This rank's final plan: which tensors DCP assigned to it (the snapshot learns it).
         self.planned_tensors = {
             item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO
         }

@@ -53,10 +53,11 @@ log = logging.getLogger(__name__)
 # DCP raises CheckpointException (a BaseException!) when any rank failed; catch it with the rest.
 CHECKPOINT_ERRORS = (Exception, CheckpointException)
 
-# Test-only fault injection: FTDIFF_CRASH_AT="<stage>:<step>" kills this process with SIGKILL
-# at that point of the commit protocol, so tests exercise real crashes at exact moments.
+# checkpoint.writer_threads = 0 (automatic) on object stores: parallel upload streams per rank.
 OBJECT_STORE_WRITER_THREADS = 4
 
+# Test-only fault injection: FTDIFF_CRASH_AT="<stage>:<step>" kills this process with SIGKILL
+# at that point of the commit protocol, so tests exercise real crashes at exact moments.
 CRASH_STAGES = ("after_shards", "after_metadata", "after_manifest", "after_pointer")
 
 
@@ -377,13 +378,13 @@ class Checkpointer:
         committed folder this run could not load is uncommitted first, then replaced."""
         try:
             self.catalog.manifest(step)
+        except ManifestError:
+            self.storage.remove_tree(step_dir(step))  # debris of a failed attempt, if any
+        else:
             if step not in self.unloadable_steps:
                 return True
             log.warning("checkpoint: replacing %s, which could not be loaded", step_dir(step))
             self.catalog.delete(step)  # manifest first: never a half-deleted committed folder
-        except ManifestError:
-            pass
-        self.storage.remove_tree(step_dir(step))
         self.storage.makedirs(step_dir(step))
         return False
 

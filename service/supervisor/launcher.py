@@ -207,9 +207,10 @@ class LocalSupervisor:
         log.error("no worker has reported for %.0fs although %d torchrun agent(s) run (stuck in "
                   "rendezvous or start-up?): ending them for a relaunch", silent, len(alive))
         for agent in alive:
-            for pid in _descendants(agent.proc.pid):
+            started = _descendants(agent.proc.pid)  # read while the agent is still their parent
+            agent.proc.kill()  # first, so it cannot start replacements for what is killed next
+            for pid in started:
                 _kill(pid)
-            agent.proc.kill()
             agent.proc.wait(timeout=10)
 
     def _handle_agents(self) -> int | None:
