@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -47,15 +48,25 @@ def start_supervisor(port: int, metrics_port: int) -> subprocess.Popen:
     return proc
 
 
-def start_job(tmp_path, port: int, overrides: list[str], max_restarts: int = 0):  # type: ignore[no-untyped-def]
-    """A plain torchrun job whose workers report to the supervisor on ``port``."""
-    dirs = traced_run(tmp_path)
-    job = subprocess.Popen(
-        torchrun_cmd([*overrides, dirs.url_arg, f'supervisor.url="http://127.0.0.1:{port}"'],
-                     max_restarts=max_restarts),
-        env=base_env({**dirs.env, "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return job, dirs.trace, dirs.url
+@contextmanager
+def attached_job(tmp_path, overrides: list[str], max_restarts: int = 0):  # type: ignore[no-untyped-def]
+    """``ftdiff supervise`` and a plain torchrun job whose workers report to it, both stopped
+    on the way out: yields (supervisor, job, trace dir, checkpoint dir, metrics port)."""
+    port, metrics_port = free_port(), free_port()
+    sup = start_supervisor(port, metrics_port)
+    try:
+        dirs = traced_run(tmp_path)
+        job = subprocess.Popen(
+            torchrun_cmd([*overrides, dirs.url_arg, f'supervisor.url="http://127.0.0.1:{port}"'],
+                         max_restarts=max_restarts),
+            env=base_env({**dirs.env, "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            yield sup, job, dirs.trace, dirs.url, metrics_port
+        finally:
+            stop(job)
+    finally:
+        stop(sup)
 
 
 def metric(port: int, name: str) -> float:
@@ -67,12 +78,10 @@ def metric(port: int, name: str) -> float:
 @pytest.mark.timeout(300)
 def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(baseline, tmp_path):
     ref_url, _ = baseline
-    port, metrics_port = free_port(), free_port()
-    sup = start_supervisor(port, metrics_port)
-    job, trace, url = start_job(tmp_path, port, [
+    with attached_job(tmp_path, [
         f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", "train.step_sleep_s=0.3",
-        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2)
-    try:
+        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2,
+    ) as (_, job, trace, url, metrics_port):
         wait_for_step(trace, 5, job)
         frozen = worker_pids(trace)[1]
         old_files = set(trace.glob("*.jsonl"))
@@ -91,19 +100,14 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
         assert first_step_after - frozen_at < 25, first_step_after - frozen_at
         assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
         assert metric(metrics_port, 'ftdiff_job_restarts_total{reason="hang"}') >= 1
-    finally:
-        stop(job)
-        stop(sup)
 
 
 @pytest.mark.timeout(200)
 def test_sigterm_to_supervisor_is_relayed_as_a_preemption(tmp_path):
-    port, metrics_port = free_port(), free_port()
-    sup = start_supervisor(port, metrics_port)
-    job, trace, url = start_job(tmp_path, port, [
+    with attached_job(tmp_path, [
         "train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1",
-        "supervisor.heartbeat_interval_s=0.3"])
-    try:
+        "supervisor.heartbeat_interval_s=0.3"],
+    ) as (sup, job, trace, url, _):
         wait_for_step(trace, 5, job)
         sup.send_signal(signal.SIGTERM)
         _, err = job.communicate(timeout=120)
@@ -111,9 +115,6 @@ def test_sigterm_to_supervisor_is_relayed_as_a_preemption(tmp_path):
         catalog = Catalog(open_storage(str(url)))
         assert catalog.latest()[0] == last, err[-2000:]
         assert sup.wait(timeout=60) == 0
-    finally:
-        stop(job)
-        stop(sup)
 
 
 @pytest.mark.timeout(60)
