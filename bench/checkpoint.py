@@ -109,8 +109,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 
     from service.checkpoint.manager import Checkpointer
     from service.config import load_config
+    from service.dist import DistInfo
     from service.metrics import CheckpointMetrics
-    from service.train.distributed import DistInfo
     from service.train.state import ModelState, OptimizerState, TrainState
 
     model, opt = build_state(args.mb)
@@ -189,7 +189,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         plain = timed(forward_backward) if overlap else 0.0  # the same step without a save
         dist.barrier()
         t0 = time.perf_counter()
-        ck.save(step, 0, blocking=False)
+        ck.save_at(step, 0, blocking=False)
         if overlap:
             forward_backward()
         ck.before_update()  # where the trainer blocks before optimizer.step()
@@ -237,7 +237,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     rss = []
     first_rss_step = 2 * (WARMUP_ROUNDS + args.repeats) + 2
     for step in range(first_rss_step, first_rss_step + args.rss_saves):
-        ck.save(step, 0, blocking=False)
+        ck.save_at(step, 0, blocking=False)
         forward_backward()
         ck.before_update()
         ck.wait()

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     warnings.filterwarnings("ignore")
     from service.config import load_config
+    from service.dist import cleanup_distributed, init_distributed
     from service.train.data import build_loader
-    from service.train.distributed import cleanup_distributed, init_distributed
     from service.train.loop import Trainer
 
     steps, warmup = 60, 10
@@ -51,12 +51,12 @@ def main() -> None:
     for step in (1, 2, 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ck.save(step, 0, blocking=False)
+        ck.save_at(step, 0, blocking=False)
         ck.before_update()
         stalls.append(ck.last_stall_s)
         assert ck.wait(), "save did not commit"
         commits.append(time.perf_counter() - t0)
-    state_mb = sum(b.numel() * b.element_size() for b in ck._staging.values()) / 1e6
+    state_mb = sum(b.numel() * b.element_size() for b in ck.staging.buffers.values()) / 1e6
     print(json.dumps({
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset": "base",
         "precision": "bf16", "world_size": info.world_size, "global_batch": 64,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.supervisor import faults  # noqa: E402
+from service import faults  # noqa: E402
+from service.supervisor import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["train.global_batch_size=8", "data.epoch_size=64", "train.log_every=1000",
@@ -104,7 +105,7 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
                 elif kind == "hang":
                     results.append(_measure(trace, proc, lambda: faults.freeze(pids[1])))
                 elif kind == "lost_node":
-                    agents = faults.children(proc.pid)
+                    agents = procs.children(proc.pid)
                     results.append(_measure(trace, proc, lambda: faults.kill9(agents[-1])))
             if kind == "preemption":
                 _wait(lambda: len(_lines(trace)) >= 8, proc)

@@ -42,8 +42,8 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
     import warnings
 
     warnings.filterwarnings("ignore")
+    from service.dist import cleanup_distributed, init_distributed
     from service.train.data import build_loader
-    from service.train.distributed import cleanup_distributed, init_distributed
     from service.train.loop import Trainer
 
     info = init_distributed()
@@ -64,7 +64,7 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
 
 def plain_loop(preset: str, batch: int, steps: int) -> float:
     """Model + AdamW + MSE on a fixed batch, one thread: the yardstick for DDP efficiency."""
-    from service.train.model import build_unet, sample_size
+    from service.model import build_unet, sample_size
 
     torch.set_num_threads(1)
     cfg = _config(preset, batch, 1, steps)

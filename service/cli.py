@@ -20,7 +20,7 @@ def _add_storage_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from service.checkpoint.weights import resolve
+    from service.checkpoint.refs import resolve
 
     return resolve(args.url, args.endpoint_url, args.region)
 
@@ -137,8 +137,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from service.checkpoint.weights import load_weights
     from service.sample import generate, save_grid, unet_from_state
+    from service.weights import load_weights
 
     if args.n < 1:
         raise UserError("--n must be at least 1")

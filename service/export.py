@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from service.checkpoint.weights import CheckpointRef, Weights, load_weights
+from service.checkpoint.refs import CheckpointRef
 from service.errors import UserError
+from service.weights import Weights, load_weights
 
 
 def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema") -> Path:
@@ -25,8 +26,8 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         return target
     from diffusers import DDPMPipeline
 
+    from service.model import build_noise_scheduler
     from service.sample import unet_from_state
-    from service.train.model import build_noise_scheduler
 
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")

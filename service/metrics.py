@@ -8,6 +8,7 @@ step never does network I/O for metrics (Prometheus pulls).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -84,8 +85,25 @@ class WorkerMetrics:
 
 
 JOB_STATES = ("starting", "running", "restarting", "backoff", "stopping", "succeeded", "failed")
-RESTART_REASONS = ("worker_crash", "hang", "lost_node", "ordered", "job_failed")
-FAILURE_KINDS = ("worker_crash", "hang", "lost_node", "agent_failed")
+
+
+class FailureKind(StrEnum):
+    """What the supervisor detected (label ``kind`` of ftdiff_job_failures_detected_total)."""
+
+    WORKER_CRASH = "worker_crash"
+    HANG = "hang"
+    LOST_NODE = "lost_node"
+    AGENT_FAILED = "agent_failed"
+
+
+class RestartReason(StrEnum):
+    """Why the job restarts (label ``reason`` of ftdiff_job_restarts_total)."""
+
+    WORKER_CRASH = "worker_crash"
+    HANG = "hang"
+    LOST_NODE = "lost_node"
+    ORDERED = "ordered"
+    JOB_FAILED = "job_failed"
 
 
 class SupervisorMetrics:
@@ -114,10 +132,10 @@ class SupervisorMetrics:
         # one scrape of the supervisor covers the whole job.
         self.relay = WorkerRelay()
         r.register(self.relay)
-        for reason in RESTART_REASONS:
-            self.restarts.labels(reason=reason)
-        for kind in FAILURE_KINDS:
-            self.failures_detected.labels(kind=kind)
+        for reason in RestartReason:
+            self.restarts.labels(reason=reason.value)
+        for kind in FailureKind:
+            self.failures_detected.labels(kind=kind.value)
         self.state.state("starting")
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from service.config import Config
-from service.train.model import build_noise_scheduler, unet_kwargs
+from service.model import build_noise_scheduler, unet_kwargs
 
 
 def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import free_port, stop, wait_for_port
+from tests.helpers import BASELINE_STEPS, free_port, stop, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +48,6 @@ def s3_bucket(s3_server: dict[str, str]) -> str:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
-
-
-BASELINE_STEPS = 12
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Steps of the session-wide uninterrupted baseline run (conftest.py) that fault tests compare with.
+BASELINE_STEPS = 12
 
 # Keep the tiny jobs quick and quiet: one CPU thread per worker, small batches.
 TINY = [
@@ -103,7 +106,8 @@ def losses(stderr: str) -> dict[int, float]:
 
 
 def weights(url: str, which: str = "model", env: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    from service.checkpoint.weights import load_weights, resolve
+    from service.checkpoint.refs import resolve
+    from service.weights import load_weights
 
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
@@ -209,3 +213,88 @@ def ftdiff_inprocess(*args: str) -> CliResult:
         except SystemExit as e:
             code = int(e.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+# Supervised local jobs (`ftdiff train`) in tests: short hang timeout and heartbeat interval.
+HANG_TIMEOUT = 4.0
+INTERVAL = 0.5
+
+
+class SupervisedJob:
+    """A supervised job: `ftdiff train` in a subprocess, with its trace and metrics endpoint."""
+
+    def __init__(self, tmp: Path, overrides: list[str], nnodes: int = 1, nproc: int = 2,
+                 env: dict[str, str] | None = None):
+        dirs = traced_run(tmp)
+        self.trace, self.url = dirs.trace, str(dirs.url)
+        self.metrics_port = free_port()
+        args = TINY + [
+            dirs.url_arg, "supervisor.port=0", f"metrics.port={self.metrics_port}",
+            f"supervisor.hang_timeout_s={HANG_TIMEOUT}", f"supervisor.heartbeat_interval_s={INTERVAL}",
+            *overrides,
+        ]
+        cmd = [sys.executable, "-m", "service.cli", "train", "--nnodes", str(nnodes),
+               "--nproc-per-node", str(nproc), "--log-format", "json", *set_args(args)]
+        self.proc = subprocess.Popen(cmd, env=base_env({**dirs.env, **(env or {})}),
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_step(self, step: int) -> None:
+        try:
+            wait_for_step(self.trace, step, self.proc)
+        except TimeoutError as e:
+            stop(self.proc)  # then its log can be read to the end
+            raise AssertionError(f"{e}; supervisor log:\n{self.proc.stderr.read()[-6000:]}") from None
+
+    def metric(self, name: str) -> float:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited ({self.proc.returncode}): {self.proc.stderr.read()[-3000:]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def finish(self, timeout: float = 200) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+            raise
+        return self.proc.returncode, err
+
+
+class CheckpointJob:
+    """A minimal registry (model, optimizer, counters) around a Checkpointer."""
+
+    def __init__(self, url: str, *overrides: str, seed: int = 0):
+        from prometheus_client import CollectorRegistry
+
+        from service.checkpoint.manager import Checkpointer
+        from service.config import load_config
+        from service.dist import DistInfo
+        from service.metrics import CheckpointMetrics
+        from service.train.state import ModelState, OptimizerState, TrainState
+
+        self.cfg = load_config(None, [f'checkpoint.url="{url}"', "checkpoint.every_steps=1", *overrides])
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(8, 8)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        self.train = TrainState()
+        registry = {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.opt),
+                    "train_state": self.train}
+        self.metrics = CheckpointMetrics(CollectorRegistry())
+        info = DistInfo(0, 1, 0, torch.device("cpu"), "0")
+        self.ckpt = Checkpointer(self.cfg, info, registry, self.metrics,
+                                 can_read_state=lambda: bool(self.opt.state))
+
+    def step(self) -> None:
+        loss = self.model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.train.step += 1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}

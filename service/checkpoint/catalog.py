@@ -115,9 +115,6 @@ class Catalog:
                 continue
         return None
 
-    def has_any_step_folder(self) -> bool:
-        return bool(self.step_folders())
-
     def describe(self) -> list[CheckpointInfo]:
         infos = []
         for step in self.step_folders():
@@ -130,10 +127,7 @@ class Catalog:
         return infos
 
     def _folder_bytes(self, step: int) -> int:
-        try:
-            return int(self.storage.fs.du(self.storage.path(step_dir(step))))
-        except (FileNotFoundError, OSError):
-            return 0
+        return self.storage.tree_bytes(step_dir(step))
 
     def verify(self, step: int) -> list[str]:
         """Every problem with ``step`` (empty list: committed and intact). Reads every byte."""
@@ -162,5 +156,5 @@ class Catalog:
         looks committed."""
         manifest = f"{step_dir(step)}/{MANIFEST}"
         if self.storage.exists(manifest):
-            self.storage.fs.rm(self.storage.path(manifest))
+            self.storage.remove(manifest)
         self.storage.remove_tree(step_dir(step))

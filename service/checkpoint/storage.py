@@ -61,7 +61,11 @@ def _redact(url: str) -> str:
 
 
 class Storage:
-    """A checkpoint root on some filesystem, with the few operations the protocol needs."""
+    """A checkpoint root on some filesystem, with the few operations the protocol needs.
+
+    Callers name objects relative to the root and never touch fsspec; only the DCP adapter
+    (``dcp_io``, ``direct_read``) binds DCP's readers and writers to ``fs`` itself.
+    """
 
     def __init__(self, url: str, options: StorageOptions | None = None):
         self.url = url.rstrip("/") or url
@@ -74,6 +78,7 @@ class Storage:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.protocol = protocol
         self.is_object_store = protocol in OBJECT_STORE_PROTOCOLS
+        self.is_local = protocol in ("file", "local")
 
     def __repr__(self) -> str:
         return f"Storage({_redact(self.url)!r})"
@@ -101,7 +106,7 @@ class Storage:
             self.fs.pipe_file(target, data)
             return
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        if self.protocol in ("file", "local"):
+        if self.is_local:
             # Durable before it becomes visible: the manifest and the pointer are what make a
             # checkpoint committed, so they must survive a power loss as the shards do.
             with open(tmp, "wb") as f:
@@ -114,11 +119,13 @@ class Storage:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, target)
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` (one PUT on object stores); see ``write_bytes_atomic`` for files that
+        readers must never see half-written."""
+        self.fs.pipe_file(self.path(rel), data)
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
 
     def list_dir(self, rel: str = "") -> list[str]:
         """Names (not paths) of the entries directly under ``rel``; [] if it does not exist."""
@@ -129,6 +136,17 @@ class Storage:
         except TypeError:  # filesystems without the refresh flag
             entries = self.fs.ls(self.path(rel) if rel else self.root, detail=False)
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+    def remove(self, rel: str) -> None:
+        """Delete one object or file; FileNotFoundError if it does not exist."""
+        self.fs.rm(self.path(rel))
+
+    def tree_bytes(self, rel: str) -> int:
+        """Total size of everything under ``rel`` (0 if it does not exist)."""
+        try:
+            return int(self.fs.du(self.path(rel)))
+        except (FileNotFoundError, OSError):
+            return 0
 
     def remove_tree(self, rel: str) -> None:
         target = self.path(rel)

@@ -13,97 +13,53 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
 from service.config import Config
 from service.errors import EXIT_OK, UserError
-from service.metrics import SupervisorMetrics
-from service.supervisor.ledger import FailureLedger, publish
-from service.supervisor.monitor import JobMonitor
-from service.supervisor.server import SupervisorEndpoints
+from service.metrics import FailureKind, RestartReason
+from service.supervisor.core import Supervisor
+from service.supervisor.monitor import RankState
 
 log = logging.getLogger(__name__)
 
 
-class AttachedSupervisor:
-    def __init__(self, cfg: Config, token: str):
-        sup = cfg.supervisor
-        self.cfg = cfg
-        self.metrics = SupervisorMetrics()
-        self.monitor = JobMonitor(sup.hang_timeout_s)
-        ready = lambda: self.monitor.all_fresh(self.monitor.world_size())  # noqa: E731
-        self.endpoints = SupervisorEndpoints(cfg, token, self.monitor, self.metrics, ready=ready,
-                                             on_restart_observed=self._restart_observed,
-                                             on_restart_requested=self._order_restart_now)
-        self.server = self.endpoints.control
-        self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
-        self._stop_signal: int | None = None
-        self._order_pending = False
-
-    def _restart_observed(self, hb) -> None:  # type: ignore[no-untyped-def]
-        if self._stop_signal is not None:
-            return
-        log.warning("rank %d (node %s) restarted with pid %d", hb.rank, hb.node, hb.pid)
-        self.ledger.record("worker_crash", "worker_crash")
-
-    def _order_restart_now(self) -> None:
-        self._order_pending = True
+class AttachedSupervisor(Supervisor):
+    def start(self) -> None:
+        log.info("supervising (attach mode) on %s:%d, metrics on %s", self.cfg.supervisor.host,
+                 self.server.port, self.endpoints.metrics_address)
 
     def _gave_up(self) -> bool:
         """Past max_restarts failures without a new commit, stop ordering restarts (the
         JobCrashLooping alert and the state say so); a person has to look."""
         return self.ledger.failures_since_commit > self.cfg.supervisor.max_restarts
 
-    def tick(self) -> None:
-        if self._order_pending:
-            self._order_pending = False
-            self.metrics.restarts.labels(reason="ordered").inc()
-            self.monitor.order_restart()
-        hung = self.monitor.hung()
-        if hung and not self._gave_up():
-            desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
-            # A node whose ranks all stopped reporting (for more than two intervals) is gone;
-            # ranks that report but make no progress are hung.
-            lost = self.monitor.silent_nodes(2 * self.cfg.supervisor.heartbeat_interval_s)
-            if lost:  # every rank of a node went quiet at once: the node (or its link) is gone
-                log.error("lost node(s) %s (%s): ordering a restart through the workers", sorted(lost), desc)
-                self.ledger.record("lost_node", "lost_node")
-            else:
-                log.error("hang detected on %s: ordering a restart through the workers", desc)
-                self.ledger.record("hang", "hang")
-            self.monitor.order_restart(stuck=hung)
-        elif hung:
+    def on_hung(self, hung: list[RankState]) -> None:
+        if self._gave_up():
             self.metrics.state.state("failed")
-        publish(self.monitor, self.metrics)
+            return
+        desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
+        # A node whose ranks all stopped reporting (for more than two intervals) is gone;
+        # ranks that report but make no progress are hung.
+        lost = self.monitor.silent_nodes(2 * self.cfg.supervisor.heartbeat_interval_s)
+        if lost:  # every rank of a node went quiet at once: the node (or its link) is gone
+            log.error("lost node(s) %s (%s): ordering a restart through the workers", sorted(lost), desc)
+            self.record(FailureKind.LOST_NODE, RestartReason.LOST_NODE)
+        else:
+            log.error("hang detected on %s: ordering a restart through the workers", desc)
+            self.record(FailureKind.HANG, RestartReason.HANG)
+        self.monitor.order_restart(stuck=hung)
 
-    def run(self) -> int:
-        def on_signal(signum: int, _frame: object) -> None:
-            self._stop_signal = signum
-
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, on_signal)
-        self.endpoints.start()
-        self.metrics.state.state("running")
-        log.info("supervising (attach mode) on %s:%d, metrics on %s", self.cfg.supervisor.host,
-                 self.server.port, self.endpoints.metrics_address)
-        tick = min(0.5, self.cfg.supervisor.heartbeat_interval_s / 2)
-        try:
-            while self._stop_signal is None:
-                self.tick()
-                time.sleep(tick)
-            # Relay the preemption: workers checkpoint and exit; wait for them, bounded.
-            self.metrics.state.state("stopping")
-            self.server.stop_all = True
-            deadline = time.monotonic() + self.cfg.checkpoint.grace_s + 10
-            while time.monotonic() < deadline and self.monitor.ranks:
-                fresh = [a for a in self.monitor.heartbeat_ages().values() if a < 3 * self.cfg.supervisor.heartbeat_interval_s]
-                if not fresh:
-                    break
-                time.sleep(tick)
-            return EXIT_OK
-        finally:
-            self.endpoints.stop()
+    def stop(self) -> int:
+        """Relay the preemption: workers checkpoint and exit; wait for them, bounded."""
+        self.server.stop_all = True
+        interval = self.cfg.supervisor.heartbeat_interval_s
+        deadline = time.monotonic() + self.cfg.checkpoint.grace_s + 10
+        while time.monotonic() < deadline and self.monitor.ranks:
+            if not [age for age in self.monitor.heartbeat_ages().values() if age < 3 * interval]:
+                break
+            time.sleep(self.tick_s)
+        return EXIT_OK
 
 
 def run_attached(cfg: Config) -> int:

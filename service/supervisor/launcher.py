@@ -19,21 +19,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
-from service.metrics import SupervisorMetrics
-from service.supervisor import faults
-from service.supervisor.ledger import FailureLedger, publish
-from service.supervisor.monitor import JobMonitor
+from service.metrics import FailureKind, RestartReason
+from service.supervisor import procs
+from service.supervisor.core import Supervisor
+from service.supervisor.monitor import RankState
 from service.supervisor.report import failure_report
-from service.supervisor.server import SupervisorEndpoints
 
 log = logging.getLogger(__name__)
 
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
-# (see service.train.distributed._restart_safe_store).
+# (see service.dist._restart_safe_store).
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
@@ -96,21 +96,12 @@ class Agent:
     started: float = field(default_factory=time.monotonic)
 
 
-class LocalSupervisor:
+class LocalSupervisor(Supervisor):
     def __init__(self, cfg: Config, config: str | None, overrides: list[str], nnodes: int,
                  nproc_per_node: int, log_format: str = "text"):
-        self.cfg, self.nnodes, self.nproc = cfg, nnodes, nproc_per_node
-        sup = cfg.supervisor
-        self.token = sup.token or os.environ.get("FTDIFF_TOKEN") or secrets.token_urlsafe(24)
-        self.metrics = SupervisorMetrics()
-        self.monitor = JobMonitor(sup.hang_timeout_s)
-        self.endpoints = SupervisorEndpoints(
-            cfg, self.token, self.monitor, self.metrics,
-            ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
-            on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
-            known_nodes={str(n) for n in range(nnodes)},
-        )
-        self.server = self.endpoints.control
+        token = cfg.supervisor.token or os.environ.get("FTDIFF_TOKEN") or secrets.token_urlsafe(24)
+        super().__init__(cfg, token, known_nodes={str(n) for n in range(nnodes)})
+        self.nnodes, self.nproc = nnodes, nproc_per_node
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
         # The supervisor hosts the rendezvous store itself: if an agent hosted it, losing that
         # agent's node would take the rendezvous down with it and strand every survivor.
@@ -120,9 +111,6 @@ class LocalSupervisor:
         self.cmd_args = worker_args(config, overrides, log_format)
         self.agents: dict[int, Agent] = {}
         self.relaunches = 0
-        self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
-        self._stop_signal: int | None = None
-        self._restart_request = False
 
     # -- process control ------------------------------------------------------------------------
     def _launch(self, node: int) -> None:
@@ -155,42 +143,59 @@ class LocalSupervisor:
                 agent.proc.wait(timeout=10)
         self._kill_workers(lambda s: True)
 
-    def _kill_workers(self, which) -> None:  # type: ignore[no-untyped-def]
+    def _kill_workers(self, which: Callable[[RankState], bool]) -> None:
         """SIGKILL worker processes (known from heartbeats) — ours, by pid."""
         for state in list(self.monitor.ranks.values()):
             if which(state):
-                _kill(state.hb.pid)
+                procs.kill(state.hb.pid)
 
-    # -- events ---------------------------------------------------------------------------------
-    def _restart_observed(self, hb) -> None:  # type: ignore[no-untyped-def]
-        log.warning("rank %d (node %s) restarted with pid %d: worker crash", hb.rank, hb.node, hb.pid)
-        self.ledger.record("worker_crash", "worker_crash")
+    # -- the supervisor's hooks -------------------------------------------------------------------
+    def start(self) -> None:
+        log.info("supervisor on 127.0.0.1:%d, metrics on %s; rendezvous %s",
+                 self.server.port, self.endpoints.metrics_address, self.rdzv)
+        for node in range(self.nnodes):
+            self._launch(node)
 
-    def _restart_requested(self) -> None:
-        self._restart_request = True
+    def check(self) -> int | None:
+        return self._handle_agents()
 
-    def _handle_hang(self) -> None:
-        hung = []
-        for state in self.monitor.hung():
-            if pid_alive(state.hb.pid):
-                hung.append(state)
+    def on_hung(self, hung: list[RankState]) -> None:
+        stuck = []
+        for state in hung:
+            if procs.pid_alive(state.hb.pid):
+                stuck.append(state)
                 continue
             # Silent because it is gone, not stuck: a crash that torchrun is restarting.
             if self.monitor.forget(state.hb.rank) is not None:
                 log.warning("rank %d (node %s, pid %d) is gone: worker crash",
                             state.hb.rank, state.hb.node, state.hb.pid)
-                self.ledger.record("worker_crash", "worker_crash")
-        if not hung:
+                self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
+        if not stuck:
             return
-        desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in hung)
+        desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in stuck)
         log.error("hang detected: no progress for %.0fs on %s; restarting the job",
                   self.cfg.supervisor.hang_timeout_s, desc)
-        self.ledger.record("hang", "hang")
-        for s in hung:  # a stopped or stuck process cannot act on an order: kill it
-            _kill(s.hb.pid)
+        self.record(FailureKind.HANG, RestartReason.HANG)
+        for s in stuck:  # a stopped or stuck process cannot act on an order: kill it
+            procs.kill(s.hb.pid)
         # The others leave on their next heartbeat instead of waiting out torchrun's grace.
         self.monitor.order_restart()
 
+    def after_tick(self) -> None:
+        self._handle_silence()
+
+    def stop(self) -> int:
+        """Forward the signal; workers commit an emergency checkpoint and exit."""
+        log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self.stop_signal)
+        self._stop_agents(signal.SIGTERM, timeout=self.cfg.checkpoint.grace_s + 30)
+        return EXIT_PREEMPTED
+
+    def shutdown(self) -> None:
+        if any(a.proc.poll() is None for a in self.agents.values()):
+            self._stop_agents()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    # -- agents -----------------------------------------------------------------------------------
     def _handle_silence(self) -> None:
         """Hang detection watches ranks, and a restart order forgets them all: agents stuck in
         rendezvous, or workers stuck before their first heartbeat, leave nothing to watch.
@@ -207,10 +212,10 @@ class LocalSupervisor:
         log.error("no worker has reported for %.0fs although %d torchrun agent(s) run (stuck in "
                   "rendezvous or start-up?): ending them for a relaunch", silent, len(alive))
         for agent in alive:
-            started = _descendants(agent.proc.pid)  # read while the agent is still their parent
+            started = procs.descendants(agent.proc.pid)  # read while the agent is still their parent
             agent.proc.kill()  # first, so it cannot start replacements for what is killed next
             for pid in started:
-                _kill(pid)
+                procs.kill(pid)
             agent.proc.wait(timeout=10)
 
     def _handle_agents(self) -> int | None:
@@ -222,13 +227,13 @@ class LocalSupervisor:
             if code is None or code == 0:
                 continue
             lost = code < 0  # killed by a signal: the node is gone, not the program
-            kind = "lost_node" if lost else "agent_failed"
+            kind = FailureKind.LOST_NODE if lost else FailureKind.AGENT_FAILED
             log.error("node %d: torchrun agent exited with %s (%s)", node, code, kind)
             if self.relaunches >= self.cfg.supervisor.max_restarts:
-                self.ledger.record(kind)
+                self.record(kind)
                 return self._give_up(node, code)
             self.relaunches += 1
-            self.ledger.record(kind, "lost_node" if lost else "job_failed")
+            self.record(kind, RestartReason.LOST_NODE if lost else RestartReason.JOB_FAILED)
             # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
             # survivors must restart too (their group is broken): order them out now, which
             # also keeps their disappearance from being counted as separate crashes.
@@ -239,7 +244,7 @@ class LocalSupervisor:
                 self.metrics.state.state("backoff")
                 log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
                             self.ledger.failures_since_commit, delay)
-                if self._sleep(delay):
+                if self.sleep(delay):
                     return None
             self.metrics.state.state("restarting")
             self._launch(node)
@@ -253,57 +258,6 @@ class LocalSupervisor:
         self._stop_agents()
         return EXIT_FAILURE
 
-    def _sleep(self, seconds: float) -> bool:
-        """Sleep unless a stop signal arrives; True if one did."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and self._stop_signal is None:
-            time.sleep(0.1)
-        return self._stop_signal is not None
-
-    # -- main loop ------------------------------------------------------------------------------
-    def run(self) -> int:
-        def on_signal(signum: int, _frame: object) -> None:
-            self._stop_signal = signum
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.endpoints.start()
-        log.info("supervisor on 127.0.0.1:%d, metrics on %s; rendezvous %s",
-                 self.server.port, self.endpoints.metrics_address, self.rdzv)
-        try:
-            for node in range(self.nnodes):
-                self._launch(node)
-            self.metrics.state.state("running")
-            tick = min(0.5, self.cfg.supervisor.heartbeat_interval_s / 2)
-            while True:
-                if self._stop_signal is not None:
-                    return self._preempt()
-                code = self._handle_agents()
-                if code is not None:
-                    self.metrics.state.state("succeeded" if code == EXIT_OK else "failed")
-                    return code
-                if self._restart_request:
-                    self._restart_request = False
-                    self.metrics.restarts.labels(reason="ordered").inc()
-                    self.monitor.order_restart()
-                self._handle_hang()
-                self._handle_silence()
-                publish(self.monitor, self.metrics)
-                time.sleep(tick)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if any(a.proc.poll() is None for a in self.agents.values()):
-                self._stop_agents()
-            self.endpoints.stop()
-            shutil.rmtree(self.log_dir, ignore_errors=True)
-
-    def _preempt(self) -> int:
-        """Forward the signal; workers commit an emergency checkpoint and exit."""
-        self.metrics.state.state("stopping")
-        log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self._stop_signal)
-        self._stop_agents(signal.SIGTERM, timeout=self.cfg.checkpoint.grace_s + 30)
-        return EXIT_PREEMPTED
-
 
 def _rendezvous_store():  # type: ignore[no-untyped-def]
     """A TCPStore on a free loopback port that outlives any agent (torchrun's c10d backend)."""
@@ -313,35 +267,6 @@ def _rendezvous_store():  # type: ignore[no-untyped-def]
 
     return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
                     timeout=datetime.timedelta(seconds=60))
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a live process (a zombie awaiting its parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), children before their own children."""
-    found: list[int] = []
-    frontier = [pid]
-    for _ in range(8):  # agent -> workers -> data loader workers: a few levels at most
-        frontier = [c for p in frontier for c in faults.children(p)]
-        if not frontier:
-            break
-        found += frontier
-    return found
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def run_local_job(

@@ -4,7 +4,7 @@ publication of heartbeat-derived metrics."""
 
 from __future__ import annotations
 
-from service.metrics import SupervisorMetrics
+from service.metrics import FailureKind, RestartReason, SupervisorMetrics
 from service.supervisor.monitor import JobMonitor
 
 MAX_BACKOFF_S = 30.0
@@ -17,11 +17,11 @@ class FailureLedger:
         self.failures_since_commit = 0
         self._commit_at_last_failure: int | None = None
 
-    def record(self, kind: str, restart_reason: str | None = None) -> None:
-        """A failure was detected (and, if ``restart_reason``, a restart follows from it)."""
-        self.metrics.failures_detected.labels(kind=kind).inc()
-        if restart_reason:
-            self.metrics.restarts.labels(reason=restart_reason).inc()
+    def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
+        """A failure was detected (and, if ``restart``, a restart follows from it)."""
+        self.metrics.failures_detected.labels(kind=FailureKind(kind).value).inc()
+        if restart:
+            self.metrics.restarts.labels(reason=RestartReason(restart).value).inc()
         committed = self.monitor.last_committed_step
         if committed != self._commit_at_last_failure:  # progress since the last failure
             self.failures_since_commit = 0

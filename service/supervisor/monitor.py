@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.supervisor.heartbeat import Heartbeat
+from service.heartbeat import Heartbeat
 
 
 @dataclass
@@ -27,7 +27,6 @@ class JobMonitor:
         self.hang_timeout_s, self.clock = hang_timeout_s, clock
         self.ranks: dict[int, RankState] = {}
         self.last_committed_step: int | None = None
-        self.crashes_seen = 0
         self._lock = threading.Lock()
         # When a worker last reported, or a restart was last ordered: how long the job has
         # been silent (a silent job has no ranks for hang detection to watch).
@@ -57,8 +56,6 @@ class JobMonitor:
             # A world-size change leaves ranks beyond the new size behind: forget them.
             for rank in [r for r in self.ranks if r >= hb.world_size]:
                 del self.ranks[rank]
-            if restarted:
-                self.crashes_seen += 1
             return restarted
 
     def hung(self) -> list[RankState]:
@@ -124,10 +121,6 @@ class JobMonitor:
         """Stuck processes on ``node`` that the exiting process ``pid`` should end."""
         with self._lock:
             return sorted(self._stuck_by_node.get(node, set()) - {pid})
-
-    def max_step(self) -> int:
-        with self._lock:
-            return max((s.hb.step for s in self.ranks.values()), default=0)
 
     def world_size(self) -> int:
         with self._lock:

@@ -20,8 +20,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Config
+from service.heartbeat import Heartbeat, token_ok
 from service.metrics import SupervisorMetrics
-from service.supervisor.heartbeat import Heartbeat, token_ok
 from service.supervisor.monitor import JobMonitor
 
 log = logging.getLogger(__name__)

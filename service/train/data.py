@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from service.config import Config, DataConfig
 from service.errors import UserError
-from service.train.model import IMAGE_CHANNELS, sample_size
+from service.model import IMAGE_CHANNELS, sample_size
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         print(f"ftdiff: {e}", file=sys.stderr)
         return EXIT_USAGE
 
+    from service.dist import barrier, cleanup_distributed, init_distributed
     from service.logs import setup_logging
-    from service.train.distributed import barrier, cleanup_distributed, init_distributed
 
     # DCP warns on every save/load when running alone (world size 1); that is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,15 +14,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from service import faults
 from service.checkpoint.manager import Checkpointer
 from service.config import Config
+from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from service.heartbeat import Heartbeat, HeartbeatSender
 from service.metrics import WorkerMetrics, snapshot
-from service.supervisor.heartbeat import Heartbeat, HeartbeatSender
+from service.model import EMAState, build_ema, build_noise_scheduler, build_unet
 from service.train import state as keys
-from service.train.data import TrainingSamples, build_loader, build_source, check_batch_geometry
-from service.train.distributed import DistInfo
-from service.train.model import EMAState, build_ema, build_noise_scheduler, build_unet
+from service.train.data import (
+    TrainingSamples,
+    build_loader,
+    build_source,
+    check_batch_geometry,
+)
 from service.train.progress import ProgressReporter
 from service.train.state import (
     DataState,
@@ -94,16 +98,15 @@ class Trainer:
                 keys.RNG: RNGState(info.rank, info.device),
             }
         )
-        self.checkpointer = Checkpointer(cfg, info, self.registry, self.metrics.checkpoint)
+        self.checkpointer = Checkpointer(
+            cfg, info, self.registry, self.metrics.checkpoint, per_rank_keys=keys.PER_RANK_KEYS,
+            can_read_state=lambda: bool(self.optimizer.state),
+        )
         self.checkpointer.storage.check_reachable()
-        self.loss_history: dict[int, float] = {}
         self._stop_signal: int | None = None
         self.phase = "starting"
         self.heartbeats = self._start_heartbeats()
-        # Audit trail of the samples each rank trained on (FTDIFF_SAMPLE_TRACE=<dir>), used to
-        # prove exactly-once consumption across restarts and world-size changes.
-        trace_dir = os.environ.get("FTDIFF_SAMPLE_TRACE")
-        self._trace = Path(trace_dir) / f"rank{info.rank}-pid{os.getpid()}.jsonl" if trace_dir else None
+        self.probe = faults.StepProbe(info.rank, info.world_size)
 
     # -- heartbeats to the supervisor -----------------------------------------------------------
     def _start_heartbeats(self) -> HeartbeatSender | None:
@@ -165,12 +168,9 @@ class Trainer:
             for batch in loader:
                 loss = self._train_step(batch)
                 self._advance(gb)
-                if self._trace is not None:
-                    self._record_trace(batch)
-                self._maybe_inject_failure()
+                self.probe.after_step(self.train_state.step, batch["position"].tolist())
                 global_loss, stop, busy = self._agree(loss)
                 step = self.train_state.step
-                self.loss_history[step] = global_loss
                 self.metrics.train.step.set(step)
                 window_samples += gb
                 if step % self.cfg.train.log_every == 0 or step == total:
@@ -181,7 +181,7 @@ class Trainer:
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
-                self.checkpointer.maybe_save(step, self.train_state.samples_seen, busy_anywhere=busy)
+                self.checkpointer.save(step, self.train_state.samples_seen, busy_anywhere=busy)
                 self.checkpointer.warm_up()  # staging buffers ready before the first async save
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
@@ -218,20 +218,6 @@ class Trainer:
         self.data_state.position += global_batch
         self.train_state.epoch = self.data_state.position // len(self.source)
 
-    def _maybe_inject_failure(self) -> None:
-        """Test-only: FTDIFF_FAIL_AT_STEP=<step> raises in every attempt that reaches it
-        (a deterministic crash loop with a real traceback for torchelastic's error file)."""
-        fail_at = os.environ.get("FTDIFF_FAIL_AT_STEP")
-        if fail_at and int(fail_at) == self.train_state.step:
-            raise RuntimeError(f"injected failure at step {fail_at} (FTDIFF_FAIL_AT_STEP)")
-
-    def _record_trace(self, batch: dict[str, torch.Tensor]) -> None:
-        assert self._trace is not None
-        line = {"step": self.train_state.step, "rank": self.info.rank, "time": time.time(),
-                "world_size": self.info.world_size, "positions": batch["position"].tolist()}
-        with self._trace.open("a") as f:
-            f.write(json.dumps(line) + "\n")
-
     def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
         """One small all-reduce per step gives every rank the same view of: the global mean
         loss, whether any rank was asked to stop, and whether any rank's save is still writing."""
@@ -256,11 +242,7 @@ class Trainer:
     def _finish(self) -> int:
         step = self.train_state.step
         self.phase = "checkpointing"
-        self.checkpointer.wait()
-        if self.checkpointer.last_committed_step != step:
-            ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
-            if not ok:
-                raise RuntimeError(f"final checkpoint at step {step} could not be committed")
+        self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
         log.info("done: step %d committed", step)
         self.phase = "done"
         return EXIT_OK
@@ -269,11 +251,8 @@ class Trainer:
         t0 = time.monotonic()
         self.phase = "stopping"
         log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
-        self.checkpointer.wait()
-        ok = self.checkpointer.save(step, self.train_state.samples_seen, blocking=True)
+        self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
         elapsed = time.monotonic() - t0
-        if not ok:
-            raise RuntimeError(f"emergency checkpoint at step {step} failed")
         if elapsed > self.cfg.checkpoint.grace_s:
             log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)
         self.phase = "done"

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from service import faults
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
-from service.supervisor import faults
-from tests.conftest import BASELINE_STEPS
 from tests.helpers import (
+    BASELINE_STEPS,
     REPO,
     assert_bitwise_equal,
     base_env,

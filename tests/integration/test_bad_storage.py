@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, base_env, free_port, run, single_cmd, stop, wait_for_port
+from tests.helpers import (
+    REPO,
+    base_env,
+    free_port,
+    run,
+    single_cmd,
+    stop,
+    wait_for_port,
+)
 
 SECRET = "sup3r-secret-value-do-not-print"
 

@@ -8,12 +8,23 @@ import time
 
 import pytest
 
+from service import faults
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
-from service.supervisor import faults
-from tests.helpers import assert_bitwise_equal, run, torchrun_cmd, trace_lines, weights, why, worker_pids
-from tests.integration.test_supervisor_faults import HANG_TIMEOUT, INTERVAL, Job
+from service.supervisor import procs
+from tests.helpers import (
+    HANG_TIMEOUT,
+    INTERVAL,
+    assert_bitwise_equal,
+    run,
+    torchrun_cmd,
+    trace_lines,
+    weights,
+    why,
+    worker_pids,
+)
+from tests.helpers import SupervisedJob as Job
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.multiprocess
@@ -79,7 +90,7 @@ def test_five_fault_kinds_end_bitwise_equal(s3_server, s3_bucket, tmp_path):
 
         # 3. lost node: one torchrun agent disappears
         before = _newest_pids(job)
-        faults.kill9(faults.children(job.proc.pid)[-1])
+        faults.kill9(procs.children(job.proc.pid)[-1])
         _wait(lambda: _restarted_and_past(job, before, 12), job, "recovery from lost node")
         note_commits()
 

@@ -16,8 +16,8 @@ from service.checkpoint.catalog import Catalog
 from service.checkpoint.manifest import POINTER, step_dir
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
-from tests.conftest import BASELINE_STEPS
 from tests.helpers import (
+    BASELINE_STEPS,
     REPO,
     assert_bitwise_equal,
     base_env,
@@ -70,9 +70,8 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
 
     # A restarted worker loads exactly that checkpoint: build one in this process and resume.
     from service.config import load_config
-    from service.train.distributed import DistInfo
+    from service.dist import DistInfo
     from service.train.loop import Trainer
-
     from tests.helpers import TINY
 
     cfg = load_config(None, TINY + args)

@@ -20,8 +20,17 @@ import torch
 
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
-from tests.conftest import BASELINE_STEPS
-from tests.helpers import REPO, TINY, base_env, set_args, stop, traced_run, wait_for_step, weights
+from tests.helpers import (
+    BASELINE_STEPS,
+    REPO,
+    TINY,
+    base_env,
+    set_args,
+    stop,
+    traced_run,
+    wait_for_step,
+    weights,
+)
 
 pytestmark = pytest.mark.multiprocess
 SUBNET = "10.213.7"  # addresses inside this test's own namespaces only

@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from service.supervisor import faults
+from service import faults
 from tests.helpers import REPO, free_port, stop, wait_for_port, worker_pids
-from tests.integration.test_supervisor_faults import Job
+from tests.helpers import SupervisedJob as Job
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from tests.helpers import (
-    set_args,
-    why,
     assert_bitwise_equal,
     losses,
     run,
+    set_args,
     single_cmd,
     torchrun_cmd,
     weights,
+    why,
 )
 
 pytestmark = pytest.mark.multiprocess

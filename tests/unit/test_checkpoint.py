@@ -6,44 +6,19 @@ import uuid
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from service.checkpoint.catalog import Catalog
-from service.checkpoint.manager import Checkpointer
-from service.checkpoint.manifest import POINTER, Manifest, FileEntry, pointer_json, step_dir
+from service.checkpoint.manifest import (
+    POINTER,
+    FileEntry,
+    Manifest,
+    pointer_json,
+    step_dir,
+)
 from service.checkpoint.retention import apply_retention, plan_deletions
 from service.checkpoint.storage import open_storage
-from service.config import load_config
 from service.errors import UserError
-from service.metrics import CheckpointMetrics
-from service.train.distributed import DistInfo
-from service.train.state import ModelState, OptimizerState, TrainState
-
-
-class Job:
-    """A minimal registry (model, optimizer, counters) around a Checkpointer."""
-
-    def __init__(self, url: str, *overrides: str, seed: int = 0):
-        self.cfg = load_config(None, [f'checkpoint.url="{url}"', "checkpoint.every_steps=1", *overrides])
-        torch.manual_seed(seed)
-        self.model = torch.nn.Linear(8, 8)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1)
-        self.train = TrainState()
-        registry = {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.opt),
-                    "train_state": self.train}
-        self.metrics = CheckpointMetrics(CollectorRegistry())
-        info = DistInfo(0, 1, 0, torch.device("cpu"), "0")
-        self.ckpt = Checkpointer(self.cfg, info, registry, self.metrics)
-
-    def step(self) -> None:
-        loss = self.model(torch.randn(4, 8)).pow(2).mean()
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad()
-        self.train.step += 1
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.model.state_dict().items()}
+from tests.helpers import CheckpointJob as Job
 
 
 @pytest.fixture
@@ -56,7 +31,7 @@ def test_save_commit_resume_round_trip(mem_url, async_):
     job = Job(mem_url, f"checkpoint.async={'true' if async_ else 'false'}")
     for _ in range(3):
         job.step()
-        job.ckpt.maybe_save(job.train.step, job.train.step * 4)
+        job.ckpt.save(job.train.step, job.train.step * 4)
     job.ckpt.wait()
     expected = job.weights()
     job.ckpt.close()
@@ -78,7 +53,7 @@ def test_async_snapshot_is_isolated_from_later_updates(mem_url):
     job = Job(mem_url)
     job.step()
     before = job.weights()
-    job.ckpt.save(1, 4, blocking=False)
+    job.ckpt.save_at(1, 4, blocking=False)
     job.ckpt.before_update()  # the trainer's contract: the copy is done before weights change
     with torch.no_grad():  # mutate right away, while the write may still be in flight
         for p in job.model.parameters():
@@ -93,28 +68,28 @@ def test_async_snapshot_is_isolated_from_later_updates(mem_url):
 def test_staging_buffers_are_reused(mem_url):
     job = Job(mem_url)
     job.step()
-    job.ckpt.save(1, 0, blocking=False)
+    job.ckpt.save_at(1, 0, blocking=False)
     job.ckpt.wait()
-    buffers = {k: v.data_ptr() for k, v in job.ckpt._staging.items()}
+    buffers = {k: v.data_ptr() for k, v in job.ckpt.staging.buffers.items()}
     job.step()
-    job.ckpt.save(2, 0, blocking=False)
+    job.ckpt.save_at(2, 0, blocking=False)
     job.ckpt.wait()
-    assert buffers and {k: v.data_ptr() for k, v in job.ckpt._staging.items()} == buffers
+    assert buffers and {k: v.data_ptr() for k, v in job.ckpt.staging.buffers.items()} == buffers
 
 
 def test_warm_up_allocates_the_buffers_the_first_save_uses(mem_url):
     job = Job(mem_url)
     job.ckpt.warm_up()  # no optimizer step yet: must not touch the optimizer, nor allocate
-    assert not job.opt.state and not job.ckpt._staging
+    assert not job.opt.state and not job.ckpt.staging.buffers
     job.step()
     job.ckpt.warm_up()
     job.ckpt.drain()
-    buffers = {k: v.data_ptr() for k, v in job.ckpt._staging.items()}
+    buffers = {k: v.data_ptr() for k, v in job.ckpt.staging.buffers.items()}
     assert {"model.weight", "optimizer.state.weight.exp_avg", "optimizer.state.bias.exp_avg_sq"} <= set(buffers)
     expected = job.weights()
-    job.ckpt.save(1, 0, blocking=False)
+    job.ckpt.save_at(1, 0, blocking=False)
     assert job.ckpt.wait() is True
-    assert {k: v.data_ptr() for k, v in job.ckpt._staging.items()} == buffers
+    assert {k: v.data_ptr() for k, v in job.ckpt.staging.buffers.items()} == buffers
     fresh = Job(mem_url, seed=3)
     assert fresh.ckpt.resume() == 1
     assert all(torch.equal(v, expected[k]) for k, v in fresh.weights().items())
@@ -175,7 +150,7 @@ def test_verify_detects_truncation_flip_and_missing_manifest(mem_url):
     job = Job(mem_url)
     for _ in range(2):
         job.step()
-        job.ckpt.save(job.train.step, 0, blocking=True)
+        job.ckpt.save_at(job.train.step, 0, blocking=True)
     catalog = job.ckpt.catalog
     assert catalog.verify(1) == [] and catalog.verify(2) == []
     fs, folder = catalog.storage.fs, catalog.storage.path(step_dir(2))
@@ -196,7 +171,7 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
     saved = {}
     for _ in range(2):
         job.step()
-        job.ckpt.save(job.train.step, 0, blocking=True)
+        job.ckpt.save_at(job.train.step, 0, blocking=True)
         saved[job.train.step] = job.weights()
     fs = job.ckpt.storage.fs
     shard = job.ckpt.storage.path(step_dir(2), "__0_0.distcp")
@@ -212,7 +187,7 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
     # Training goes on from step 1; reaching step 2 again, the save replaces the corrupt
     # folder (rather than taking "already committed" for an answer) and the result loads.
     fresh.step()
-    assert fresh.ckpt.save(2, 0, blocking=True)
+    assert fresh.ckpt.save_at(2, 0, blocking=True)
     assert fresh.ckpt.catalog.verify(2) == []
     again = Job(mem_url, seed=5)
     assert again.ckpt.resume() == 2
@@ -223,7 +198,7 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     job = Job(mem_url)
     job.step()
-    job.ckpt.save(1, 0, blocking=True)
+    job.ckpt.save_at(1, 0, blocking=True)
     fs = job.ckpt.storage.fs
     fs.pipe_file(job.ckpt.storage.path(step_dir(1), "__0_0.distcp"), b"junk")
     with pytest.raises(UserError, match="none could be loaded"):
@@ -235,7 +210,7 @@ def test_resume_from_explicit_url(mem_url, tmp_path):
     job = Job(mem_url)
     for _ in range(3):
         job.step()
-        job.ckpt.save(job.train.step, 0, blocking=True)
+        job.ckpt.save_at(job.train.step, 0, blocking=True)
     other = f"memory://other-{uuid.uuid4().hex[:6]}"
     fresh = Job(other, f'checkpoint.resume="{mem_url}/{step_dir(2)}"')
     assert fresh.ckpt.resume() == 2 and fresh.train.step == 2
@@ -245,10 +220,10 @@ def test_resume_from_explicit_url(mem_url, tmp_path):
 def test_never_writes_into_a_committed_folder(mem_url):
     job = Job(mem_url)
     job.step()
-    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.save_at(1, 0, blocking=True)
     manifest = job.ckpt.catalog.storage.read_bytes(f"{step_dir(1)}/manifest.json")
     job.step()  # different weights, same step number
-    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.save_at(1, 0, blocking=True)
     assert job.ckpt.catalog.storage.read_bytes(f"{step_dir(1)}/manifest.json") == manifest
 
 
@@ -264,19 +239,19 @@ def test_retention_runs_after_commits_and_keeps_newest_when_a_save_fails(mem_url
     job = Job(mem_url, "checkpoint.keep_last=2", "checkpoint.keep_every=2")
     for _ in range(5):
         job.step()
-        assert job.ckpt.save(job.train.step, 0, blocking=True)
+        assert job.ckpt.save_at(job.train.step, 0, blocking=True)
     job.ckpt.drain()
     catalog = job.ckpt.catalog
     assert catalog.committed_steps() == [2, 4, 5]
 
-    import service.checkpoint.manager as manager
+    import service.checkpoint.commit as commit
 
     def broken_save(*_a, **_k):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(manager.dcp, "save", broken_save)
+    monkeypatch.setattr(commit.dcp, "save", broken_save)
     job.step()
-    assert job.ckpt.save(6, 0, blocking=False) is None
+    assert job.ckpt.save_at(6, 0, blocking=False) is None
     assert job.ckpt.wait() is False
     assert job.ckpt.failures == 1
     assert job.metrics.failures.labels(stage="write")._value.get() == 1
@@ -294,7 +269,7 @@ def test_slow_deletions_do_not_hold_up_the_next_save(mem_url, monkeypatch):
     job = Job(mem_url, "checkpoint.keep_last=2")
     for _ in range(4):
         job.step()
-        job.ckpt.save(job.train.step, 0, blocking=False)
+        job.ckpt.save_at(job.train.step, 0, blocking=False)
         job.ckpt.before_update()
         assert job.ckpt.wait() is True  # commits while every deletion is still blocked
     assert job.ckpt.catalog.committed_steps() == [1, 2, 3, 4]
@@ -334,14 +309,14 @@ def test_snapshot_copy_overlaps_until_before_update(mem_url, monkeypatch):
     job = Job(mem_url)
     job.step()
     gate = threading.Event()
-    original = job.ckpt._stage
+    original = job.ckpt.staging.copy
 
-    def slow_stage(*args):
+    def slow_copy(*args):
         gate.wait(5)
         return original(*args)
 
-    monkeypatch.setattr(job.ckpt, "_stage", slow_stage)
-    job.ckpt.save(1, 0, blocking=False)
+    monkeypatch.setattr(job.ckpt.staging, "copy", slow_copy)
+    job.ckpt.save_at(1, 0, blocking=False)
     assert not job.ckpt._snapshot_done.is_set()  # the copy is still pending: no stall yet
     threading.Timer(0.2, gate.set).start()
     job.ckpt.before_update()
@@ -353,7 +328,7 @@ def test_local_load_verifies_files(tmp_path):
     job = Job(str(tmp_path))
     for _ in range(2):
         job.step()
-        job.ckpt.save(job.train.step, 0, blocking=True)
+        job.ckpt.save_at(job.train.step, 0, blocking=True)
     shard = tmp_path / step_dir(2) / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0x04
@@ -365,21 +340,21 @@ def test_local_load_verifies_files(tmp_path):
 def test_skip_policy_skips_and_counts(mem_url):
     job = Job(mem_url, 'checkpoint.when_busy="skip"')
     job.step()
-    job.ckpt.maybe_save(1, 0, busy_anywhere=True)
+    job.ckpt.save(1, 0, busy_anywhere=True)
     assert job.ckpt.skipped == 1 and job.metrics.saves_skipped._value.get() == 1
     assert job.ckpt.catalog.committed_steps() == []
-    job.ckpt.maybe_save(1, 0, busy_anywhere=False)
+    job.ckpt.save(1, 0, busy_anywhere=False)
     assert job.ckpt.wait() is True
     wait_job = Job(f"{mem_url}-w")  # default policy: wait, never skip
     wait_job.step()
-    wait_job.ckpt.maybe_save(1, 0, busy_anywhere=True)
+    wait_job.ckpt.save(1, 0, busy_anywhere=True)
     assert wait_job.ckpt.wait() is True
 
 
 def test_writer_threads_split_each_rank_into_several_files(mem_url):
     job = Job(mem_url, "checkpoint.writer_threads=2")
     job.step()
-    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.save_at(1, 0, blocking=True)
     files = job.ckpt.catalog.manifest(1).files
     assert len([f for f in files if f.endswith(".distcp")]) == 2
     assert Job(mem_url, seed=3).ckpt.resume() == 1
@@ -393,7 +368,7 @@ def test_writer_skips_zip_crc32_only_while_writing(tmp_path):
     job = Job(str(tmp_path))
     job.step()
     assert config.save.compute_crc32 is True
-    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.save_at(1, 0, blocking=True)
     assert config.save.compute_crc32 is True
     shard = (tmp_path / step_dir(1) / "__0_0.distcp").read_bytes()
     # Zip central directory entries ("PK\x01\x02") carry each record's CRC-32 at byte 16.
@@ -403,9 +378,9 @@ def test_writer_skips_zip_crc32_only_while_writing(tmp_path):
 
 
 def test_writer_threads_default_to_parallel_uploads_on_object_stores(mem_url):
-    assert Job("s3://bucket/run", "checkpoint.endpoint_url=\"http://127.0.0.1:9\"").ckpt._writer_threads() == 4
-    assert Job(mem_url).ckpt._writer_threads() == 1
-    assert Job("s3://bucket/run", "checkpoint.writer_threads=2").ckpt._writer_threads() == 2
+    assert Job("s3://bucket/run", "checkpoint.endpoint_url=\"http://127.0.0.1:9\"").ckpt.commits.writer_threads() == 4
+    assert Job(mem_url).ckpt.commits.writer_threads() == 1
+    assert Job("s3://bucket/run", "checkpoint.writer_threads=2").ckpt.commits.writer_threads() == 2
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
@@ -416,7 +391,7 @@ def test_a_failing_writer_thread_fails_the_save_instead_of_committing_a_partial_
 
     job = Job(mem_url, "checkpoint.writer_threads=2")
     job.step()
-    assert job.ckpt.save(1, 0, blocking=True)
+    assert job.ckpt.save_at(1, 0, blocking=True)
     real_create = dcp_io._HashingFs.create_stream
 
     def failing_in_extra_thread(self, path, mode):
@@ -427,10 +402,10 @@ def test_a_failing_writer_thread_fails_the_save_instead_of_committing_a_partial_
 
     monkeypatch.setattr(dcp_io._HashingFs, "create_stream", failing_in_extra_thread)
     job.step()
-    assert job.ckpt.save(2, 0, blocking=True) is False
+    assert job.ckpt.save_at(2, 0, blocking=True) is False
     assert job.metrics.failures.labels(stage="write")._value.get() == 1
     assert job.ckpt.catalog.committed_steps() == [1]
     monkeypatch.undo()
     job.step()
-    assert job.ckpt.save(3, 0, blocking=True)
+    assert job.ckpt.save_at(3, 0, blocking=True)
     assert Job(mem_url, seed=4).ckpt.resume() == 3

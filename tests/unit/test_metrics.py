@@ -37,11 +37,11 @@ def test_required_metrics_exist():
 
 
 def test_checkpoint_metrics_update_on_save_and_failure(tmp_path):
-    from tests.unit.test_checkpoint import Job
+    from tests.helpers import CheckpointJob as Job
 
     job = Job(str(tmp_path))
     job.step()
-    job.ckpt.save(1, 0, blocking=False)
+    job.ckpt.save_at(1, 0, blocking=False)
     job.ckpt.before_update()
     assert job.ckpt.wait()
     m = job.metrics
@@ -55,7 +55,7 @@ def test_checkpoint_metrics_update_on_save_and_failure(tmp_path):
 def test_training_step_does_no_network_io(monkeypatch, tmp_path):
     """With a supervisor configured, only the heartbeat thread touches the network."""
     from service.config import load_config
-    from service.train.distributed import DistInfo
+    from service.dist import DistInfo
     from service.train.loop import Trainer
 
     connects: list[str] = []

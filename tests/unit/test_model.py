@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from service.config import load_config
-from service.train.model import EMAState, build_ema, build_unet, check_geometry, sample_size
+from service.model import EMAState, build_ema, build_unet, check_geometry, sample_size
 from service.train.state import LRSchedulerState, TrainState, warmup_cosine
 
 

@@ -18,7 +18,7 @@ def _rank(rank: int, port: int, url: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from service.checkpoint.manager import Checkpointer
     from service.config import load_config
-    from service.train.distributed import DistInfo
+    from service.dist import DistInfo
     from service.train.state import ModelState, OptimizerState, TrainState
 
     torch.manual_seed(0)  # replicated, as under DDP
@@ -37,16 +37,16 @@ def _rank(rank: int, port: int, url: str, out: str) -> None:
     for n in (1, 2, 3, 4):
         step()
         if n == 3 and rank == 0:
-            ckpt._share = set()  # a wrong guess: DCP will ask this rank for tensors it did not copy
-        ckpt.save(n, 0, blocking=False)
+            ckpt.staging.share = set()  # a wrong guess: DCP will ask this rank for tensors it did not copy
+        ckpt.save_at(n, 0, blocking=False)
         ckpt.before_update()
         report["saved"] = {k: v.tolist() for k, v in model.state_dict().items()}
         with torch.no_grad():  # weights move on while the write may still be in flight
             for p in model.parameters():
                 p.add_(100)
         report["committed"].append(ckpt.wait())
-        report["staged"].append(sorted(ckpt._staging))
-    report["share"] = sorted(ckpt._share or [])
+        report["staged"].append(sorted(ckpt.staging.buffers))
+    report["share"] = sorted(ckpt.staging.share or [])
     ckpt.close()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(report, f)
@@ -71,7 +71,7 @@ def test_each_rank_stages_only_its_share(tmp_path):
 
     from service.checkpoint.manager import Checkpointer
     from service.config import load_config
-    from service.train.distributed import DistInfo
+    from service.dist import DistInfo
     from service.train.state import ModelState, OptimizerState, TrainState
 
     torch.manual_seed(5)

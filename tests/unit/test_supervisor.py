@@ -6,8 +6,8 @@ import pytest
 
 from service.config import load_config
 from service.errors import UserError
+from service.heartbeat import Heartbeat, HeartbeatSender, token_ok
 from service.metrics import SupervisorMetrics
-from service.supervisor.heartbeat import Heartbeat, HeartbeatSender, token_ok
 from service.supervisor.launcher import check_job_geometry, torchrun_command
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
@@ -46,7 +46,6 @@ def test_new_pid_is_a_restart_and_ordered_exits_are_not():
     m = JobMonitor(10, Clock())
     assert not m.observe(hb(0, 100))
     assert m.observe(hb(0, 200))
-    assert m.crashes_seen == 1
     doomed = m.order_restart()
     assert [s.hb.pid for s in doomed] == [200]
     assert m.should_exit(200) and not m.should_exit(300)
@@ -271,7 +270,7 @@ def test_silent_agents_are_ended_for_a_relaunch():
     import sys
     import time
 
-    from service.supervisor import faults
+    from service.supervisor import procs
     from service.supervisor.launcher import Agent, LocalSupervisor
 
     def gone(pid: int) -> bool:  # exited, or a zombie waiting for its (new) parent to reap it
@@ -287,10 +286,10 @@ def test_silent_agents_are_ended_for_a_relaunch():
                               "[sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
     try:
         deadline = time.monotonic() + 10
-        while not faults.children(agent.pid):
+        while not procs.children(agent.pid):
             assert time.monotonic() < deadline, "the stand-in agent did not start its child"
             time.sleep(0.05)
-        child = faults.children(agent.pid)[0]
+        child = procs.children(agent.pid)[0]
         sup.agents[0] = Agent(0, agent)
         sup._handle_silence()
         assert agent.poll() is None  # just launched: not silent yet

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -143,6 +142,3 @@ def _exit_for_restart(generation: int, kill: list[int]) -> None:
     # os._exit: the main thread may be stuck in a collective; only a hard exit gets out.
     os._exit(EXIT_RESTART_ORDERED)
 
-
-def now() -> float:
-    return time.time()

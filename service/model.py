@@ -121,10 +121,3 @@ class EMAState:
                 param.copy_(shadow[name])
         self.ema.optimization_step = int(state["step"])
 
-
-def ema_unet(ema: EMAModel, model: UNet2DModel) -> UNet2DModel:
-    """A copy of the model carrying the EMA weights (for sampling and export)."""
-    copy = UNet2DModel.from_config(model.config)
-    copy.load_state_dict(model.state_dict())
-    ema.copy_to(copy.parameters())
-    return copy.eval()

@@ -1,0 +1,82 @@
+"""The checkpoint's collectives, on a dedicated gloo group, and the errors they carry.
+
+All checkpoint collectives run on their own CPU group, so a background save never interleaves
+with the training group's all-reduces. Decisions that must be the same everywhere (skip a
+committed folder, which checkpoint to load) are made by rank 0 and broadcast — including rank
+0's errors, so no rank is ever left waiting in a collective. Alone (no process group) every
+collective degrades to a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from service.checkpoint.dcp_io import CorruptCheckpointError
+from service.dist import DistInfo, new_gloo_group
+from service.errors import UserError
+
+# DCP raises CheckpointException (a BaseException!) when any rank failed; catch it with the rest.
+CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+class CheckpointGroup:
+    """Collectives of the checkpoint group, degrading to no-ops when running alone."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.pg = new_gloo_group() if dist.is_initialized() else None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.pg is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and give every rank its result — or its error, so that a
+        storage failure on rank 0 fails every rank instead of leaving them in a collective."""
+        outcome: tuple[str, Any] | None = None
+        if self.info.is_main:
+            try:
+                outcome = ("ok", fn())
+            except UserError as e:
+                outcome = ("user", str(e))
+            except CHECKPOINT_ERRORS as e:
+                outcome = ("error", describe_error(e))
+        outcome = self.broadcast(outcome)
+        assert outcome is not None
+        kind, value = outcome
+        if kind == "user":
+            raise UserError(value)
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
+    def gather_to_all(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.pg is None:
+            return [obj]
+        out: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(out, obj, group=self.pg)
+        return out
+
+
+def describe_error(err: BaseException | None) -> str:
+    """One line for a log or a message; DCP's per-rank wrapper is unwrapped to its cause."""
+    if err is None:
+        return "unknown error"
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(failures.items()))
+        inner_err = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {describe_error(inner_err)}"
+    if isinstance(err, CorruptCheckpointError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"

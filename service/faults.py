@@ -1,0 +1,72 @@
+"""Every fault-injection hook, in one place: for tests and benchmarks, never needed in production.
+
+Inside the job, product code calls exactly two narrow points, both inert unless their
+documented environment variable is set:
+
+- ``crash_point(stage, step)`` in the checkpoint commit protocol: ``FTDIFF_CRASH_AT=<stage>:<step>``
+  SIGKILLs the process at that moment (stages: ``CRASH_STAGES``), so tests crash for real at
+  exact points of the protocol.
+- ``StepProbe.after_step(...)`` in the training loop: ``FTDIFF_SAMPLE_TRACE=<dir>`` appends one
+  JSON line per optimizer step to ``<dir>/rank<R>-pid<PID>.jsonl`` (the audit trail that proves
+  exactly-once consumption), and ``FTDIFF_FAIL_AT_STEP=<step>`` raises in every attempt that
+  reaches that step (a deterministic crash loop with a real traceback).
+
+From outside, faults go through the real mechanism (a signal to a pid), so the detection code
+under test is the code that runs in production: ``kill9``, ``freeze``, ``thaw``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CRASH_STAGES = ("after_shards", "after_metadata", "after_manifest", "after_pointer")
+
+
+def crash_point(stage: str, step: int) -> None:
+    """SIGKILL this process if ``FTDIFF_CRASH_AT`` names this stage of this step's commit."""
+    spec = os.environ.get("FTDIFF_CRASH_AT")
+    if spec and spec == f"{stage}:{step}":
+        log.warning("FTDIFF_CRASH_AT: killing this process at %s of step %d", stage, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepProbe:
+    """The training loop's per-step hook: sample trace and injected failure, from the env."""
+
+    def __init__(self, rank: int, world_size: int, env: Mapping[str, str] = os.environ):
+        self.rank, self.world_size = rank, world_size
+        trace_dir = env.get("FTDIFF_SAMPLE_TRACE")
+        self.trace = Path(trace_dir) / f"rank{rank}-pid{os.getpid()}.jsonl" if trace_dir else None
+        fail_at = env.get("FTDIFF_FAIL_AT_STEP")
+        self.fail_at = int(fail_at) if fail_at else None
+
+    def after_step(self, step: int, positions: Sequence[int]) -> None:
+        if self.trace is not None:
+            line = {"step": step, "rank": self.rank, "time": time.time(),
+                    "world_size": self.world_size, "positions": list(positions)}
+            with self.trace.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        if self.fail_at == step:
+            raise RuntimeError(f"injected failure at step {step} (FTDIFF_FAIL_AT_STEP)")
+
+
+def kill9(pid: int) -> None:
+    """A crash: the process disappears without any chance to clean up."""
+    os.kill(pid, signal.SIGKILL)
+
+
+def freeze(pid: int) -> None:
+    """A hang: the process stays alive but stops running (heartbeats included)."""
+    os.kill(pid, signal.SIGSTOP)
+
+
+def thaw(pid: int) -> None:
+    os.kill(pid, signal.SIGCONT)

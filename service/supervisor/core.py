@@ -1,0 +1,122 @@
+"""The supervisor loop that both modes share.
+
+``Supervisor`` owns what local mode (``ftdiff train``, which launches torchrun agents) and
+attach mode (``ftdiff supervise``, which watches a cluster-launched job) have in common: the
+heartbeat monitor, the HTTP endpoints, the failure ledger, the metrics, signal handling and the
+detection/decision loop. A mode only says how it acts: what to start, how to react to hung
+ranks, what to check on each tick, and how to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+from service.config import Config
+from service.heartbeat import Heartbeat
+from service.metrics import FailureKind, RestartReason, SupervisorMetrics
+from service.supervisor.ledger import FailureLedger, publish
+from service.supervisor.monitor import JobMonitor, RankState
+from service.supervisor.server import SupervisorEndpoints
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, token: str, known_nodes: set[str] | None = None):
+        sup = cfg.supervisor
+        self.cfg, self.token = cfg, token
+        self.metrics = SupervisorMetrics()
+        self.monitor = JobMonitor(sup.hang_timeout_s)
+        self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
+        self.endpoints = SupervisorEndpoints(
+            cfg, token, self.monitor, self.metrics,
+            ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
+            on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
+            known_nodes=known_nodes,
+        )
+        self.server = self.endpoints.control
+        self.stop_signal: int | None = None
+        self._restart_request = False
+
+    # -- what a mode provides ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the job's processes, if this mode launches any."""
+
+    def check(self) -> int | None:
+        """Once per tick: the job's exit code when it is over, else None."""
+        return None
+
+    def on_hung(self, hung: list[RankState]) -> None:
+        """Ranks without progress (or heartbeats) for ``hang_timeout_s``: act on them."""
+        raise NotImplementedError
+
+    def after_tick(self) -> None:
+        """Once per tick, after hang detection."""
+
+    def stop(self) -> int:
+        """SIGTERM/SIGINT arrived: end (or leave) the job; the exit code."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Always called when the loop ends, however it ends."""
+
+    # -- shared ------------------------------------------------------------------------------------
+    def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
+        self.ledger.record(kind, restart)
+
+    def _restart_observed(self, hb: Heartbeat) -> None:
+        if self.stop_signal is not None:
+            return  # workers leaving on our own stop order are not crashes
+        log.warning("rank %d (node %s) restarted with pid %d: worker crash", hb.rank, hb.node, hb.pid)
+        self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
+
+    def _restart_requested(self) -> None:
+        self._restart_request = True
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep unless a stop signal arrives; True if one did."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.stop_signal is None:
+            time.sleep(0.1)
+        return self.stop_signal is not None
+
+    @property
+    def tick_s(self) -> float:
+        return min(0.5, self.cfg.supervisor.heartbeat_interval_s / 2)
+
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.endpoints.start()
+        try:
+            self.start()
+            self.metrics.state.state("running")
+            while True:
+                if self.stop_signal is not None:
+                    self.metrics.state.state("stopping")
+                    return self.stop()
+                code = self.check()
+                if code is not None:
+                    self.metrics.state.state("succeeded" if code == 0 else "failed")
+                    return code
+                if self._restart_request:
+                    self._restart_request = False
+                    self.metrics.restarts.labels(reason=RestartReason.ORDERED.value).inc()
+                    self.monitor.order_restart()
+                hung = self.monitor.hung()
+                if hung:
+                    self.on_hung(hung)
+                self.after_tick()
+                publish(self.monitor, self.metrics)
+                time.sleep(self.tick_s)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            try:
+                self.shutdown()
+            finally:
+                self.endpoints.stop()

@@ -1,0 +1,41 @@
+"""Model or EMA weights out of a committed checkpoint, in one process (export, sample, tests).
+
+The UNet is rebuilt from the config recorded in the manifest; every byte goes through the
+verifying reader.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from service.checkpoint.dcp_io import VerifyingReader
+from service.checkpoint.refs import CheckpointRef
+from service.config import Config
+from service.model import build_unet
+from service.train import state as keys
+
+Weights = Literal["ema", "model"]
+
+
+def load_weights(ref: CheckpointRef, which: Weights = "ema") -> tuple[Config, dict[str, torch.Tensor]]:
+    """The UNet state dict (EMA or raw weights) of a committed checkpoint, verified."""
+    cfg = ref.config
+    model = build_unet(cfg.model, cfg.run.seed)
+    target = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+    if which == "model":
+        request = {keys.MODEL: target}
+    else:
+        names = {n for n, _ in model.named_parameters()}
+        request = {keys.EMA: {"shadow": {n: target[n] for n in names}}}
+        buffers = {n: t for n, t in target.items() if n not in names}
+        if buffers:  # buffers are not averaged: take them from the raw model
+            request[keys.MODEL] = buffers
+    reader = VerifyingReader(ref.catalog.storage.fs, ref.folder, ref.manifest.files)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(request, storage_reader=reader)
+    return cfg, target
