@@ -25,13 +25,9 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from service.checkpoint.manifest import FileEntry
 
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint file does not match its manifest entry."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+# CorruptCheckpointError is defined next to the safe loaders (so that UnsafeCheckpointError can
+# derive from it without an import cycle) and is still imported from here by its users.
+from service.checkpoint.safe_pickle import CorruptCheckpointError, SafeFileSystemReader, is_plain_name
 
 
 def crc32c_hex(data: Any) -> str:
@@ -184,6 +180,16 @@ def _check(path: str, entry: FileEntry, size: int, data: Any) -> None:
 
 
 def _entry(path: str, expected: dict[str, FileEntry]) -> FileEntry:
+    """The manifest entry for ``path``, looked up by file name.
+
+    The names are untrusted, and callers build paths from them: ``catalog.verify`` joins each
+    one to the folder, so ``../x`` or ``/x`` would lead the read elsewhere while a plain ``x``
+    beside it supplied the entry the lookup by base name finds. A manifest with any name that
+    is not a plain file name is therefore refused whole, before any read.
+    """
+    unsafe = next((name for name in expected if not is_plain_name(name)), None)
+    if unsafe is not None:
+        raise CorruptCheckpointError(path, f"the manifest lists {unsafe!r}, which is not a plain file name")
     entry = expected.get(os.path.basename(path))
     if entry is None:
         raise CorruptCheckpointError(path, "file is not listed in the manifest")
@@ -216,8 +222,13 @@ def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
         raise CorruptCheckpointError(path, "file is missing") from None
 
 
-class VerifyingReader(FsspecReader):
-    """FsspecReader that refuses any file whose bytes differ from the manifest."""
+class VerifyingReader(SafeFileSystemReader, FsspecReader):
+    """FsspecReader that refuses any file whose bytes differ from the manifest.
+
+    The manifest's CRC-32C does not make the bytes trustworthy (whoever can write the bucket
+    can write the manifest too), so what they hold is read without running code from them
+    (see ``safe_pickle``).
+    """
 
     def __init__(self, fs: Any, path: str, expected: dict[str, FileEntry]):
         super().__init__(path)

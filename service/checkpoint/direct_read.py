@@ -10,7 +10,9 @@ verified resume costs no more than DCP's unverified one.
 
 Anything outside the simple case — a destination on an accelerator or not contiguous, a
 resharded slice, a dtype change, a saved view of a larger storage, a torch without the
-metadata-only load — goes through DCP's own path unchanged.
+metadata-only load — goes through DCP's own path unchanged, as does every non-tensor item.
+Both that path and the ``.metadata`` read are ``SafeFileSystemReader``'s, which never runs
+code from the checkpoint (see ``safe_pickle``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _create_file_view
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
+from service.checkpoint.safe_pickle import SafeFileSystemReader
 
-class DirectFileReader(dcp.FileSystemReader):
+
+class DirectFileReader(SafeFileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         fallback: list[ReadItem] = []
         for relative_path, reqs in self._by_file(plan.items):
