@@ -174,7 +174,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     info = DistInfo(rank, world, rank, torch.device("cpu"), "0")
     train = TrainState()
     registry = {"model": ModelState(model), "optimizer": OptimizerState(model, opt), "train_state": train}
-    ck = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
+    ck = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()), per_rank_keys=(),
+                      can_read_state=lambda: bool(opt.state))
     x = torch.randn(args.batch, 2048)
 
     def forward_backward() -> None:  # reads the weights, writes only .grad
@@ -226,7 +227,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     r["commit_overlapped_s"] = statistics.median(c for _, _, c in measured[True])
     r["samples"] = {"dcp_sync_s": [round(x, 3) for x in dcp_syncs],
                     "commit_s": [round(c, 3) for _, _, c in runs[False]]}
-    fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()))
+    fresh = Checkpointer(cfg, info, registry, CheckpointMetrics(CollectorRegistry()), per_rank_keys=(),
+                         can_read_state=lambda: bool(opt.state))
     dcp_loads, loads = [], []
     for _ in range(args.repeats):
         dcp_loads.append(timed(lambda: dcp.load(dcp_state, storage_reader=reader_for(f"{base}/dcp_sync_0"))))

@@ -1,35 +1,105 @@
 """``ftdiff``: train, supervise, inspect/verify/prune checkpoints, export, sample.
 
-Every subcommand maps user mistakes (UserError) to one message on stderr and exit code 2.
+Every command ends in one line on stderr (``ftdiff: ...``) and an exit code from one table
+(``service.errors``, docs/operations.md "Exit codes"): 0 ok, 1 corrupt or missing checkpoint or
+failed run, 2 usage or config, 3 storage unreachable or access denied. ``--verbose`` adds the
+traceback. Messages name URLs without their credentials.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
+from service.config import redact_text, redact_url
+from service.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STORAGE,
+    BadCheckpointError,
+    UserError,
+    exit_code_of,
+)
 
 
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--region", help="S3 region (default: AWS_REGION)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
 
 
-def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from service.checkpoint.refs import resolve
-
-    return resolve(args.url, args.endpoint_url, args.region)
-
-
-def _catalog(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _catalog(url: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The catalog of an existing checkpoint root, after checking that the storage answers
+    (exit 3 in one line, not a botocore traceback, when it does not)."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.storage import open_storage
 
-    return Catalog(open_storage(args.url, args.endpoint_url, args.region))
+    storage = open_storage(url, args.endpoint_url, args.region)
+    if not storage.check_reachable(write=False):
+        raise BadCheckpointError(f"no such checkpoint root {storage.display_url}")
+    return Catalog(storage)
+
+
+def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """``URL`` (the root's latest committed checkpoint) or ``URL/step-N`` (N in any padding)."""
+    from service.checkpoint.catalog import split_checkpoint_url
+    from service.checkpoint.manifest import ManifestError, step_dir
+    from service.checkpoint.refs import CheckpointRef
+
+    root, step = split_checkpoint_url(args.url)
+    catalog = _catalog(root, args)
+    if step is None:
+        found = catalog.latest()
+        if found is None:
+            raise BadCheckpointError(f"no committed checkpoint under {catalog.storage.display_url}")
+        return CheckpointRef(catalog, *found)
+    try:
+        return CheckpointRef(catalog, step, catalog.manifest(step))
+    except ManifestError as e:
+        raise BadCheckpointError(f"{catalog.storage.display_url}/{step_dir(step)}: {e}") from None
+
+
+def _shown(ref: Any) -> str:
+    return redact_url(ref.url)
+
+
+def _check_metadata(ref: Any) -> None:
+    """Read and check ``.metadata`` before DCP does: torch folds a failure to read it into an
+    AssertionError about metadata being None, and the file and the reason get lost."""
+    from service.checkpoint.dcp_io import read_verified_file
+    from service.checkpoint.manifest import step_dir
+    from service.checkpoint.safe_pickle import load_metadata
+
+    storage, rel = ref.catalog.storage, f"{step_dir(ref.step)}/.metadata"
+    load_metadata(read_verified_file(storage, rel, ref.manifest.files), storage.path(rel))
+
+
+@contextlib.contextmanager
+def _command_logging(verbose: bool) -> Iterator[None]:
+    """Read commands print their result and at most one error line: library log records
+    (torch's DCP logs its own tracebacks at WARNING) only appear with --verbose."""
+    from service.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    if verbose:
+        setup_logging("ftdiff", "text", verbose=True)
+    else:
+        root.handlers[:] = [logging.NullHandler()]
+        root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 # -- train / worker ---------------------------------------------------------------------------
@@ -50,8 +120,10 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
     from service.supervisor.attach import run_attached
 
-    setup_logging("supervisor", args.log_format, args.verbose)
-    return run_attached(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    setup_logging("supervisor", args.log_format, args.verbose,
+                  secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
+    return run_attached(cfg)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -62,7 +134,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- ckpt -------------------------------------------------------------------------------------
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
-    infos = _catalog(args).describe()
+    infos = _catalog(args.url, args).describe()
     if args.json:
         print(json.dumps([i.to_json() for i in infos]))
         return EXIT_OK
@@ -79,7 +151,7 @@ def cmd_ckpt_show(args: argparse.Namespace) -> int:
     ref = _resolve(args)
     m = ref.manifest
     print(json.dumps({
-        "url": ref.url, "step": m.step, "world_size": m.world_size, "samples_seen": m.samples_seen,
+        "url": _shown(ref), "step": m.step, "world_size": m.world_size, "samples_seen": m.samples_seen,
         "config_hash": m.config_hash, "versions": m.versions, "time": m.time, "bytes": m.total_bytes,
         "files": {k: {"size": v.size, "crc32c": v.crc32c} for k, v in sorted(m.files.items())},
     }, indent=2))
@@ -88,29 +160,26 @@ def cmd_ckpt_show(args: argparse.Namespace) -> int:
 
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     from service.checkpoint.catalog import split_checkpoint_url
+    from service.checkpoint.manifest import step_dir
 
     root, step = split_checkpoint_url(args.url)
-    args.url = root
+    catalog = _catalog(root, args)
     problems: list[str] = []
     if step is None:
         # A run's root: its latest committed checkpoint, and the pointer that should name it.
-        catalog = _catalog(args)
         committed = catalog.committed_steps()  # a full scan: verify reads everything anyway
         if not committed:
-            print(f"no committed checkpoint under {catalog.storage.display_url}", file=sys.stderr)
-            return EXIT_FAILURE
+            raise BadCheckpointError(f"no committed checkpoint under {catalog.storage.display_url}")
         step = committed[-1]
         pointer = catalog.pointer_step()
         if pointer != step:
             problems.append(f"latest pointer names {pointer!r}, but the newest committed step is {step}")
-    else:
-        catalog = _catalog(args)
     problems += catalog.verify(step)
-    where = catalog.storage.url_of(f"step-{step:09d}")
+    where = f"{catalog.storage.display_url}/{step_dir(step)}"
     if problems:
         print(f"CORRUPT {where}", file=sys.stderr)
         for p in problems:
-            print(f"  {p}", file=sys.stderr)
+            print(f"  {redact_text(p)}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"OK {where}")
     return EXIT_OK
@@ -121,7 +190,7 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
 
     if args.keep_last < 1:
         raise UserError("--keep-last must be at least 1 (the newest commit is never deleted)")
-    deleted, failed = apply_retention(_catalog(args), args.keep_last, args.keep_every)
+    deleted, failed = apply_retention(_catalog(args.url, args), args.keep_last, args.keep_every)
     print(json.dumps({"deleted": deleted, "failed": failed}))
     return EXIT_FAILURE if failed else EXIT_OK
 
@@ -131,22 +200,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     from service.export import export
 
     ref = _resolve(args)
+    _check_metadata(ref)
     out = export(ref, args.format, args.out, args.weights)
-    print(f"exported {args.weights} weights of {ref.url} to {out}")
+    print(f"exported {args.weights} weights of {_shown(ref)} to {out}")
     return EXIT_OK
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from service.sample import generate, save_grid, unet_from_state
+    from service.sample import check_grid_path, generate, save_grid, unet_from_state
     from service.weights import load_weights
 
     if args.n < 1:
         raise UserError("--n must be at least 1")
+    check_grid_path(args.out)
     ref = _resolve(args)
+    _check_metadata(ref)
     cfg, state = load_weights(ref, args.weights)
     images = generate(unet_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps)
     out = save_grid(images, args.out)
-    print(f"wrote {out} ({args.n} samples, {args.weights} weights of {ref.url})")
+    print(f"wrote {out} ({args.n} samples, {args.weights} weights of {_shown(ref)})")
     return EXIT_OK
 
 
@@ -154,7 +226,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from service.train.entry import add_worker_args
 
-    parser = argparse.ArgumentParser(prog="ftdiff", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ftdiff", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 ok, 1 corrupt/missing checkpoint or failed run, "
+                                            "2 usage/config, 3 storage unreachable or access denied")
+    # Its own dest: a subcommand's --verbose default must not reset `ftdiff --verbose CMD`.
+    parser.add_argument("--verbose", dest="global_verbose", action="store_true",
+                        help="print the traceback of a failure (also accepted after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run a supervised local job (default: embedded tiny job)")
@@ -174,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = sub.add_parser("ckpt", help="inspect, verify and prune checkpoints").add_subparsers(
         dest="ckpt_command", required=True
     )
-    p = ckpt.add_parser("ls", help="list checkpoints under a run's root")
+    p = ckpt.add_parser("ls", help="list checkpoints under a run's root (exit 1 if the root does not exist)")
     p.add_argument("url")
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)
@@ -214,14 +291,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- failures: one line and an exit code ------------------------------------------------------
+def _failure(e: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line message for whatever ended a command."""
+    from service.checkpoint.manifest import ManifestError
+    from service.checkpoint.safe_pickle import CorruptCheckpointError, UnsafeCheckpointError
+
+    if isinstance(e, UserError):
+        return exit_code_of(e), str(e)
+    if isinstance(e, UnsafeCheckpointError):
+        return EXIT_FAILURE, f"unsafe checkpoint file {e.path}: {e.reason}"
+    if isinstance(e, CorruptCheckpointError):
+        return EXIT_FAILURE, f"corrupt checkpoint file {e.path}: {e.reason}"
+    if isinstance(e, ManifestError):
+        return EXIT_FAILURE, f"corrupt checkpoint: {e}"
+    inner = _dcp_cause(e)
+    if inner is not None:  # DCP's CheckpointException: the first rank's own error
+        code, message = _failure(inner)
+        return code, message.replace("failed: ", "checkpoint load failed: ", 1) if message.startswith("failed: ") else message
+    if isinstance(e, PermissionError) or _error_code(e) in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return EXIT_STORAGE, f"storage access denied: {_gist(e)}"
+    if isinstance(e, ConnectionError) or type(e).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):
+        return EXIT_STORAGE, f"storage unreachable: {_gist(e)}"
+    return EXIT_FAILURE, f"failed: {_gist(e)} (run with --verbose for the traceback)"
+
+
+def _dcp_cause(e: BaseException) -> BaseException | None:
+    """The exception inside torch.distributed.checkpoint's CheckpointException (a
+    BaseException holding {rank: (exception, traceback)}), if ``e`` is one."""
+    failures = getattr(e, "failures", None) if type(e).__name__ == "CheckpointException" else None
+    if not isinstance(failures, dict) or not failures:
+        return None
+    first = failures[min(failures)]
+    return first[0] if isinstance(first, tuple) else first
+
+
+def _error_code(e: BaseException) -> str | None:
+    response = getattr(e, "response", None)
+    return str(response.get("Error", {}).get("Code")) if isinstance(response, dict) else None
+
+
+def _gist(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return redact_text(f"{type(e).__name__}: {lines[0][:300] if lines else ''}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = bool(args.global_verbose or getattr(args, "verbose", False))
     func: Callable[[argparse.Namespace], int] = args.func
+    quiet = args.command in ("ckpt", "export", "sample")  # the others set up their own logs
     try:
-        return func(args)
-    except UserError as e:
-        print(f"ftdiff: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        with _command_logging(args.verbose) if quiet else contextlib.nullcontext():
+            return func(args)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # CheckpointException is a BaseException
+        code, message = _failure(e)
+        print(f"ftdiff: {redact_text(message)}", file=sys.stderr)
+        if args.verbose:
+            print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

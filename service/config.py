@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +55,10 @@ class DataConfig(_Section):
     """DataLoader worker processes per rank. Does not change the samples or the math."""
     hflip: bool = True
     """Random horizontal flip; the decision is a pure function of (seed, epoch, index)."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """A file of a folder that cannot be decoded: stop with an error naming it, or train on
+    the next decodable image of the folder instead (the same one on every run and world
+    size; counted). kind=folder only."""
 
     @model_validator(mode="after")
     def _folder_needs_url(self) -> "DataConfig":
@@ -143,10 +150,156 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
+    def redacted_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without secrets: what manifests, exports, logs and metrics may record.
+
+        The token becomes ``***`` (None stays None, so "no token" remains visible) and every
+        URL-valued setting loses its ``user:password@`` (see ``redact_url``).
+        """
+        return redact_config_dict(self.to_dict())
+
     def hash(self) -> str:
-        """Stable digest of the settings, recorded in every checkpoint manifest."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Stable digest of the settings, recorded in every checkpoint manifest.
+
+        Computed over the settings as the manifest records them (``redacted_dict``), so the
+        digest never carries a secret (a 64-bit digest of a short token could be brute-forced)
+        and a secret only counts as set or unset. Keys added later are left out while they
+        hold their default, so an unchanged configuration keeps its hash across upgrades.
+        """
+        body = self.redacted_dict()
+        for (section, key), default in _ADDED_LATER.items():
+            if body.get(section, {}).get(key, default) == default:
+                body.get(section, {}).pop(key, None)
+        blob = json.dumps(body, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys introduced after config hashes were first recorded, with their defaults (see hash()).
+_ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error"}
+
+REDACTED = "***"
+# Settings whose whole value is a secret (everything URL-valued is redacted by redact_url).
+SECRET_KEYS: frozenset[tuple[str, str]] = frozenset({("supervisor", "token")})
+# Query parameters that carry credentials in presigned / SAS / token URLs.
+_SECRET_QUERY = re.compile(r"sig|token|secret|pass|pwd|credential|key|auth", re.IGNORECASE)
+
+
+def redact_config_dict(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict (``to_dict`` shape, or an older manifest's) without secrets.
+
+    Works on any shape, so a checkpoint written before redaction existed — or with keys this
+    version no longer knows — can still be redacted on its way out (export, ``ckpt show``).
+    """
+    out: dict[str, Any] = {}
+    for section, values in body.items():
+        if not isinstance(values, dict):
+            out[section] = redact_url(values) if isinstance(values, str) else values
+            continue
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            if (section, key) in SECRET_KEYS and value is not None:
+                clean[key] = REDACTED
+            elif isinstance(value, str):
+                clean[key] = redact_url(value)
+            else:
+                clean[key] = value
+        out[section] = clean
+    return out
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: ``scheme://***@host/...``, secret query values ``***``.
+
+    Any scheme (``s3://key:secret@bucket/p``, ``https://u:p@host``, fsspec chains such as
+    ``simplecache::s3://...``). A password may hold ``@`` or an unescaped ``/`` (AWS secret
+    keys do): the userinfo runs to the last ``@`` of the authority, or — when what precedes
+    the first ``/`` looks like ``user:secret`` rather than ``host:port`` — to the last ``@``
+    before the query. Erring towards masking too much: a message may lose a path segment,
+    never leak a key.
+    """
+    if "://" not in url:
+        return url
+    return "::".join(_redact_one(part) for part in url.split("::"))
+
+
+def _redact_one(url: str) -> str:
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    head, tail = rest[:cut], rest[cut:]
+    authority = head.split("/", 1)[0]
+    at = -1
+    if "@" in authority:
+        at = authority.rfind("@")
+    elif _looks_like_userinfo(authority) and "@" in head:
+        at = head.rfind("@")
+    if at >= 0:
+        head = f"{REDACTED}@{head[at + 1:]}"
+    return f"{scheme}://{head}{_redact_query(tail)}"
+
+
+# A URL inside free text (a message, a traceback): scheme://, then up to whitespace or a quote.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """Every URL in ``text`` redacted (``redact_url``): for messages built from exceptions."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def _looks_like_userinfo(authority: str) -> bool:
+    """``user:secret`` (cut short by a ``/`` in the secret), as opposed to ``host:port``."""
+    if ":" not in authority or authority.startswith("["):
+        return False
+    return not authority.rsplit(":", 1)[1].isdigit()
+
+
+def _redact_query(tail: str) -> str:
+    if not tail.startswith("?"):
+        return tail
+    query, hash_, fragment = tail[1:].partition("#")
+    parts = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        parts.append(f"{name}={REDACTED}" if eq and value and _SECRET_QUERY.search(name) else item)
+    return "?" + "&".join(parts) + hash_ + fragment
+
+
+# Worker overrides travel in the environment, not on the command line: /proc/<pid>/cmdline is
+# readable by every user of the machine, /proc/<pid>/environ only by the process's owner.
+OVERRIDES_ENV = "FTDIFF_OVERRIDES"
+
+
+def overrides_to_env(items: list[str]) -> str:
+    """The value of FTDIFF_OVERRIDES for these ``section.key=value`` items (a JSON list)."""
+    return json.dumps(list(items))
+
+
+def overrides_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The ``section.key=value`` items in FTDIFF_OVERRIDES ([] if unset or empty).
+
+    Errors name the variable and the item's position (and its key), never a value: the
+    variable exists to carry secrets.
+    """
+    raw = (os.environ if environ is None else environ).get(OVERRIDES_ENV)
+    if raw is None or not raw.strip():
+        return []
+    expected = 'expected a JSON list of "section.key=value" strings, e.g. ["train.max_steps=30"]'
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{OVERRIDES_ENV} is not valid JSON ({e.msg} at character {e.pos}); {expected}") from None
+    if not isinstance(items, list):
+        raise UserError(f"{OVERRIDES_ENV} holds a JSON {type(items).__name__}; {expected}")
+    for n, item in enumerate(items):
+        if not isinstance(item, str):
+            raise UserError(f"{OVERRIDES_ENV} item {n} is a JSON {type(item).__name__}, not a string; {expected}")
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if "=" not in item or len(parts) != 2 or not all(parts):
+            raise UserError(f"{OVERRIDES_ENV} item {n}: not section.key=value; {expected}")
+    return items
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -155,7 +308,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise UserError(f"--set {item!r}: the key must be section.key, e.g. train.max_steps")
+        # Name the key only: the value may be a secret (supervisor.token).
+        raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps")
     try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -211,7 +365,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         (section, key), value = _parse_override(item)
         sect = data.setdefault(section, {})
         if not isinstance(sect, dict):
-            raise UserError(f"--set {item!r}: {section!r} is not a section")
+            raise UserError(f"--set {section}.{key}=...: {section!r} is not a section")
         sect[key] = value
     return config_from_dict(data, source=source)
 

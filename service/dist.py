@@ -29,6 +29,11 @@ class DistInfo:
     local_rank: int
     device: torch.device
     node: str
+    run_id: str | None = None
+    """Stable across every restart of one run: FTDIFF_RUN_ID (set by ``ftdiff train`` and the
+    deploy manifests), else torchrun's --rdzv-id; None when neither names the run."""
+    restart_count: int = 0
+    """torchrun's restart count of this worker group (TORCHELASTIC_RESTART_COUNT)."""
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +63,17 @@ def init_distributed() -> DistInfo:
             world_size=world_size,
         )
         log.debug("joined process group: rank %d/%d backend %s", rank, world_size, backend)
-    return DistInfo(rank, world_size, local_rank, device, node)
+    return DistInfo(rank, world_size, local_rank, device, node, run_id_from_env(),
+                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+
+
+def run_id_from_env() -> str | None:
+    """The id that names this run across restarts, if the launcher gave one."""
+    explicit = os.environ.get("FTDIFF_RUN_ID")
+    if explicit:
+        return explicit
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return rdzv if rdzv and rdzv != "none" else None  # "none": torchrun's default, names nothing
 
 
 def _restart_safe_store(rank: int, world_size: int) -> dist.Store:

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
-# Exit codes (documented in docs/operations.md; relied on by supervisors and k8s specs).
+# Exit codes (documented in docs/operations.md, "Exit codes"; relied on by supervisors, k8s
+# specs and scripts — change them only together with that table).
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # bad config, URL, credentials, impossible geometry: nothing was written
+EXIT_FAILURE = 1  # a corrupt or missing checkpoint, a failed run, an unexpected error
+EXIT_USAGE = 2  # bad arguments, config, URL, impossible geometry: nothing was written
+EXIT_STORAGE = 3  # storage unreachable, or access denied (credentials, read-only, policy)
 EXIT_PREEMPTED = 43  # SIGTERM handled, emergency checkpoint committed
 
 
 class UserError(Exception):
-    """Something the user can fix; printed as one clear message, never as a traceback."""
+    """Something the user can fix; printed as one clear message, never as a traceback.
+
+    ``exit_code`` is what a command exits with when this error ends it; subclasses name the
+    cases that scripts must be able to tell apart.
+    """
+
+    exit_code = EXIT_USAGE
+
+
+class StorageError(UserError):
+    """The storage cannot be used: endpoint down, DNS, TLS, wrong or read-only credentials.
+
+    Distinct from a wrong URL (a plain UserError): the same command may work once the network
+    or the credentials are fixed, so operators and retry loops need to tell the two apart.
+    """
+
+    exit_code = EXIT_STORAGE
+
+
+class BadCheckpointError(UserError):
+    """The checkpoint a read command names is missing, not committed, or corrupt.
+
+    Exit code 1, like ``ckpt verify`` finding a corrupt file: "there is no usable checkpoint
+    here" is the command's answer, not a mistake in how it was called.
+    """
+
+    exit_code = EXIT_FAILURE
+
+
+def exit_code_of(error: UserError) -> int:
+    """The exit code for a UserError (EXIT_USAGE unless its class says otherwise)."""
+    return int(getattr(error, "exit_code", EXIT_USAGE))

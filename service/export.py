@@ -7,21 +7,28 @@ from pathlib import Path
 from typing import Literal
 
 from service.checkpoint.refs import CheckpointRef
+from service.config import redact_config_dict, redact_url
 from service.errors import UserError
 from service.weights import Weights, load_weights
 
 
 def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema") -> Path:
-    cfg, state = load_weights(ref, which)
     target = Path(out)
+    # Usage errors first: reading every byte of a large checkpoint before saying "bad --out"
+    # wastes minutes.
+    if fmt == "safetensors" and target.is_dir():
+        raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
+    if fmt == "diffusers" and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
+    cfg, state = load_weights(ref, which)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        if target.is_dir():
-            raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"step": str(ref.step), "weights": which, "source": ref.url,
-                "config": json.dumps(ref.manifest.config, sort_keys=True)}
+        # Redacted on the way out too: a checkpoint written before manifests were redacted
+        # may still hold a token or URL credentials, and an exported file travels far.
+        meta = {"step": str(ref.step), "weights": which, "source": redact_url(ref.url),
+                "config": json.dumps(redact_config_dict(ref.manifest.config), sort_keys=True)}
         save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata=meta)
         return target
     from diffusers import DDPMPipeline
@@ -29,8 +36,6 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
     from service.model import build_noise_scheduler
     from service.sample import unet_from_state
 
-    if target.exists() and any(target.iterdir()):
-        raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
     pipeline = DDPMPipeline(unet=unet_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))
     pipeline.save_pretrained(str(target))
     return target

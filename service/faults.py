@@ -4,8 +4,8 @@ Inside the job, product code calls exactly two narrow points, both inert unless 
 documented environment variable is set:
 
 - ``crash_point(stage, step)`` in the checkpoint commit protocol: ``FTDIFF_CRASH_AT=<stage>:<step>``
-  SIGKILLs the process at that moment (stages: ``CRASH_STAGES``), so tests crash for real at
-  exact points of the protocol.
+  SIGKILLs the process at that moment (stages: ``after_shards``, ``after_metadata``, ``after_manifest``, ``after_pointer``), so tests crash for real at
+  exact points of the protocol; ``FTDIFF_PAUSE_AT=<stage>:<step>`` SIGSTOPs it there instead.
 - ``StepProbe.after_step(...)`` in the training loop: ``FTDIFF_SAMPLE_TRACE=<dir>`` appends one
   JSON line per optimizer step to ``<dir>/rank<R>-pid<PID>.jsonl`` (the audit trail that proves
   exactly-once consumption), and ``FTDIFF_FAIL_AT_STEP=<step>`` raises in every attempt that
@@ -22,20 +22,23 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-CRASH_STAGES = ("after_shards", "after_metadata", "after_manifest", "after_pointer")
-
-
 def crash_point(stage: str, step: int) -> None:
-    """SIGKILL this process if ``FTDIFF_CRASH_AT`` names this stage of this step's commit."""
-    spec = os.environ.get("FTDIFF_CRASH_AT")
-    if spec and spec == f"{stage}:{step}":
+    """SIGKILL this process if ``FTDIFF_CRASH_AT`` names this stage of this step's commit;
+    SIGSTOP it (a process that stalls there and may wake up much later: a zombie writer) if
+    ``FTDIFF_PAUSE_AT`` does."""
+    here = f"{stage}:{step}"
+    if os.environ.get("FTDIFF_CRASH_AT") == here:
         log.warning("FTDIFF_CRASH_AT: killing this process at %s of step %d", stage, step)
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("FTDIFF_PAUSE_AT") == here:
+        log.warning("FTDIFF_PAUSE_AT: stopping this process at %s of step %d", stage, step)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class StepProbe:
@@ -48,10 +51,12 @@ class StepProbe:
         fail_at = env.get("FTDIFF_FAIL_AT_STEP")
         self.fail_at = int(fail_at) if fail_at else None
 
-    def after_step(self, step: int, positions: Sequence[int]) -> None:
+    def after_step(self, step: int, positions: Any) -> None:
+        """``positions``: the batch's global sample positions (a tensor or a sequence)."""
         if self.trace is not None:
+            listed = positions.tolist() if hasattr(positions, "tolist") else list(positions)
             line = {"step": step, "rank": self.rank, "time": time.time(),
-                    "world_size": self.world_size, "positions": list(positions)}
+                    "world_size": self.world_size, "positions": listed}
             with self.trace.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if self.fail_at == step:
@@ -69,4 +74,5 @@ def freeze(pid: int) -> None:
 
 
 def thaw(pid: int) -> None:
+    """The end of a hang: a frozen process runs again (a zombie writer wakes up)."""
     os.kill(pid, signal.SIGCONT)

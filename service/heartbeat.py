@@ -1,8 +1,8 @@
 """Worker -> supervisor heartbeats, and the supervisor's answer (restart orders).
 
 Each worker runs a daemon thread that POSTs its status every ``heartbeat_interval_s`` to the
-supervisor with a shared bearer token. The answer may order the worker to exit so that its
-torchrun agent restarts it (attach mode). The thread never blocks training: a supervisor that
+supervisor with a shared bearer token. The answer may order this very process to exit so that
+its torchrun agent restarts it. The thread never blocks training: a supervisor that
 cannot be reached costs one short timeout per interval on this thread, nothing else.
 """
 
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Exit code of a worker that leaves because the supervisor ordered a restart.
 EXIT_RESTART_ORDERED = 44
+# Exit code of a worker whose local supervisor or agent died (it must not outlive its job).
+EXIT_ORPHANED = 45
 PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done")
 
 
@@ -40,6 +42,13 @@ class Heartbeat:
     time: float
     metrics: list = field(default_factory=list)
     """The worker's metric samples (service.metrics.snapshot), relayed to /metrics."""
+    started: float = 0.0
+    """When this worker process started (Unix time). With node and pid it names one process:
+    pods have PID namespaces of their own, so pids repeat across pods and container restarts."""
+
+    @property
+    def process(self) -> tuple[str, int, float]:
+        return (self.node, self.pid, self.started)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -53,11 +62,17 @@ class Heartbeat:
             phase=str(body["phase"]),
             last_committed_step=None if body.get("last_committed_step") is None else int(body["last_committed_step"]),
             restart_count=int(body.get("restart_count", 0)), time=float(body["time"]),
-            metrics=list(body.get("metrics", [])),
+            metrics=list(body.get("metrics", [])), started=float(body.get("started", 0.0)),
         )
         if hb.phase not in PHASES:
             raise ValueError(f"unknown phase {hb.phase!r}")
         return hb
+
+
+def shared_token(configured: str | None) -> str | None:
+    """The job's shared secret: ``supervisor.token``, else FTDIFF_TOKEN (how the local launcher
+    and the deploy manifests hand it over). One rule for workers and supervisors alike."""
+    return configured or os.environ.get("FTDIFF_TOKEN") or None
 
 
 def token_ok(header: str | None, token: str) -> bool:
@@ -77,12 +92,14 @@ class HeartbeatSender:
         interval_s: float,
         status: Callable[[], Heartbeat],
         on_exit_order: Callable[[int, list[int]], None] | None = None,
-        on_stop_order: Callable[[], None] | None = None,
+        watch_pids: list[int] | None = None,
     ):
+        """``watch_pids``: processes this worker must not outlive (the local supervisor and
+        its torchrun agent): when one is gone, the worker exits at its next interval."""
         self.url = url.rstrip("/") + "/heartbeat"
         self.token, self.interval_s, self.status = token, interval_s, status
         self.on_exit_order = on_exit_order or _exit_for_restart
-        self.on_stop_order = on_stop_order or (lambda: None)
+        self.watch_pids = list(watch_pids or [])
         self.sent = 0
         self.failed = 0
         self._stop = threading.Event()
@@ -110,11 +127,12 @@ class HeartbeatSender:
         if action == "exit":  # addressed to this very process (by pid)
             kill = [int(p) for p in answer.get("kill", [])]
             self.on_exit_order(int(answer.get("generation", 0)), kill)
-        elif action == "stop":  # preemption relayed by the supervisor: checkpoint, then exit
-            self.on_stop_order()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            gone = [pid for pid in self.watch_pids if not _alive(pid)]
+            if gone:
+                _exit_orphaned(gone)
             try:
                 self.send_once()
             except (OSError, ValueError, urllib.error.URLError) as e:
@@ -126,6 +144,23 @@ class HeartbeatSender:
             self.send_once(obey=False)  # the worker is leaving anyway; no order applies now
         except (OSError, ValueError, urllib.error.URLError):
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _exit_orphaned(gone: list[int]) -> None:
+    log.error("the job's supervisor or agent (pid %s) is gone: exiting, so no worker outlives its job",
+              ", ".join(map(str, gone)))
+    logging.shutdown()
+    os._exit(EXIT_ORPHANED)
 
 
 def _exit_for_restart(generation: int, kill: list[int]) -> None:

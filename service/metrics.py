@@ -69,6 +69,11 @@ class TrainMetrics:
         )
         self.step = Gauge("ftdiff_train_step", "Optimizer steps completed", registry=registry)
         self.loss = Gauge("ftdiff_train_loss", "Training loss (global batch mean)", registry=registry)
+        self.bad_images = Counter(
+            "ftdiff_data_bad_images_total",
+            "Undecodable images replaced by the next good one (data.on_bad_image = skip), this rank",
+            registry=registry,
+        )
         self.samples_per_second = Gauge(
             "ftdiff_train_samples_per_second", "Training throughput over all ranks",
             registry=registry,

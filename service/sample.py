@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from service.config import Config
+from service.errors import UserError
 from service.model import build_noise_scheduler, unet_kwargs
 
 
@@ -23,9 +24,17 @@ def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int =
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
 
+def check_grid_path(path: str | Path) -> None:
+    """Refuse an output path that cannot be the PNG before any sampling time is spent."""
+    if Path(path).is_dir():
+        raise UserError(f"--out {str(path)!r} is a directory; give a file name such as grid.png")
+
+
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:
     """Tile images (n, 3, H, W) in [0, 1] into a square-ish grid PNG, upscaled for viewing."""
     from PIL import Image
+
+    check_grid_path(path)
 
     n, _, h, w = images.shape
     cols = math.ceil(math.sqrt(n))

@@ -12,11 +12,12 @@ from typing import Literal
 import torch
 import torch.distributed.checkpoint as dcp
 
+from service import state_keys as keys
 from service.checkpoint.dcp_io import VerifyingReader
+from service.checkpoint.manifest import step_dir
 from service.checkpoint.refs import CheckpointRef
 from service.config import Config
 from service.model import build_unet
-from service.train import state as keys
 
 Weights = Literal["ema", "model"]
 
@@ -34,7 +35,7 @@ def load_weights(ref: CheckpointRef, which: Weights = "ema") -> tuple[Config, di
         buffers = {n: t for n, t in target.items() if n not in names}
         if buffers:  # buffers are not averaged: take them from the raw model
             request[keys.MODEL] = buffers
-    reader = VerifyingReader(ref.catalog.storage.fs, ref.folder, ref.manifest.files)
+    reader = VerifyingReader.for_folder(ref.catalog.storage, step_dir(ref.step), ref.manifest.files)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(request, storage_reader=reader)

@@ -268,7 +268,8 @@ class SupervisedJob:
 class CheckpointJob:
     """A minimal registry (model, optimizer, counters) around a Checkpointer."""
 
-    def __init__(self, url: str, *overrides: str, seed: int = 0):
+    def __init__(self, url: str, *overrides: str, seed: int = 0, run_id: str | None = None,
+                 restart_count: int = 0):
         from prometheus_client import CollectorRegistry
 
         from service.checkpoint.manager import Checkpointer
@@ -285,8 +286,8 @@ class CheckpointJob:
         registry = {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.opt),
                     "train_state": self.train}
         self.metrics = CheckpointMetrics(CollectorRegistry())
-        info = DistInfo(0, 1, 0, torch.device("cpu"), "0")
-        self.ckpt = Checkpointer(self.cfg, info, registry, self.metrics,
+        info = DistInfo(0, 1, 0, torch.device("cpu"), "0", run_id, restart_count)
+        self.ckpt = Checkpointer(self.cfg, info, registry, self.metrics, per_rank_keys=(),
                                  can_read_state=lambda: bool(self.opt.state))
 
     def step(self) -> None:
@@ -298,3 +299,8 @@ class CheckpointJob:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def shard_name(catalog, step: int) -> str:  # type: ignore[no-untyped-def]
+    """The first shard file of a committed step (names carry the writer's incarnation)."""
+    return next(n for n in sorted(catalog.manifest(step).files) if n.endswith(".distcp"))

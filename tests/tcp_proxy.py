@@ -1,4 +1,5 @@
-"""A loopback TCP forwarder that a test can cut (refuse + reset every connection) and restore.
+"""A loopback TCP forwarder that a test can cut (refuse + reset every connection), restore,
+or slow down (``delay_s``: latency added to every request).
 
 Used to take the S3 endpoint away from a running job for real, at the network level.
 """
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+
+# Bytes from a client after this much quiet start a new request (and pay the latency again).
+REQUEST_GAP_S = 0.02
 
 
 class TcpProxy:
@@ -17,6 +22,7 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.delay_s = 0.0  # added before each request a client sends (throttled storage)
 
     def __enter__(self) -> "TcpProxy":
         self.restore()
@@ -66,15 +72,19 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, slow in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, slow), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool = False) -> None:
+        last = 0.0
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if slow and self.delay_s and time.monotonic() - last > REQUEST_GAP_S:
+                    time.sleep(self.delay_s)
+                last = time.monotonic()
                 dst.sendall(data)
         except OSError:
             pass

@@ -1,16 +1,17 @@
 """Finding, describing and verifying committed checkpoints under one root.
 
 Used by the workers (resume), the retention policy and the ``ftdiff ckpt`` commands. Finding the
-latest costs two reads in the normal case (pointer, manifest), however many checkpoints exist;
-a missing, stale or corrupt pointer falls back to one listing of the root.
+latest costs three requests in the normal case (pointer, one listing, manifest), however many
+checkpoints exist.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.checkpoint.dcp_io import CorruptCheckpointError, read_verified
+from service.checkpoint.dcp_io import CorruptCheckpointError, read_verified_file
 from service.checkpoint.manifest import (
     MANIFEST,
     POINTER,
@@ -27,10 +28,19 @@ log = logging.getLogger(__name__)
 
 
 def split_checkpoint_url(url: str) -> tuple[str, int | None]:
-    """``URL`` (a run's root) or ``URL/step-N`` -> (root, step, or None for "the latest")."""
+    """``URL`` (a run's root) or ``URL/step-N`` -> (root, step, or None for "the latest").
+
+    ``step-150`` and ``step-000000150`` name the same checkpoint: users type the short form,
+    listings print the long one.
+    """
     trimmed = url.rstrip("/")
-    step = parse_step_dir(trimmed.rsplit("/", 1)[-1])
-    return (trimmed.rsplit("/", 1)[0] if step is not None else trimmed), step
+    head, sep, last = trimmed.rpartition("/")
+    step = parse_step_dir(last, canonical=False)
+    if step is None or head.endswith(":/"):  # s3://step-4 is a bucket, not a step
+        return trimmed, None
+    if not sep:  # a bare "step-N": the run's root is the current directory
+        return ".", step
+    return (head or "/"), step
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,11 @@ class CheckpointInfo:
 
 
 class Catalog:
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, fence: Callable[[str], None] | None = None):
+        """``fence(what)`` runs before every change and raises if this writer may no longer
+        change the root (see ``ownership``); read-only users pass none."""
         self.storage = storage
+        self.fence = fence or (lambda what: None)
 
     # -- reading ---------------------------------------------------------------------------
     def manifest(self, step: int) -> Manifest:
@@ -89,41 +102,50 @@ class Catalog:
         except FileNotFoundError:
             return None
 
-    def latest(self, interval: int | None = None) -> tuple[int, Manifest] | None:
+    def latest(self) -> tuple[int, Manifest] | None:
         """The newest committed checkpoint, or None if there is none.
 
-        Normal case: read the pointer, read its manifest, and (given the save ``interval``)
-        check that the next checkpoint has no manifest — three requests. The pointer is written
-        after the manifest, so a crash in between leaves it one commit behind: that stale case,
-        like a missing or corrupt pointer, is resolved by one scan of the folders.
+        The pointer is a hint, never the authority: read it, list the step folders once, and
+        take the newest folder at or above the pointer that has a valid manifest — three
+        requests in the normal case (pointer, listing, manifest), however many checkpoints
+        exist. A commit whose pointer write was lost, an off-interval emergency commit, a
+        stale or garbage pointer: all are found by the same listing.
         """
-        step = self.pointer_step()
-        if step is not None:
-            try:
-                manifest = self.manifest(step)
-                if interval is None or not self.storage.exists(f"{step_dir(step + interval)}/{MANIFEST}"):
-                    return step, manifest
-                log.warning("checkpoint pointer names step %d but a newer commit exists; scanning", step)
-            except ManifestError as e:
-                log.warning("checkpoint pointer names step %d, which is unusable (%s); scanning", step, e)
-        else:
-            log.debug("no usable pointer under %s; scanning", self.storage.display_url)
-        for candidate in reversed(self.step_folders()):
-            try:
-                return candidate, self.manifest(candidate)
-            except ManifestError:
-                continue
+        hint = self.pointer_step()
+        folders = self.step_folders()
+        at_or_above = [s for s in folders if hint is None or s >= hint]
+        below = [s for s in folders if hint is not None and s < hint]
+        for candidate in reversed(at_or_above):
+            found = self._committed(candidate)
+            if found is not None:
+                if hint is not None and candidate > hint:
+                    log.info("checkpoint pointer names step %d; step %d is committed and newer", hint, candidate)
+                return candidate, found
+        if hint is not None:
+            log.warning("checkpoint pointer names step %d, which is not committed; scanning", hint)
+        for candidate in reversed(below):
+            found = self._committed(candidate)
+            if found is not None:
+                return candidate, found
         return None
 
+    def _committed(self, step: int) -> Manifest | None:
+        try:
+            return self.manifest(step)
+        except ManifestError:
+            return None
+
     def describe(self) -> list[CheckpointInfo]:
+        """Every step folder, committed or partial, for ``ftdiff ckpt ls``. Paths are shown
+        without credentials: this output goes to terminals, CI logs and tickets."""
         infos = []
         for step in self.step_folders():
+            where = self.storage.display_url + "/" + step_dir(step)
             try:
                 m = self.manifest(step)
-                infos.append(CheckpointInfo(step, True, self.storage.url_of(step_dir(step)), m.total_bytes, m.time))
+                infos.append(CheckpointInfo(step, True, where, m.total_bytes, m.time))
             except ManifestError:
-                size = self._folder_bytes(step)
-                infos.append(CheckpointInfo(step, False, self.storage.url_of(step_dir(step)), size, None))
+                infos.append(CheckpointInfo(step, False, where, self._folder_bytes(step), None))
         return infos
 
     def _folder_bytes(self, step: int) -> int:
@@ -139,21 +161,39 @@ class Catalog:
         folder = step_dir(step)
         for name in sorted(manifest.files):
             try:
-                read_verified(self.storage.fs, self.storage.path(folder, name), manifest.files)
+                read_verified_file(self.storage, f"{folder}/{name}", manifest.files)
             except CorruptCheckpointError as e:
                 problems.append(f"{folder}/{name}: {e.reason}")
         return problems
 
-    # -- writing (rank 0 only) -------------------------------------------------------------
+    # -- writing (rank 0 only; every change goes through the fence first) --------------------
     def write_manifest(self, manifest: Manifest) -> None:
+        self.fence("committing")
         self.storage.write_bytes_atomic(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json())
 
-    def write_pointer(self, step: int) -> None:
-        self.storage.write_bytes_atomic(POINTER, pointer_json(step))
+    def write_pointer(self, step: int) -> bool:
+        """Point ``latest`` at ``step``, unless it already names a newer step (it never moves
+        backwards). On S3 the write is conditional on the pointer read being still current.
+        Returns whether the pointer now names ``step``."""
+        version = self.storage.version(POINTER)
+        current = self.pointer_step()
+        if current is not None and current > step:
+            log.warning("checkpoint pointer already names step %d; not moving it back to %d", current, step)
+            return False
+        self.fence("moving the latest pointer")
+        self.storage.write_bytes_atomic(POINTER, pointer_json(step), if_version=version)
+        return True
+
+    def remove_debris(self, step: int) -> None:
+        """Remove an uncommitted step folder (a failed attempt's files)."""
+        if self.storage.exists(step_dir(step)):
+            self.fence("removing debris")
+            self.storage.remove_tree(step_dir(step))
 
     def delete(self, step: int) -> None:
         """Uncommit first (manifest), then remove the rest: a half-deleted folder never
         looks committed."""
+        self.fence("deleting")
         manifest = f"{step_dir(step)}/{MANIFEST}"
         if self.storage.exists(manifest):
             self.storage.remove(manifest)

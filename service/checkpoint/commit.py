@@ -1,6 +1,7 @@
 """The commit protocol, run by every rank for one save.
 
-(i) DCP writes every rank's shards and (ii) ``.metadata`` through the checksumming writer;
+(i) DCP writes every rank's shards and (ii) ``.metadata`` through the checksumming writer
+(shard names carry the writer's incarnation);
 the per-file sizes and CRC-32Cs are gathered to rank 0, which writes (iii) ``manifest.json``
 and then (iv) the ``latest`` pointer, and tells every rank whether the commit happened. A crash
 between any two stages leaves the previous commit the newest (between iii and iv: a committed
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from service.checkpoint.catalog import Catalog
 from service.checkpoint.collectives import CHECKPOINT_ERRORS, CheckpointGroup
 from service.checkpoint.dcp_io import ChecksummingWriter
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
+from service.checkpoint.ownership import Ownership
 from service.checkpoint.snapshot import Staging
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
@@ -34,21 +37,26 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_WRITER_THREADS = 4
 
 
-class _CrashingWriter(ChecksummingWriter):
-    """The writer with the after_shards / after_metadata crash points around DCP's metadata."""
+class _FencedWriter(ChecksummingWriter):
+    """The writer, fenced before DCP's ``.metadata`` (written by rank 0 in ``finish``), with
+    the after_shards / after_metadata crash points around it."""
 
     step = -1
+    fence: Callable[[str], None] = staticmethod(lambda what: None)
 
     def finish(self, metadata: Any, results: Any) -> None:
         faults.crash_point("after_shards", self.step)
+        self.fence("writing .metadata")
         super().finish(metadata, results)
         faults.crash_point("after_metadata", self.step)
 
 
 class CommitProtocol:
     def __init__(self, cfg: Config, info: DistInfo, catalog: Catalog, group: CheckpointGroup,
-                 staging: Staging, telemetry: CheckpointTelemetry):
+                 staging: Staging, telemetry: CheckpointTelemetry, ownership: Ownership,
+                 run_id: str | None, fingerprint: dict[str, Any]):
         self.cfg, self.info, self.catalog, self.group = cfg, info, catalog, group
+        self.ownership, self.run_id, self.fingerprint = ownership, run_id, fingerprint
         self.storage = catalog.storage
         self.staging, self.telemetry = staging, telemetry
         # Committed steps this run failed to load (it fell back past them). When training
@@ -73,11 +81,11 @@ class CommitProtocol:
         try:
             if self.group.from_main(lambda: self._prepare_folder(step)):
                 return True  # already committed by an earlier attempt: never rewritten
-            writer = _CrashingWriter(
-                self.storage.fs, self.storage.path(step_dir(step)),
-                object_store=self.storage.is_object_store, thread_count=self.writer_threads(),
+            writer = _FencedWriter.for_folder(
+                self.storage, step_dir(step), thread_count=self.writer_threads(),
+                file_tag=f"i{self.ownership.number}" if self.ownership.number else "",
             )
-            writer.step = step
+            writer.step, writer.fence = step, self.catalog.fence
             try:
                 dcp.save(state, storage_writer=writer, process_group=self.group.pg)
             finally:
@@ -100,18 +108,22 @@ class CommitProtocol:
         return committed
 
     def _prepare_folder(self, step: int) -> bool:
-        """Rank 0, before any rank writes: True if ``step`` is already committed (never write
-        into a committed folder); otherwise clear debris of an earlier failed attempt. A
-        committed folder this run could not load is uncommitted first, then replaced."""
+        """Rank 0, before any rank writes. True if this very start already committed ``step``.
+        Otherwise the folder is made ready: debris of a failed attempt is removed, and a
+        folder committed by anyone else — an earlier start whose commit this one could not
+        load or fell back past — is uncommitted (manifest first) and replaced: a save never
+        reports "committed" for files it did not write. Only the newest start gets here
+        (every change is fenced), so what it writes is this run's truth for ``step``."""
         try:
-            self.catalog.manifest(step)
+            existing = self.catalog.manifest(step)
         except ManifestError:
-            self.storage.remove_tree(step_dir(step))  # debris of a failed attempt, if any
+            self.catalog.remove_debris(step)
         else:
-            if step not in self.unloadable_steps:
+            if self.ownership.number is not None and existing.incarnation == self.ownership.number:
                 return True
-            log.warning("checkpoint: replacing %s, which could not be loaded", step_dir(step))
-            self.catalog.delete(step)  # manifest first: never a half-deleted committed folder
+            why = "could not be loaded" if step in self.unloadable_steps else "was written by an earlier start"
+            log.warning("checkpoint: replacing %s, which %s", step_dir(step), why)
+            self.catalog.delete(step)
         self.storage.makedirs(step_dir(step))
         return False
 
@@ -127,7 +139,10 @@ class CommitProtocol:
             files=files,
             versions=_versions(),
             samples_seen=samples_seen,
-            config=self.cfg.to_dict(),
+            config=self.cfg.redacted_dict(),
+            run_id=self.run_id,
+            incarnation=self.ownership.number,
+            fingerprint=self.fingerprint,
         )
         try:
             self.catalog.write_manifest(manifest)
@@ -138,8 +153,8 @@ class CommitProtocol:
         try:
             self.catalog.write_pointer(step)
         except CHECKPOINT_ERRORS as e:
-            # The manifest is written, so the step *is* committed; discovery repairs the
-            # stale pointer by scanning.
+            # The manifest is written, so the step *is* committed; the pointer is only a hint
+            # (discovery lists the folders at or above it).
             self.telemetry.failure("pointer", step, e)
         faults.crash_point("after_pointer", step)
         return True

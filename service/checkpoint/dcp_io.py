@@ -6,11 +6,12 @@ closed — the manifest never needs a read-back. On object stores the reader fet
 once, whole (one GET instead of a ranged GET per tensor), checks it against the manifest before
 DCP deserialises any of it, and lets DCP slice the verified bytes in memory. On local and
 network file systems, where DCP reads slices cheaply from the page cache, each rank instead
-verifies its share of the files through mmap before the load (see ``verify_files``).
+verifies its share of the files through mmap before the load (``verify_local_file``, run by ``resume``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import mmap
 import os
@@ -28,6 +29,7 @@ from service.checkpoint.manifest import FileEntry
 # CorruptCheckpointError is defined next to the safe loaders (so that UnsafeCheckpointError can
 # derive from it without an import cycle) and is still imported from here by its users.
 from service.checkpoint.safe_pickle import CorruptCheckpointError, SafeFileSystemReader, is_plain_name
+from service.checkpoint.storage import Storage
 
 
 def crc32c_hex(data: Any) -> str:
@@ -55,6 +57,9 @@ class _HashingStream(io.RawIOBase):
         return self.size
 
     def fileno(self) -> int:
+        # DCP fsyncs this descriptor: bytes still in the inner stream's buffer would not be
+        # covered, so after a power loss the newest commit would fail its CRC. Flush first.
+        self.inner.flush()
         return self.inner.fileno()
 
     def flush(self) -> None:
@@ -123,7 +128,14 @@ def _zip_crc32_off() -> Generator[None, None, None]:
 class ChecksummingWriter(FsspecWriter):
     """FsspecWriter that records (size, crc32c) of every file it writes, by file name."""
 
-    def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1):
+    @classmethod
+    def for_folder(cls, storage: Storage, rel: str, *, thread_count: int = 1,
+                   file_tag: str = "") -> "ChecksummingWriter":
+        """A writer for the folder ``rel`` of ``storage`` (fsync on file systems only)."""
+        return cls(storage.fs, storage.path(rel), object_store=storage.is_object_store,
+                   thread_count=thread_count, file_tag=file_tag)
+
+    def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1, file_tag: str = ""):
         # No fsync on object stores: a finished PUT is durable, and fsync is meaningless there.
         super().__init__(
             path,
@@ -134,10 +146,17 @@ class ChecksummingWriter(FsspecWriter):
         )
         self.fs = _HashingFs(fs)
         self.path = path
+        # Part of every shard file name (e.g. the writer's incarnation), so a leftover writer of
+        # an older start can never overwrite the files of a newer one.
+        self.file_tag = file_tag
         # This rank's tensors in DCP's final plan, once it has planned (the snapshot learns it).
         self.planned_tensors: set[str] | None = None
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        if self.file_tag and getattr(plan.storage_data, "prefix", None):
+            # DCP names shard files "<prefix><n>.distcp" with prefix "__<rank>_".
+            tagged = dataclasses.replace(plan.storage_data, prefix=f"{plan.storage_data.prefix}{self.file_tag}_")
+            plan = dataclasses.replace(plan, storage_data=tagged)
         self.planned_tensors = {
             item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO
         }
@@ -207,6 +226,11 @@ def read_verified(fs: Any, path: str, expected: dict[str, FileEntry]) -> bytes:
     return data
 
 
+def read_verified_file(storage: Storage, rel: str, expected: dict[str, FileEntry]) -> bytes:
+    """``read_verified`` for the file ``rel`` of ``storage``."""
+    return read_verified(storage.fs, storage.path(rel), expected)
+
+
 def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
     """Check a local file without copying it: CRC-32C over an mmap of the page cache."""
     entry = _entry(path, expected)
@@ -229,6 +253,10 @@ class VerifyingReader(SafeFileSystemReader, FsspecReader):
     can write the manifest too), so what they hold is read without running code from them
     (see ``safe_pickle``).
     """
+
+    @classmethod
+    def for_folder(cls, storage: Storage, rel: str, expected: dict[str, FileEntry]) -> "VerifyingReader":
+        return cls(storage.fs, storage.path(rel), expected)
 
     def __init__(self, fs: Any, path: str, expected: dict[str, FileEntry]):
         super().__init__(path)

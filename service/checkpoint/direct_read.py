@@ -5,7 +5,7 @@ a fresh tensor) and then copies it into the tensor being loaded: two copies of e
 plus an allocation per tensor. This reader asks ``torch.load`` only for the item's metadata
 (``map_location="meta"`` reads the small pickle and the zip header, not the data, and reports
 where the data record starts) and then ``preadv``s the record into the destination's memory:
-one copy. That saving pays for the CRC-32C verification of the load (see ``manager``), so a
+one copy. That saving pays for the CRC-32C verification of the load (see ``resume``), so a
 verified resume costs no more than DCP's unverified one.
 
 Anything outside the simple case — a destination on an accelerator or not contiguous, a

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
+from service.checkpoint import identity
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.collectives import (
     CHECKPOINT_ERRORS,
@@ -31,6 +32,7 @@ from service.checkpoint.collectives import (
     describe_error,
 )
 from service.checkpoint.commit import CommitProtocol
+from service.checkpoint.ownership import Ownership
 from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
 from service.checkpoint.snapshot import Staging
@@ -55,23 +57,28 @@ class Checkpointer:
         state: dict[str, Stateful],
         metrics: CheckpointMetrics | None = None,
         *,
-        per_rank_keys: Collection[str] = (),
-        can_read_state: Callable[[], bool] = lambda: True,
+        per_rank_keys: Collection[str],
+        can_read_state: Callable[[], bool],
+        fingerprint: dict[str, Any] | None = None,
     ):
         """``per_rank_keys``: state entries that differ per rank (restored only at the same world
         size). ``can_read_state``: whether asking every entry for its state dict is harmless
         now (DCP gives an optimizer without state one by running a zero-lr step, which would
-        change the run), checked before staging buffers are allocated ahead of time."""
+        change the run), checked before staging buffers are allocated ahead of time.
+        ``fingerprint``: the settings that define the run's math (``identity.fingerprint``)."""
         self.cfg, self.info, self.state = cfg, info, state
         ck = cfg.checkpoint
         self.storage = open_storage(ck.url, ck.endpoint_url, ck.region)
-        self.catalog = Catalog(self.storage)
+        self.ownership = Ownership(self.storage)
+        self.catalog = Catalog(self.storage, fence=self.ownership.check_current)
         self.telemetry = CheckpointTelemetry(metrics)
         self.staging = Staging(pin_memory=info.device.type == "cuda")
-        group = CheckpointGroup(info)
-        self.commits = CommitProtocol(cfg, info, self.catalog, group, self.staging, self.telemetry)
-        self.resumer = Resumer(cfg, info, state, per_rank_keys, self.catalog, group, self.telemetry,
-                               self.commits.unloadable_steps)
+        self.group = CheckpointGroup(info)
+        fingerprint = fingerprint if fingerprint is not None else identity.fingerprint(cfg)
+        self.commits = CommitProtocol(cfg, info, self.catalog, self.group, self.staging, self.telemetry,
+                                      self.ownership, info.run_id, fingerprint)
+        self.resumer = Resumer(cfg, info, state, per_rank_keys, self.catalog, self.group, self.telemetry,
+                               self.commits.unloadable_steps, fingerprint)
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0
         self._can_read_state = can_read_state
@@ -100,33 +107,40 @@ class Checkpointer:
 
     # -- the loop's calls ------------------------------------------------------------------
     def resume(self) -> int | None:
-        """Load the checkpoint the config asks for; the loaded step, or None for a fresh start."""
-        step = self.resumer.resume()
+        """Load the checkpoint the config asks for (the run's newest commit on a restart), then
+        claim this start's incarnation of the root; the loaded step, or None for a fresh start.
+        A start that is refused (another run's root, changed settings) claims nothing, so it
+        cannot fence off a job that is still running there."""
+        restart = self.group.from_main(self._is_restart)
+        step = self.resumer.resume(restart=restart)
         if step is not None:
             self.last_committed_step = step
+        self._claim()
         return step
 
-    def save(self, step: int, samples_seen: int, *, last_step: bool = False, busy_anywhere: bool = False) -> None:
+    def save(self, step: int, samples_seen: int, *, last_step: bool = False, emergency: bool = False,
+             busy_anywhere: bool = False) -> None:
         """Called after every optimizer step; saves what is due.
 
-        ``last_step``: the run ends after this step (``max_steps`` or an agreed stop): the step
-        is committed, blocking, or ``CheckpointNotCommitted`` is raised. ``busy_anywhere`` must
-        be the same on every rank (the trainer all-reduces ``busy``), so that with
-        ``when_busy = "skip"`` all ranks skip together.
+        ``last_step``: the run ends after this step (``max_steps``, or an agreed stop when
+        ``emergency``): the step is committed, blocking, or ``CheckpointNotCommitted`` is raised.
+        ``busy_anywhere`` must be the same on every rank (the trainer all-reduces ``busy``), so
+        that with ``when_busy = "skip"`` all ranks skip together.
         """
         ck = self.cfg.checkpoint
-        if last_step:
+        if last_step or emergency:
             self.wait()
             if self.last_committed_step != step and not self.save_at(step, samples_seen, blocking=True):
-                raise CheckpointNotCommitted(f"the checkpoint of step {step} could not be committed")
+                what = "emergency checkpoint" if emergency else "final checkpoint"
+                raise CheckpointNotCommitted(f"{what} at step {step} could not be committed")
             return
-        if step % ck.every_steps:
-            return
-        if busy_anywhere and ck.when_busy == "skip":
-            self.telemetry.skipped_save()
-            log.warning("checkpoint: skipping step %d, the previous save is still writing", step)
-            return
-        self.save_at(step, samples_seen, blocking=not ck.async_)
+        if step % ck.every_steps == 0:
+            if busy_anywhere and ck.when_busy == "skip":
+                self.telemetry.skipped_save()
+                log.warning("checkpoint: skipping step %d, the previous save is still writing", step)
+            else:
+                self.save_at(step, samples_seen, blocking=not ck.async_)
+        self.warm_up()  # staging buffers ready before the first async save
 
     def before_update(self) -> None:
         """Block until an in-flight snapshot has copied the weights (call before optimizer.step).
@@ -159,6 +173,7 @@ class Checkpointer:
     def save_at(self, step: int, samples_seen: int, *, blocking: bool) -> bool | None:
         """Save ``step`` now. Blocking: returns whether it committed. Async: returns None at once."""
         t0 = time.monotonic()
+        self._claim()
         if self.busy:
             # At most one save in flight: this one waits for the previous one (every rank
             # waits, since the previous save ends with a collective on all of them).
@@ -200,6 +215,27 @@ class Checkpointer:
         finally:
             self._executor.shutdown(wait=True)
             self._deleter.shutdown(wait=True)
+
+    # -- ownership ---------------------------------------------------------------------------
+    def _is_restart(self) -> bool:
+        """Rank 0: is this start a restart of a run that already started here (torchrun
+        restart, or a relaunch carrying the same run id)?"""
+        if self.info.restart_count > 0:
+            return True
+        run_id = self.info.run_id
+        return run_id is not None and any(r.run_id == run_id for r in self.ownership.records())
+
+    def _claim(self) -> None:
+        """Every rank, once: rank 0 claims the next incarnation of the root (fencing off every
+        older writer) and tells everyone its number."""
+        if self.ownership.number is not None:
+            return
+        self.ownership.number = self.group.from_main(self._claim_on_main)
+
+    def _claim_on_main(self) -> int:
+        number = self.ownership.claim(self.info.run_id, self.ownership.records())
+        log.info("checkpoint root %s: incarnation %d", self.storage.display_url, number)
+        return number
 
     # -- background work ---------------------------------------------------------------------
     def _snapshot_and_write(self, step: int, samples_seen: int, refs: dict[str, Any], t0: float) -> bool:

@@ -13,20 +13,37 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from service.config import redact_config_dict
+
 MANIFEST = "manifest.json"
 POINTER = "latest"
 FORMAT = "ftdiff-checkpoint/1"
 # Manifest: every file's size and CRC-32C (hex); see dcp_io.
-STEP_DIR_RE = re.compile(r"^step-(\d{9,})$")
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+# The only file names DCP and ftdiff write into a step folder: DCP's metadata (global, and
+# per rank in newer releases) and shards "__<rank>_<n>.distcp", optionally with the writer's
+# tag between rank and number ("__0_i3_0.distcp"). Anything else in a manifest is refused.
+FILE_NAME_RE = re.compile(r"^(\.metadata|__\d+\.metadata|__\d+_[A-Za-z0-9_]*\.distcp)$")
+CRC32C_RE = re.compile(r"^[0-9a-f]{8}$")
 
 
 def step_dir(step: int) -> str:
+    """The folder name ftdiff writes: ``step-`` and the step zero-padded to 9 digits."""
     return f"step-{step:09d}"
 
 
-def parse_step_dir(name: str) -> int | None:
+def parse_step_dir(name: str, canonical: bool = True) -> int | None:
+    """The step of a folder name ``step-N``, or None.
+
+    ``canonical`` (listings): only the name ``step_dir`` writes, so a hand-made ``step-150``
+    beside ``step-000000150`` never passes for a checkpoint folder (its path would not be
+    the one ftdiff reads). ``canonical=False`` (URLs users type): any number of digits.
+    """
     m = STEP_DIR_RE.match(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    step = int(m.group(1))
+    return step if not canonical or name == step_dir(step) else None
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,12 @@ class Manifest:
     """The run's full config, so export/sample can rebuild the model without the TOML."""
     time: float = field(default_factory=time.time)
     format: str = FORMAT
+    run_id: str | None = None
+    """The run that wrote it (FTDIFF_RUN_ID / torchrun's --rdzv-id), if known."""
+    incarnation: int | None = None
+    """The start of the job that wrote it (see service.checkpoint.ownership)."""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """The settings that define the run's math (see service.checkpoint.identity)."""
 
     @property
     def total_bytes(self) -> int:
@@ -58,31 +81,79 @@ class Manifest:
 
     def to_json(self) -> bytes:
         body = asdict(self)
+        # Redacted here too, whatever the caller passed: a manifest is readable by everyone
+        # who can list the bucket, and outlives the credentials it would otherwise leak.
+        body["config"] = redact_config_dict(body["config"])
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
+        """Parse and check a manifest. Its bytes are untrusted (anyone who can write the
+        bucket can write them): every file entry must be a name DCP writes, with a size and a
+        CRC-32C of the right form, before any caller builds a path or a read from it."""
         try:
             body: dict[str, Any] = json.loads(data)
+            if not isinstance(body, dict):
+                raise ManifestError("manifest is not a JSON object")
             if body.get("format") != FORMAT:
-                raise ManifestError(f"unknown manifest format {body.get('format')!r}")
-            files = {k: FileEntry(int(v["size"]), str(v["crc32c"])) for k, v in body["files"].items()}
-            if ".metadata" not in files:
-                raise ManifestError("manifest lists no .metadata")
+                raise ManifestError(f"unknown manifest format {_show(body.get('format'))}")
+            files = _files(body["files"])
+            incarnation = body.get("incarnation")
+            fingerprint = body.get("fingerprint") or {}
+            if not isinstance(fingerprint, dict):
+                raise ManifestError("manifest fingerprint is not an object")
             return cls(
-                step=int(body["step"]),
-                world_size=int(body["world_size"]),
+                step=_count(body, "step"),
+                world_size=_count(body, "world_size", minimum=1),
                 config_hash=str(body["config_hash"]),
                 files=files,
-                versions=dict(body.get("versions", {})),
-                samples_seen=int(body.get("samples_seen", 0)),
+                versions={str(k): str(v) for k, v in dict(body.get("versions", {})).items()},
+                samples_seen=_count(body, "samples_seen", default=0),
                 config=dict(body.get("config", {})),
                 time=float(body["time"]),
+                run_id=None if body.get("run_id") is None else str(body["run_id"]),
+                incarnation=None if incarnation is None else _count(body, "incarnation"),
+                fingerprint=dict(fingerprint),
             )
         except ManifestError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"manifest is not valid: {type(e).__name__}: {e}") from None
+
+
+def _files(raw: Any) -> dict[str, FileEntry]:
+    """The ``files`` table, every entry checked; ManifestError naming the first bad one."""
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest files is not an object")
+    files: dict[str, FileEntry] = {}
+    for name, entry in raw.items():
+        where = f"manifest entry {_show(name)}"
+        if not FILE_NAME_RE.match(name):
+            raise ManifestError(f"{where}: not a file name DCP writes (.metadata, __<rank>_<n>.distcp)")
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: not an object with size and crc32c")
+        size, crc = entry.get("size"), entry.get("crc32c")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"{where}: size {_show(size)} is not a byte count (an integer >= 0)")
+        if not isinstance(crc, str) or not CRC32C_RE.match(crc):
+            raise ManifestError(f"{where}: crc32c {_show(crc)} is not 8 lowercase hex digits")
+        files[name] = FileEntry(size, crc)
+    if ".metadata" not in files:
+        raise ManifestError("manifest lists no .metadata")
+    return files
+
+
+def _count(body: dict[str, Any], key: str, minimum: int = 0, default: int | None = None) -> int:
+    value = body[key] if default is None else body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ManifestError(f"manifest {key} {_show(value)} is not an integer >= {minimum}")
+    return value
+
+
+def _show(value: Any) -> str:
+    """An untrusted value for a message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def pointer_json(step: int) -> bytes:

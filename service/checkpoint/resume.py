@@ -30,6 +30,7 @@ from service.checkpoint.dcp_io import (
     verify_local_file,
 )
 from service.checkpoint.direct_read import DirectFileReader
+from service.checkpoint.identity import differences, fingerprint_of_config
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.telemetry import CheckpointTelemetry
@@ -43,22 +44,79 @@ log = logging.getLogger(__name__)
 class Resumer:
     def __init__(self, cfg: Config, info: DistInfo, state: dict[str, Stateful], per_rank_keys: Collection[str],
                  catalog: Catalog, group: CheckpointGroup, telemetry: CheckpointTelemetry,
-                 unloadable_steps: set[int]):
+                 unloadable_steps: set[int], fingerprint: dict[str, Any]):
         self.cfg, self.info, self.state, self.per_rank_keys = cfg, info, state, frozenset(per_rank_keys)
         self.catalog, self.group, self.telemetry = catalog, group, telemetry
         self.unloadable_steps = unloadable_steps  # shared with the commit protocol
+        self.fingerprint = fingerprint
 
-    def resume(self) -> int | None:
-        """Load the checkpoint the config asks for into the state; the loaded step or None."""
-        mode = self.cfg.checkpoint.resume
+    def resume(self, restart: bool) -> int | None:
+        """Load the checkpoint the config asks for into the state; the loaded step or None.
+
+        ``checkpoint.resume = "never"`` or a pinned URL decide the *first* start of a run
+        only; every restart of the same run (``restart``) resumes from its newest commit.
+        """
+        mode = "auto" if restart else self.cfg.checkpoint.resume
+        if restart and self.cfg.checkpoint.resume != "auto":
+            log.info("a restart of this run: resuming from its newest commit (checkpoint.resume = %r "
+                     "applied at its first start)", self.cfg.checkpoint.resume)
         if mode == "never":
+            self.group.from_main(self._check_fresh_root)
             log.info("checkpoint.resume = never: starting fresh")
             return None
         if mode == "auto":
             return self._load_newest(self.catalog, None)
         root, pinned = split_checkpoint_url(mode)
         ck = self.cfg.checkpoint
-        return self._load_newest(Catalog(open_storage(root, ck.endpoint_url, ck.region)), pinned)
+        source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
+        self.group.from_main(lambda: self._check_pinned_root(source, pinned))
+        return self._load_newest(source, pinned)
+
+    # -- a root belongs to one run (rank 0; errors reach every rank through from_main) --------
+    def _check_fresh_root(self) -> None:
+        found = self.catalog.latest()
+        if found is not None:
+            raise UserError(
+                f"checkpoint.resume = \"never\" but {self.catalog.storage.display_url} already holds "
+                f"committed checkpoints of another run (newest: {step_dir(found[0])}, run "
+                f"{found[1].run_id or 'unknown'}); a fresh run never mixes with them.\n"
+                "Point checkpoint.url at a new location, or set checkpoint.resume = \"auto\" to "
+                "continue that run."
+            )
+
+    def _check_pinned_root(self, source: Catalog, pinned: int | None) -> None:
+        """A pinned start writes into checkpoint.url: that root must not hold a newer history
+        (resuming into the source's own root is allowed only from its newest commit)."""
+        own = self.catalog.latest()
+        if own is None:
+            return
+        same_root = source.storage.url.rstrip("/") == self.catalog.storage.url.rstrip("/")
+        if same_root and (pinned is None or pinned == own[0]):
+            return
+        raise UserError(
+            f"checkpoint.resume = {self.cfg.checkpoint.resume!r}, but checkpoint.url "
+            f"({self.catalog.storage.display_url}) already holds committed checkpoints up to "
+            f"{step_dir(own[0])}; going back or mixing two histories in one root is refused.\n"
+            "Point checkpoint.url at a new location to start a new run from the pinned checkpoint."
+        )
+
+    def _check_same_math(self, catalog: Catalog, step: int, manifest: Manifest, pinned: bool) -> None:
+        saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
+        hard, soft = differences(saved, self.fingerprint)
+        for line in soft:
+            log.warning("changed since %s: %s (the LR schedule now ends there)", step_dir(step), line)
+        if not hard:
+            return
+        where = catalog.storage.url_of(step_dir(step))
+        if pinned:  # an explicit start from another root's checkpoint: allowed, and said
+            log.warning("starting from %s with changed settings:\n  %s", where, "\n  ".join(hard))
+            return
+        raise UserError(
+            f"{where} was trained with other settings that define the run's math:\n  "
+            + "\n  ".join(hard) + "\nResuming would silently change the run. Restore these settings "
+            "to continue it, or start a new run from its weights: set checkpoint.url to a new "
+            f"location and checkpoint.resume = \"{where}\"."
+        )
 
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
         tried: list[str] = []
@@ -89,17 +147,21 @@ class Resumer:
         raise UserError(
             f"checkpoints exist under {catalog.storage.display_url} but none could be loaded:\n  "
             + "\n  ".join(tried)
-            + "\nRun `ftdiff ckpt verify` on it; to deliberately start from scratch set "
-            "checkpoint.resume = \"never\" (or point checkpoint.url elsewhere)."
+            + "\nRun `ftdiff ckpt verify` on it; to deliberately start from scratch, point "
+            "checkpoint.url at a new location (a fresh run never shares a root with another)."
         )
 
     def _first_candidate(self, catalog: Catalog, pinned: int | None) -> tuple[int, Manifest] | None:
         if pinned is not None:
             try:
-                return pinned, catalog.manifest(pinned)
+                found: tuple[int, Manifest] | None = (pinned, catalog.manifest(pinned))
             except ManifestError as e:
                 raise UserError(f"checkpoint {catalog.storage.url_of(step_dir(pinned))}: {e}") from None
-        return catalog.latest(self.cfg.checkpoint.every_steps)
+        else:
+            found = catalog.latest()
+        if found is not None:
+            self._check_same_math(catalog, found[0], found[1], pinned=catalog is not self.catalog)
+        return found
 
     def _older_candidate(self, catalog: Catalog, below: int) -> tuple[int, Manifest] | None:
         for step in reversed(catalog.committed_steps()):
@@ -115,7 +177,7 @@ class Resumer:
         if storage.is_local:
             self._load_local(state, folder, manifest)
         else:
-            reader = VerifyingReader(storage.fs, folder, manifest.files)
+            reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files)
             dcp.load(state, storage_reader=reader, process_group=self.group.pg)
 
     def _load_local(self, state: dict[str, Any], folder: str, manifest: Manifest) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from service.config import redact_url
 from service.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,6 @@ def _fs_kwargs(url: str, options: StorageOptions) -> dict[str, Any]:
     return {}
 
 
-def _redact(url: str) -> str:
-    """Drop user:password@ from a URL before it reaches a message or a log."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 class Storage:
     """A checkpoint root on some filesystem, with the few operations the protocol needs.
 
@@ -73,7 +66,7 @@ class Storage:
         try:
             self.fs, root = url_to_fs(self.url, **_fs_kwargs(self.url, self.options))
         except (ValueError, ImportError) as e:
-            raise UserError(f"storage URL {_redact(url)!r} is not usable: {e}") from None
+            raise UserError(f"storage URL {redact_url(url)!r} is not usable: {e}") from None
         self.root = root.rstrip("/") if root not in ("/", "") else root
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.protocol = protocol
@@ -81,11 +74,11 @@ class Storage:
         self.is_local = protocol in ("file", "local")
 
     def __repr__(self) -> str:
-        return f"Storage({_redact(self.url)!r})"
+        return f"Storage({redact_url(self.url)!r})"
 
     @property
     def display_url(self) -> str:
-        return _redact(self.url)
+        return redact_url(self.url)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root
@@ -96,14 +89,19 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+    def write_bytes_atomic(self, rel: str, data: bytes, if_version: str | None = None) -> None:
         """Replace ``rel`` with ``data`` so that readers see the old or the new, never half.
 
         A single PUT is atomic on object stores; on file systems write a temp file, rename.
+        ``if_version`` (an ETag from ``version``): on S3 the write only happens if the object
+        is still that version (``If-Match``); a changed object raises OSError.
         """
         target = self.path(rel)
         if self.is_object_store:
-            self.fs.pipe_file(target, data)
+            if if_version and self.protocol in ("s3", "s3a"):
+                self.fs.pipe_file(target, data, IfMatch=if_version)
+            else:
+                self.fs.pipe_file(target, data)
             return
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         if self.is_local:
@@ -123,6 +121,40 @@ class Storage:
         """Write ``rel`` (one PUT on object stores); see ``write_bytes_atomic`` for files that
         readers must never see half-written."""
         self.fs.pipe_file(self.path(rel), data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` only if it does not exist yet; FileExistsError otherwise.
+
+        The write that makes incarnation numbers unique: S3's ``If-None-Match: *`` (s3fs
+        ``mode="create"``), ``O_EXCL`` on local disks. Other stores check, then write.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(os.path.dirname(target))
+        elif self.protocol in ("s3", "s3a"):
+            self.fs.pipe_file(target, data, mode="create")
+        else:
+            if self.fs.exists(target):
+                raise FileExistsError(target)
+            self.fs.pipe_file(target, data)
+
+    def version(self, rel: str) -> str | None:
+        """An object store's ETag for ``rel`` (None if missing, or on file systems), for a
+        conditional replace with ``write_bytes_atomic(..., if_version=...)``."""
+        if self.protocol not in ("s3", "s3a"):
+            return None
+        try:
+            etag = self.fs.info(self.path(rel)).get("ETag")
+        except FileNotFoundError:
+            return None
+        return str(etag) if etag else None
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -157,37 +189,33 @@ class Storage:
         if not self.is_object_store:
             self.fs.makedirs(self.path(rel) if rel else self.root, exist_ok=True)
 
-    def check_reachable(self) -> None:
-        """Fail fast, with the URL (never a secret) and a hint, if the root cannot be used."""
+    def check_reachable(self, write: bool = True) -> bool:
+        """Fail fast, with the URL (never a secret) and a hint, if the root cannot be used;
+        return whether the root exists (on object stores: whether anything is under it).
+
+        Endpoint down, DNS, TLS, wrong credentials: StorageError (exit code 3). With ``write``
+        (workers, the launcher) a probe object is also created and deleted under the root, so
+        read-only credentials fail at start-up rather than at the first save, and a missing
+        bucket is a wrong URL (UserError, exit code 2). Without it (the read-only commands) a
+        missing root or bucket is no error here: the caller says what "nothing there" means.
+        """
         try:
             if self.is_object_store:
-                # ls, not exists(): s3fs's exists() answers False for a dead endpoint or a
-                # refused credential too, which would be reported as a missing bucket.
-                bucket = self.root.split("/", 1)[0]
-                try:
-                    self.fs.ls(bucket, detail=False)
-                except FileNotFoundError:
-                    raise UserError(
-                        f"storage URL {self.display_url!r}: bucket {bucket!r} does not exist "
-                        "(create it, or fix checkpoint.url)"
-                    ) from None
-            else:
+                # ls, not exists(): s3fs's exists() answers False for a dead endpoint, a
+                # refused credential, or a bucket the credentials may list but not HEAD.
+                exists = _list_or_missing(self.fs, self.root)
+            elif write:
                 self.makedirs()
-                self.fs.ls(self.root, detail=False)
+                exists = _list_or_missing(self.fs, self.root)
+            else:
+                exists = self.fs.exists(self.root) and _list_or_missing(self.fs, self.root)
         except UserError:
             raise
-        except PermissionError as e:
-            raise UserError(
-                f"storage URL {self.display_url!r}: access denied ({type(e).__name__}); check the "
-                "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
-            ) from None
-        except FileNotFoundError:
-            raise UserError(f"storage URL {self.display_url!r} does not exist") from None
-        except Exception as e:  # connection refused, DNS, TLS ... — the message, not a trace
-            raise UserError(
-                f"storage URL {self.display_url!r} is unreachable: {type(e).__name__}: "
-                f"{_first_line(e)} (check checkpoint.endpoint_url / AWS_ENDPOINT_URL)"
-            ) from None
+        except Exception as e:  # connection refused, DNS, TLS ... — one line, not a trace
+            raise _unusable(self, e, "read") from None
+        if write:
+            _probe_write(self)
+        return exists
 
 
 def _fsync_dir(path: str) -> None:
@@ -206,3 +234,79 @@ def _first_line(e: BaseException) -> str:
 
 def open_storage(url: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:
     return Storage(url, StorageOptions(endpoint_url=endpoint_url, region=region))
+
+
+# -- check_reachable's helpers -----------------------------------------------------------------
+PROBE_PREFIX = ".ftdiff-probe-"
+# botocore error codes that mean "these credentials may not do this" (s3fs maps most of them to
+# PermissionError; a raw ClientError can still surface from other code paths).
+_DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                           "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"})
+_BAD_PATH_ERRNOS = frozenset({"ENOTDIR", "EEXIST", "ENAMETOOLONG", "EISDIR", "EINVAL"})
+_DENIED_ERRNOS = frozenset({"EACCES", "EPERM", "EROFS"})
+
+
+def _list_or_missing(fs: Any, root: str) -> bool:
+    """List ``root``: whether it exists. A root (or bucket) that does not exist yet is no
+    error here; an empty bucket lists as [] and exists, a prefix with nothing under it not."""
+    try:
+        fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _probe_write(storage: Storage) -> None:
+    """Create and delete ``.ftdiff-probe-<uuid>`` under the root (a unique name per process,
+    so ranks starting together never collide); errors become UserError/StorageError."""
+    probe = storage.path(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+    try:
+        storage.fs.pipe_file(probe, b"")
+    except FileNotFoundError:
+        bucket = storage.root.split("/", 1)[0]
+        what = f"bucket {bucket!r} does not exist" if storage.is_object_store else "its folder cannot be created"
+        raise UserError(f"storage URL {storage.display_url!r}: {what} (create it, or fix checkpoint.url)") from None
+    except Exception as e:
+        raise _unusable(storage, e, "write") from None
+    try:
+        storage.fs.rm(probe)
+    except Exception as e:
+        raise _unusable(storage, e, "delete", left=probe) from None
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The botocore error code of ``e`` or of its cause (s3fs chains the ClientError)."""
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+    return None
+
+
+def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None = None) -> UserError:
+    """The one-line error for a failed check: denied and unreachable are StorageError (the
+    URL is right, the access is not), a path that cannot be a folder is a UserError."""
+    import errno
+
+    from service.config import redact_text
+    from service.errors import StorageError
+
+    url = storage.display_url
+    detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
+    local_errno = errno.errorcode.get(e.errno or 0) if storage.is_local and isinstance(e, OSError) else None
+    denied = isinstance(e, PermissionError) or _error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
+    if denied:
+        if stage == "read":
+            hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
+                    if storage.is_object_store else "check the folder's permissions")
+            return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}")
+        extra = f"; the probe {posixpath.basename(left)!r} was left behind" if left else ""
+        return StorageError(
+            f"storage URL {url!r}: {stage} access denied ({detail}): these credentials can read the "
+            f"checkpoint root but not {stage} in it, and training must do both{extra}")
+    if local_errno in _BAD_PATH_ERRNOS:
+        return UserError(f"storage URL {url!r} cannot be used as a folder: {detail}")
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"storage URL {url!r} does not exist ({detail})")
+    where = "checkpoint.endpoint_url / --endpoint-url / AWS_ENDPOINT_URL" if storage.is_object_store else "the mount"
+    return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {where})")

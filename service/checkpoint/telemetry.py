@@ -11,7 +11,7 @@ import time
 from service.checkpoint.collectives import describe_error
 from service.metrics import CheckpointMetrics
 
-log = logging.getLogger("service.checkpoint")
+log = logging.getLogger(__name__)
 
 
 class CheckpointTelemetry:

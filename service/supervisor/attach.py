@@ -6,17 +6,17 @@ at that moment is answered ``exit`` on its next heartbeat and leaves with code 4
 heartbeat thread, so a worker stuck in a collective gets out too — and its torchrun agent
 restarts the group, which reloads the latest committed checkpoint. A process that cannot
 heartbeat (SIGSTOPped) is ended by its agent once its peers have exited. On SIGTERM the
-supervisor answers ``stop``: every worker commits an emergency checkpoint and exits.
+supervisor simply leaves: the job trains on, and a restarted supervisor picks it up from the
+next heartbeats (exit orders name one process — node, pid, start time — and expire).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 from service.config import Config
 from service.errors import EXIT_OK, UserError
+from service.heartbeat import shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor.core import Supervisor
 from service.supervisor.monitor import RankState
@@ -51,19 +51,17 @@ class AttachedSupervisor(Supervisor):
         self.monitor.order_restart(stuck=hung)
 
     def stop(self) -> int:
-        """Relay the preemption: workers checkpoint and exit; wait for them, bounded."""
-        self.server.stop_all = True
-        interval = self.cfg.supervisor.heartbeat_interval_s
-        deadline = time.monotonic() + self.cfg.checkpoint.grace_s + 10
-        while time.monotonic() < deadline and self.monitor.ranks:
-            if not [age for age in self.monitor.heartbeat_ages().values() if age < 3 * interval]:
-                break
-            time.sleep(self.tick_s)
+        """Leave; the job trains on. The supervisor is a watchdog beside the job, and it gets
+        rolled, drained and rescheduled like any Deployment: its SIGTERM says nothing about the
+        workers (the cluster sends them their own on preemption). A new supervisor rebuilds its
+        view from the next heartbeats."""
+        log.warning("signal %d: leaving; the job trains on without a watchdog until a supervisor "
+                    "is back", self.stop_signal)
         return EXIT_OK
 
 
 def run_attached(cfg: Config) -> int:
-    token = cfg.supervisor.token or os.environ.get("FTDIFF_TOKEN")
+    token = shared_token(cfg.supervisor.token)
     if not token:
         raise UserError("ftdiff supervise needs a shared token: set supervisor.token or FTDIFF_TOKEN")
     try:

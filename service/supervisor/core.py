@@ -14,6 +14,7 @@ import signal
 import time
 
 from service.config import Config
+from service.errors import EXIT_OK
 from service.heartbeat import Heartbeat
 from service.metrics import FailureKind, RestartReason, SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
@@ -101,7 +102,7 @@ class Supervisor:
                     return self.stop()
                 code = self.check()
                 if code is not None:
-                    self.metrics.state.state("succeeded" if code == 0 else "failed")
+                    self.metrics.state.state("succeeded" if code == EXIT_OK else "failed")
                     return code
                 if self._restart_request:
                     self._restart_request = False

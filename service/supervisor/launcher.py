@@ -9,6 +9,7 @@ node and traceback), and a clean preemption path for SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -22,8 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.config import Config, load_config
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.storage import open_storage
+from service.config import OVERRIDES_ENV, Config, load_config, overrides_to_env
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
+from service.heartbeat import shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
 # (see service.dist._restart_safe_store).
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# Beyond checkpoint.grace_s: time for the last step in flight before the emergency save starts.
+SHUTDOWN_MARGIN_S = 15
+PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,11 +74,25 @@ def torchrun_command(
     return cmd + ["-m", "service.train", *cfg_args]
 
 
-def worker_args(config: str | None, overrides: list[str], log_format: str) -> list[str]:
+def worker_args(config: str | None, log_format: str) -> list[str]:
+    """The worker's command line. ``--set`` overrides never go here: a command line is
+    readable by every user of the machine (/proc/*/cmdline), and overrides may carry a token
+    or a URL with credentials; they travel in FTDIFF_OVERRIDES (``worker_env``) instead."""
     args = ["--config", config] if config else []
-    for item in overrides:
-        args += ["--set", item]
     return args + ["--log-format", log_format]
+
+
+def worker_env(overrides: list[str]) -> dict[str, str]:
+    return {OVERRIDES_ENV: overrides_to_env(overrides)} if overrides else {}
+
+
+def _die_with_parent() -> None:
+    """In the agent, before exec: SIGKILL when the supervisor dies, however it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers still stop on a lost supervisor
+        pass
 
 
 def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
@@ -99,7 +120,7 @@ class Agent:
 class LocalSupervisor(Supervisor):
     def __init__(self, cfg: Config, config: str | None, overrides: list[str], nnodes: int,
                  nproc_per_node: int, log_format: str = "text"):
-        token = cfg.supervisor.token or os.environ.get("FTDIFF_TOKEN") or secrets.token_urlsafe(24)
+        token = shared_token(cfg.supervisor.token) or secrets.token_urlsafe(24)
         super().__init__(cfg, token, known_nodes={str(n) for n in range(nnodes)})
         self.nnodes, self.nproc = nnodes, nproc_per_node
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
@@ -108,17 +129,26 @@ class LocalSupervisor(Supervisor):
         self.rdzv_store = _rendezvous_store()
         self.rdzv = f"127.0.0.1:{self.rdzv_store.port}"
         self.run_id = f"{cfg.run.name}-{os.getpid()}"
-        self.cmd_args = worker_args(config, overrides, log_format)
+        self.cmd_args = worker_args(config, log_format)
+        self.overrides = overrides
         self.agents: dict[int, Agent] = {}
         self.relaunches = 0
 
     # -- process control ------------------------------------------------------------------------
     def _launch(self, node: int) -> None:
         env = {
-            **os.environ, **AGENT_ENV,
+            **os.environ, **AGENT_ENV, **worker_env(self.overrides),
             "FTDIFF_NODE": str(node),
             "FTDIFF_SUPERVISOR_URL": f"http://127.0.0.1:{self.server.port}",
             "FTDIFF_TOKEN": self.token,
+            # One run across every torchrun restart and relaunch (checkpoint.resume = never or
+            # a pinned step applies to its first start only; see service.checkpoint.resume).
+            "FTDIFF_RUN_ID": self.run_id,
+            # Workers stop when this process is gone (see service.heartbeat).
+            "FTDIFF_SUPERVISOR_PID": str(os.getpid()),
+            # torchrun SIGKILLs workers this long after forwarding SIGTERM (default 30 s):
+            # the emergency checkpoint gets checkpoint.grace_s plus a margin.
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout_s(self.cfg)),
         }
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
@@ -127,7 +157,7 @@ class LocalSupervisor(Supervisor):
             # with a node range, a round closes 2 s after the minimum has joined.
             rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2",
         )
-        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env))
+        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
 
     def _stop_agents(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
@@ -185,10 +215,32 @@ class LocalSupervisor(Supervisor):
         self._handle_silence()
 
     def stop(self) -> int:
-        """Forward the signal; workers commit an emergency checkpoint and exit."""
+        """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only
+        once that commit is found in storage; otherwise 1, saying why."""
+        asked_at = time.time()
         log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self.stop_signal)
-        self._stop_agents(signal.SIGTERM, timeout=self.cfg.checkpoint.grace_s + 30)
+        self._stop_agents(signal.SIGTERM, timeout=shutdown_timeout_s(self.cfg) + 10)
+        problem = self._emergency_commit_problem(asked_at)
+        if problem:
+            log.error("preemption: %s", problem)
+            print(f"ftdiff: preempted, but {problem}", file=sys.stderr)
+            return EXIT_FAILURE
         return EXIT_PREEMPTED
+
+    def _emergency_commit_problem(self, asked_at: float) -> str | None:
+        """None if a checkpoint was committed after ``asked_at``, else what was found."""
+        ck = self.cfg.checkpoint
+        try:
+            found = Catalog(open_storage(ck.url, ck.endpoint_url, ck.region)).latest()
+        except Exception as e:  # storage down: the commit cannot be confirmed
+            return f"the emergency checkpoint could not be confirmed ({type(e).__name__}: {e})"
+        if found is None:
+            return "no checkpoint is committed at all"
+        step, manifest = found
+        if manifest.time < asked_at:
+            return (f"no emergency checkpoint was committed after the stop signal (newest: step {step}, "
+                    f"{asked_at - manifest.time:.0f}s before it); up to checkpoint.every_steps steps are lost")
+        return None
 
     def shutdown(self) -> None:
         if any(a.proc.poll() is None for a in self.agents.values()):
@@ -259,6 +311,11 @@ class LocalSupervisor(Supervisor):
         return EXIT_FAILURE
 
 
+def shutdown_timeout_s(cfg: Config) -> int:
+    """How long torchrun waits after SIGTERM before SIGKILLing workers."""
+    return int(cfg.checkpoint.grace_s + SHUTDOWN_MARGIN_S)
+
+
 def _rendezvous_store():  # type: ignore[no-untyped-def]
     """A TCPStore on a free loopback port that outlives any agent (torchrun's c10d backend)."""
     import datetime
@@ -275,12 +332,11 @@ def run_local_job(
     """Validate, then supervise the job until max_steps is committed (0) or it gives up."""
     from service.logs import setup_logging
 
-    setup_logging("supervisor", log_format)
     cfg = load_config(config, overrides)  # validate before starting anything
+    # The token never reaches a log line, whichever way it came in.
+    setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
     check_job_geometry(cfg, nnodes, nproc_per_node)
     # Storage mistakes fail here, once, instead of in every worker of every restart.
-    from service.checkpoint.storage import open_storage
-
     ck = cfg.checkpoint
     open_storage(ck.url, ck.endpoint_url, ck.region).check_reachable()
     try:

@@ -23,23 +23,32 @@ class RankState:
 
 
 class JobMonitor:
-    def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 order_ttl_s: float | None = None):
+        """``order_ttl_s``: how long an exit order stands (default: 3 hang timeouts, at least
+        60 s) — long enough for every ordered process to heartbeat once more, short enough
+        that an order can never outlive the processes it was meant for."""
         self.hang_timeout_s, self.clock = hang_timeout_s, clock
+        self.order_ttl_s = order_ttl_s if order_ttl_s is not None else max(60.0, 3 * hang_timeout_s)
         self.ranks: dict[int, RankState] = {}
         self.last_committed_step: int | None = None
         self._lock = threading.Lock()
         # When a worker last reported, or a restart was last ordered: how long the job has
         # been silent (a silent job has no ranks for hang detection to watch).
         self._last_activity = clock()
-        self._doomed_pids: set[int] = set()
-        self._stuck_by_node: dict[str, set[int]] = {}
+        # Exit orders, per process (node, pid, start time) -> when the order expires. Keyed by
+        # the whole identity: pids repeat across pods and container restarts.
+        self._doomed: dict[tuple[str, int, float], float] = {}
+        # Stuck processes (cannot act on an order) per node -> expiry; their peers end them.
+        self._stuck: dict[tuple[str, int, float], float] = {}
         self.generation = 0
 
     def observe(self, hb: Heartbeat) -> bool:
         """Record a heartbeat; True if it reveals a restarted worker (new pid for a rank)."""
         now = self.clock()
         with self._lock:
-            if hb.pid in self._doomed_pids:
+            self._expire(now)
+            if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
             if hb.phase == "done":  # finished and leaving: silence from now on is expected
@@ -64,7 +73,7 @@ class JobMonitor:
         with self._lock:
             return [
                 s for s in self.ranks.values()
-                if s.hb.pid not in self._doomed_pids
+                if s.hb.process not in self._doomed
                 and (now - s.last_progress > self.hang_timeout_s or now - s.last_seen > self.hang_timeout_s)
             ]
 
@@ -100,9 +109,9 @@ class JobMonitor:
         """
         with self._lock:
             doomed = list(self.ranks.values())
-            self._doomed_pids |= {s.hb.pid for s in doomed}
-            for s in stuck or []:
-                self._stuck_by_node.setdefault(s.hb.node, set()).add(s.hb.pid)
+            expires = self.clock() + self.order_ttl_s
+            self._doomed.update({s.hb.process: expires for s in doomed})
+            self._stuck.update({s.hb.process: expires for s in stuck or []})
             self.ranks.clear()
             self.generation += 1
             self._last_activity = self.clock()
@@ -113,14 +122,23 @@ class JobMonitor:
         with self._lock:
             return self.clock() - self._last_activity
 
-    def should_exit(self, pid: int) -> bool:
+    def should_exit(self, hb: Heartbeat) -> bool:
+        """Whether this very process (node, pid, start time) was ordered to exit."""
         with self._lock:
-            return pid in self._doomed_pids
+            self._expire(self.clock())
+            return hb.process in self._doomed
 
-    def kill_list(self, node: str, pid: int) -> list[int]:
-        """Stuck processes on ``node`` that the exiting process ``pid`` should end."""
+    def kill_list(self, hb: Heartbeat) -> list[int]:
+        """Pids of stuck processes on ``hb``'s node that the exiting process should end."""
         with self._lock:
-            return sorted(self._stuck_by_node.get(node, set()) - {pid})
+            self._expire(self.clock())
+            return sorted({p[1] for p in self._stuck if p[0] == hb.node and p != hb.process})
+
+    def _expire(self, now: float) -> None:
+        """Drop orders past their time (lock held)."""
+        for orders in (self._doomed, self._stuck):
+            for process in [p for p, until in orders.items() if until <= now]:
+                del orders[process]
 
     def world_size(self) -> int:
         with self._lock:

@@ -47,7 +47,6 @@ class SupervisorServer:
         self.on_restart_observed = on_restart_observed or (lambda hb: None)
         self.on_restart_requested = on_restart_requested or (lambda: None)
         self.ready = ready or (lambda: True)
-        self.stop_all = False  # attach mode: relay a preemption to every worker
         self.known_nodes = known_nodes  # local mode: heartbeats from other nodes are refused
         server = self
 
@@ -101,12 +100,9 @@ class SupervisorServer:
                 if server.known_nodes is not None and hb.node not in server.known_nodes:
                     self._refuse(403, f"unknown node {hb.node!r}")
                     return
-                if server.monitor.should_exit(hb.pid):
+                if server.monitor.should_exit(hb):
                     answer = {"action": "exit", "generation": server.monitor.generation,
-                              "kill": server.monitor.kill_list(hb.node, hb.pid)}
-                elif server.stop_all:
-                    server.monitor.observe(hb)
-                    answer = {"action": "stop", "generation": server.monitor.generation}
+                              "kill": server.monitor.kill_list(hb)}
                 else:
                     if server.monitor.observe(hb):
                         server.on_restart_observed(hb)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from service.config import load_config
-from service.errors import EXIT_USAGE, UserError
+from service.config import OVERRIDES_ENV, Config, load_config, overrides_from_env
+from service.errors import UserError, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +25,26 @@ def build_parser(prog: str = "python -m service.train") -> argparse.ArgumentPars
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file or preset name (tiny, small, base); default: embedded tiny")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key (repeatable)")
+                   help=f"override one config key (repeatable; after those in ${OVERRIDES_ENV})")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--verbose", action="store_true")
+
+
+def worker_config(config: str | None, overrides: list[str]) -> Config:
+    """The worker's config: the file, then the overrides in FTDIFF_OVERRIDES (how launchers
+    pass them, secrets included, without putting them on the world-readable command line),
+    then ``--set`` (typed by hand, so it wins)."""
+    return load_config(config, overrides_from_env() + list(overrides))
 
 
 @record
 def run_worker(config: str | None, overrides: list[str], log_format: str = "text", verbose: bool = False) -> int:
     # Validate before any process group or file is touched.
     try:
-        cfg = load_config(config, overrides)
+        cfg = worker_config(config, overrides)
     except UserError as e:
         print(f"ftdiff: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_code_of(e)
 
     from service.dist import barrier, cleanup_distributed, init_distributed
     from service.logs import setup_logging
@@ -44,7 +52,8 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
     # DCP warns on every save/load when running alone (world size 1); that is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     info = init_distributed()
-    setup_logging(info.rank, log_format, verbose)
+    # The token never reaches a log line, whichever way it came in.
+    setup_logging(info.rank, log_format, verbose, secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
     trainer = None
     try:
         from service.train.loop import Trainer
@@ -60,7 +69,7 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         return code
     except UserError as e:
         log.error("%s", e)
-        return EXIT_USAGE
+        return exit_code_of(e)  # 2, or 3 when the storage is unreachable or refuses access
     finally:
         if trainer is not None:
             trainer.close()

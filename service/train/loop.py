@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from service import faults
+from service.checkpoint.identity import fingerprint
 from service.checkpoint.manager import Checkpointer
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from service.heartbeat import Heartbeat, HeartbeatSender
+from service.heartbeat import Heartbeat, HeartbeatSender, shared_token
 from service.metrics import WorkerMetrics, snapshot
 from service.model import EMAState, build_ema, build_noise_scheduler, build_unet
 from service.train import state as keys
@@ -101,9 +102,11 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg, info, self.registry, self.metrics.checkpoint, per_rank_keys=keys.PER_RANK_KEYS,
             can_read_state=lambda: bool(self.optimizer.state),
+            fingerprint=fingerprint(cfg, data_length=len(self.source)),
         )
         self.checkpointer.storage.check_reachable()
         self._stop_signal: int | None = None
+        self._started = time.time()
         self.phase = "starting"
         self.heartbeats = self._start_heartbeats()
         self.probe = faults.StepProbe(info.rank, info.world_size)
@@ -113,12 +116,15 @@ class Trainer:
         url = os.environ.get("FTDIFF_SUPERVISOR_URL") or self.cfg.supervisor.url
         if not url:
             return None
-        token = os.environ.get("FTDIFF_TOKEN") or self.cfg.supervisor.token
+        token = shared_token(self.cfg.supervisor.token)
         if not token:
             raise UserError("a supervisor URL is set but no token: set supervisor.token or FTDIFF_TOKEN")
+        # Under `ftdiff train`, a worker must not outlive its supervisor or its agent.
+        supervisor_pid = os.environ.get("FTDIFF_SUPERVISOR_PID")
+        watch = [int(supervisor_pid), os.getppid()] if supervisor_pid else []
         return HeartbeatSender(
             url, token, self.cfg.supervisor.heartbeat_interval_s, self._heartbeat,
-            on_stop_order=lambda: self._request_stop(signal.SIGTERM),
+            watch_pids=watch,
         ).start()
 
     def _request_stop(self, signum: int) -> None:
@@ -131,8 +137,8 @@ class Trainer:
             rank=info.rank, local_rank=info.local_rank, node=info.node, pid=os.getpid(),
             world_size=info.world_size, step=self.train_state.step, phase=self.phase,
             last_committed_step=self.checkpointer.last_committed_step,
-            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), time=time.time(),
-            metrics=snapshot(self.metrics.registry),
+            restart_count=info.restart_count, time=time.time(),
+            metrics=snapshot(self.metrics.registry), started=self._started,
         )
 
     # -- signals -----------------------------------------------------------------------------
@@ -168,7 +174,9 @@ class Trainer:
             for batch in loader:
                 loss = self._train_step(batch)
                 self._advance(gb)
-                self.probe.after_step(self.train_state.step, batch["position"].tolist())
+                self.probe.after_step(self.train_state.step, batch["position"])
+                if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
+                    self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
                 global_loss, stop, busy = self._agree(loss)
                 step = self.train_state.step
                 self.metrics.train.step.set(step)
@@ -182,7 +190,6 @@ class Trainer:
                 if stop:
                     return self._emergency_stop(step)
                 self.checkpointer.save(step, self.train_state.samples_seen, busy_anywhere=busy)
-                self.checkpointer.warm_up()  # staging buffers ready before the first async save
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()
@@ -251,7 +258,7 @@ class Trainer:
         t0 = time.monotonic()
         self.phase = "stopping"
         log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
-        self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
+        self.checkpointer.save(step, self.train_state.samples_seen, emergency=True)
         elapsed = time.monotonic() - t0
         if elapsed > self.cfg.checkpoint.grace_s:
             log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)

@@ -20,10 +20,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-# The registry's keys: constant, because they are the top-level names inside checkpoints.
-MODEL, EMA, OPTIMIZER, LR_SCHEDULER, GRAD_SCALER = "model", "ema", "optimizer", "lr_scheduler", "grad_scaler"
-TRAIN_STATE, DATA, RNG = "train_state", "data", "rng"
-PER_RANK_KEYS = frozenset({RNG})
+from service.state_keys import (  # noqa: F401 (the registry's keys, re-exported for the loop)
+    DATA,
+    EMA,
+    GRAD_SCALER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    PER_RANK_KEYS,
+    RNG,
+    TRAIN_STATE,
+)
 
 
 def _int(value: int) -> torch.Tensor:

@@ -102,19 +102,42 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
         assert metric(metrics_port, 'ftdiff_job_restarts_total{reason="hang"}') >= 1
 
 
-@pytest.mark.timeout(200)
-def test_sigterm_to_supervisor_is_relayed_as_a_preemption(tmp_path):
+@pytest.mark.timeout(240)
+def test_restarting_the_supervisor_leaves_the_job_untouched(tmp_path):
+    """A supervisor is rolled like any Deployment: SIGTERM makes it leave, the workers train
+    on (same processes, no restart counted), and the next supervisor reports them healthy."""
     with attached_job(tmp_path, [
-        "train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1",
+        "train.max_steps=60", "checkpoint.every_steps=20", "train.step_sleep_s=0.15",
         "supervisor.heartbeat_interval_s=0.3"],
-    ) as (sup, job, trace, url, _):
+    ) as (sup, job, trace, url, metrics_port):
         wait_for_step(trace, 5, job)
+        pids = worker_pids(trace)
         sup.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-        last = max(l["step"] for l in trace_lines(trace))
-        catalog = Catalog(open_storage(str(url)))
-        assert catalog.latest()[0] == last, err[-2000:]
-        assert sup.wait(timeout=60) == 0
+        assert sup.wait(timeout=30) == 0
+        port = int(next(a.split("=")[1] for a in sup.args if a.startswith("supervisor.port=")))
+        step_at_leave = max(l["step"] for l in trace_lines(trace))
+        new_sup = start_supervisor(port, metrics_port)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except urllib.error.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the new supervisor never saw the job healthy"
+                time.sleep(0.2)
+            assert metric(metrics_port, "ftdiff_job_restarts_total") == 0
+            assert metric(metrics_port, "ftdiff_job_failures_detected_total") == 0
+            _, err = job.communicate(timeout=180)
+            assert job.returncode == 0, err[-3000:]
+        finally:
+            stop(new_sup)
+        assert worker_pids(trace) == pids  # the same processes from start to end:
+        assert len(list(trace.glob("*.jsonl"))) == len(pids)  # no worker was ever replaced
+        assert max(l["step"] for l in trace_lines(trace)) == 60 > step_at_leave
+        assert Catalog(open_storage(str(url))).latest()[0] == 60
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
-"""Storage mistakes users make — missing bucket, wrong credentials, dead endpoint — give exit
-code 2 and a message naming the URL, never a secret, and nothing is written."""
+"""Storage mistakes users make — missing bucket (exit 2: a wrong checkpoint.url), wrong
+credentials or a dead endpoint (exit 3: storage unreachable or access denied) — give a message
+naming the URL, never a secret, and nothing is written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from service.errors import EXIT_STORAGE, EXIT_USAGE
 from tests.helpers import (
     REPO,
     base_env,
@@ -40,8 +42,8 @@ def _env(endpoint: str) -> dict[str, str]:
             "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
 
 
-def _check(res: subprocess.CompletedProcess, needle: str) -> None:
-    assert res.returncode == 2, res.stderr[-2000:]
+def _check(res: subprocess.CompletedProcess, needle: str, code: int) -> None:
+    assert res.returncode == code, res.stderr[-2000:]
     assert needle in res.stderr, res.stderr[-2000:]
     assert SECRET not in res.stderr + res.stdout
     assert "Traceback" not in res.stderr
@@ -51,14 +53,14 @@ def _check(res: subprocess.CompletedProcess, needle: str) -> None:
 def test_missing_bucket(s3_server):
     env = {**s3_server, "AWS_SECRET_ACCESS_KEY": SECRET}
     res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://no-such-bucket-ftdiff/run"']), env=env)
-    _check(res, "no-such-bucket-ftdiff")
+    _check(res, "no-such-bucket-ftdiff", EXIT_USAGE)
     assert "does not exist" in res.stderr
 
 
 @pytest.mark.timeout(120)
 def test_wrong_credentials(strict_s3):
     res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://some-bucket/run"']), env=_env(strict_s3))
-    _check(res, "s3://some-bucket/run")
+    _check(res, "s3://some-bucket/run", EXIT_STORAGE)
     assert "access denied" in res.stderr and "credentials" in res.stderr
 
 
@@ -69,4 +71,4 @@ def test_unreachable_endpoint_fails_fast_in_the_supervisor(tmp_path):
         [sys.executable, "-m", "service.cli", "train", "--set", 'checkpoint.url="s3://bucket/run"',
          "--set", "supervisor.port=0", "--set", "metrics.port=0"],
         env=base_env(_env(dead)), cwd=REPO, capture_output=True, text=True, timeout=100)
-    _check(res, "unreachable")
+    _check(res, "unreachable", EXIT_STORAGE)

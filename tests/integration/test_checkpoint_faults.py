@@ -24,6 +24,7 @@ from tests.helpers import (
     ftdiff_inprocess,
     losses,
     run,
+    shard_name,
     single_cmd,
     stop,
     torchrun_cmd,
@@ -65,7 +66,7 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
     res = run(single_cmd(args), env={**s3_server, "FTDIFF_CRASH_AT": f"{stage}:4"}, timeout=200)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     catalog = Catalog(open_storage(url))
-    assert catalog.latest(interval=2)[0] == expected
+    assert catalog.latest()[0] == expected
     assert catalog.committed_steps() == ([2] if expected == 2 else [2, 4])
 
     # A restarted worker loads exactly that checkpoint: build one in this process and resume.
@@ -81,7 +82,7 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
         assert trainer.train_state.step == expected and trainer.data_state.position == expected * 8
         if stage == "after_metadata":  # and the job completes from there, rewriting step 4
             assert trainer.run() == 0
-            assert Catalog(open_storage(url)).latest(interval=2)[0] == 6
+            assert Catalog(open_storage(url)).latest()[0] == 6
             assert Catalog(open_storage(url)).verify(4) == []
     finally:
         trainer.close()
@@ -89,13 +90,17 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
 
 # -- kill -9 of one worker under torchrun ------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_kill9_one_worker_resumes_bitwise_equal(baseline, tmp_path):
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_kill9_one_worker_resumes_bitwise_equal(baseline, tmp_path, resume):
+    """Also with checkpoint.resume = "never": it decides the run's first start only; torchrun's
+    restart resumes from the newest commit instead of starting over."""
     ref_url, ref_loss = baseline
     dirs = traced_run(tmp_path)
     trace, url = dirs.trace, dirs.url
     proc = popen(
         torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
-                      dirs.url_arg, "train.step_sleep_s=0.25"], max_restarts=2),
+                      dirs.url_arg, "train.step_sleep_s=0.25", f'checkpoint.resume="{resume}"'],
+                     max_restarts=2),
         env=dirs.env,
     )
     wait_for_step(trace, 6, proc)
@@ -189,7 +194,7 @@ def three_commits_on_s3(three_commits_template, s3_bucket):
 
 def _corrupt(catalog: Catalog, how: str) -> None:
     fs, folder = catalog.storage.fs, catalog.storage.path(step_dir(6))
-    shard = f"{folder}/__0_0.distcp"
+    shard = f"{folder}/{shard_name(catalog, 6)}"
     if how == "truncated":
         fs.pipe_file(shard, fs.cat_file(shard)[:-100])
     elif how == "flipped":
@@ -227,7 +232,7 @@ def test_all_checkpoints_corrupt_is_a_clear_error(three_commits_on_s3, s3_server
     url = three_commits_on_s3
     catalog = Catalog(open_storage(url))
     for step in catalog.committed_steps():
-        shard = catalog.storage.path(step_dir(step), "__0_0.distcp")
+        shard = catalog.storage.path(step_dir(step), shard_name(catalog, step))
         catalog.storage.fs.pipe_file(shard, b"junk")
     res = run(single_cmd(["train.max_steps=8", "checkpoint.every_steps=2", f'checkpoint.url="{url}"']),
               env=s3_server, timeout=120)

@@ -6,6 +6,7 @@ test_multihost.py."""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -42,3 +43,29 @@ def test_sigterm_to_supervisor_commits_and_exits_preempted(tmp_path):
     catalog = Catalog(open_storage(job.url))
     assert catalog.latest()[0] == last
     assert catalog.verify(last) == []
+
+
+@pytest.mark.timeout(300)
+def test_an_emergency_save_slower_than_30s_still_commits_within_grace(tmp_path, s3_server, s3_bucket):
+    """torchrun SIGKILLs workers 30 s after SIGTERM unless told otherwise; ftdiff gives them
+    checkpoint.grace_s plus a margin, and exits 43 only once the commit is in storage."""
+    from tests.tcp_proxy import TcpProxy
+
+    upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    url = f"{s3_bucket}/slow"
+    with TcpProxy(upstream) as proxy:
+        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        job = Job(tmp_path, ["train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1",
+                             f'checkpoint.url="{url}"', "checkpoint.grace_s=90"], env=env)
+        job.wait_step(4)
+        proxy.delay_s = 4.0  # every request to the store now takes 4 s more
+        asked = time.time()
+        job.proc.send_signal(signal.SIGTERM)
+        code, err = job.finish(200)
+        proxy.delay_s = 0.0
+        assert code == EXIT_PREEMPTED, err[-3000:]
+        catalog = Catalog(open_storage(url))
+        step, manifest = catalog.latest()
+        assert step == max(line["step"] for line in trace_lines(job.trace))
+        assert manifest.time - asked > 30, "the save was not slow enough to test the 30 s limit"
+        assert catalog.verify(step) == []

@@ -17,8 +17,10 @@ from service.checkpoint.manifest import (
 )
 from service.checkpoint.retention import apply_retention, plan_deletions
 from service.checkpoint.storage import open_storage
+from service.config import load_config
 from service.errors import UserError
 from tests.helpers import CheckpointJob as Job
+from tests.helpers import shard_name
 
 
 @pytest.fixture
@@ -129,7 +131,7 @@ def test_latest_costs_at_most_three_requests_with_1000_checkpoints(mem_url):
         _fake_commit(catalog, step)
     catalog.write_pointer(10_000)
     counter = CountingFs(catalog.storage.fs)
-    step, _ = catalog.latest(interval=10)
+    step, _ = catalog.latest()
     assert step == 10_000
     assert len(counter.calls) <= 3, counter.calls
 
@@ -143,7 +145,7 @@ def test_missing_stale_or_bad_pointer_falls_back_to_scan(mem_url, pointer):
     catalog.storage.fs.pipe_file(catalog.storage.path(step_dir(40), "__0_0.distcp"), b"partial")
     if pointer is not None:
         catalog.storage.write_bytes_atomic(POINTER, pointer)
-    assert catalog.latest(interval=10)[0] == 30
+    assert catalog.latest()[0] == 30
 
 
 def test_verify_detects_truncation_flip_and_missing_manifest(mem_url):
@@ -154,7 +156,7 @@ def test_verify_detects_truncation_flip_and_missing_manifest(mem_url):
     catalog = job.ckpt.catalog
     assert catalog.verify(1) == [] and catalog.verify(2) == []
     fs, folder = catalog.storage.fs, catalog.storage.path(step_dir(2))
-    shard = f"{folder}/__0_0.distcp"
+    shard = f"{folder}/{shard_name(catalog, 2)}"
     data = fs.cat_file(shard)
     fs.pipe_file(shard, data[: len(data) // 2])
     assert any("size" in p for p in catalog.verify(2))
@@ -174,7 +176,7 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
         job.ckpt.save_at(job.train.step, 0, blocking=True)
         saved[job.train.step] = job.weights()
     fs = job.ckpt.storage.fs
-    shard = job.ckpt.storage.path(step_dir(2), "__0_0.distcp")
+    shard = job.ckpt.storage.path(step_dir(2), shard_name(job.ckpt.catalog, 2))
     data = bytearray(fs.cat_file(shard))
     data[100] ^= 0x01
     fs.pipe_file(shard, bytes(data))
@@ -200,10 +202,13 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     job.step()
     job.ckpt.save_at(1, 0, blocking=True)
     fs = job.ckpt.storage.fs
-    fs.pipe_file(job.ckpt.storage.path(step_dir(1), "__0_0.distcp"), b"junk")
-    with pytest.raises(UserError, match="none could be loaded"):
+    fs.pipe_file(job.ckpt.storage.path(step_dir(1), shard_name(job.ckpt.catalog, 1)), b"junk")
+    with pytest.raises(UserError, match="none could be loaded") as e:
         Job(mem_url).ckpt.resume()
-    assert Job(mem_url, 'checkpoint.resume="never"').ckpt.resume() is None
+    assert "new location" in str(e.value)
+    # Starting afresh on top of them is no way out: that would mix two runs in one root.
+    with pytest.raises(UserError, match="never mixes"):
+        Job(mem_url, 'checkpoint.resume="never"').ckpt.resume()
 
 
 def test_resume_from_explicit_url(mem_url, tmp_path):
@@ -329,7 +334,7 @@ def test_local_load_verifies_files(tmp_path):
     for _ in range(2):
         job.step()
         job.ckpt.save_at(job.train.step, 0, blocking=True)
-    shard = tmp_path / step_dir(2) / "__0_0.distcp"
+    shard = tmp_path / step_dir(2) / shard_name(job.ckpt.catalog, 2)
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0x04
     shard.write_bytes(bytes(data))
@@ -370,7 +375,7 @@ def test_writer_skips_zip_crc32_only_while_writing(tmp_path):
     assert config.save.compute_crc32 is True
     assert job.ckpt.save_at(1, 0, blocking=True)
     assert config.save.compute_crc32 is True
-    shard = (tmp_path / step_dir(1) / "__0_0.distcp").read_bytes()
+    shard = (tmp_path / step_dir(1) / shard_name(job.ckpt.catalog, 1)).read_bytes()
     # Zip central directory entries ("PK\x01\x02") carry each record's CRC-32 at byte 16.
     entries = [i for i in range(len(shard) - 4) if shard[i:i + 4] == b"PK\x01\x02"]
     assert entries and all(shard[i + 16:i + 20] == b"\0\0\0\0" for i in entries)
@@ -409,3 +414,43 @@ def test_a_failing_writer_thread_fails_the_save_instead_of_committing_a_partial_
     job.step()
     assert job.ckpt.save_at(3, 0, blocking=True)
     assert Job(mem_url, seed=4).ckpt.resume() == 3
+
+
+def test_the_last_step_is_committed_once_or_fails_loudly(mem_url, monkeypatch):
+    import service.checkpoint.commit as commit
+    from service.checkpoint.manager import CheckpointNotCommitted
+
+    job = Job(mem_url, "checkpoint.every_steps=10")
+    job.ckpt.resume()
+    calls = []
+    real_save = commit.dcp.save
+    monkeypatch.setattr(commit.dcp, "save", lambda *a, **k: calls.append(1) or real_save(*a, **k))
+    job.step()
+    job.ckpt.save(1, 0, last_step=True)
+    job.ckpt.save(1, 0, last_step=True)  # already committed by this start: not written again
+    assert calls == [1] and job.ckpt.catalog.latest()[0] == 1
+
+    monkeypatch.setattr(commit.dcp, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    job.step()
+    with pytest.raises(CheckpointNotCommitted, match="final checkpoint at step 2"):
+        job.ckpt.save(2, 0, last_step=True)
+    with pytest.raises(CheckpointNotCommitted, match="emergency checkpoint at step 2"):
+        job.ckpt.save(2, 0, emergency=True)
+    assert job.ckpt.catalog.latest()[0] == 1
+
+
+def test_the_trainer_never_lets_warm_up_create_optimizer_state(tmp_path):
+    """Asking an optimizer without state for its state dict makes DCP run a zero-lr step
+    (changing the run): the trainer's predicate holds warm-up back until the first step."""
+    from service.dist import DistInfo
+    from service.train.loop import Trainer
+    from tests.helpers import TINY
+
+    cfg = load_config(None, TINY + [f'checkpoint.url="{tmp_path}"'])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"))
+    try:
+        trainer.checkpointer.warm_up()
+        trainer.checkpointer.drain()
+        assert not trainer.optimizer.state and not trainer.checkpointer.staging.buffers
+    finally:
+        trainer.close()

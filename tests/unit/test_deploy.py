@@ -162,3 +162,28 @@ def test_promtool_checks_compose_prometheus_config(tmp_path):
     res = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("manifest", ["base/job.yaml", "kubeflow/pytorchjob.yaml"])
+def test_workers_get_the_whole_grace_period_for_the_emergency_checkpoint(manifest):
+    """torchrun SIGKILLs workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 30 s) after SIGTERM:
+    it must cover checkpoint.grace_s, and the pod's grace period must cover it."""
+    import tomllib
+
+    grace_s = tomllib.loads((K8S / "base" / "ftdiff.toml").read_text())["checkpoint"]["grace_s"]
+    doc = yaml.safe_load((K8S / manifest).read_text())
+    pods = [n for n in _walk(doc) if isinstance(n, dict) and "containers" in n]
+    assert pods
+    for pod in pods:
+        env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+        timeout = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
+        assert timeout >= grace_s + 10
+        assert pod["terminationGracePeriodSeconds"] > timeout
+        assert "FTDIFF_RUN_ID" in env  # restarts of one run are recognised as such
+
+
+def _walk(node):  # type: ignore[no-untyped-def]
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for child in children:
+        yield from _walk(child)

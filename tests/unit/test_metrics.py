@@ -14,7 +14,7 @@ def test_names_follow_the_convention():
         for family in registry.collect():
             if family.name.startswith("ftdiff_") is False:
                 continue
-            assert family.name.split("_")[1] in ("checkpoint", "job", "worker", "train", "supervisor")
+            assert family.name.split("_")[1] in ("checkpoint", "job", "worker", "train", "supervisor", "data")
             if family.type == "counter":
                 assert any(s.name.endswith("_total") for s in family.samples), family.name
             assert family.name.endswith(UNITS) or family.type in ("counter", "histogram", "stateset"), family.name

@@ -26,7 +26,8 @@ def _rank(rank: int, port: int, url: str, out: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     cfg = load_config(None, [f'checkpoint.url="{url}"', "checkpoint.every_steps=1"])
     registry = {"model": ModelState(model), "optimizer": OptimizerState(model, opt), "train_state": TrainState()}
-    ckpt = Checkpointer(cfg, DistInfo(rank, 2, rank, torch.device("cpu"), "0"), registry)
+    ckpt = Checkpointer(cfg, DistInfo(rank, 2, rank, torch.device("cpu"), "0"), registry, per_rank_keys=(),
+                        can_read_state=lambda: bool(opt.state))
 
     def step() -> None:
         model(torch.ones(2, 16)).sum().backward()
@@ -79,7 +80,8 @@ def test_each_rank_stages_only_its_share(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     cfg = load_config(None, [f'checkpoint.url="{url}"'])
     registry = {"model": ModelState(model), "optimizer": OptimizerState(model, opt), "train_state": TrainState()}
-    fresh = Checkpointer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"), registry)
+    fresh = Checkpointer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"), registry, per_rank_keys=(),
+                         can_read_state=lambda: bool(opt.state))
     assert fresh.resume() == 4
     for name, value in model.state_dict().items():
         assert value.tolist() == reports[0]["saved"][name], name

@@ -22,9 +22,9 @@ class Clock:
         return self.t
 
 
-def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None):
+def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None, started=1.0):
     return Heartbeat(rank=rank, local_rank=rank, node=node, pid=pid, world_size=world, step=step,
-                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0)
+                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0, started=started)
 
 
 def test_hang_is_no_progress_or_no_heartbeat_for_the_timeout():
@@ -48,10 +48,29 @@ def test_new_pid_is_a_restart_and_ordered_exits_are_not():
     assert m.observe(hb(0, 200))
     doomed = m.order_restart()
     assert [s.hb.pid for s in doomed] == [200]
-    assert m.should_exit(200) and not m.should_exit(300)
+    assert m.should_exit(hb(0, 200)) and not m.should_exit(hb(0, 300))
     assert not m.observe(hb(0, 200))  # the doomed process is ignored
     assert not m.observe(hb(0, 300))  # its replacement is not counted as a crash
     assert m.generation == 1
+
+
+def test_exit_orders_name_one_process_and_expire():
+    """Pods have their own PID namespaces: a restarted container's worker is pid 1 again, and
+    so is a worker on every other pod. An order must hit only the process it was meant for."""
+    clock = Clock()
+    m = JobMonitor(10, clock, order_ttl_s=60)
+    m.observe(hb(0, 1, node="pod-a", started=5.0))
+    m.observe(hb(1, 1, node="pod-b", started=6.0))
+    m.order_restart(stuck=[m.ranks[0]])
+    assert m.should_exit(hb(0, 1, node="pod-a", started=5.0))
+    assert not m.should_exit(hb(0, 1, node="pod-a", started=50.0))  # the restarted container
+    assert not m.should_exit(hb(2, 1, node="pod-c", started=5.0))  # same pid, another pod
+    assert not m.observe(hb(0, 1, node="pod-a", started=5.0))  # the doomed one is ignored
+    assert m.kill_list(hb(1, 1, node="pod-b", started=6.0)) == []  # stuck ones only on its own node
+    assert m.kill_list(hb(3, 7, node="pod-a", started=9.0)) == [1]
+    clock.t += 61  # orders expire: nothing they named can still be waiting for them
+    assert not m.should_exit(hb(0, 1, node="pod-a", started=5.0))
+    assert m.kill_list(hb(3, 7, node="pod-a", started=9.0)) == []
 
 
 def test_commits_and_world_size_changes():
@@ -309,3 +328,52 @@ def test_silent_agents_are_ended_for_a_relaunch():
             agent.kill()
             agent.wait()
         shutil.rmtree(sup.log_dir, ignore_errors=True)
+
+
+def test_a_slow_store_is_not_a_hang_but_silence_and_a_stuck_load_are():
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=60)
+    m.observe(hb(0, 100, phase="loading"))
+    for _ in range(10):  # a 50 s load: far beyond the hang timeout, bytes still arriving
+        clock.t += 5
+        current = m.ranks[0].hb
+        m.observe(Heartbeat(**{**current.__dict__, "io_bytes": current.io_bytes + 1000}))
+    assert m.hung() == []
+    clock.t += 30  # no bytes for 30 s: the store is slow or briefly away, not a hang yet
+    m.observe(m.ranks[0].hb)
+    assert m.hung() == []
+    clock.t += 31  # no progress past io_timeout_s: a stuck load
+    m.observe(m.ranks[0].hb)
+    assert [s.hb.rank for s in m.hung()] == [0]
+
+    m2 = JobMonitor(10, clock, io_timeout_s=60)
+    m2.observe(hb(0, 100, phase="loading"))
+    clock.t += 11  # no heartbeat at all (SIGSTOPped during the load): caught at the hang timeout
+    assert [s.hb.rank for s in m2.hung()] == [0]
+
+
+def test_the_storage_phase_limit_grows_with_the_longest_phase_seen():
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=20)
+    m.observe(hb(0, 100, phase="checkpointing"))
+    clock.t += 15
+    m.observe(hb(0, 100, phase="training", step=1))  # a 15 s save
+    m.observe(hb(0, 100, phase="checkpointing", step=1))
+    assert m.stall_limit("checkpointing") == 45  # 3 x the longest save so far
+    assert m.stall_limit("training") == 10
+
+
+def test_series_of_ranks_that_left_are_removed():
+    from service.supervisor.ledger import publish
+
+    clock = Clock()
+    m = JobMonitor(10, clock)
+    metrics = SupervisorMetrics()
+    m.observe(hb(0, 100, world=2))
+    m.observe(hb(1, 101, world=2))
+    publish(m, metrics)
+    assert metrics.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "1"}) is not None
+    m.observe(hb(0, 100, world=1, step=1))  # shrunk to one rank
+    publish(m, metrics)
+    assert metrics.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "1"}) is None
+    assert metrics.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "0"}) is not None

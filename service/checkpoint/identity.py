@@ -1,0 +1,62 @@
+"""Which settings define a run's math, and how a start compares with the run it would resume.
+
+A checkpoint records a *fingerprint*: the settings that decide which samples are drawn, with
+which noise, and what the optimizer does with them. Resuming with a different fingerprint
+would silently change the run (or break exactly-once consumption), so it is refused, naming
+each differing key. Everything else (supervisor, metrics, writer threads, retention, logging)
+may change freely; ``train.max_steps`` may change with a warning, because the cosine LR
+schedule is stretched to the new end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.config import Config, config_from_dict, redact_url
+
+# section -> keys whose values define the math of a run.
+MATH_KEYS: dict[str, tuple[str, ...]] = {
+    "run": ("seed",),
+    "model": ("preset", "sample_size", "num_train_timesteps"),
+    "data": ("kind", "url", "epoch_size", "hflip"),
+    "train": ("global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+              "ema_decay", "precision"),
+}
+# May change between starts, with a warning.
+SOFT_KEYS = ("train.max_steps",)
+
+
+def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
+    """The math-defining settings as flat ``section.key`` entries (URLs without secrets)."""
+    body = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for section, keys in MATH_KEYS.items():
+        for key in keys:
+            value = body[section][key]
+            out[f"{section}.{key}"] = redact_url(value) if key == "url" and isinstance(value, str) else value
+    for dotted in SOFT_KEYS:
+        section, key = dotted.split(".")
+        out[dotted] = body[section][key]
+    if data_length is not None:
+        out["data.length"] = data_length  # a folder whose contents changed changes the stream
+    return out
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(hard, soft) differences as ``key: saved -> now`` lines; keys missing on either side
+    (older checkpoints record fewer) are not compared."""
+    hard, soft = [], []
+    for key in sorted(set(saved) & set(current)):
+        if saved[key] != current[key]:
+            line = f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
+            (soft if key in SOFT_KEYS else hard).append(line)
+    return hard, soft
+
+
+def fingerprint_of_config(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a checkpoint written before fingerprints were recorded, from the
+    config in its manifest (without the data length, which it did not record)."""
+    try:
+        return fingerprint(config_from_dict(recorded))
+    except Exception:  # an unreadable or foreign config: nothing to compare
+        return {}

@@ -1,0 +1,141 @@
+"""On a real S3 endpoint (moto's server on loopback): image folders with DataLoader workers,
+and the exit codes of a dead endpoint, unknown and read-only credentials."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+from service.checkpoint.storage import open_storage
+from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, StorageError
+from tests.helpers import base_env, free_port, run, single_cmd, stop, wait_for_port
+from tests.helpers import ftdiff_inprocess as ftdiff
+
+SECRET = "ro-secret-" + uuid.uuid4().hex
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ftdiff: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- an image folder on S3 with DataLoader worker processes -------------------------------------
+@pytest.mark.timeout(120)
+def test_s3_folder_with_workers_gives_the_same_samples(s3_bucket):
+    import s3fs
+    from PIL import Image
+
+    from service.train.data import FolderSource, TrainingSamples, build_loader
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for i in range(10):
+        buf = io.BytesIO()
+        Image.new("RGB", (12, 10), (20 * i, 255 - 20 * i, 7 * i)).save(buf, format="PNG")
+        fs.pipe_file(f"{s3_bucket[5:]}/imgs/{i:02d}.png", buf.getvalue())
+    fs.pipe_file(f"{s3_bucket[5:]}/imgs/05.png", b"not a png")  # one bad file, skipped
+    src = FolderSource(f"{s3_bucket}/imgs", 8, on_bad_image="skip")  # lists + decodes in this process
+    samples = TrainingSamples(src, seed=0, num_timesteps=100, hflip=True)
+    batches = {}
+    for workers in (0, 2):
+        # Before the fix, a worker reused the parent's s3fs client: "This class is not fork-safe".
+        loader = build_loader(samples, start_position=3, num_steps=4, global_batch=4, rank=0,
+                              world_size=1, num_workers=workers)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == len(batches[2]) == 4
+    for a, b in zip(batches[0], batches[2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    flagged = torch.cat([b["bad_image"] for b in batches[2]])
+    indices = torch.cat([b["source_index"] for b in batches[2]])
+    assert torch.equal(flagged, indices == 5)
+
+
+# -- exit codes of the read commands ------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_dead_endpoint_is_exit_3_in_one_line(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    for argv in (["ckpt", "ls", "s3://bucket/run"], ["ckpt", "verify", "s3://bucket/run/step-150"],
+                 ["export", "s3://bucket/run", "--format", "safetensors", "--out", str(tmp_path / "u.st")]):
+        res = ftdiff(*argv, "--endpoint-url", dead)
+        assert res.returncode == EXIT_STORAGE, res.stderr
+        assert "unreachable" in _one_line(res.stderr)
+    # The same from a real process: nothing but that line on stderr (no library log noise).
+    res = subprocess.run([sys.executable, "-m", "service.cli", "ckpt", "ls", "s3://bucket/run",
+                          "--endpoint-url", dead], env=base_env(), capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert res.returncode == EXIT_STORAGE and "unreachable" in _one_line(res.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_missing_root_or_bucket_is_exit_1_existing_empty_bucket_is_not(s3_bucket):
+    res = ftdiff("ckpt", "ls", f"{s3_bucket}/no-such-run")
+    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in _one_line(res.stderr)
+    res = ftdiff("ckpt", "ls", "s3://no-such-bucket-ftdiff-12/run")
+    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in _one_line(res.stderr)
+    res = ftdiff("ckpt", "ls", s3_bucket)
+    assert res.returncode == EXIT_OK and res.stdout.strip() == "(no checkpoints)"
+
+
+@pytest.fixture(scope="module")
+def iam_s3():
+    """A moto server that checks credentials, with a bucket and a read-only user."""
+    import boto3
+
+    port = free_port()
+    # The first 4 requests (bucket, user, policy, key) are made without auth, then it is enforced.
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=base_env({"INITIAL_NO_AUTH_ACTION_COUNT": "4"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+              "aws_secret_access_key": "setup"}
+        boto3.client("s3", **kw).create_bucket(Bucket="ro-bucket")
+        iam = boto3.client("iam", **kw)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    finally:
+        stop(proc)
+
+
+def _creds(server: dict, key: str, secret: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": server["endpoint"]}
+
+
+@pytest.mark.timeout(120)
+def test_unknown_credentials_are_exit_3(iam_s3, monkeypatch):
+    for k, v in _creds(iam_s3, "AKIAUNKNOWNUNKNOWN", SECRET).items():
+        monkeypatch.setenv(k, v)
+    res = ftdiff("ckpt", "ls", "s3://ro-bucket/run")
+    line = _one_line(res.stderr)
+    assert res.returncode == EXIT_STORAGE and "access denied" in line and SECRET not in line
+
+
+@pytest.mark.timeout(180)
+def test_read_only_credentials_read_but_fail_training_at_start_up(iam_s3, monkeypatch):
+    env = _creds(iam_s3, iam_s3["key"], iam_s3["secret"])
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    storage = open_storage("s3://ro-bucket/run")
+    storage.check_reachable(write=False)  # the read-only commands may use them
+    res = ftdiff("ckpt", "ls", "s3://ro-bucket")
+    assert res.returncode == EXIT_OK and res.stdout.strip() == "(no checkpoints)", res.stderr
+    with pytest.raises(StorageError, match="write access denied"):
+        storage.check_reachable()
+    # A worker refuses to start (exit 3) instead of failing at its first save.
+    res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://ro-bucket/run"']), env=env, timeout=120)
+    assert res.returncode == EXIT_STORAGE, res.stderr[-2000:]
+    assert "write access denied" in res.stderr and "Traceback" not in res.stderr
+    assert iam_s3["secret"] not in res.stderr + res.stdout

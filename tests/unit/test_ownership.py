@@ -1,0 +1,236 @@
+"""A checkpoint root belongs to one run and one incarnation at a time (in one process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+
+import pytest
+import torch
+
+from service.checkpoint.catalog import Catalog
+from service.checkpoint.manifest import POINTER, step_dir
+from service.checkpoint.ownership import FencedError
+from service.checkpoint.storage import open_storage
+from service.errors import UserError
+from tests.helpers import CheckpointJob as Job
+
+
+@pytest.fixture(params=["memory", "file", "s3"])
+def url(request, tmp_path) -> str:
+    """The same rules on every kind of store; on S3 through the real protocol (moto on
+    loopback), where incarnations and the pointer use conditional writes."""
+    if request.param == "s3":
+        return f"{request.getfixturevalue('s3_bucket')}/run"
+    return f"memory://own-{uuid.uuid4().hex[:8]}" if request.param == "memory" else str(tmp_path / "ckpt")
+
+
+def _train(job: Job, steps: int) -> None:
+    for _ in range(steps):
+        job.step()
+        assert job.ckpt.save_at(job.train.step, 0, blocking=True)
+
+
+def _files(url: str) -> dict[str, bytes]:
+    storage = open_storage(url)
+    out = {}
+    for step in Catalog(storage).step_folders():
+        for name in storage.list_dir(step_dir(step)):
+            out[f"{step_dir(step)}/{name}"] = storage.read_bytes(f"{step_dir(step)}/{name}")
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_fresh_run_into_another_runs_root_is_refused_and_changes_nothing(url):
+    first = Job(url, run_id="run-1")
+    first.ckpt.resume()
+    _train(first, 3)
+    first.ckpt.close()
+    before = _files(url)
+    second = Job(url, 'checkpoint.resume="never"', run_id="run-2", seed=5)
+    with pytest.raises(UserError, match="never mixes") as e:
+        second.ckpt.resume()
+    assert str(url).split("://")[-1] in str(e.value)
+    assert _files(url) == before  # nothing overwritten, nothing deleted
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_start_does_not_fence_off_the_run_that_owns_the_root(url):
+    running = Job(url, run_id="run-1")
+    running.ckpt.resume()
+    _train(running, 1)
+    with pytest.raises(UserError):
+        Job(url, 'checkpoint.resume="never"', run_id="run-2").ckpt.resume()
+    with pytest.raises(UserError):
+        Job(url, "run.seed=3", run_id="run-3").ckpt.resume()
+    _train(running, 1)  # still the newest start: it goes on committing
+    assert running.ckpt.catalog.latest()[0] == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change, key", [
+    ("run.seed=7", "run.seed"),
+    ("train.global_batch_size=32", "train.global_batch_size"),
+    ("model.num_train_timesteps=500", "model.num_train_timesteps"),
+    ("data.epoch_size=999", "data.epoch_size"),
+])
+def test_resuming_with_changed_math_is_refused_naming_the_keys(url, change, key):
+    first = Job(url)
+    first.ckpt.resume()
+    _train(first, 2)
+    before = _files(url)
+    with pytest.raises(UserError) as e:
+        Job(url, change).ckpt.resume()
+    assert key in str(e.value) and "new location" in str(e.value)
+    assert _files(url) == before
+
+
+@pytest.mark.timeout(60)
+def test_settings_outside_the_math_may_change(url):
+    first = Job(url)
+    first.ckpt.resume()
+    _train(first, 2)
+    later = Job(url, "train.max_steps=999", "checkpoint.keep_last=5", "supervisor.hang_timeout_s=9",
+                "checkpoint.writer_threads=2")
+    assert later.ckpt.resume() == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["same run id", "torchrun restart"])
+def test_a_pinned_start_applies_once_restarts_resume_the_newest_commit(url, tmp_path, how):
+    source = f"memory://source-{uuid.uuid4().hex[:6]}"
+    origin = Job(source)
+    _train(origin, 2)
+    for resume in ('"never"', f'"{source}/{step_dir(1)}"'):
+        target = f"{url}-{abs(hash(resume))}"
+        first = Job(target, f"checkpoint.resume={resume}", run_id="run-A")
+        first_step = first.ckpt.resume()
+        assert first_step == (None if resume == '"never"' else 1)
+        _train(first, 3)  # commits up to 3 or 4
+        newest = first.train.step
+        first.ckpt.close()
+        kwargs = {"run_id": "run-A"} if how == "same run id" else {"restart_count": 1}
+        again = Job(target, f"checkpoint.resume={resume}", seed=9, **kwargs)
+        assert again.ckpt.resume() == newest
+        assert again.train.step == newest
+
+
+@pytest.mark.timeout(60)
+def test_going_back_inside_the_own_root_is_refused(url):
+    job = Job(url)
+    job.ckpt.resume()
+    _train(job, 3)
+    with pytest.raises(UserError, match="new location"):
+        Job(url, f'checkpoint.resume="{url}/{step_dir(1)}"').ckpt.resume()
+    assert Job(url, f'checkpoint.resume="{url}/{step_dir(3)}"').ckpt.resume() == 3  # its newest: fine
+
+
+@pytest.mark.timeout(60)
+def test_pointer_is_a_hint_an_off_interval_commit_with_a_lost_pointer_write_wins(url, monkeypatch):
+    job = Job(url, "checkpoint.every_steps=50")
+    job.ckpt.resume()
+    for step in (100, 137):  # 137: an emergency checkpoint off the 50-step interval
+        job.step()
+        assert job.ckpt.save_at(step, 0, blocking=True)
+    catalog = job.ckpt.catalog
+    monkeypatch.setattr(catalog, "write_pointer", lambda step: (_ for _ in ()).throw(OSError("lost")))
+    job.step()
+    assert job.ckpt.save_at(150, 0, blocking=True)  # committed; its pointer write failed
+    assert json.loads(catalog.storage.read_bytes(POINTER))["step"] == 137
+    expected = job.weights()
+    fresh = Job(url, "checkpoint.every_steps=50", seed=3)
+    assert fresh.ckpt.resume() == 150
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.weights().items())
+
+
+@pytest.mark.timeout(60)
+def test_the_pointer_never_moves_backwards(url):
+    job = Job(url)
+    job.ckpt.resume()
+    _train(job, 2)
+    catalog = job.ckpt.catalog
+    assert catalog.write_pointer(2)
+    assert not catalog.write_pointer(1)
+    assert catalog.pointer_step() == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(url):
+    """A writer of an older incarnation, held up mid-save while a newer start resumes and
+    commits, is fenced off: its save fails and the newer start's commits stay as they are."""
+    zombie = Job(url, "checkpoint.keep_last=2")
+    zombie.ckpt.resume()
+    _train(zombie, 1)
+    gate, reached = threading.Event(), threading.Event()
+    real_write_manifest = zombie.ckpt.catalog.write_manifest
+
+    def held_up(manifest):  # paused just before its manifest write, as a SIGSTOPped process
+        reached.set()
+        assert gate.wait(30)
+        return real_write_manifest(manifest)
+
+    zombie.ckpt.catalog.write_manifest = held_up
+    zombie.step()
+    zombie.ckpt.save_at(2, 0, blocking=False)
+    assert reached.wait(30)
+
+    newer = Job(url, "checkpoint.keep_last=2", seed=4)
+    assert newer.ckpt.resume() == 1
+    _train(newer, 3)  # commits 2, 3, 4 (and retention deletes older ones)
+    newer.ckpt.drain()
+    after_newer = _files(url)
+    pointer = newer.ckpt.catalog.pointer_step()
+
+    gate.set()
+    assert zombie.ckpt.wait() is False  # fenced: not committed
+    with pytest.raises(FencedError):
+        zombie.ckpt.catalog.delete(4)
+    with pytest.raises(FencedError):
+        zombie.ckpt.catalog.write_pointer(99)
+    zombie.ckpt.drain()
+    assert newer.ckpt.catalog.pointer_step() == pointer == 4
+    assert _files(url) == after_newer  # no file of the newer start touched
+    assert Catalog(open_storage(url)).verify(4) == []
+
+
+@pytest.mark.timeout(60)
+def test_incarnations_only_grow_and_are_unique(url):
+    numbers = []
+    for _ in range(3):
+        job = Job(url)
+        job.ckpt.resume()
+        numbers.append(job.ckpt.ownership.number)
+    assert numbers == sorted(set(numbers)) and numbers[0] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_every_byte_is_in_the_file_when_it_is_fsynced(tmp_path, monkeypatch):
+    """DCP fsyncs each file it writes; the bytes must be in the file at that moment (not in
+    a user-space buffer), or a power loss would leave the newest commit failing its CRC."""
+    synced: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced[os.path.basename(path).removesuffix(".tmp")] = os.fstat(fd).st_size  # .metadata is renamed
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    # A small state: its .metadata fits in one write buffer, so unflushed bytes would show.
+    from service.checkpoint.manager import Checkpointer
+    from service.config import load_config
+    from service.dist import DistInfo
+    from service.train.state import TrainState
+
+    cfg = load_config(None, [f'checkpoint.url="{tmp_path}"'])
+    ckpt = Checkpointer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"), {"train_state": TrainState(step=1)},
+                        per_rank_keys=(), can_read_state=lambda: True)
+    assert ckpt.save_at(1, 0, blocking=True)
+    ckpt.close()
+    manifest = ckpt.catalog.manifest(1)
+    assert manifest.files[".metadata"].size < 4096
+    assert ".metadata" in synced and any(n.endswith(".distcp") for n in synced)
+    for name, entry in manifest.files.items():
+        assert synced.get(name) == entry.size, name
