@@ -112,6 +112,11 @@ class CheckpointConfig(_Section):
 
 class SupervisorConfig(_Section):
     hang_timeout_s: float = Field(default=60.0, gt=0)
+    """No heartbeat, or no training progress, for this long is a hang."""
+    io_timeout_s: float = Field(default=300.0, gt=0)
+    """No progress (no bytes read or written) in a checkpoint load or save, or a wait for the
+    store, for this long — or three times the longest such phase so far, if more — is a hang.
+    Heartbeats must still arrive every hang_timeout_s: a stopped process is caught as fast."""
     startup_timeout_s: float = Field(default=180.0, gt=0)
     """Local mode: agents run but no worker has reported for this long since their launch, a
     restart order or the last heartbeat (stuck in rendezvous or start-up): end and relaunch them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +69,29 @@ def init_distributed() -> DistInfo:
 
 
 def run_id_from_env() -> str | None:
-    """The id that names this run across restarts, if the launcher gave one."""
+    """The id that names this run across restarts: FTDIFF_RUN_ID, else torchrun's --rdzv-id,
+    else (torchrun's default id "none" names nothing) the torchrun agent itself — host, pid and
+    start time of the parent process, the same for every restart it makes. None outside
+    torchrun: every start by hand is a run of its own."""
     explicit = os.environ.get("FTDIFF_RUN_ID")
     if explicit:
         return explicit
-    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return rdzv if rdzv and rdzv != "none" else None  # "none": torchrun's default, names nothing
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv is None:
+        return None
+    if rdzv and rdzv != "none":
+        return rdzv
+    return _agent_identity()
+
+
+def _agent_identity() -> str | None:
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time in ticks
+    except (OSError, IndexError):
+        return None
+    return f"torchrun-{socket.gethostname()}-{parent}-{started}"
 
 
 def _restart_safe_store(rank: int, world_size: int) -> dist.Store:

@@ -7,6 +7,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a corrupt or missing checkpoint, a failed run, an unexpected error
 EXIT_USAGE = 2  # bad arguments, config, URL, impossible geometry: nothing was written
+EXIT_SUPERSEDED = 46  # worker: another start of the job now owns the checkpoint root (fenced)
 EXIT_STORAGE = 3  # storage unreachable, or access denied (credentials, read-only, policy)
 EXIT_PREEMPTED = 43  # SIGTERM handled, emergency checkpoint committed
 

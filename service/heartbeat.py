@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 EXIT_RESTART_ORDERED = 44
 # Exit code of a worker whose local supervisor or agent died (it must not outlive its job).
 EXIT_ORPHANED = 45
-PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done")
+# "refused": the worker left with an error a restart cannot fix (config, storage, superseded).
+PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done", "refused")
+# Phases spent waiting on storage: their length depends on the store, not on the job's health.
+IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Heartbeat:
     time: float
     metrics: list = field(default_factory=list)
     """The worker's metric samples (service.metrics.snapshot), relayed to /metrics."""
+    io_bytes: int = 0
+    """Checkpoint bytes this process has read and written so far: progress inside a long
+    load or save, which the supervisor counts as liveness."""
     started: float = 0.0
     """When this worker process started (Unix time). With node and pid it names one process:
     pods have PID namespaces of their own, so pids repeat across pods and container restarts."""
@@ -63,6 +69,7 @@ class Heartbeat:
             last_committed_step=None if body.get("last_committed_step") is None else int(body["last_committed_step"]),
             restart_count=int(body.get("restart_count", 0)), time=float(body["time"]),
             metrics=list(body.get("metrics", [])), started=float(body.get("started", 0.0)),
+            io_bytes=int(body.get("io_bytes", 0)),
         )
         if hb.phase not in PHASES:
             raise ValueError(f"unknown phase {hb.phase!r}")
@@ -144,6 +151,20 @@ class HeartbeatSender:
             self.send_once(obey=False)  # the worker is leaving anyway; no order applies now
         except (OSError, ValueError, urllib.error.URLError):
             pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies — also when this process is
+    stopped or stuck, where no thread of its own could notice. Not Linux: no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -172,12 +172,12 @@ class Catalog:
         self.storage.write_bytes_atomic(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json())
 
     def write_pointer(self, step: int) -> bool:
-        """Point ``latest`` at ``step``, unless it already names a newer step (it never moves
-        backwards). On S3 the write is conditional on the pointer read being still current.
+        """Point ``latest`` at ``step``, unless it already names a newer committed step (it never
+        moves backwards; a pointer naming nothing committed is replaced). On S3 the write is conditional on the pointer read being still current.
         Returns whether the pointer now names ``step``."""
         version = self.storage.version(POINTER)
         current = self.pointer_step()
-        if current is not None and current > step:
+        if current is not None and current > step and self._committed(current) is not None:
             log.warning("checkpoint pointer already names step %d; not moving it back to %d", current, step)
             return False
         self.fence("moving the latest pointer")

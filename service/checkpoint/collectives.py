@@ -15,6 +15,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from service.checkpoint.ownership import FencedError
 from service.checkpoint.safe_pickle import CorruptCheckpointError
 from service.dist import DistInfo, new_gloo_group
 from service.errors import UserError
@@ -47,6 +48,8 @@ class CheckpointGroup:
                 outcome = ("ok", fn())
             except UserError as e:
                 outcome = ("user", str(e))
+            except FencedError as e:
+                outcome = ("fenced", str(e))
             except CHECKPOINT_ERRORS as e:
                 outcome = ("error", describe_error(e))
         outcome = self.broadcast(outcome)
@@ -54,6 +57,8 @@ class CheckpointGroup:
         kind, value = outcome
         if kind == "user":
             raise UserError(value)
+        if kind == "fenced":
+            raise FencedError(value)
         if kind == "error":
             raise RuntimeError(value)
         return value
@@ -65,6 +70,19 @@ class CheckpointGroup:
         out: list[Any] = [None] * self.info.world_size
         dist.all_gather_object(out, obj, group=self.pg)
         return out
+
+
+def fenced_cause(err: BaseException) -> FencedError | None:
+    """The FencedError behind ``err``, also when DCP wrapped it (per-rank failures)."""
+    if isinstance(err, FencedError):
+        return err
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):
+        for inner in failures.values():
+            inner_err = inner[0] if isinstance(inner, tuple) else inner
+            if isinstance(inner_err, BaseException) and fenced_cause(inner_err) is not None:
+                return fenced_cause(inner_err)
+    return None
 
 
 def describe_error(err: BaseException | None) -> str:

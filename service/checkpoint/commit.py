@@ -22,10 +22,10 @@ import torch.distributed.checkpoint as dcp
 import service
 from service import faults
 from service.checkpoint.catalog import Catalog
-from service.checkpoint.collectives import CHECKPOINT_ERRORS, CheckpointGroup
+from service.checkpoint.collectives import CHECKPOINT_ERRORS, CheckpointGroup, fenced_cause
 from service.checkpoint.dcp_io import ChecksummingWriter
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
-from service.checkpoint.ownership import Ownership
+from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.snapshot import Staging
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
@@ -63,6 +63,8 @@ class CommitProtocol:
         # reaches such a step again, its save replaces the unusable folder instead of taking
         # "already committed" for an answer.
         self.unloadable_steps: set[int] = set()
+        # Steps this process committed itself: the only folders it may take as already done.
+        self.committed_here: set[int] = set()
 
     def writer_threads(self) -> int:
         configured = self.cfg.checkpoint.writer_threads
@@ -92,16 +94,23 @@ class CommitProtocol:
                 self.staging.learn_share(writer.planned_tensors)
             written = self.group.gather_to_all(writer.written)
         except CHECKPOINT_ERRORS as e:
+            fenced = fenced_cause(e)
+            if fenced is not None:
+                raise fenced from None  # superseded: nothing this process writes counts any more
             self.telemetry.failure("write", step, e)
             return False
         self.telemetry.bytes_written(sum(f.size for f in writer.written.values()))
-        committed = self._commit(step, samples_seen, written) if self.info.is_main else False
+        outcome = self._commit(step, samples_seen, written) if self.info.is_main else None
         try:
-            committed = bool(self.group.broadcast(committed))
+            outcome = self.group.broadcast(outcome)
         except CHECKPOINT_ERRORS as e:
             self.telemetry.failure("manifest", step, e)
             return False
+        if isinstance(outcome, str):
+            raise FencedError(outcome)
+        committed = bool(outcome)
         if committed:
+            self.committed_here.add(step)
             self.telemetry.committed(step, since)
             log.info("checkpoint: committed %s (%.2fs)", self.storage.url_of(step_dir(step)),
                      time.monotonic() - since)
@@ -115,11 +124,11 @@ class CommitProtocol:
         reports "committed" for files it did not write. Only the newest start gets here
         (every change is fenced), so what it writes is this run's truth for ``step``."""
         try:
-            existing = self.catalog.manifest(step)
+            self.catalog.manifest(step)
         except ManifestError:
             self.catalog.remove_debris(step)
         else:
-            if self.ownership.number is not None and existing.incarnation == self.ownership.number:
+            if step in self.committed_here and step not in self.unloadable_steps:
                 return True
             why = "could not be loaded" if step in self.unloadable_steps else "was written by an earlier start"
             log.warning("checkpoint: replacing %s, which %s", step_dir(step), why)
@@ -127,8 +136,9 @@ class CommitProtocol:
         self.storage.makedirs(step_dir(step))
         return False
 
-    def _commit(self, step: int, samples_seen: int, written: list[dict[str, Any]]) -> bool:
-        """Rank 0: the manifest (which makes the step committed), then the pointer."""
+    def _commit(self, step: int, samples_seen: int, written: list[dict[str, Any]]) -> bool | str:
+        """Rank 0: the manifest (which makes the step committed), then the pointer. Whether it
+        committed — or, if this process was superseded, the reason (every rank raises it)."""
         files: dict[str, Any] = {}
         for entries in written:
             files.update(entries)
@@ -146,12 +156,16 @@ class CommitProtocol:
         )
         try:
             self.catalog.write_manifest(manifest)
+        except FencedError as e:
+            return str(e)
         except CHECKPOINT_ERRORS as e:
             self.telemetry.failure("manifest", step, e)
             return False
         faults.crash_point("after_manifest", step)
         try:
             self.catalog.write_pointer(step)
+        except FencedError as e:
+            return str(e)  # committed, but superseded right after: this process stops here
         except CHECKPOINT_ERRORS as e:
             # The manifest is written, so the step *is* committed; the pointer is only a hint
             # (discovery lists the folders at or above it).

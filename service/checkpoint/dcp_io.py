@@ -32,6 +32,20 @@ from service.checkpoint.safe_pickle import CorruptCheckpointError, SafeFileSyste
 from service.checkpoint.storage import Storage
 
 
+class IOProgress:
+    """Checkpoint bytes read and written by this process so far (only ever grows): the
+    supervisor takes a change as progress inside a long load or save."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        self.total += count  # a lost update between threads only delays a heartbeat's news
+
+
+io_progress = IOProgress()
+
+
 def crc32c_hex(data: Any) -> str:
     return f"{crc32c.crc32c(data):08x}"
 
@@ -51,6 +65,7 @@ class _HashingStream(io.RawIOBase):
         self.crc = crc32c.crc32c(view, self.crc)
         self.size += len(view)
         self.inner.write(view)
+        io_progress.add(len(view))
         return len(view)
 
     def tell(self) -> int:
@@ -222,6 +237,7 @@ def read_verified(fs: Any, path: str, expected: dict[str, FileEntry]) -> bytes:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "file is missing") from None
+    io_progress.add(len(data))
     _check(path, entry, len(data), data)
     return data
 
@@ -242,6 +258,7 @@ def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
                 return
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 _check(path, entry, size, mm)
+            io_progress.add(size)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "file is missing") from None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import Config, config_from_dict, redact_url
+from service.config import Config, redact_url
 
 # section -> keys whose values define the math of a run.
 MATH_KEYS: dict[str, tuple[str, ...]] = {
@@ -54,9 +54,15 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[st
 
 
 def fingerprint_of_config(recorded: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint of a checkpoint written before fingerprints were recorded, from the
-    config in its manifest (without the data length, which it did not record)."""
-    try:
-        return fingerprint(config_from_dict(recorded))
-    except Exception:  # an unreadable or foreign config: nothing to compare
-        return {}
+    """The fingerprint of a checkpoint written before fingerprints were recorded, read
+    straight from the config in its manifest — not validated, so keys an older release had
+    and this one dropped do not hide the ones that matter. Missing keys are left out (not
+    compared); the data length was not recorded."""
+    out: dict[str, Any] = {}
+    for section, keys in MATH_KEYS.items():
+        values = recorded.get(section) if isinstance(recorded, dict) else None
+        for key in keys:
+            if isinstance(values, dict) and key in values:
+                value = values[key]
+                out[f"{section}.{key}"] = redact_url(value) if key == "url" and isinstance(value, str) else value
+    return out

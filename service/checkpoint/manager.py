@@ -24,7 +24,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from service.checkpoint import identity
+from service.checkpoint import dcp_io, identity
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.collectives import (
     CHECKPOINT_ERRORS,
@@ -32,7 +32,7 @@ from service.checkpoint.collectives import (
     describe_error,
 )
 from service.checkpoint.commit import CommitProtocol
-from service.checkpoint.ownership import Ownership
+from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
 from service.checkpoint.snapshot import Staging
@@ -40,6 +40,7 @@ from service.checkpoint.storage import open_storage
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
 from service.dist import DistInfo
+from service.errors import UserError
 from service.metrics import CheckpointMetrics
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ class Checkpointer:
     @property
     def skipped(self) -> int:
         return self.telemetry.skipped
+
+    @property
+    def io_bytes(self) -> int:
+        """Checkpoint bytes this process has read and written so far (progress in a long I/O)."""
+        return dcp_io.io_progress.total
 
     @property
     def busy(self) -> bool:
@@ -199,9 +205,8 @@ class Checkpointer:
         self.before_update()
         if self._pending is None:
             return None
-        result = self._pending.result()
-        self._pending = None
-        return result
+        pending, self._pending = self._pending, None
+        return pending.result()
 
     def drain(self) -> None:
         """Wait for the in-flight save and all background work (staging warm-up, retention)."""
@@ -212,18 +217,29 @@ class Checkpointer:
     def close(self) -> None:
         try:
             self.drain()
+        except FencedError as e:  # already reported by whoever waited on the save
+            log.warning("checkpoint: %s", e)
         finally:
             self._executor.shutdown(wait=True)
             self._deleter.shutdown(wait=True)
 
     # -- ownership ---------------------------------------------------------------------------
     def _is_restart(self) -> bool:
-        """Rank 0: is this start a restart of a run that already started here (torchrun
-        restart, or a relaunch carrying the same run id)?"""
-        if self.info.restart_count > 0:
-            return True
+        """Rank 0: is this start a restart of a run that already claimed this root (a torchrun
+        restart or a relaunch carries the same run id)? A run that another start superseded
+        since does not take the root back: that would fence off the newer owner."""
         run_id = self.info.run_id
-        return run_id is not None and any(r.run_id == run_id for r in self.ownership.records())
+        records = self.ownership.records()
+        mine = run_id is not None and any(r.run_id == run_id for r in records)
+        if mine and records[-1].run_id != run_id:
+            newest = records[-1]
+            raise UserError(
+                f"this run ({run_id}) was superseded at {self.storage.display_url}: its newest start "
+                f"(incarnation {newest.number}) belongs to run {newest.run_id or 'unknown'}, which now "
+                "owns the root. A superseded run does not take it back; start a new run (ftdiff train "
+                "again, or a new job) to continue from the newest commit."
+            )
+        return mine
 
     def _claim(self) -> None:
         """Every rank, once: rank 0 claims the next incarnation of the root (fencing off every
@@ -233,7 +249,9 @@ class Checkpointer:
         self.ownership.number = self.group.from_main(self._claim_on_main)
 
     def _claim_on_main(self) -> int:
-        number = self.ownership.claim(self.info.run_id, self.ownership.records())
+        found = self.catalog.latest()
+        seen = found[1].incarnation or 0 if found is not None else 0
+        number = self.ownership.claim(self.info.run_id, self.ownership.records(), at_least=seen)
         log.info("checkpoint root %s: incarnation %d", self.storage.display_url, number)
         return number
 

@@ -66,10 +66,12 @@ class Ownership:
                 found.append(Incarnation(int(stem), None, 0.0))  # unreadable: still taken
         return sorted(found, key=lambda r: r.number)
 
-    def claim(self, run_id: str | None, known: list[Incarnation]) -> int:
+    def claim(self, run_id: str | None, known: list[Incarnation], at_least: int = 0) -> int:
         """Create the next incarnation record; its number. Another start claiming at the same
-        moment makes the create fail, and the next number is tried."""
-        number = max((r.number for r in known), default=0) + 1
+        moment makes the create fail, and the next number is tried. ``at_least``: the newest
+        incarnation seen anywhere else (in manifests), so that deleted records can never
+        hand out a number twice."""
+        number = max([r.number for r in known] + [at_least], default=0) + 1
         body = {"run_id": run_id, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(MAX_CLAIM_ATTEMPTS):
             try:
@@ -82,11 +84,16 @@ class Ownership:
                            f"after {MAX_CLAIM_ATTEMPTS} attempts (other starts keep racing this one)")
 
     def check_current(self, what: str) -> None:
-        """Raise FencedError if a newer incarnation exists (one request)."""
+        """Raise FencedError if any newer incarnation exists (one listing)."""
         if self.number is None:
             return  # read-only use (tools): nothing to fence
-        if self.storage.exists(record_name(self.number + 1)):
+        newer = [n for n in self._numbers() if n > self.number]
+        if newer:
             raise FencedError(
-                f"not {what}: a newer start of this job (incarnation {self.number + 1}) owns "
-                f"{self.storage.display_url}; this process (incarnation {self.number}) is a leftover"
+                f"not {what}: a newer start (incarnation {max(newer)}) owns {self.storage.display_url}; "
+                f"this process (incarnation {self.number}) was superseded and changes nothing there"
             )
+
+    def _numbers(self) -> list[int]:
+        names = (name.removesuffix(".json") for name in self.storage.list_dir(INCARNATIONS))
+        return [int(stem) for stem in names if stem.isdigit()]

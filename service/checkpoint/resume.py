@@ -32,6 +32,7 @@ from service.checkpoint.dcp_io import (
 from service.checkpoint.direct_read import DirectFileReader
 from service.checkpoint.identity import differences, fingerprint_of_config
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
+from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
@@ -56,12 +57,16 @@ class Resumer:
         ``checkpoint.resume = "never"`` or a pinned URL decide the *first* start of a run
         only; every restart of the same run (``restart``) resumes from its newest commit.
         """
-        mode = "auto" if restart else self.cfg.checkpoint.resume
-        if restart and self.cfg.checkpoint.resume != "auto":
+        configured = self.cfg.checkpoint.resume
+        # A restart resumes the run's newest commit; one that crashed before its first commit
+        # starts the way its first start did (pinned source again, or fresh).
+        continuing = restart and self.group.from_main(lambda: self.catalog.latest() is not None)
+        mode = "auto" if continuing else configured
+        if continuing and configured != "auto":
             log.info("a restart of this run: resuming from its newest commit (checkpoint.resume = %r "
-                     "applied at its first start)", self.cfg.checkpoint.resume)
+                     "applied at its first start)", configured)
         if mode == "never":
-            self.group.from_main(self._check_fresh_root)
+            self.group.from_main(lambda: self._check_fresh_root(restart))
             log.info("checkpoint.resume = never: starting fresh")
             return None
         if mode == "auto":
@@ -69,12 +74,22 @@ class Resumer:
         root, pinned = split_checkpoint_url(mode)
         ck = self.cfg.checkpoint
         source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
+        if source.storage.same_root(self.catalog.storage):
+            source = self.catalog  # pinned inside the own root: the own history, checked as such
         self.group.from_main(lambda: self._check_pinned_root(source, pinned))
         return self._load_newest(source, pinned)
 
     # -- a root belongs to one run (rank 0; errors reach every rank through from_main) --------
-    def _check_fresh_root(self) -> None:
+    def _check_fresh_root(self, restart: bool) -> None:
         found = self.catalog.latest()
+        others = sorted({r.run_id or "unknown" for r in Ownership(self.catalog.storage).records()
+                         if not restart or r.run_id != self.info.run_id})
+        if found is None and others:
+            raise UserError(
+                f"checkpoint.resume = \"never\" but {self.catalog.storage.display_url} was already "
+                f"claimed by another run ({', '.join(others)}), which may still be starting; a fresh "
+                "run never shares a root. Point checkpoint.url at a new location."
+            )
         if found is not None:
             raise UserError(
                 f"checkpoint.resume = \"never\" but {self.catalog.storage.display_url} already holds "
@@ -90,7 +105,7 @@ class Resumer:
         own = self.catalog.latest()
         if own is None:
             return
-        same_root = source.storage.url.rstrip("/") == self.catalog.storage.url.rstrip("/")
+        same_root = source is self.catalog
         if same_root and (pinned is None or pinned == own[0]):
             return
         raise UserError(
@@ -102,6 +117,12 @@ class Resumer:
 
     def _check_same_math(self, catalog: Catalog, step: int, manifest: Manifest, pinned: bool) -> None:
         saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
+        if not saved:
+            raise UserError(
+                f"{catalog.storage.url_of(step_dir(step))} records neither a fingerprint nor a readable "
+                "config, so a change of the settings that define the run cannot be ruled out; resume it "
+                "explicitly into a new root (checkpoint.url elsewhere, checkpoint.resume = its URL)."
+            )
         hard, soft = differences(saved, self.fingerprint)
         for line in soft:
             log.warning("changed since %s: %s (the LR schedule now ends there)", step_dir(step), line)
@@ -160,6 +181,7 @@ class Resumer:
         else:
             found = catalog.latest()
         if found is not None:
+            # Refused if the math changed, unless this is an explicit start from another root.
             self._check_same_math(catalog, found[0], found[1], pinned=catalog is not self.catalog)
         return found
 

@@ -80,6 +80,10 @@ class Storage:
     def display_url(self) -> str:
         return redact_url(self.url)
 
+    def same_root(self, other: "Storage") -> bool:
+        """Whether ``other`` names the same place (``/x``, ``file:///x`` and ``/x/`` do)."""
+        return (self.protocol, self.root.rstrip("/")) == (other.protocol, other.root.rstrip("/"))
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root
 

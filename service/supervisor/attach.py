@@ -16,7 +16,7 @@ import logging
 
 from service.config import Config
 from service.errors import EXIT_OK, UserError
-from service.heartbeat import shared_token
+from service.heartbeat import Heartbeat, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor.core import Supervisor
 from service.supervisor.monitor import RankState
@@ -35,7 +35,7 @@ class AttachedSupervisor(Supervisor):
         return self.ledger.failures_since_commit > self.cfg.supervisor.max_restarts
 
     def on_hung(self, hung: list[RankState]) -> None:
-        if self._gave_up():
+        if self._gave_up() or self.refused_by is not None:
             self.metrics.state.state("failed")
             return
         desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
@@ -49,6 +49,10 @@ class AttachedSupervisor(Supervisor):
             log.error("hang detected on %s: ordering a restart through the workers", desc)
             self.record(FailureKind.HANG, RestartReason.HANG)
         self.monitor.order_restart(stuck=hung)
+
+    def on_refused(self, hb: Heartbeat) -> int | None:
+        self.metrics.state.state("failed")
+        return None  # a Deployment: it stays, reporting the failure until a person acts
 
     def stop(self) -> int:
         """Leave; the job trains on. The supervisor is a watchdog beside the job, and it gets

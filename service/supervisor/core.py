@@ -29,7 +29,7 @@ class Supervisor:
         sup = cfg.supervisor
         self.cfg, self.token = cfg, token
         self.metrics = SupervisorMetrics()
-        self.monitor = JobMonitor(sup.hang_timeout_s)
+        self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self.endpoints = SupervisorEndpoints(
             cfg, token, self.monitor, self.metrics,
@@ -39,6 +39,7 @@ class Supervisor:
         )
         self.server = self.endpoints.control
         self.stop_signal: int | None = None
+        self.refused_by: Heartbeat | None = None
         self._restart_request = False
 
     # -- what a mode provides ---------------------------------------------------------------------
@@ -59,6 +60,11 @@ class Supervisor:
     def stop(self) -> int:
         """SIGTERM/SIGINT arrived: end (or leave) the job; the exit code."""
         raise NotImplementedError
+
+    def on_refused(self, hb: Heartbeat) -> int | None:
+        """A worker left with an error no restart can fix: the exit code to end with, or None
+        to keep watching. Restarting would only repeat the refusal (or fight a newer owner)."""
+        return None
 
     def shutdown(self) -> None:
         """Always called when the loop ends, however it ends."""
@@ -101,6 +107,13 @@ class Supervisor:
                     self.metrics.state.state("stopping")
                     return self.stop()
                 code = self.check()
+                if code is None and self.monitor.refused is not None:
+                    hb, self.monitor.refused = self.monitor.refused, None
+                    self.refused_by = hb
+                    log.error("rank %d (node %s) refused to go on: a configuration or storage error, or "
+                              "another start owns the checkpoint root (its message is in the worker log); "
+                              "not restarting", hb.rank, hb.node)
+                    code = self.on_refused(hb)
                 if code is not None:
                     self.metrics.state.state("succeeded" if code == EXIT_OK else "failed")
                     return code

@@ -9,7 +9,6 @@ node and traceback), and a clean preemption path for SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -26,8 +25,8 @@ from dataclasses import dataclass, field
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.config import OVERRIDES_ENV, Config, load_config, overrides_to_env
-from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
-from service.heartbeat import shared_token
+from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
+from service.heartbeat import Heartbeat, die_with_parent, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # Beyond checkpoint.grace_s: time for the last step in flight before the emergency save starts.
 SHUTDOWN_MARGIN_S = 15
-PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,15 +84,6 @@ def worker_env(overrides: list[str]) -> dict[str, str]:
     return {OVERRIDES_ENV: overrides_to_env(overrides)} if overrides else {}
 
 
-def _die_with_parent() -> None:
-    """In the agent, before exec: SIGKILL when the supervisor dies, however it dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers still stop on a lost supervisor
-        pass
-
-
 def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
     if nnodes < 1 or nproc_per_node < 1:
         raise UserError("--nnodes and --nproc-per-node must be at least 1")
@@ -133,13 +122,17 @@ class LocalSupervisor(Supervisor):
         self.overrides = overrides
         self.agents: dict[int, Agent] = {}
         self.relaunches = 0
+        self._commit_at_relaunch: int | None = None
+        # Rendezvous round: torchrun closes a run id's rendezvous for good when an agent gives
+        # up, so agents relaunched after that join a fresh one (``<run id>-r<round>``).
+        self.round = 0
 
     # -- process control ------------------------------------------------------------------------
     def _launch(self, node: int) -> None:
         env = {
             **os.environ, **AGENT_ENV, **worker_env(self.overrides),
             "FTDIFF_NODE": str(node),
-            "FTDIFF_SUPERVISOR_URL": f"http://127.0.0.1:{self.server.port}",
+            "FTDIFF_SUPERVISOR_URL": f"http://{_reachable(self.cfg.supervisor.host)}:{self.server.port}",
             "FTDIFF_TOKEN": self.token,
             # One run across every torchrun restart and relaunch (checkpoint.resume = never or
             # a pinned step applies to its first start only; see service.checkpoint.resume).
@@ -152,12 +145,13 @@ class LocalSupervisor(Supervisor):
         }
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
-            self.cfg.supervisor.min_nodes, self.run_id, os.path.join(self.log_dir, f"node{node}"),
+            self.cfg.supervisor.min_nodes, f"{self.run_id}-r{self.round}",
+            os.path.join(self.log_dir, f"node{node}"),
             # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives;
             # with a node range, a round closes 2 s after the minimum has joined.
             rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2",
         )
-        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
 
     def _stop_agents(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
@@ -214,6 +208,10 @@ class LocalSupervisor(Supervisor):
     def after_tick(self) -> None:
         self._handle_silence()
 
+    def on_refused(self, hb: Heartbeat) -> int | None:
+        self._stop_agents(signal.SIGTERM, timeout=30)
+        return EXIT_USAGE
+
     def stop(self) -> int:
         """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only
         once that commit is found in storage; otherwise 1, saying why."""
@@ -237,6 +235,9 @@ class LocalSupervisor(Supervisor):
         if found is None:
             return "no checkpoint is committed at all"
         step, manifest = found
+        if manifest.run_id != self.run_id:
+            return (f"the newest commit (step {step}) belongs to another run ({manifest.run_id or 'unknown'}): "
+                    "this job was superseded and its emergency checkpoint is not in storage")
         if manifest.time < asked_at:
             return (f"no emergency checkpoint was committed after the stop signal (newest: step {step}, "
                     f"{asked_at - manifest.time:.0f}s before it); up to checkpoint.every_steps steps are lost")
@@ -264,17 +265,16 @@ class LocalSupervisor(Supervisor):
         log.error("no worker has reported for %.0fs although %d torchrun agent(s) run (stuck in "
                   "rendezvous or start-up?): ending them for a relaunch", silent, len(alive))
         for agent in alive:
-            started = procs.descendants(agent.proc.pid)  # read while the agent is still their parent
-            agent.proc.kill()  # first, so it cannot start replacements for what is killed next
-            for pid in started:
-                procs.kill(pid)
-            agent.proc.wait(timeout=10)
+            _end_tree(agent)
 
     def _handle_agents(self) -> int | None:
         """Exit code when the job is over, else None. Relaunches lost or failed agents."""
         codes = {n: a.proc.poll() for n, a in self.agents.items()}
         if all(c == 0 for c in codes.values()):
             return EXIT_OK
+        if self.monitor.last_committed_step != self._commit_at_relaunch and self.relaunches:
+            log.info("new commit since the last relaunch: the relaunch budget is full again")
+            self.relaunches = 0
         for node, code in codes.items():
             if code is None or code == 0:
                 continue
@@ -285,6 +285,7 @@ class LocalSupervisor(Supervisor):
                 self.record(kind)
                 return self._give_up(node, code)
             self.relaunches += 1
+            self._commit_at_relaunch = self.monitor.last_committed_step
             self.record(kind, RestartReason.LOST_NODE if lost else RestartReason.JOB_FAILED)
             # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
             # survivors must restart too (their group is broken): order them out now, which
@@ -299,7 +300,20 @@ class LocalSupervisor(Supervisor):
                 if self.sleep(delay):
                     return None
             self.metrics.state.state("restarting")
-            self._launch(node)
+            if lost:  # its rendezvous is still open: the node rejoins the others
+                self._launch(node)
+                continue
+            # torchrun gave up, which closes this round's rendezvous for good: every agent
+            # starts over in a fresh round.
+            for agent in self.agents.values():
+                if agent.proc.poll() is None:
+                    _end_tree(agent)
+            self._kill_workers(lambda s: True)
+            self.round += 1
+            log.warning("relaunching every agent in rendezvous round %d", self.round)
+            for n in range(self.nnodes):
+                self._launch(n)
+            return None
         return None
 
     def _give_up(self, node: int, code: int) -> int:
@@ -309,6 +323,20 @@ class LocalSupervisor(Supervisor):
         print(report, file=sys.stderr)
         self._stop_agents()
         return EXIT_FAILURE
+
+
+def _end_tree(agent: Agent) -> None:
+    """SIGKILL an agent and everything it started."""
+    started = procs.descendants(agent.proc.pid)  # read while the agent is still their parent
+    agent.proc.kill()  # first, so it cannot start replacements for what is killed next
+    for pid in started:
+        procs.kill(pid)
+    agent.proc.wait(timeout=10)
+
+
+def _reachable(host: str) -> str:
+    """The address workers use for a supervisor bound to ``host`` (a wildcard means loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def shutdown_timeout_s(cfg: Config) -> int:

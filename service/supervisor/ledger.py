@@ -35,9 +35,14 @@ class FailureLedger:
 
 
 def publish(monitor: JobMonitor, metrics: SupervisorMetrics) -> None:
-    """Heartbeat ages and world size; drop relayed metrics of ranks that no longer exist."""
-    for rank, age in monitor.heartbeat_ages().items():
+    """Heartbeat ages and world size; drop the series of ranks that no longer exist (a rank
+    that left after a shrink must not page as "heartbeat missing" forever)."""
+    ages = monitor.heartbeat_ages()
+    for rank, age in ages.items():
         metrics.heartbeat_age.labels(rank=str(rank)).set(age)
+    for labels in list(metrics.heartbeat_age._metrics):  # the label values published so far
+        if int(labels[0]) not in ages:
+            metrics.heartbeat_age.remove(*labels)
     world = monitor.world_size()
     metrics.world_size.set(world)
     metrics.relay.forget(lambda rank: rank in monitor.ranks or rank < world)

@@ -1,8 +1,13 @@
 """What the supervisor knows about the workers, and the failures it infers from heartbeats.
 
 Pure bookkeeping with an injectable clock, so the detection rules are unit-tested without
-processes: a rank *hangs* when its step (or phase) has not changed for ``hang_timeout_s`` or
-its heartbeats stopped for that long; a rank *restarted* when it reports a new pid.
+processes. A rank *hangs* when its heartbeats stopped for ``hang_timeout_s``, or when it made
+no progress for longer than its phase allows: ``hang_timeout_s`` while training; in a phase
+spent on storage (loading, checkpointing, stopping) the larger of ``io_timeout_s`` and three
+times the longest such phase seen so far — and there, bytes read or written count as
+progress. A slow store is therefore never taken for a hang, while a process that stops (no
+heartbeats) or a load that is stuck (no bytes) still is. A rank *restarted* when it reports a
+new pid.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.heartbeat import Heartbeat
+from service.heartbeat import IO_PHASES, Heartbeat
 
 
 @dataclass
@@ -20,15 +25,21 @@ class RankState:
     hb: Heartbeat
     last_seen: float
     last_progress: float
+    phase_since: float
 
 
 class JobMonitor:
     def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 order_ttl_s: float | None = None):
+                 order_ttl_s: float | None = None, io_timeout_s: float | None = None):
         """``order_ttl_s``: how long an exit order stands (default: 3 hang timeouts, at least
         60 s) — long enough for every ordered process to heartbeat once more, short enough
         that an order can never outlive the processes it was meant for."""
         self.hang_timeout_s, self.clock = hang_timeout_s, clock
+        self.io_timeout_s = io_timeout_s if io_timeout_s is not None else max(120.0, hang_timeout_s)
+        # The longest each storage phase has lasted so far (a measure of this store's speed).
+        self.longest_phase_s: dict[str, float] = {}
+        # A worker that left with an error no restart can fix (its goodbye heartbeat said so).
+        self.refused: Heartbeat | None = None
         self.order_ttl_s = order_ttl_s if order_ttl_s is not None else max(60.0, 3 * hang_timeout_s)
         self.ranks: dict[int, RankState] = {}
         self.last_committed_step: int | None = None
@@ -51,6 +62,10 @@ class JobMonitor:
             if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
+            if hb.phase == "refused":  # left with an error no restart can fix
+                self.refused = hb
+                self.ranks.pop(hb.rank, None)
+                return False
             if hb.phase == "done":  # finished and leaving: silence from now on is expected
                 self.ranks.pop(hb.rank, None)
                 if hb.last_committed_step is not None:
@@ -58,8 +73,16 @@ class JobMonitor:
                 return False
             old = self.ranks.get(hb.rank)
             restarted = old is not None and old.hb.pid != hb.pid
-            progressed = old is None or restarted or (hb.step, hb.phase) != (old.hb.step, old.hb.phase)
-            self.ranks[hb.rank] = RankState(hb, now, now if progressed else old.last_progress)  # type: ignore[union-attr]
+            progressed = (old is None or restarted
+                          or (hb.step, hb.phase, hb.io_bytes) != (old.hb.step, old.hb.phase, old.hb.io_bytes))
+            same_phase = old is not None and not restarted and old.hb.phase == hb.phase
+            if old is not None and not same_phase and old.hb.phase in IO_PHASES:
+                took = now - old.phase_since
+                self.longest_phase_s[old.hb.phase] = max(self.longest_phase_s.get(old.hb.phase, 0.0), took)
+            self.ranks[hb.rank] = RankState(
+                hb, now, now if progressed else old.last_progress,  # type: ignore[union-attr]
+                old.phase_since if same_phase else now,  # type: ignore[union-attr]
+            )
             if hb.last_committed_step is not None:
                 self.last_committed_step = max(self.last_committed_step or 0, hb.last_committed_step)
             # A world-size change leaves ranks beyond the new size behind: forget them.
@@ -68,14 +91,22 @@ class JobMonitor:
             return restarted
 
     def hung(self) -> list[RankState]:
-        """Ranks with no progress, or no heartbeat, for longer than the hang timeout."""
+        """Ranks without heartbeats for the hang timeout, or without progress for longer than
+        their phase allows (``stall_limit``)."""
         now = self.clock()
         with self._lock:
             return [
                 s for s in self.ranks.values()
                 if s.hb.process not in self._doomed
-                and (now - s.last_progress > self.hang_timeout_s or now - s.last_seen > self.hang_timeout_s)
+                and (now - s.last_seen > self.hang_timeout_s
+                     or now - s.last_progress > self.stall_limit(s.hb.phase))
             ]
+
+    def stall_limit(self, phase: str) -> float:
+        """How long a rank in ``phase`` may go without progress."""
+        if phase not in IO_PHASES:
+            return self.hang_timeout_s
+        return max(self.hang_timeout_s, self.io_timeout_s, 3 * self.longest_phase_s.get(phase, 0.0))
 
     def forget(self, rank: int) -> RankState | None:
         """Drop a rank whose process is known to be gone (its replacement reports afresh)."""

@@ -10,8 +10,9 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from service.checkpoint.ownership import FencedError
 from service.config import OVERRIDES_ENV, Config, load_config, overrides_from_env
-from service.errors import UserError, exit_code_of
+from service.errors import EXIT_SUPERSEDED, UserError, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         return exit_code_of(e)
 
     from service.dist import barrier, cleanup_distributed, init_distributed
+    from service.heartbeat import die_with_parent
+
+    if os.environ.get("FTDIFF_SUPERVISOR_PID"):
+        # Under `ftdiff train`: go when the torchrun agent goes (it goes with the supervisor),
+        # even while stopped or stuck. Plain torchrun keeps its own rules.
+        die_with_parent()
     from service.logs import setup_logging
 
     # DCP warns on every save/load when running alone (world size 1); that is intended here.
@@ -69,11 +76,23 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         return code
     except UserError as e:
         log.error("%s", e)
+        _refuse(trainer)
         return exit_code_of(e)  # 2, or 3 when the storage is unreachable or refuses access
+    except FencedError as e:
+        log.error("stopping: %s", e)
+        _refuse(trainer)
+        return EXIT_SUPERSEDED
     finally:
         if trainer is not None:
             trainer.close()
         cleanup_distributed()
+
+
+def _refuse(trainer: object | None) -> None:
+    """Tell the supervisor (in the goodbye heartbeat) that restarting cannot help: the error is
+    the configuration's, the storage's, or another start now owns the checkpoint root."""
+    if trainer is not None:
+        trainer.phase = "refused"  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,7 @@ class Trainer:
             last_committed_step=self.checkpointer.last_committed_step,
             restart_count=info.restart_count, time=time.time(),
             metrics=snapshot(self.metrics.registry), started=self._started,
+            io_bytes=self.checkpointer.io_bytes,
         )
 
     # -- signals -----------------------------------------------------------------------------
@@ -189,7 +190,11 @@ class Trainer:
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
+                # Visibly a storage phase while it blocks (a slow or unreachable store is not
+                # a hang; see service.supervisor.monitor).
+                self.phase = "checkpointing"
                 self.checkpointer.save(step, self.train_state.samples_seen, busy_anywhere=busy)
+                self.phase = "training"
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()

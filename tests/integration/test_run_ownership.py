@@ -24,6 +24,7 @@ from tests.helpers import (
     stop,
     weights,
     why,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -91,6 +92,7 @@ def test_sigkill_of_ftdiff_train_leaves_no_process_and_a_relaunch_resumes_bitwis
         job.wait_step(6)
         tree = procs.descendants(job.proc.pid)
         assert len(tree) >= 3, tree  # the agent and its two workers at least
+        faults.freeze(worker_pids(job.trace)[1])  # a stopped worker cannot notice anything itself
         job.proc.kill()
         job.proc.wait(timeout=10)
         _wait_until(lambda: not any(procs.pid_alive(p) for p in tree), 15, "every process of the job ends")
@@ -117,3 +119,27 @@ def test_a_second_run_into_a_used_root_exits_2_and_overwrites_nothing(tmp_path):
         assert ("never mixes" if "never" in change else "run.seed") in second.stderr
     # The refused starts changed nothing (not even an incarnation record: they fence no one).
     assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == snapshot
+
+
+@pytest.mark.timeout(300)
+def test_an_agent_out_of_restarts_is_relaunched_in_a_fresh_rendezvous_round(baseline, tmp_path):
+    """torchrun closes a run id's rendezvous for good when its agent gives up; the supervisor
+    relaunches every agent under a new round id, and the run still ends bitwise equal."""
+    ref_url, _ = baseline
+    url = tmp_path / "ckpt"
+    job = SupervisedJob(tmp_path / "job", [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                                           f'checkpoint.url="{url}"', "train.step_sleep_s=0.3",
+                                           "supervisor.max_restarts=1"])
+    try:
+        for kill in range(2):  # two crashes: the second one exhausts torchrun's --max-restarts=1
+            job.wait_step(3 + kill * 3)
+            before = worker_pids(job.trace)
+            faults.kill9(before[1])
+            if kill == 0:
+                _wait_until(lambda: worker_pids(job.trace) != before, 60, "torchrun restarts the worker")
+        code, err = job.finish(240)
+    finally:
+        stop(job.proc)
+    assert code == 0, err[-3000:]
+    assert "rendezvous round 1" in err
+    assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))

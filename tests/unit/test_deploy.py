@@ -14,11 +14,17 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
-from tests.kustomize_lite import referenced_files, render
 
 K8S = REPO / "deploy" / "k8s"
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"]
-CORE_API = ("v1", "apps/v1", "batch/v1")
+CORE_API = ("v1", "apps/v1", "batch/v1", "policy/v1")
+
+
+def render(directory: Path) -> list[dict]:
+    """The manifests as the real kustomize renders them (``kubectl kustomize``)."""
+    res = run([tool("kubectl"), "kustomize", str(directory)])
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
 
 
 def tool(name: str) -> str:
@@ -51,7 +57,9 @@ def test_yamllint_everything():
 def test_rendered_manifests_pass_strict_schema_validation(overlay, tmp_path):
     docs = render(K8S / overlay)
     core = [d for d in docs if d["apiVersion"] in CORE_API]
-    assert {d["kind"] for d in core} >= {"Job", "Service", "Deployment", "Secret", "ConfigMap"}
+    assert {d["kind"] for d in core} >= {"Job", "Service", "Deployment", "ConfigMap", "PodDisruptionBudget"}
+    # `kubectl apply -k` must never replace the real Secret with placeholders.
+    assert "Secret" not in {d["kind"] for d in docs}
     out = tmp_path / "rendered.yaml"
     out.write_text(yaml.safe_dump_all(core))
     res = run([tool("kubernetes-validate"), "--strict", "--quiet", str(out)])
@@ -70,9 +78,6 @@ def test_prometheusrule_is_rendered_from_the_tested_rules():
 
 
 def test_every_referenced_file_exists():
-    for overlay in ("base", "overlays/cpu", "overlays/gpu"):
-        for path in referenced_files(K8S / overlay):
-            assert path.exists(), path
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     for name, svc in compose["services"].items():
         for volume in svc.get("volumes", []):
@@ -103,15 +108,20 @@ def test_commands_are_real_subcommands_with_valid_flags():
 
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     ftdiff_commands = [compose["services"]["trainer"]["command"]]
-    torchrun_commands = []
+    torchrun_commands: list[tuple[list[str], dict[str, str]]] = []
     for overlay in ("base", "overlays/cpu", "overlays/gpu"):
         for doc in render(K8S / overlay):
             spec = doc.get("spec", {}).get("template", {}).get("spec", {})
             for c in spec.get("containers", []):
-                (torchrun_commands if c["command"][0] == "torchrun" else ftdiff_commands).append(c["command"])
+                command = _torchrun_part(c["command"])
+                env = {e["name"]: e.get("value", "x") for e in c.get("env", [])}
+                if command[0] == "torchrun":
+                    torchrun_commands.append((command, env))
+                else:
+                    ftdiff_commands.append(command)
     kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
     worker = kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    torchrun_commands.append(worker["command"])
+    torchrun_commands.append((worker["command"], {"PET_NPROC_PER_NODE": kubeflow["spec"]["nprocPerNode"]}))
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert 'ENTRYPOINT ["ftdiff"]' in text
@@ -121,10 +131,30 @@ def test_commands_are_real_subcommands_with_valid_flags():
     for cmd in ftdiff_commands:
         args = parser.parse_args(_ftdiff_args(cmd))  # SystemExit on a bad flag
         assert args.command in ("train", "supervise")
-    for cmd in torchrun_commands:
-        targs = get_args_parser().parse_args(cmd[1:])
+    for cmd, env in torchrun_commands:
+        pet = {k: v for k, v in env.items() if k.startswith("PET_")}
+        saved = {k: os.environ.get(k) for k in pet}
+        os.environ.update(pet)  # torchrun reads every flag from PET_* as well
+        try:
+            targs = get_args_parser().parse_args(cmd[1:])
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         assert targs.module and targs.training_script == "service.train"
         worker_parser().parse_args(targs.training_script_args)
+        if "FTDIFF_OVERRIDES" in env:  # overrides travel in the environment; they must validate
+            from service.config import load_config, overrides_from_env
+
+            load_config(K8S / "base" / "ftdiff.toml", overrides_from_env({"FTDIFF_OVERRIDES": env["FTDIFF_OVERRIDES"]}))
+
+
+def _torchrun_part(command: list[str]) -> list[str]:
+    """The torchrun invocation, also when a shell wraps it (``sh -c "...; exec torchrun ..."``)."""
+    import shlex
+
+    if command[:2] == ["/bin/sh", "-c"]:
+        return shlex.split(command[2].split("exec ", 1)[1])
+    return command
 
 
 def test_shipped_configs_pass_validation():
@@ -134,8 +164,7 @@ def test_shipped_configs_pass_validation():
     assert k8s.supervisor.url and k8s.metrics.host == "0.0.0.0"
     compose = load_config(REPO / "configs" / "compose.toml")
     assert compose.checkpoint.url.startswith("s3://")
-    # the overrides in the CPU overlay must be valid too
-    load_config(K8S / "base" / "ftdiff.toml", ['model.preset="small"', "train.global_batch_size=64"])
+    # (the overrides the overlays pass in FTDIFF_OVERRIDES are validated with the commands)
 
 
 def test_crd_manifests_have_the_expected_shape():
@@ -187,3 +216,44 @@ def _walk(node):  # type: ignore[no-untyped-def]
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
     for child in children:
         yield from _walk(child)
+
+
+def test_the_job_fails_fast_on_user_errors_and_ignores_preemptions():
+    job = next(d for d in render(K8S / "base") if d["kind"] == "Job")
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    fail = next(r for r in rules if r["action"] == "FailJob")
+    assert set(fail["onExitCodes"]["values"]) == {2, 3}  # config or storage: retrying cannot help
+    assert spec["backoffLimitPerIndex"] >= 1
+    # Pod 0 hosts the rendezvous because of its index, not because its DNS name resolves yet.
+    script = spec["template"]["spec"]["containers"][0]["command"][2]
+    assert '"$JOB_COMPLETION_INDEX" = "0"' in script and "is_host=1" in script and "is_host=0" in script
+
+
+def test_selectors_never_overlap_between_the_two_ways_to_run_the_job():
+    docs = render(K8S / "base")
+    workers = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "ftdiff-workers")
+    kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
+    kf_labels = kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
+    selector = workers["spec"]["selector"]
+    assert not all(kf_labels.get(k) == v for k, v in selector.items())
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert kubeflow["metadata"]["name"] != job["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in
+           kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]}
+    assert "checkpoint.url" in env["FTDIFF_OVERRIDES"]  # its own root, never the base job's
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_compose_gives_the_emergency_checkpoint_its_time_and_pulls_images_that_exist():
+    from service.config import load_config
+
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    grace = load_config(REPO / "configs" / "compose.toml").checkpoint.grace_s
+    stop_grace = compose["services"]["trainer"]["stop_grace_period"]
+    assert stop_grace.endswith("s") and int(stop_grace[:-1]) >= grace + 15
+    for name, svc in compose["services"].items():  # minio/* left Docker Hub in September 2026
+        assert not svc.get("image", "").startswith("minio/"), name

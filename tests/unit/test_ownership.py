@@ -12,10 +12,11 @@ import torch
 
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.manifest import POINTER, step_dir
-from service.checkpoint.ownership import FencedError
+from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.storage import open_storage
 from service.errors import UserError
 from tests.helpers import CheckpointJob as Job
+from tests.helpers import shard_name
 
 
 @pytest.fixture(params=["memory", "file", "s3"])
@@ -98,8 +99,7 @@ def test_settings_outside_the_math_may_change(url):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("how", ["same run id", "torchrun restart"])
-def test_a_pinned_start_applies_once_restarts_resume_the_newest_commit(url, tmp_path, how):
+def test_a_pinned_start_applies_once_restarts_resume_the_newest_commit(url, tmp_path):
     source = f"memory://source-{uuid.uuid4().hex[:6]}"
     origin = Job(source)
     _train(origin, 2)
@@ -111,8 +111,7 @@ def test_a_pinned_start_applies_once_restarts_resume_the_newest_commit(url, tmp_
         _train(first, 3)  # commits up to 3 or 4
         newest = first.train.step
         first.ckpt.close()
-        kwargs = {"run_id": "run-A"} if how == "same run id" else {"restart_count": 1}
-        again = Job(target, f"checkpoint.resume={resume}", seed=9, **kwargs)
+        again = Job(target, f"checkpoint.resume={resume}", seed=9, run_id="run-A", restart_count=1)
         assert again.ckpt.resume() == newest
         assert again.train.step == newest
 
@@ -184,7 +183,8 @@ def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(url):
     pointer = newer.ckpt.catalog.pointer_step()
 
     gate.set()
-    assert zombie.ckpt.wait() is False  # fenced: not committed
+    with pytest.raises(FencedError):  # fenced: not committed, and the writer learns why
+        zombie.ckpt.wait()
     with pytest.raises(FencedError):
         zombie.ckpt.catalog.delete(4)
     with pytest.raises(FencedError):
@@ -234,3 +234,104 @@ def test_every_byte_is_in_the_file_when_it_is_fsynced(tmp_path, monkeypatch):
     assert ".metadata" in synced and any(n.endswith(".distcp") for n in synced)
     for name, entry in manifest.files.items():
         assert synced.get(name) == entry.size, name
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_start_stays_refused_on_its_restarts_and_claims_nothing(url):
+    """torchrun retries a worker that exited 2: the retry is not a restart of a run that owns
+    the root, so it is refused again — and never takes the root over."""
+    first = Job(url, run_id="run-1")
+    first.ckpt.resume()
+    _train(first, 2)
+    records = Ownership(open_storage(url)).records()
+    for attempt in range(3):
+        retry = Job(url, 'checkpoint.resume="never"', run_id="run-2", restart_count=attempt)
+        with pytest.raises(UserError, match="never"):
+            retry.ckpt.resume()
+    assert Ownership(open_storage(url)).records() == records
+    _train(first, 1)  # the owner is undisturbed
+    assert first.ckpt.catalog.latest()[0] == 3
+
+
+@pytest.mark.timeout(60)
+def test_pinning_the_own_root_is_checked_as_the_own_history(url):
+    job = Job(url)
+    job.ckpt.resume()
+    _train(job, 2)
+    for same in (url, f"{url}/", f"{url}/{step_dir(2)}"):
+        with pytest.raises(UserError, match="run.seed"):
+            Job(url, "run.seed=4", f'checkpoint.resume="{same}"').ckpt.resume()
+    if "://" not in url:  # a path and its file:// form are one root
+        assert Job(url, f'checkpoint.resume="file://{url}/{step_dir(2)}"').ckpt.resume() == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_before_the_first_commit_starts_from_the_pinned_source_again(url):
+    source = f"memory://src-{uuid.uuid4().hex[:6]}"
+    origin = Job(source)
+    _train(origin, 2)
+    expected = origin.weights()
+    first = Job(url, f'checkpoint.resume="{source}/{step_dir(2)}"', run_id="run-P")
+    assert first.ckpt.resume() == 2  # ... and crashes before committing anything
+    again = Job(url, f'checkpoint.resume="{source}/{step_dir(2)}"', run_id="run-P", restart_count=1, seed=8)
+    assert again.ckpt.resume() == 2
+    assert all(torch.equal(v, expected[k]) for k, v in again.weights().items())
+
+
+@pytest.mark.timeout(60)
+def test_never_refuses_a_root_another_run_claimed_before_its_first_commit(url):
+    starting = Job(url, run_id="run-1")
+    starting.ckpt.resume()  # claimed, not committed yet
+    with pytest.raises(UserError, match="claimed by another run"):
+        Job(url, 'checkpoint.resume="never"', run_id="run-2").ckpt.resume()
+
+
+@pytest.mark.timeout(60)
+def test_a_superseded_run_does_not_take_the_root_back(url):
+    old = Job(url, run_id="run-old")
+    old.ckpt.resume()
+    _train(old, 1)
+    new = Job(url, run_id="run-new")
+    assert new.ckpt.resume() == 1
+    with pytest.raises(FencedError):
+        _train(old, 1)
+    with pytest.raises(UserError, match="superseded"):
+        Job(url, run_id="run-old", restart_count=1).ckpt.resume()
+    _train(new, 1)
+    assert new.ckpt.catalog.latest()[0] == 2
+
+
+@pytest.mark.timeout(60)
+def test_deleted_incarnation_records_never_hand_out_a_number_twice(url):
+    job = Job(url)
+    job.ckpt.resume()
+    _train(job, 2)
+    used = job.ckpt.ownership.number
+    job.ckpt.close()
+    storage = open_storage(url)
+    for name in storage.list_dir("incarnations"):
+        storage.remove(f"incarnations/{name}")
+    shard = shard_name(job.ckpt.catalog, 2)
+    storage.write_bytes(f"{step_dir(2)}/{shard}", b"corrupt")  # step 2 becomes unloadable
+    again = Job(url)
+    assert again.ckpt.resume() == 1
+    assert again.ckpt.ownership.number > used
+    again.step()
+    assert again.ckpt.save_at(2, 0, blocking=True)  # rewritten, not taken as "already committed"
+    assert Catalog(storage).verify(2) == []
+
+
+@pytest.mark.timeout(60)
+def test_older_manifests_are_compared_by_their_recorded_config(url):
+    job = Job(url)
+    job.ckpt.resume()
+    _train(job, 1)
+    storage = open_storage(url)
+    body = json.loads(storage.read_bytes(f"{step_dir(1)}/manifest.json"))
+    for key in ("fingerprint", "run_id", "incarnation"):
+        body.pop(key, None)
+    body["config"]["train"]["loss_scale"] = 1.0  # a key an older release had
+    storage.write_bytes_atomic(f"{step_dir(1)}/manifest.json", json.dumps(body).encode())
+    with pytest.raises(UserError, match="run.seed"):
+        Job(url, "run.seed=7").ckpt.resume()
+    assert Job(url).ckpt.resume() == 1

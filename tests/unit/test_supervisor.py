@@ -377,3 +377,31 @@ def test_series_of_ranks_that_left_are_removed():
     publish(m, metrics)
     assert metrics.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "1"}) is None
     assert metrics.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "0"}) is not None
+
+
+def test_preemption_exits_43_only_for_this_runs_own_emergency_commit(tmp_path):
+    """A commit after the signal by *another* start (this job was superseded) is no emergency
+    checkpoint of this job."""
+    import time
+    from types import SimpleNamespace
+
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.manifest import FileEntry, Manifest
+    from service.checkpoint.storage import open_storage
+    from service.supervisor.launcher import LocalSupervisor
+
+    cfg = load_config(None, [f'checkpoint.url="{tmp_path}"'])
+    catalog = Catalog(open_storage(str(tmp_path)))
+    asked = time.time()
+
+    def commit(step: int, run_id: str) -> None:
+        catalog.storage.makedirs(f"step-{step:09d}")
+        catalog.storage.write_bytes_atomic(f"step-{step:09d}/.metadata", b"x")
+        catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "00000000")}, run_id=run_id))
+
+    fake = SimpleNamespace(cfg=cfg, run_id="mine")
+    commit(4, "other")
+    assert "another run" in LocalSupervisor._emergency_commit_problem(fake, asked)
+    commit(5, "mine")
+    assert LocalSupervisor._emergency_commit_problem(fake, asked) is None
+    assert "no emergency checkpoint" in LocalSupervisor._emergency_commit_problem(fake, time.time() + 60)
