@@ -143,3 +143,21 @@ def test_an_agent_out_of_restarts_is_relaunched_in_a_fresh_rendezvous_round(base
     assert code == 0, err[-3000:]
     assert "rendezvous round 1" in err
     assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
+
+
+@pytest.mark.timeout(240)
+def test_ftdiff_train_stops_at_once_with_exit_2_when_its_workers_refuse_to_start(tmp_path):
+    """A refusal (here: a fresh run into a used root) is no crash: torchrun would retry it and
+    the supervisor relaunch it until both gave up; the worker's goodbye says so instead."""
+    url = tmp_path / "ckpt"
+    first = run(single_cmd(["train.max_steps=2", "checkpoint.every_steps=2", f'checkpoint.url="{url}"']))
+    assert first.returncode == 0, why(first)
+    snapshot = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+    job = SupervisedJob(tmp_path / "job", ["train.max_steps=8", f'checkpoint.url="{url}"',
+                                           'checkpoint.resume="never"', "supervisor.max_restarts=5"])
+    started = time.monotonic()
+    code, err = job.finish(200)
+    assert code == 2, err[-3000:]
+    assert "never mixes" in err and "not restarting" in err
+    assert time.monotonic() - started < 60  # not 5 torchrun restarts x 5 relaunches
+    assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == snapshot
