@@ -21,7 +21,8 @@ from service.errors import UserError
 
 # Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
 # below are the embedded default job: tiny preset, synthetic data, local storage under ./runs.
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# service/configs links to the repository's configs/; wheels (and so the images) carry the files.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class _Section(BaseModel):

@@ -257,3 +257,15 @@ def test_compose_gives_the_emergency_checkpoint_its_time_and_pulls_images_that_e
     assert stop_grace.endswith("s") and int(stop_grace[:-1]) >= grace + 15
     for name, svc in compose["services"].items():  # minio/* left Docker Hub in September 2026
         assert not svc.get("image", "").startswith("minio/"), name
+
+
+def test_the_wheel_carries_the_presets(tmp_path):
+    """The images install the wheel: `--config base` must work without the repository."""
+    import zipfile
+
+    res = run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+               "-q", "-w", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("ftdiff-*.whl"))).namelist()
+    presets = {Path(n).stem for n in names if n.startswith("service/configs/") and n.endswith(".toml")}
+    assert presets >= {"tiny", "small", "base"}
