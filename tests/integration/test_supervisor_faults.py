@@ -69,3 +69,32 @@ def test_an_emergency_save_slower_than_30s_still_commits_within_grace(tmp_path, 
         assert step == max(line["step"] for line in trace_lines(job.trace))
         assert manifest.time - asked > 30, "the save was not slow enough to test the 30 s limit"
         assert catalog.verify(step) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_load_slower_than_the_hang_timeout_is_not_a_hang(tmp_path, s3_server, s3_bucket):
+    """Throttled storage: resuming takes several hang timeouts, while heartbeats keep coming
+    and bytes keep arriving. That is a slow store, not a hang: no restart is ordered."""
+    from tests.helpers import run, single_cmd, why
+    from tests.tcp_proxy import TcpProxy
+
+    url = f"{s3_bucket}/slowload"
+    first = run(single_cmd(["train.max_steps=4", "checkpoint.every_steps=4", f'checkpoint.url="{url}"']),
+                env=s3_server)
+    assert first.returncode == 0, why(first)
+    upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with TcpProxy(upstream) as proxy:
+        proxy.delay_s = 1.5  # every request 1.5 s slower: the resume takes well over 4 s
+        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        job = Job(tmp_path, ["train.max_steps=7", "checkpoint.every_steps=100", f'checkpoint.url="{url}"'], env=env)
+        started = time.monotonic()
+        job.wait_step(5)
+        loaded_after = time.monotonic() - started
+        hangs = job.metric('ftdiff_job_failures_detected_total{kind="hang"}')
+        proxy.delay_s = 0.0
+        code, err = job.finish(120)
+    assert code == 0, err[-3000:]
+    # Start-up alone takes ~6 s here; the throttled resume adds over two hang timeouts to it.
+    assert loaded_after > 6 + 2 * 4.0, f"step 5 after only {loaded_after:.1f}s: not slow enough to test"
+    assert hangs == 0 and "hang detected" not in err
+    assert min(line["step"] for line in trace_lines(job.trace)) == 5  # resumed once, never restarted
