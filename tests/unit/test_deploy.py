@@ -269,3 +269,13 @@ def test_the_wheel_carries_the_presets(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("ftdiff-*.whl"))).namelist()
     presets = {Path(n).stem for n in names if n.startswith("service/configs/") and n.endswith(".toml")}
     assert presets >= {"tiny", "small", "base"}
+
+
+def test_monitoring_objects_carry_the_label_kube_prometheus_stack_selects():
+    docs = {d["kind"]: d for d in render(K8S / "base") if d["kind"] in ("ServiceMonitor", "PrometheusRule")}
+    assert set(docs) == {"ServiceMonitor", "PrometheusRule"}
+    for doc in docs.values():
+        assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    for group in docs["PrometheusRule"]["spec"]["groups"]:
+        for rule in group["rules"]:
+            assert rule["annotations"]["runbook_url"].startswith("https://"), rule["alert"]
