@@ -63,10 +63,31 @@ def main() -> None:
         "samples_per_s": round(rate, 1),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "ckpt_state_mb": round(state_mb, 1), "ckpt_stall_s": round(sorted(stalls)[1], 4),
-        "ckpt_commit_s": round(sorted(commits)[1], 3), "ckpt_pinned": bool(ck._pin),
+        "ckpt_commit_s": round(sorted(commits)[1], 3), "ckpt_pinned": bool(ck.staging.pin),
+        **_resume_check(cfg, info, trainer),
     }))
     trainer.close()
     cleanup_distributed()
+
+
+def _resume_check(cfg, info, trainer) -> dict:  # type: ignore[no-untyped-def]
+    """A fresh trainer resumes the committed step through the safe, verifying reader onto the
+    GPU (torch's own DCP path for accelerator destinations) and gets the weights bitwise."""
+    from service.train.loop import Trainer
+
+    fresh = Trainer(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})}),
+                    info)
+    try:
+        t0 = time.perf_counter()
+        step = fresh.checkpointer.resume()
+        load_s = time.perf_counter() - t0
+        saved = trainer.checkpointer.catalog.manifest(step)
+        same = all(torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(),
+                                                      trainer.model.state_dict().values()))
+        return {"resumed_step": step, "resume_load_s": round(load_s, 3), "resume_bitwise": same,
+                "manifest_incarnation": saved.incarnation}
+    finally:
+        fresh.close()
 
 
 if __name__ == "__main__":
