@@ -18,11 +18,24 @@ from service.errors import UserError
 from tests.helpers import CheckpointJob as Job
 from tests.helpers import shard_name
 
+STORES = ["memory", "file"]
+# Where the store's own semantics matter (conditional writes, listings), S3 too.
+ALL_STORES = [*STORES, "s3"]
 
-@pytest.fixture(params=["memory", "file", "s3"])
+
+@pytest.fixture(params=STORES)
 def url(request, tmp_path) -> str:
+    return _url(request, tmp_path)
+
+
+@pytest.fixture(params=ALL_STORES)
+def any_url(request, tmp_path) -> str:
     """The same rules on every kind of store; on S3 through the real protocol (moto on
     loopback), where incarnations and the pointer use conditional writes."""
+    return _url(request, tmp_path)
+
+
+def _url(request, tmp_path) -> str:  # type: ignore[no-untyped-def]
     if request.param == "s3":
         return f"{request.getfixturevalue('s3_bucket')}/run"
     return f"memory://own-{uuid.uuid4().hex[:8]}" if request.param == "memory" else str(tmp_path / "ckpt")
@@ -58,14 +71,14 @@ def test_a_fresh_run_into_another_runs_root_is_refused_and_changes_nothing(url):
 
 
 @pytest.mark.timeout(60)
-def test_a_refused_start_does_not_fence_off_the_run_that_owns_the_root(url):
-    running = Job(url, run_id="run-1")
+def test_a_refused_start_does_not_fence_off_the_run_that_owns_the_root(any_url):
+    running = Job(any_url, run_id="run-1")
     running.ckpt.resume()
     _train(running, 1)
     with pytest.raises(UserError):
-        Job(url, 'checkpoint.resume="never"', run_id="run-2").ckpt.resume()
+        Job(any_url, 'checkpoint.resume="never"', run_id="run-2").ckpt.resume()
     with pytest.raises(UserError):
-        Job(url, "run.seed=3", run_id="run-3").ckpt.resume()
+        Job(any_url, "run.seed=3", run_id="run-3").ckpt.resume()
     _train(running, 1)  # still the newest start: it goes on committing
     assert running.ckpt.catalog.latest()[0] == 2
 
@@ -127,8 +140,8 @@ def test_going_back_inside_the_own_root_is_refused(url):
 
 
 @pytest.mark.timeout(60)
-def test_pointer_is_a_hint_an_off_interval_commit_with_a_lost_pointer_write_wins(url, monkeypatch):
-    job = Job(url, "checkpoint.every_steps=50")
+def test_pointer_is_a_hint_an_off_interval_commit_with_a_lost_pointer_write_wins(any_url, monkeypatch):
+    job = Job(any_url, "checkpoint.every_steps=50")
     job.ckpt.resume()
     for step in (100, 137):  # 137: an emergency checkpoint off the 50-step interval
         job.step()
@@ -139,14 +152,14 @@ def test_pointer_is_a_hint_an_off_interval_commit_with_a_lost_pointer_write_wins
     assert job.ckpt.save_at(150, 0, blocking=True)  # committed; its pointer write failed
     assert json.loads(catalog.storage.read_bytes(POINTER))["step"] == 137
     expected = job.weights()
-    fresh = Job(url, "checkpoint.every_steps=50", seed=3)
+    fresh = Job(any_url, "checkpoint.every_steps=50", seed=3)
     assert fresh.ckpt.resume() == 150
     assert all(torch.equal(v, expected[k]) for k, v in fresh.weights().items())
 
 
 @pytest.mark.timeout(60)
-def test_the_pointer_never_moves_backwards(url):
-    job = Job(url)
+def test_the_pointer_never_moves_backwards(any_url):
+    job = Job(any_url)
     job.ckpt.resume()
     _train(job, 2)
     catalog = job.ckpt.catalog
@@ -156,10 +169,10 @@ def test_the_pointer_never_moves_backwards(url):
 
 
 @pytest.mark.timeout(60)
-def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(url):
+def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(any_url):
     """A writer of an older incarnation, held up mid-save while a newer start resumes and
     commits, is fenced off: its save fails and the newer start's commits stay as they are."""
-    zombie = Job(url, "checkpoint.keep_last=2")
+    zombie = Job(any_url, "checkpoint.keep_last=2")
     zombie.ckpt.resume()
     _train(zombie, 1)
     gate, reached = threading.Event(), threading.Event()
@@ -175,11 +188,11 @@ def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(url):
     zombie.ckpt.save_at(2, 0, blocking=False)
     assert reached.wait(30)
 
-    newer = Job(url, "checkpoint.keep_last=2", seed=4)
+    newer = Job(any_url, "checkpoint.keep_last=2", seed=4)
     assert newer.ckpt.resume() == 1
     _train(newer, 3)  # commits 2, 3, 4 (and retention deletes older ones)
     newer.ckpt.drain()
-    after_newer = _files(url)
+    after_newer = _files(any_url)
     pointer = newer.ckpt.catalog.pointer_step()
 
     gate.set()
@@ -191,15 +204,15 @@ def test_a_zombie_writer_cannot_commit_move_the_pointer_or_delete(url):
         zombie.ckpt.catalog.write_pointer(99)
     zombie.ckpt.drain()
     assert newer.ckpt.catalog.pointer_step() == pointer == 4
-    assert _files(url) == after_newer  # no file of the newer start touched
-    assert Catalog(open_storage(url)).verify(4) == []
+    assert _files(any_url) == after_newer  # no file of the newer start touched
+    assert Catalog(open_storage(any_url)).verify(4) == []
 
 
 @pytest.mark.timeout(60)
-def test_incarnations_only_grow_and_are_unique(url):
+def test_incarnations_only_grow_and_are_unique(any_url):
     numbers = []
     for _ in range(3):
-        job = Job(url)
+        job = Job(any_url)
         job.ckpt.resume()
         numbers.append(job.ckpt.ownership.number)
     assert numbers == sorted(set(numbers)) and numbers[0] >= 1
