@@ -22,6 +22,7 @@ from service.checkpoint.manifest import (
     pointer_json,
     step_dir,
 )
+from service.checkpoint.safe_pickle import check_metadata_files
 from service.checkpoint.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Catalog:
         """The manifest of ``step``; ManifestError if the folder is not committed."""
         try:
             data = self.storage.read_bytes(f"{step_dir(step)}/{MANIFEST}")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ManifestError(f"{step_dir(step)} has no {MANIFEST} (not committed)") from None
         manifest = Manifest.from_json(data)
         if manifest.step != step:
@@ -161,7 +162,9 @@ class Catalog:
         folder = step_dir(step)
         for name in sorted(manifest.files):
             try:
-                read_verified_file(self.storage, f"{folder}/{name}", manifest.files)
+                data = read_verified_file(self.storage, f"{folder}/{name}", manifest.files)
+                if name == ".metadata":  # intact bytes can still be a hostile pickle
+                    check_metadata_files(data, f"{folder}/{name}", set(manifest.files))
             except CorruptCheckpointError as e:
                 problems.append(f"{folder}/{name}: {e.reason}")
         return problems

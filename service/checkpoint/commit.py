@@ -88,6 +88,7 @@ class CommitProtocol:
                 file_tag=f"i{self.ownership.number}" if self.ownership.number else "",
             )
             writer.step, writer.fence = step, self.catalog.fence
+            writer.fs.fence = self.catalog.fence  # and every file operation of the writer
             try:
                 dcp.save(state, storage_writer=writer, process_group=self.group.pg)
             finally:

@@ -97,6 +97,9 @@ class _HashingFs(_SharedFs):
         super().__init__(fs)
         self.entries: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
+        # Runs before every change this writer makes to storage (see ownership): a writer of an
+        # older start must not create, replace or delete a single file.
+        self.fence: Any = lambda what: None
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
@@ -104,6 +107,7 @@ class _HashingFs(_SharedFs):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
+        self.fence(f"writing {os.path.basename(os.fspath(path))}")
         with super().create_stream(path, mode) as stream:
             hashing = _HashingStream(stream)
             yield hashing  # type: ignore[misc]
@@ -113,11 +117,16 @@ class _HashingFs(_SharedFs):
             )
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self.fence(f"renaming to {os.path.basename(os.fspath(new_path))}")
         super().rename(path, new_path)
         with self._lock:
             entry = self.entries.pop(os.path.basename(os.fspath(path)), None)
             if entry is not None:
                 self.entries[os.path.basename(os.fspath(new_path))] = entry
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.fence(f"deleting {os.path.basename(os.fspath(path))}")
+        super().rm_file(path)
 
 
 @contextmanager

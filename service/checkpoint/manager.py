@@ -122,6 +122,10 @@ class Checkpointer:
         if step is not None:
             self.last_committed_step = step
         self._claim()
+        if not restart and self.cfg.checkpoint.resume == "never":
+            # Two fresh runs that checked an empty root at the same moment both got this far;
+            # their claims are now both visible, so each sees the other and neither trains.
+            self.group.from_main(self._check_alone)
         return step
 
     def save(self, step: int, samples_seen: int, *, last_step: bool = False, emergency: bool = False,
@@ -240,6 +244,16 @@ class Checkpointer:
                 "again, or a new job) to continue from the newest commit."
             )
         return mine
+
+    def _check_alone(self) -> None:
+        mine = self.ownership.number
+        others = [r for r in self.ownership.records() if r.number != mine and r.run_id != self.info.run_id]
+        if others:
+            raise UserError(
+                f"checkpoint.resume = \"never\": another run ({others[-1].run_id or 'unknown'}) claimed "
+                f"{self.storage.display_url} at the same moment; a fresh run never shares a root. Point "
+                "checkpoint.url at a new location."
+            )
 
     def _claim(self) -> None:
         """Every rank, once: rank 0 claims the next incarnation of the root (fencing off every

@@ -27,12 +27,14 @@ from service.checkpoint.collectives import (
 from service.checkpoint.dcp_io import (
     CorruptCheckpointError,
     VerifyingReader,
+    read_verified_file,
     verify_local_file,
 )
 from service.checkpoint.direct_read import DirectFileReader
 from service.checkpoint.identity import differences, fingerprint_of_config
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.ownership import Ownership
+from service.checkpoint.safe_pickle import check_metadata_files
 from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
@@ -142,6 +144,12 @@ class Resumer:
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
         tried: list[str] = []
         candidate = self.group.from_main(lambda: self._first_candidate(catalog, pinned))
+        if candidate is None and catalog is not self.catalog:  # an explicit source: a typo, a wrong bucket
+            raise UserError(
+                f"checkpoint.resume = {self.cfg.checkpoint.resume!r}: no committed checkpoint under "
+                f"{catalog.storage.display_url}; fix the URL (a silent fresh start would train from "
+                "random weights), or set checkpoint.resume = \"never\" to start fresh on purpose."
+            )
         if candidate is None:
             log.info("no committed checkpoint under %s: starting fresh", catalog.storage.display_url)
             return None
@@ -197,6 +205,9 @@ class Resumer:
         state = {k: v for k, v in self.state.items() if same_world or k not in self.per_rank_keys}
         folder = storage.path(step_dir(step))
         if storage.is_local:
+            # The direct reader opens whatever .metadata names: only files the manifest lists.
+            meta = read_verified_file(storage, f"{step_dir(step)}/.metadata", manifest.files)
+            check_metadata_files(meta, os.path.join(folder, ".metadata"), set(manifest.files))
             self._load_local(state, folder, manifest)
         else:
             reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files)

@@ -245,6 +245,16 @@ class SafeFileSystemReader(FileSystemReader):
         return os.path.join(os.fspath(self.path), self.storage_data[item.storage_index].relative_path)
 
 
+def check_metadata_files(data: bytes, source: str, listed: set[str]) -> None:
+    """The ``.metadata`` in ``data`` is safe to load and every item lives in a file of the
+    checkpoint folder that the manifest lists (and so was checksummed)."""
+    metadata = load_metadata(data, source)
+    _check_storage_data(metadata, source)
+    unlisted = sorted({info.relative_path for info in metadata.storage_data.values()} - listed)
+    if unlisted:
+        raise UnsafeCheckpointError(source, f"items are stored in files the manifest does not list: {unlisted[:3]}")
+
+
 def _check_storage_data(metadata: Metadata, source: str) -> None:
     """Every item must live in a file directly inside the checkpoint folder."""
     storage = metadata.storage_data

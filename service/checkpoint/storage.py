@@ -174,8 +174,10 @@ class Storage:
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
     def remove(self, rel: str) -> None:
-        """Delete one object or file; FileNotFoundError if it does not exist."""
-        self.fs.rm(self.path(rel))
+        """Delete one object or file; FileNotFoundError if it does not exist, PermissionError
+        if the store kept it (S3's bulk delete reports refusals per key, which s3fs drops)."""
+        self.fs.rm_file(self.path(rel))
+        self._gone(rel)
 
     def tree_bytes(self, rel: str) -> int:
         """Total size of everything under ``rel`` (0 if it does not exist)."""
@@ -188,6 +190,12 @@ class Storage:
         target = self.path(rel)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
+            self._gone(rel)
+
+    def _gone(self, rel: str) -> None:
+        if self.is_object_store and self.fs.exists(self.path(rel)):
+            raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
+                                  "(the credentials may not delete)")
 
     def makedirs(self, rel: str = "") -> None:
         if not self.is_object_store:
@@ -273,7 +281,9 @@ def _probe_write(storage: Storage) -> None:
     except Exception as e:
         raise _unusable(storage, e, "write") from None
     try:
-        storage.fs.rm(probe)
+        storage.fs.rm_file(probe)
+        if storage.fs.exists(probe):  # a bulk delete that the store refused per key
+            raise PermissionError("the probe object is still there after deleting it")
     except Exception as e:
         raise _unusable(storage, e, "delete", left=probe) from None
 

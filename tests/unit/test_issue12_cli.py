@@ -53,6 +53,11 @@ class _Denying(MemoryFileSystem):
             raise PermissionError("Access Denied")
         return super().rm(path, *args, **kwargs)
 
+    def rm_file(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.deny == "rm" and PROBE_PREFIX in str(path):
+            raise PermissionError("Access Denied")
+        return super().rm_file(path, *args, **kwargs)
+
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("deny,needle", [("pipe_file", "write access denied"), ("rm", "delete access denied")])

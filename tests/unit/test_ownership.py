@@ -348,3 +348,65 @@ def test_older_manifests_are_compared_by_their_recorded_config(url):
     with pytest.raises(UserError, match="run.seed"):
         Job(url, "run.seed=7").ckpt.resume()
     assert Job(url).ckpt.resume() == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_pinned_source_without_commits_is_an_error_not_a_fresh_start(url):
+    with pytest.raises(UserError, match="no committed checkpoint"):
+        Job(url, 'checkpoint.resume="memory://typo-of-a-root"').ckpt.resume()
+
+
+@pytest.mark.timeout(60)
+def test_two_fresh_runs_claiming_one_root_at_once_both_refuse(url):
+    a = Job(url, 'checkpoint.resume="never"', run_id="run-a")
+    b = Job(url, 'checkpoint.resume="never"', run_id="run-b")
+    # Both checked the empty root before either claimed it (the race): simulate by claiming b
+    # between a's check and a's claim.
+    real_claim = a.ckpt._claim
+
+    def claim_after_b() -> None:
+        b.ckpt.ownership.claim("run-b", b.ckpt.ownership.records())
+        real_claim()
+
+    a.ckpt._claim = claim_after_b
+    with pytest.raises(UserError, match="same moment"):
+        a.ckpt.resume()
+
+
+@pytest.mark.timeout(60)
+def test_a_stray_file_named_like_a_step_folder_is_not_a_checkpoint(tmp_path):
+    job = Job(str(tmp_path))
+    job.ckpt.resume()
+    _train(job, 1)
+    (tmp_path / step_dir(7)).write_text("junk")
+    assert Catalog(open_storage(str(tmp_path))).latest()[0] == 1
+    assert Job(str(tmp_path), seed=2).ckpt.resume() == 1
+
+
+@pytest.mark.timeout(60)
+def test_verify_and_resume_refuse_metadata_naming_unlisted_files(tmp_path):
+    """A hostile bucket rewrites .metadata (and the manifest's CRC of it) to point at a file
+    the manifest does not list: verify reports it, a resume falls back past it."""
+    import crc32c
+
+    from service.checkpoint.safe_pickle import load_metadata
+
+    job = Job(str(tmp_path))
+    job.ckpt.resume()
+    _train(job, 2)
+    storage = open_storage(str(tmp_path))
+    folder = step_dir(2)
+    metadata = load_metadata(storage.read_bytes(f"{folder}/.metadata"), "m")
+    shard = shard_name(Catalog(storage), 2)
+    (tmp_path / folder / "__0_evil_0.distcp").write_bytes((tmp_path / folder / shard).read_bytes())
+    for info in metadata.storage_data.values():
+        info.relative_path = "__0_evil_0.distcp"
+    import pickle
+
+    data = pickle.dumps(metadata)
+    storage.write_bytes_atomic(f"{folder}/.metadata", data)
+    body = json.loads(storage.read_bytes(f"{folder}/manifest.json"))
+    body["files"][".metadata"] = {"size": len(data), "crc32c": f"{crc32c.crc32c(data):08x}"}
+    storage.write_bytes_atomic(f"{folder}/manifest.json", json.dumps(body).encode())
+    assert any("does not list" in p for p in Catalog(storage).verify(2))
+    assert Job(str(tmp_path), seed=3).ckpt.resume() == 1
