@@ -27,14 +27,12 @@ from service.checkpoint.collectives import (
 from service.checkpoint.dcp_io import (
     CorruptCheckpointError,
     VerifyingReader,
-    read_verified_file,
     verify_local_file,
 )
 from service.checkpoint.direct_read import DirectFileReader
 from service.checkpoint.identity import differences, fingerprint_of_config
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.ownership import Ownership
-from service.checkpoint.safe_pickle import check_metadata_files
 from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
@@ -205,9 +203,6 @@ class Resumer:
         state = {k: v for k, v in self.state.items() if same_world or k not in self.per_rank_keys}
         folder = storage.path(step_dir(step))
         if storage.is_local:
-            # The direct reader opens whatever .metadata names: only files the manifest lists.
-            meta = read_verified_file(storage, f"{step_dir(step)}/.metadata", manifest.files)
-            check_metadata_files(meta, os.path.join(folder, ".metadata"), set(manifest.files))
             self._load_local(state, folder, manifest)
         else:
             reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files)
@@ -231,7 +226,9 @@ class Resumer:
         checker.start()
         load_error: BaseException | None = None
         try:
-            dcp.load(state, storage_reader=DirectFileReader(folder), process_group=self.group.pg)
+            reader = DirectFileReader(folder)
+            reader.listed_files = set(manifest.files)  # it opens whatever .metadata names
+            dcp.load(state, storage_reader=reader, process_group=self.group.pg)
         except CHECKPOINT_ERRORS as e:  # a corrupt file may also break deserialisation
             load_error = e
         checker.join()

@@ -225,13 +225,19 @@ class _WeightsOnlyBytes:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader without the two places where it runs code from storage."""
+    """DCP's FileSystemReader without the two places where it runs code from storage.
+
+    ``listed_files``: when set (the manifest's file names), a ``.metadata`` naming any other
+    file is refused — a reader that opens files by path must not read unchecksummed ones.
+    """
+
+    listed_files: set[str] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = os.fspath(self._get_metadata_path(kwargs.get("rank")))
         with self.fs.create_stream(path, "rb") as stream:
             metadata = load_metadata(stream, path)
-        _check_storage_data(metadata, path)
+        _check_listed(metadata, path, self.listed_files)
         # What FileSystemReader.read_metadata does after its pickle.load.
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -248,8 +254,13 @@ class SafeFileSystemReader(FileSystemReader):
 def check_metadata_files(data: bytes, source: str, listed: set[str]) -> None:
     """The ``.metadata`` in ``data`` is safe to load and every item lives in a file of the
     checkpoint folder that the manifest lists (and so was checksummed)."""
-    metadata = load_metadata(data, source)
+    _check_listed(load_metadata(data, source), source, listed)
+
+
+def _check_listed(metadata: Metadata, source: str, listed: set[str] | None) -> None:
     _check_storage_data(metadata, source)
+    if listed is None:
+        return
     unlisted = sorted({info.relative_path for info in metadata.storage_data.values()} - listed)
     if unlisted:
         raise UnsafeCheckpointError(source, f"items are stored in files the manifest does not list: {unlisted[:3]}")
