@@ -265,7 +265,7 @@ class Checkpointer:
     def _claim_on_main(self) -> int:
         found = self.catalog.latest()
         seen = found[1].incarnation or 0 if found is not None else 0
-        number = self.ownership.claim(self.info.run_id, self.ownership.records(), at_least=seen)
+        number = self.ownership.claim(self.info.run_id, at_least=seen)
         log.info("checkpoint root %s: incarnation %d", self.storage.display_url, number)
         return number
 

@@ -66,12 +66,12 @@ class Ownership:
                 found.append(Incarnation(int(stem), None, 0.0))  # unreadable: still taken
         return sorted(found, key=lambda r: r.number)
 
-    def claim(self, run_id: str | None, known: list[Incarnation], at_least: int = 0) -> int:
-        """Create the next incarnation record; its number. Another start claiming at the same
-        moment makes the create fail, and the next number is tried. ``at_least``: the newest
-        incarnation seen anywhere else (in manifests), so that deleted records can never
-        hand out a number twice."""
-        number = max([r.number for r in known] + [at_least], default=0) + 1
+    def claim(self, run_id: str | None, at_least: int = 0) -> int:
+        """Create the next incarnation record; its number (one listing, then create-only
+        writes). Another start claiming at the same moment makes the create fail, and the next
+        number is tried. ``at_least``: the newest incarnation seen anywhere else (in
+        manifests), so that deleted records can never hand out a number twice."""
+        number = max([*self._numbers(), at_least]) + 1
         body = {"run_id": run_id, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(MAX_CLAIM_ATTEMPTS):
             try:

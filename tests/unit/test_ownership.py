@@ -365,7 +365,7 @@ def test_two_fresh_runs_claiming_one_root_at_once_both_refuse(url):
     real_claim = a.ckpt._claim
 
     def claim_after_b() -> None:
-        b.ckpt.ownership.claim("run-b", b.ckpt.ownership.records())
+        b.ckpt.ownership.claim("run-b")
         real_claim()
 
     a.ckpt._claim = claim_after_b
