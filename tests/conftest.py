@@ -1,31 +1,23 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import BASELINE_STEPS, free_port, stop, wait_for_port
+from tests.helpers import BASELINE_STEPS, moto_server
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, str]]:
     """A real S3 endpoint (moto's server mode) on a free loopback port; env for clients."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
+    with moto_server() as endpoint:
         env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ENDPOINT_URL": endpoint,
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -35,8 +27,6 @@ def s3_server() -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

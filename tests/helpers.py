@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,3 +306,25 @@ class CheckpointJob:
 def shard_name(catalog, step: int) -> str:  # type: ignore[no-untyped-def]
     """The first shard file of a committed step (names carry the writer's incarnation)."""
     return next(n for n in sorted(catalog.manifest(step).files) if n.endswith(".distcp"))
+
+
+@contextmanager
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real S3 endpoint (moto's server mode) on a free loopback port; yields its URL.
+    ``env``: moto's own settings (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce credentials)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=base_env(env) if env else None,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def one_line(err: str) -> str:
+    """The single ``ftdiff: ...`` line a failed command prints (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ftdiff: ") and "Traceback" not in err, err
+    return lines[0]

@@ -14,10 +14,9 @@ from tests.helpers import (
     REPO,
     base_env,
     free_port,
+    moto_server,
     run,
     single_cmd,
-    stop,
-    wait_for_port,
 )
 
 SECRET = "sup3r-secret-value-do-not-print"
@@ -26,15 +25,8 @@ SECRET = "sup3r-secret-value-do-not-print"
 @pytest.fixture(scope="module")
 def strict_s3():
     """A moto server that checks credentials (no access key is known to it)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=base_env({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:
+        yield endpoint
 
 
 def _env(endpoint: str) -> dict[str, str]:

@@ -14,16 +14,10 @@ import torch
 
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, StorageError
-from tests.helpers import base_env, free_port, run, single_cmd, stop, wait_for_port
+from tests.helpers import base_env, free_port, moto_server, one_line, run, single_cmd
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 SECRET = "ro-secret-" + uuid.uuid4().hex
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ftdiff: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # -- an image folder on S3 with DataLoader worker processes -------------------------------------
@@ -58,26 +52,26 @@ def test_s3_folder_with_workers_gives_the_same_samples(s3_bucket):
 
 # -- exit codes of the read commands ------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_dead_endpoint_is_exit_3_in_one_line(tmp_path):
+def test_dead_endpoint_is_exit_3_inone_line(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     for argv in (["ckpt", "ls", "s3://bucket/run"], ["ckpt", "verify", "s3://bucket/run/step-150"],
                  ["export", "s3://bucket/run", "--format", "safetensors", "--out", str(tmp_path / "u.st")]):
         res = ftdiff(*argv, "--endpoint-url", dead)
         assert res.returncode == EXIT_STORAGE, res.stderr
-        assert "unreachable" in _one_line(res.stderr)
+        assert "unreachable" in one_line(res.stderr)
     # The same from a real process: nothing but that line on stderr (no library log noise).
     res = subprocess.run([sys.executable, "-m", "service.cli", "ckpt", "ls", "s3://bucket/run",
                           "--endpoint-url", dead], env=base_env(), capture_output=True, text=True, timeout=60,
                          check=False)
-    assert res.returncode == EXIT_STORAGE and "unreachable" in _one_line(res.stderr)
+    assert res.returncode == EXIT_STORAGE and "unreachable" in one_line(res.stderr)
 
 
 @pytest.mark.timeout(60)
 def test_missing_root_or_bucket_is_exit_1_existing_empty_bucket_is_not(s3_bucket):
     res = ftdiff("ckpt", "ls", f"{s3_bucket}/no-such-run")
-    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in _one_line(res.stderr)
+    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in one_line(res.stderr)
     res = ftdiff("ckpt", "ls", "s3://no-such-bucket-ftdiff-12/run")
-    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in _one_line(res.stderr)
+    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in one_line(res.stderr)
     res = ftdiff("ckpt", "ls", s3_bucket)
     assert res.returncode == EXIT_OK and res.stdout.strip() == "(no checkpoints)"
 
@@ -87,14 +81,8 @@ def iam_s3():
     """A moto server that checks credentials, with a bucket and a read-only user."""
     import boto3
 
-    port = free_port()
     # The first 4 requests (bucket, user, policy, key) are made without auth, then it is enforced.
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=base_env({"INITIAL_NO_AUTH_ACTION_COUNT": "4"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "4"}) as endpoint:
         kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
               "aws_secret_access_key": "setup"}
         boto3.client("s3", **kw).create_bucket(Bucket="ro-bucket")
@@ -105,8 +93,6 @@ def iam_s3():
             "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
         key = iam.create_access_key(UserName="reader")["AccessKey"]
         yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-    finally:
-        stop(proc)
 
 
 def _creds(server: dict, key: str, secret: str) -> dict[str, str]:
@@ -119,7 +105,7 @@ def test_unknown_credentials_are_exit_3(iam_s3, monkeypatch):
     for k, v in _creds(iam_s3, "AKIAUNKNOWNUNKNOWN", SECRET).items():
         monkeypatch.setenv(k, v)
     res = ftdiff("ckpt", "ls", "s3://ro-bucket/run")
-    line = _one_line(res.stderr)
+    line = one_line(res.stderr)
     assert res.returncode == EXIT_STORAGE and "access denied" in line and SECRET not in line
 
 

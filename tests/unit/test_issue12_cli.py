@@ -16,16 +16,10 @@ from service.checkpoint.dcp_io import crc32c_hex
 from service.checkpoint.manifest import MANIFEST, step_dir
 from service.checkpoint.storage import PROBE_PREFIX, open_storage
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_USAGE, StorageError, UserError
-from tests.helpers import CheckpointJob
+from tests.helpers import CheckpointJob, one_line
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 SECRET = "pw-" + uuid.uuid4().hex
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ftdiff: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # -- the start-up check --------------------------------------------------------------------------
@@ -107,7 +101,7 @@ def test_a_path_that_cannot_be_a_folder_is_a_usage_error(tmp_path):
 @pytest.mark.timeout(20)
 def test_ls_of_a_missing_root_is_an_error_an_empty_root_is_not(tmp_path):
     res = ftdiff("ckpt", "ls", str(tmp_path / "nothing"))
-    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in _one_line(res.stderr)
+    assert res.returncode == EXIT_FAILURE and "no such checkpoint root" in one_line(res.stderr)
     assert not (tmp_path / "nothing").exists()
     (tmp_path / "empty").mkdir()
     res = ftdiff("ckpt", "ls", str(tmp_path / "empty"))
@@ -117,7 +111,7 @@ def test_ls_of_a_missing_root_is_an_error_an_empty_root_is_not(tmp_path):
         res = ftdiff(*cmd[:2], str(tmp_path / "nothing"), *cmd[2:]) if cmd[0] == "ckpt" else \
             ftdiff(cmd[0], str(tmp_path / "nothing"), *cmd[1:])
         assert res.returncode == EXIT_FAILURE, (cmd, res.stderr)
-        _one_line(res.stderr)
+        one_line(res.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +135,7 @@ def test_short_and_padded_step_names_work_everywhere(committed):
     res = ftdiff("ckpt", "verify", f"{committed}/step-1")
     assert res.returncode == EXIT_OK and res.stdout.startswith("OK ") and res.stdout.rstrip().endswith("step-000000001")
     res = ftdiff("ckpt", "show", f"{committed}/step-7")
-    assert res.returncode == EXIT_FAILURE and "step-000000007" in _one_line(res.stderr)
+    assert res.returncode == EXIT_FAILURE and "step-000000007" in one_line(res.stderr)
 
 
 def _copy_root(src: str, dst) -> str:  # type: ignore[no-untyped-def]
@@ -159,7 +153,7 @@ def test_corrupt_manifest_entry_is_exit_1_naming_it(committed, tmp_path):
     body["files"]["../../outside.distcp"] = {"size": 1, "crc32c": "00000000"}
     path.write_text(json.dumps(body))
     res = ftdiff("ckpt", "show", f"{url}/step-2")
-    line = _one_line(res.stderr)
+    line = one_line(res.stderr)
     assert res.returncode == EXIT_FAILURE and "step-000000002" in line and "../../outside.distcp" in line
     listing = json.loads(ftdiff("ckpt", "ls", url, "--json").stdout)
     assert [(e["step"], e["committed"]) for e in listing] == [(1, True), (2, False)]
@@ -187,7 +181,7 @@ def test_unloadable_checkpoint_is_exit_1_one_line_traceback_only_with_verbose(co
         (folder / MANIFEST).write_text(json.dumps(body))
     out = str(tmp_path / "unet.safetensors")
     res = ftdiff("export", f"{url}/step-2", "--format", "safetensors", "--out", out)
-    line = _one_line(res.stderr)
+    line = one_line(res.stderr)
     assert res.returncode == EXIT_FAILURE and ".metadata" in line
     assert ("corrupt" if how == "flipped" else "unsafe") in line
     assert not os.path.exists(out)
@@ -200,7 +194,7 @@ def test_unloadable_checkpoint_is_exit_1_one_line_traceback_only_with_verbose(co
 @pytest.mark.timeout(20)
 def test_usage_errors_stay_exit_2(committed, tmp_path):
     res = ftdiff("sample", committed, "--out", str(tmp_path), "--n", "1")  # a directory
-    assert res.returncode == EXIT_USAGE and "is a directory" in _one_line(res.stderr)
+    assert res.returncode == EXIT_USAGE and "is a directory" in one_line(res.stderr)
     res = ftdiff("ckpt", "prune", committed, "--keep-last", "0")
     assert res.returncode == EXIT_USAGE
     assert Catalog(open_storage(committed)).committed_steps() == [1, 2]
