@@ -44,8 +44,8 @@ def crash_point(stage: str, step: int) -> None:
 class StepProbe:
     """The training loop's per-step hook: sample trace and injected failure, from the env."""
 
-    def __init__(self, rank: int, world_size: int, env: Mapping[str, str] = os.environ):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int, env: Mapping[str, str] = os.environ, node: str = ""):
+        self.rank, self.world_size, self.node = rank, world_size, node
         trace_dir = env.get("FTDIFF_SAMPLE_TRACE")
         self.trace = Path(trace_dir) / f"rank{rank}-pid{os.getpid()}.jsonl" if trace_dir else None
         fail_at = env.get("FTDIFF_FAIL_AT_STEP")
@@ -56,7 +56,8 @@ class StepProbe:
         if self.trace is not None:
             listed = positions.tolist() if hasattr(positions, "tolist") else list(positions)
             line = {"step": step, "rank": self.rank, "time": time.time(),
-                    "world_size": self.world_size, "positions": listed}
+                    "world_size": self.world_size, "positions": listed,
+                    "pid": os.getpid(), "node": self.node}
             with self.trace.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if self.fail_at == step:

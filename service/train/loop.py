@@ -109,7 +109,7 @@ class Trainer:
         self._started = time.time()
         self.phase = "starting"
         self.heartbeats = self._start_heartbeats()
-        self.probe = faults.StepProbe(info.rank, info.world_size)
+        self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
 
     # -- heartbeats to the supervisor -----------------------------------------------------------
     def _start_heartbeats(self) -> HeartbeatSender | None:
