@@ -115,10 +115,13 @@ class SupervisorMetrics:
     """What the supervisor serves on /metrics: job health, plus checkpoint and training
     progress relayed from the workers' heartbeats (one scrape target for the whole job)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, run: str | None = None):
         from prometheus_client import Enum
 
         self.registry = registry or CollectorRegistry()
+        # Every series served carries the run's name: one Prometheus scraping two runs (or a
+        # run and its successor under another name) never merges their series.
+        self.exported = LabelledView(self.registry, {"run": run} if run else {})
         r = self.registry
         self.restarts = Counter("ftdiff_job_restarts_total", "Job restarts ordered or observed", ["reason"], registry=r)
         self.failures_detected = Counter(
@@ -184,3 +187,22 @@ class WorkerRelay:
 
     def describe(self) -> list[Any]:
         return []  # dynamic: never checked for name collisions at registration
+
+
+class LabelledView:
+    """A registry as served: every sample with ``labels`` added (constant labels, which
+    prometheus_client has no other way to attach to a whole registry). Pass it to
+    ``generate_latest``; the registry itself stays label-free for code that reads it."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry, self.labels = registry, labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not self.labels:
+                yield family
+                continue
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, **self.labels}, s.value, s.timestamp, s.exemplar)
+            yield out

@@ -28,7 +28,7 @@ class Supervisor:
     def __init__(self, cfg: Config, token: str, known_nodes: set[str] | None = None):
         sup = cfg.supervisor
         self.cfg, self.token = cfg, token
-        self.metrics = SupervisorMetrics()
+        self.metrics = SupervisorMetrics(run=cfg.run.name)
         self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self.endpoints = SupervisorEndpoints(

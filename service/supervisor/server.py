@@ -67,7 +67,7 @@ class SupervisorServer:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path == "/metrics":
-                    self._reply(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
+                    self._reply(200, generate_latest(server.metrics.exported), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     self._reply(200, b'{"status": "ok"}')
                 elif self.path == "/readyz":

@@ -103,7 +103,8 @@ def _wait_value(port: int, expr: str, ok, timeout: float = 90) -> float:  # type
 @pytest.mark.timeout(300)
 def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
     prometheus = need("prometheus")
-    job = Job(tmp_path, ["train.max_steps=36", "checkpoint.every_steps=4", "train.step_sleep_s=0.25"])
+    job = Job(tmp_path, ["train.max_steps=36", "checkpoint.every_steps=4", "train.step_sleep_s=0.25",
+                         'run.name="scraped"'])
     prom_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -122,6 +123,10 @@ def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
         _wait_ready(prom_port)
         first = _wait_value(prom_port, "max(ftdiff_checkpoint_last_committed_step)", lambda v: v >= 4)
         _wait_value(prom_port, "max(ftdiff_checkpoint_last_committed_step)", lambda v: v > first)
+        # Every series carries the run's name, relayed worker series included.
+        for name in ("ftdiff_job_world_size", "ftdiff_checkpoint_last_committed_step", "ftdiff_train_step"):
+            assert _query(prom_port, f'count({name}{{run!="scraped"}})') is None, name
+            assert _query(prom_port, f'count({name}{{run="scraped"}})') >= 1, name
         assert _query(prom_port, 'sum(ftdiff_job_restarts_total{reason="worker_crash"})') == 0
         faults.kill9(worker_pids(job.trace)[1])
         _wait_value(prom_port, 'sum(ftdiff_job_restarts_total{reason="worker_crash"})', lambda v: v >= 1)

@@ -77,3 +77,24 @@ def test_training_step_does_no_network_io(monkeypatch, tmp_path):
         trainer.close()
     assert connects, "the heartbeat thread should have tried to connect"
     assert set(connects) == {"heartbeat"}, connects
+
+
+def test_served_series_carry_the_run_label_and_the_registry_stays_plain():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import SupervisorMetrics, WorkerMetrics, snapshot
+
+    m = SupervisorMetrics(run="run-a")
+    m.heartbeat_age.labels(rank="0").set(1.5)
+    worker = WorkerMetrics()
+    worker.train.step.set(7)
+    m.relay.update(0, snapshot(worker.registry))
+    served = list(text_string_to_metric_families(generate_latest(m.exported).decode()))
+    samples = [s for f in served for s in f.samples]
+    assert samples and all(s.labels.get("run") == "run-a" for s in samples)
+    assert {"ftdiff_train_step", "ftdiff_worker_heartbeat_age_seconds", "ftdiff_job_state"} <= {
+        s.name for s in samples}
+    assert m.registry.get_sample_value("ftdiff_worker_heartbeat_age_seconds", {"rank": "0"}) == 1.5
+    plain = generate_latest(SupervisorMetrics().exported).decode()
+    assert "run=" not in plain
