@@ -256,6 +256,7 @@ _DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesN
                            "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"})
 _BAD_PATH_ERRNOS = frozenset({"ENOTDIR", "EEXIST", "ENAMETOOLONG", "EISDIR", "EINVAL"})
 _DENIED_ERRNOS = frozenset({"EACCES", "EPERM", "EROFS"})
+_LOCAL_VERBS = {"read": "create or list", "write": "write in", "delete": "delete in"}
 
 
 def _list_or_missing(fs: Any, root: str) -> bool:
@@ -309,6 +310,14 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
     detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
     local_errno = errno.errorcode.get(e.errno or 0) if storage.is_local and isinstance(e, OSError) else None
     denied = isinstance(e, PermissionError) or _error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
+    if denied and storage.is_local:
+        # A folder, not credentials: typically an image's non-root user under a root-owned
+        # working directory, or a read-only mount.
+        return StorageError(
+            f"storage URL {url!r}: cannot {_LOCAL_VERBS.get(stage, stage)} the folder as uid {os.getuid()} "
+            f"({detail}); make the folder "
+            "writable for this user (chown, or mount a writable volume) or set checkpoint.url to a "
+            "writable place")
     if denied:
         if stage == "read":
             hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
