@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
@@ -13,15 +15,25 @@ from service.errors import UserError
 from service.model import build_noise_scheduler, unet_kwargs
 
 
-def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50) -> torch.Tensor:
-    """``n`` images in [0, 1], shape (n, 3, H, W). DDIM sampling: 50 steps instead of 1000."""
+def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50,
+             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """``n`` images in [0, 1], shape (n, 3, H, W). DDIM sampling: 50 steps instead of 1000.
+    ``on_step(done)`` is called after each denoising step (the CLI's progress bar)."""
     scheduler = DDIMScheduler.from_config(build_noise_scheduler(cfg.model).config)
     pipeline = DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
+    if on_step is not None:  # the pipeline's own progress hook: it wraps the denoising loop
+        pipeline.progress_bar = lambda iterable=None, total=None: _counting(iterable, on_step)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = pipeline(batch_size=n, generator=generator, num_inference_steps=steps, output_type="np")
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+
+def _counting(steps: Iterable[Any], on_step: Callable[[int], None]) -> Iterator[Any]:
+    for done, step in enumerate(steps, start=1):
+        yield step
+        on_step(done)  # the loop body of step ``done`` has run
 
 
 def check_grid_path(path: str | Path) -> None:

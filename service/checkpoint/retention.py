@@ -35,13 +35,19 @@ def plan_deletions(
     return sorted(doomed)
 
 
-def apply_retention(catalog: Catalog, keep_last: int, keep_every: int) -> tuple[list[int], list[int]]:
-    """Delete what the policy allows; returns (deleted, failed). A failure is retried next time."""
+def retention_plan(catalog: Catalog, keep_last: int, keep_every: int) -> list[int]:
+    """The steps ``apply_retention`` would delete now, read from storage (``ckpt prune --dry-run``
+    shows exactly this list)."""
     folders = catalog.step_folders()
     committed = catalog.committed_steps()
     uncommitted = [s for s in folders if s not in set(committed)]
+    return plan_deletions(committed, uncommitted, keep_last, keep_every)
+
+
+def apply_retention(catalog: Catalog, keep_last: int, keep_every: int) -> tuple[list[int], list[int]]:
+    """Delete what the policy allows; returns (deleted, failed). A failure is retried next time."""
     deleted, failed = [], []
-    for step in plan_deletions(committed, uncommitted, keep_last, keep_every):
+    for step in retention_plan(catalog, keep_last, keep_every):
         try:
             catalog.delete(step)
             deleted.append(step)

@@ -1,0 +1,113 @@
+"""What every ``ftdiff`` command shares: opening a checkpoint root, naming one checkpoint,
+quiet library logs, and the human forms of sizes and times.
+
+Kept apart from the commands so that each command module imports only this and the layers
+below it (no module of the package imports the package itself: no cycles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from service.config import redact_url
+from service.errors import BadCheckpointError
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--region", help="S3 region (default: AWS_REGION)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+
+
+def open_catalog(url: str, args: argparse.Namespace) -> Any:
+    """The catalog of an existing checkpoint root, after checking that the storage answers
+    (exit 3 in one line, not a botocore traceback, when it does not)."""
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.storage import open_storage
+
+    storage = open_storage(url, args.endpoint_url, args.region)
+    if not storage.check_reachable(write=False):
+        raise BadCheckpointError(f"no such checkpoint root {storage.display_url}")
+    return Catalog(storage)
+
+
+def resolve_ref(args: argparse.Namespace) -> Any:
+    """``URL`` (the root's latest committed checkpoint) or ``URL/step-N`` (N in any padding)."""
+    from service.checkpoint.catalog import split_checkpoint_url
+    from service.checkpoint.manifest import ManifestError, step_dir
+    from service.checkpoint.refs import CheckpointRef
+
+    root, step = split_checkpoint_url(args.url)
+    catalog = open_catalog(root, args)
+    if step is None:
+        found = catalog.latest()
+        if found is None:
+            raise BadCheckpointError(f"no committed checkpoint under {catalog.storage.display_url}")
+        return CheckpointRef(catalog, *found)
+    try:
+        return CheckpointRef(catalog, step, catalog.manifest(step))
+    except ManifestError as e:
+        raise BadCheckpointError(f"{catalog.storage.display_url}/{step_dir(step)}: {e}") from None
+
+
+def shown(ref: Any) -> str:
+    """A checkpoint's URL as it may be printed (no credentials)."""
+    return redact_url(ref.url)
+
+
+def check_metadata(ref: Any) -> None:
+    """Read and check ``.metadata`` before DCP does: torch folds a failure to read it into an
+    AssertionError about metadata being None, and the file and the reason get lost."""
+    from service.checkpoint.dcp_io import read_verified_file
+    from service.checkpoint.manifest import step_dir
+    from service.checkpoint.safe_pickle import load_metadata
+
+    storage, rel = ref.catalog.storage, f"{step_dir(ref.step)}/.metadata"
+    load_metadata(read_verified_file(storage, rel, ref.manifest.files), storage.path(rel))
+
+
+@contextlib.contextmanager
+def command_logging(verbose: bool) -> Iterator[None]:
+    """Read commands print their result and at most one error line: library log records
+    (torch's DCP logs its own tracebacks at WARNING) only appear with --verbose."""
+    from service.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    if verbose:
+        setup_logging("ftdiff", "text", verbose=True)
+    else:
+        root.handlers[:] = [logging.NullHandler()]
+        root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(count: int) -> str:
+    """``512 B``, ``12.3 MiB``: binary units, one decimal (what ``du -h`` users read)."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in _UNITS:
+        value /= 1024
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def human_time(when: float | None) -> str:
+    """A Unix time as ``2025-05-01 12:00:03 UTC`` (UTC: the same on every machine and log)."""
+    if not when:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))

@@ -1,0 +1,132 @@
+"""The ``ftdiff`` command line: every subcommand, flag, default and help text in one place."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli.ckpt_cmds import cmd_ckpt_ls, cmd_ckpt_prune, cmd_ckpt_show, cmd_ckpt_verify
+from service.cli.common import add_storage_args
+from service.cli.env_cmd import cmd_env, ftdiff_version
+from service.cli.tools_cmds import cmd_export, cmd_sample
+from service.cli.train_cmds import cmd_supervise, cmd_train, cmd_worker
+
+DESCRIPTION = "ftdiff: train, supervise, inspect/verify/prune checkpoints, export, sample."
+EPILOG = ("exit codes: 0 ok, 1 corrupt/missing checkpoint or failed run, 2 usage/config, "
+          "3 storage unreachable or access denied (docs/operations.md)")
+# Help for the worker flags that service.train.entry.add_worker_args leaves without any.
+_WORKER_HELP = {
+    "--log-format": "log lines as text or JSON (one object per line)",
+    "--verbose": "more detail: debug logs (workers, supervisor) and the traceback of a failure",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, unless there is none worth showing or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if "default" in text or nothing or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)  # type: ignore[no-any-return]
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    from service.train.entry import add_worker_args
+
+    add_worker_args(p)
+    for action in p._actions:  # argparse keeps no public way to amend a flag's help
+        flag = next((s for s in action.option_strings if s in _WORKER_HELP), None)
+        if flag and not action.help:
+            action.help = _WORKER_HELP[flag]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftdiff", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ftdiff {ftdiff_version()}",
+                        help="print the version and exit")
+    # Its own dest: a subcommand's --verbose default must not reset `ftdiff --verbose CMD`.
+    parser.add_argument("--verbose", dest="global_verbose", action="store_true",
+                        help="print the traceback of a failure (also accepted after the subcommand)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "train", "run a supervised local job (default: embedded tiny job)")
+    _worker_args(p)
+    p.add_argument("--nnodes", type=int, default=1, help="simulated nodes (torchrun agents)")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="worker processes per node")
+    first_run = p.add_mutually_exclusive_group()
+    first_run.add_argument("--print-config", action="store_true",
+                           help="print the resolved config as TOML (secrets redacted) and exit")
+    first_run.add_argument("--dry-run", action="store_true",
+                           help="check config, geometry, data, storage and resume point, then exit "
+                                "without starting anything")
+    p.set_defaults(func=cmd_train)
+
+    p = _sub(sub, "supervise", "watch a cluster-launched job (attach mode)")
+    _worker_args(p)
+    p.set_defaults(func=cmd_supervise)
+
+    p = _sub(sub, "worker", "the torchrun worker entry (same as python -m service.train)")
+    _worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    _ckpt_parsers(_sub(sub, "ckpt", "inspect, verify and prune checkpoints"))
+
+    p = _sub(sub, "export", "export weights as safetensors or a diffusers folder")
+    p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")
+    p.add_argument("--format", choices=("safetensors", "diffusers"), required=True, help="output format")
+    p.add_argument("--out", required=True, help="the .safetensors file, or a new folder for diffusers")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_export, quiet=True)
+
+    p = _sub(sub, "sample", "render a PNG grid of samples from a checkpoint")
+    p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_sample, quiet=True)
+
+    p = _sub(sub, "env", "print versions, platform and accelerators (for bug reports)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.set_defaults(func=cmd_env, quiet=True)
+    return parser
+
+
+def _ckpt_parsers(ckpt_parser: argparse.ArgumentParser) -> None:
+    ckpt = ckpt_parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
+    p = _sub(ckpt, "ls", "list checkpoints under a run's root (exit 1 if the root does not exist)")
+    p.add_argument("url", help="a run's checkpoint root")
+    p.add_argument("--json", action="store_true",
+                   help='machine-readable: a list of {"step", "committed", "path", "bytes", "time"}')
+    add_storage_args(p)
+    p.set_defaults(func=cmd_ckpt_ls, quiet=True)
+
+    p = _sub(ckpt, "show", "print a checkpoint's manifest")
+    p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_ckpt_show, quiet=True)
+
+    p = _sub(ckpt, "verify", "check every file's size and checksum (exit 1 if corrupt)")
+    p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_ckpt_verify, quiet=True)
+
+    p = _sub(ckpt, "prune", "delete old checkpoints (never the newest committed)")
+    p.add_argument("url", help="a run's checkpoint root")
+    p.add_argument("--keep-last", type=int, required=True, help="newest committed checkpoints to keep")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep every step that is a multiple of this (0: none)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_ckpt_prune, quiet=True)

@@ -1,0 +1,185 @@
+"""``ftdiff train --dry-run``: every check ``ftdiff train`` and its workers make before the
+first step, without starting a process or writing a checkpoint.
+
+One line per check on stdout; the first failing check ends the command with its usual error
+line and exit code (2 config, geometry or data; 3 storage unreachable or access denied). The
+storage check writes and deletes one probe object (it is the only way to know that the
+credentials may write), and removes again a local root folder it had to create.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from service.config import Config
+from service.errors import EXIT_OK, UserError
+
+
+def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
+    """Check config, geometry, data, storage, ports and what a start would resume; 0 if all pass."""
+    world = nnodes * nproc_per_node
+    _say("config", f"ok: run {cfg.run.name!r}, preset {cfg.model.preset}, "
+                   f"{cfg.train.max_steps} steps, checkpoint every {cfg.checkpoint.every_steps}")
+    _say("geometry", _check_geometry(cfg, nnodes, nproc_per_node))
+    length, data_line = _check_data(cfg)
+    _say("data", data_line)
+    storage = _check_storage(cfg)
+    _say("storage", f"ok: {storage.display_url} is reachable and writable")
+    _say("ports", _check_ports(cfg))
+    _say("resume", _resume_plan(cfg, storage, length))
+    print(f"dry run ok: `ftdiff train` would start {nnodes} torchrun agent(s) x {nproc_per_node} "
+          f"worker(s) ({world} ranks); nothing was started or written")
+    return EXIT_OK
+
+
+def _say(check: str, line: str) -> None:
+    print(f"{check:<9} {line}", flush=True)
+
+
+def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
+    from service.model import check_geometry, sample_size
+    from service.supervisor.launcher import check_job_geometry
+    from service.train.data import check_batch_geometry
+
+    check_job_geometry(cfg, nnodes, nproc_per_node)  # the launcher's (every node count it may run)
+    world = nnodes * nproc_per_node
+    check_batch_geometry(cfg.train.global_batch_size, world)  # the worker's own
+    try:
+        check_geometry(cfg.model)
+    except ValueError as e:  # the model's check is shared with export/sample, hence not a UserError
+        raise UserError(str(e)) from None
+    size = sample_size(cfg.model)
+    return (f"ok: {nnodes} node(s) x {nproc_per_node} process(es) = {world} ranks, "
+            f"{cfg.train.global_batch_size // world} samples per rank per step, {size}x{size} images")
+
+
+def _check_data(cfg: Config) -> tuple[int, str]:
+    """Build the data source as a worker does (a folder is listed and its first image decoded)."""
+    from service.config import redact_url
+    from service.train.data import build_source
+
+    source = build_source(cfg)
+    length = len(source)
+    if cfg.data.kind == "synthetic":
+        return length, f"ok: synthetic shapes, {length} samples per epoch"
+    if cfg.data.kind == "folder":
+        return length, f"ok: {length} images under {redact_url(cfg.data.url or '')}"
+    return length, f"ok: {cfg.data.kind}, {length} images"
+
+
+def _check_storage(cfg: Config) -> Any:
+    """Reachable and writable (the workers' probe), leaving no folder behind that was not there."""
+    from service.checkpoint.storage import open_storage
+
+    ck = cfg.checkpoint
+    storage = open_storage(ck.url, ck.endpoint_url, ck.region)
+    created = _missing_folders(storage.root) if storage.is_local else []
+    try:
+        storage.check_reachable(write=True)
+    finally:
+        for folder in created:  # deepest first; stops at the first one that is not empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+    return storage
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _check_ports(cfg: Config) -> str:
+    """The supervisor's listening addresses are free (the launcher would fail on them)."""
+    addresses = {(cfg.supervisor.host, cfg.supervisor.port), (cfg.metrics.host, cfg.metrics.port)}
+    checked = []
+    for host, port in sorted(addresses):
+        if port == 0:  # an ephemeral port: always available
+            continue
+        try:
+            socket.create_server((host, port)).close()  # SO_REUSEADDR, as the HTTP server does
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} (supervisor.port/metrics.port): {e}") from None
+        checked.append(f"{host}:{port}")
+    return f"ok: {', '.join(checked)} free" if checked else "ok: ephemeral ports"
+
+
+def _resume_plan(cfg: Config, storage: Any, data_length: int) -> str:
+    """What a first start would do with the root, refusing what the workers would refuse."""
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.manifest import step_dir
+
+    catalog = Catalog(storage)
+    latest = catalog.latest()
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        if latest is not None:
+            raise UserError(
+                f"checkpoint.resume = \"never\" but {storage.display_url} already holds committed "
+                f"checkpoints (newest: {step_dir(latest[0])}); point checkpoint.url at a new location, "
+                "or set checkpoint.resume = \"auto\" to continue that run")
+        return "fresh start (checkpoint.resume = \"never\")"
+    if mode != "auto":
+        return _pinned_plan(cfg, catalog, latest)
+    if latest is None:
+        return f"fresh start: no committed checkpoint under {storage.display_url}"
+    step, manifest = latest
+    notes = _math_changes(cfg, catalog, step, manifest, data_length)
+    from service.cli.common import human_time
+
+    left = cfg.train.max_steps - step
+    todo = f"{left} steps to go" if left > 0 else f"already at train.max_steps = {cfg.train.max_steps}"
+    return (f"resumes from step {step} (run {manifest.run_id or 'unknown'}, committed "
+            f"{human_time(manifest.time)}), {todo}{notes}")
+
+
+def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_length: int) -> str:
+    """Refuse a resume with other math-defining settings, as the workers would."""
+    from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
+
+    saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
+    hard, soft = differences(saved, fingerprint(cfg, data_length=data_length))
+    if hard:
+        where = catalog.storage.display_url
+        raise UserError(
+            f"{where} holds a run trained with other settings that define its math: {'; '.join(hard)}; "
+            "restore them to continue it, or set checkpoint.url to a new location")
+    return f" (changed: {'; '.join(soft)})" if soft else ""
+
+
+def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None) -> str:
+    """``checkpoint.resume = URL[/step-N]``: the source exists; the own root has no newer history."""
+    from service.checkpoint.catalog import Catalog, split_checkpoint_url
+    from service.checkpoint.manifest import ManifestError, step_dir
+    from service.checkpoint.storage import open_storage
+
+    ck = cfg.checkpoint
+    root, pinned = split_checkpoint_url(ck.resume)
+    source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
+    same = source.storage.same_root(own.storage)
+    if latest is not None and not (same and pinned in (None, latest[0])):
+        raise UserError(
+            f"checkpoint.resume = {source.storage.display_url!r}, but checkpoint.url ({own.storage.display_url}) "
+            f"already holds committed checkpoints up to {step_dir(latest[0])}; point checkpoint.url "
+            "at a new location to start a new run from the pinned checkpoint")
+    if pinned is None:
+        found = source.latest()
+        if found is None:
+            raise UserError(f"checkpoint.resume: no committed checkpoint under {source.storage.display_url}")
+        pinned = found[0]
+    else:
+        try:
+            source.manifest(pinned)
+        except ManifestError as e:
+            raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
+    return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume)"

@@ -1,0 +1,76 @@
+"""Progress bars for the long read commands (``ckpt verify``, ``export``, ``sample``).
+
+Shown only when stderr is a terminal: piped output, CI logs and tests stay exactly as they
+were (one result line on stdout, at most one error line on stderr). Bars are transient, so
+the terminal keeps only the result line once a command is done.
+
+The layers below know nothing of rich: byte bars follow ``dcp_io.io_progress`` (the counter of
+checkpoint bytes read that heartbeats already report), step bars take a plain callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# How often a byte bar reads the counter; rich redraws at its own pace.
+_POLL_S = 0.1
+
+
+def bars_enabled() -> bool:
+    """Whether to draw bars: only for a person watching a terminal."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _bar(label: str, *columns: Any) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), *columns, TimeRemainingColumn(),
+                    console=Console(file=sys.stderr), transient=True)
+
+
+@contextlib.contextmanager
+def byte_progress(label: str, total: int) -> Iterator[None]:
+    """A bar of the checkpoint bytes this process reads while the body runs (of ``total``)."""
+    if not bars_enabled() or total <= 0:
+        yield
+        return
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from service.checkpoint.dcp_io import io_progress
+
+    start = io_progress.total
+    stop = threading.Event()
+    with _bar(label, DownloadColumn(binary_units=True), TransferSpeedColumn()) as bar:
+        task = bar.add_task(label, total=total)
+
+        def poll() -> None:
+            while not stop.wait(_POLL_S):
+                bar.update(task, completed=min(total, io_progress.total - start))
+
+        poller = threading.Thread(target=poll, name="ftdiff-progress", daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            poller.join()
+            bar.update(task, completed=min(total, io_progress.total - start))
+
+
+@contextlib.contextmanager
+def step_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar of ``total`` steps; the body reports steps done through the callback it gets."""
+    if not bars_enabled() or total <= 0:
+        yield lambda done: None
+        return
+    from rich.progress import MofNCompleteColumn
+
+    with _bar(label, MofNCompleteColumn()) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.update(task, completed=done)
