@@ -9,15 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import UserError
+from service.redact import (  # noqa: F401  (also importable from here, where callers look first)
+    REDACTED,
+    SECRET_KEYS,
+    redact_config_dict,
+    redact_text,
+    redact_url,
+)
 
 # Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
 # below are the embedded default job: tiny preset, synthetic data, local storage under ./runs.
@@ -144,6 +150,21 @@ class MetricsConfig(_Section):
     port: int = Field(default=9400, ge=0, le=65535)
 
 
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None
+    """Local path or file://; default <run dir>/tensorboard (run dir: a local checkpoint.url's parent)."""
+    sample_every: int = Field(default=100, ge=0)
+    """A grid every N steps and at the last step (0: none), to <run dir>/samples/step-N.png."""
+    sample_n: int = Field(default=16, ge=1, le=256)
+    sample_steps: int = Field(default=50, ge=1, le=1000)  # DDIM steps; all: docs/operations.md
+    @field_validator("tensorboard_dir")
+    def _local(cls, v: str | None) -> str | None:  # event files are appended to: no object stores
+        if v is not None and "://" in v and not v.startswith("file://"):
+            raise ValueError(f"{redact_url(v)!r} is not local; TensorBoard writes to a path or file:// URL")
+        return v
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -152,6 +173,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -170,107 +192,19 @@ class Config(_Section):
         Computed over the settings as the manifest records them (``redacted_dict``), so the
         digest never carries a secret (a 64-bit digest of a short token could be brute-forced)
         and a secret only counts as set or unset. Keys added later are left out while they
-        hold their default, so an unchanged configuration keeps its hash across upgrades.
+        hold their default (a section left empty too): a config keeps its hash on upgrades.
         """
         body = self.redacted_dict()
         for (section, key), default in _ADDED_LATER.items():
             if body.get(section, {}).get(key, default) == default:
                 body.get(section, {}).pop(key, None)
-        blob = json.dumps(body, sort_keys=True).encode()
+        blob = json.dumps({s: values for s, values in body.items() if values != {}}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # Keys introduced after config hashes were first recorded, with their defaults (see hash()).
 _ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error"}
-
-REDACTED = "***"
-# Settings whose whole value is a secret (everything URL-valued is redacted by redact_url).
-SECRET_KEYS: frozenset[tuple[str, str]] = frozenset({("supervisor", "token")})
-# Query parameters that carry credentials in presigned / SAS / token URLs.
-_SECRET_QUERY = re.compile(r"sig|token|secret|pass|pwd|credential|key|auth", re.IGNORECASE)
-
-
-def redact_config_dict(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config dict (``to_dict`` shape, or an older manifest's) without secrets.
-
-    Works on any shape, so a checkpoint written before redaction existed — or with keys this
-    version no longer knows — can still be redacted on its way out (export, ``ckpt show``).
-    """
-    out: dict[str, Any] = {}
-    for section, values in body.items():
-        if not isinstance(values, dict):
-            out[section] = redact_url(values) if isinstance(values, str) else values
-            continue
-        clean: dict[str, Any] = {}
-        for key, value in values.items():
-            if (section, key) in SECRET_KEYS and value is not None:
-                clean[key] = REDACTED
-            elif isinstance(value, str):
-                clean[key] = redact_url(value)
-            else:
-                clean[key] = value
-        out[section] = clean
-    return out
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials: ``scheme://***@host/...``, secret query values ``***``.
-
-    Any scheme (``s3://key:secret@bucket/p``, ``https://u:p@host``, fsspec chains such as
-    ``simplecache::s3://...``). A password may hold ``@`` or an unescaped ``/`` (AWS secret
-    keys do): the userinfo runs to the last ``@`` of the authority, or — when what precedes
-    the first ``/`` looks like ``user:secret`` rather than ``host:port`` — to the last ``@``
-    before the query. Erring towards masking too much: a message may lose a path segment,
-    never leak a key.
-    """
-    if "://" not in url:
-        return url
-    return "::".join(_redact_one(part) for part in url.split("::"))
-
-
-def _redact_one(url: str) -> str:
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    head, tail = rest[:cut], rest[cut:]
-    authority = head.split("/", 1)[0]
-    at = -1
-    if "@" in authority:
-        at = authority.rfind("@")
-    elif _looks_like_userinfo(authority) and "@" in head:
-        at = head.rfind("@")
-    if at >= 0:
-        head = f"{REDACTED}@{head[at + 1:]}"
-    return f"{scheme}://{head}{_redact_query(tail)}"
-
-
-# A URL inside free text (a message, a traceback): scheme://, then up to whitespace or a quote.
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-
-
-def redact_text(text: str) -> str:
-    """Every URL in ``text`` redacted (``redact_url``): for messages built from exceptions."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-
-
-def _looks_like_userinfo(authority: str) -> bool:
-    """``user:secret`` (cut short by a ``/`` in the secret), as opposed to ``host:port``."""
-    if ":" not in authority or authority.startswith("["):
-        return False
-    return not authority.rsplit(":", 1)[1].isdigit()
-
-
-def _redact_query(tail: str) -> str:
-    if not tail.startswith("?"):
-        return tail
-    query, hash_, fragment = tail[1:].partition("#")
-    parts = []
-    for item in query.split("&"):
-        name, eq, value = item.partition("=")
-        parts.append(f"{name}={REDACTED}" if eq and value and _SECRET_QUERY.search(name) else item)
-    return "?" + "&".join(parts) + hash_ + fragment
-
+_ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
 
 # Worker overrides travel in the environment, not on the command line: /proc/<pid>/cmdline is
 # readable by every user of the machine, /proc/<pid>/environ only by the process's owner.

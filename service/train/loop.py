@@ -30,6 +30,7 @@ from service.train.data import (
     build_source,
     check_batch_geometry,
 )
+from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
 from service.train.state import (
     DataState,
@@ -105,6 +106,7 @@ class Trainer:
             fingerprint=fingerprint(cfg, data_length=len(self.source)),
         )
         self.checkpointer.storage.check_reachable()
+        self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry)
         self._stop_signal: int | None = None
         self._started = time.time()
         self.phase = "starting"
@@ -159,6 +161,7 @@ class Trainer:
         self.checkpointer.resume()
         self.phase = "training"
         start = self.train_state.step
+        self.logs.open(start)
         total = self.cfg.train.max_steps
         gb = self.cfg.train.global_batch_size
         loader = build_loader(
@@ -190,6 +193,7 @@ class Trainer:
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
+                self.logs.maybe_sample(step, final=step == total)  # rendered in the background
                 # Visibly a storage phase while it blocks (a slow or unreachable store is not
                 # a hang; see service.supervisor.monitor).
                 self.phase = "checkpointing"
@@ -250,6 +254,7 @@ class Trainer:
         gb = self.cfg.train.global_batch_size
         self.metrics.train.expected_checkpoint_interval.set(self.cfg.checkpoint.every_steps * gb / max(rate, 1e-9))
         progress.log(step, loss, lr, rate)
+        self.logs.step(step, loss, lr, rate)
 
     def _finish(self) -> int:
         step = self.train_state.step
@@ -274,5 +279,6 @@ class Trainer:
         try:
             self.checkpointer.close()
         finally:
+            self.logs.close()  # waits (bounded) for the last step's grid; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()

@@ -1,0 +1,193 @@
+"""[logging]: where TensorBoard and sample grids go, the config rules, and the sinks' failure modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.config import Config, load_config
+from service.errors import UserError
+from service.train.logging_sinks import (
+    CheckpointTimes,
+    TensorBoardSink,
+    run_dir,
+    samples_dir,
+    tensorboard_dir,
+)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("overrides,expected", [
+    ([], "runs/ftdiff/tensorboard"),  # the default checkpoint.url is runs/ftdiff/checkpoints
+    (['checkpoint.url="runs/exp/checkpoints/"'], "runs/exp/tensorboard"),
+    (['checkpoint.url="/data/exp/ckpt"'], "/data/exp/tensorboard"),
+    (['checkpoint.url="file:///data/exp/ckpt"'], "/data/exp/tensorboard"),
+    # Remote checkpoints: a local directory named after the run.
+    (['checkpoint.url="s3://bucket/exp"', 'run.name="exp-7"'], "runs/exp-7/tensorboard"),
+    (['checkpoint.url="memory://exp"'], "runs/ftdiff/tensorboard"),
+    (['checkpoint.url="s3://bucket/exp"', 'logging.tensorboard_dir="/tb/exp"'], "/tb/exp"),
+    (['logging.tensorboard_dir="file:///tb/exp"'], "/tb/exp"),
+])
+def test_tensorboard_dir_resolution(overrides, expected):
+    assert tensorboard_dir(load_config(None, overrides)) == Path(expected)
+
+
+@pytest.mark.timeout(10)
+def test_samples_go_to_the_run_directory_even_when_tensorboard_is_elsewhere():
+    cfg = load_config(None, ['checkpoint.url="/data/exp/ckpt"', 'logging.tensorboard_dir="/tb"'])
+    assert run_dir(cfg) == Path("/data/exp")
+    assert samples_dir(cfg) == Path("/data/exp/samples")
+
+
+@pytest.mark.timeout(10)
+def test_remote_tensorboard_dir_is_a_config_error_naming_the_key_without_the_secret():
+    with pytest.raises(UserError) as e:
+        load_config(None, ['logging.tensorboard_dir="s3://AKIA:hunter2@bucket/tb"'])
+    msg = str(e.value)
+    assert "logging.tensorboard_dir" in msg and "local" in msg
+    assert "hunter2" not in msg
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("item,needle", [
+    ("logging.sample_every=-1", "logging.sample_every"),
+    ("logging.sample_n=0", "logging.sample_n"),
+    ('logging.tensorboard="yes"', "logging.tensorboard"),
+    ("logging.sample_stepz=5", "sample_steps"),  # unknown key: the allowed ones are listed
+])
+def test_bad_logging_values_name_the_key(item, needle):
+    with pytest.raises(UserError, match=needle):
+        load_config(None, [item])
+
+
+@pytest.mark.timeout(10)
+def test_logging_defaults_keep_the_config_hash_and_are_not_math():
+    from service.checkpoint.identity import MATH_KEYS, fingerprint
+
+    cfg = load_config(None, ["run.seed=5"])
+    # The hash of the release before [logging] existed: the same keys, without the section.
+    old_body = cfg.to_dict()
+    del old_body["logging"], old_body["data"]["on_bad_image"]
+    assert cfg.hash() == hashlib.sha256(json.dumps(old_body, sort_keys=True).encode()).hexdigest()[:16]
+    # A changed logging setting is a changed setting ...
+    assert load_config(None, ["run.seed=5", "logging.sample_every=0"]).hash() != cfg.hash()
+    # ... but never part of the run's math: resuming with other logging settings is allowed.
+    assert "logging" not in MATH_KEYS
+    other = load_config(None, ["run.seed=5", "logging.tensorboard=false", "logging.sample_n=4"])
+    assert fingerprint(other) == fingerprint(cfg)
+    assert "logging" in Config().redacted_dict()
+
+
+@pytest.mark.timeout(20)
+def test_tensorboard_sink_on_a_bad_directory_warns_once_and_never_raises(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    sink = TensorBoardSink(blocker / "tb")
+    with caplog.at_level(logging.WARNING, logger="service.train.logging_sinks"):
+        sink.open(purge_step=1)
+        for step in range(3):
+            sink.scalars(step, {"train/loss": 1.0})
+        sink.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no more TensorBoard logs" in warnings[0].getMessage()
+
+
+@pytest.mark.timeout(10)
+def test_checkpoint_times_pairs_stalls_with_commits():
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import CheckpointMetrics
+
+    registry = CollectorRegistry()
+    hist = CheckpointMetrics(registry).save_duration
+    times = CheckpointTimes(registry)
+    assert times.poll() == (None, None)
+    hist.labels(phase="stall").observe(0.5)  # an async save: the stall first ...
+    assert times.poll() == (0.5, None)
+    hist.labels(phase="commit").observe(3.0)  # ... its commit later, not taken for a stall
+    assert times.poll() == (None, 3.0)
+    hist.labels(phase="commit").observe(2.0)  # a blocking save: training waited for the commit
+    assert times.poll() == (2.0, 2.0)
+    hist.labels(phase="stall").observe(0.25)  # both seen in one poll
+    hist.labels(phase="commit").observe(1.0)
+    assert times.poll() == (0.25, 1.0)
+
+
+# -- the background renderer -------------------------------------------------------------------
+def _renderer(tmp_path: Path, render=None, **logging_keys):
+    from service.model import build_ema, build_unet
+    from service.train.previews import SampleRenderer
+
+    items = [f"logging.{k}={v}" for k, v in {"sample_every": 2, "sample_n": 4, "sample_steps": 3,
+                                               **logging_keys}.items()]
+    cfg = load_config(None, items)
+    model = build_unet(cfg.model, 0)
+    ema = build_ema(model, cfg.train)
+    grids: list[int] = []
+    kwargs = {"render": render} if render is not None else {}
+    renderer = SampleRenderer(cfg, model, ema, tmp_path / "samples", torch.device("cpu"),
+                              on_grid=lambda step, png: grids.append(step), **kwargs)
+    return renderer, ema, grids
+
+
+@pytest.mark.timeout(30)
+def test_one_render_at_a_time_skips_while_busy_and_the_final_one_is_waited_for(tmp_path):
+    from service.sample import generate
+
+    release = threading.Event()
+    started: list[int] = []
+
+    def slow(unet, cfg, n, seed=0, steps=50):
+        started.append(len(started))
+        release.wait(10)  # the first render holds until the test lets it go
+        return generate(unet, cfg, n, seed=seed, steps=steps)
+
+    renderer, _, grids = _renderer(tmp_path, render=slow)
+    renderer.maybe_render(1)  # not due
+    renderer.maybe_render(2)  # starts, and blocks in `slow`
+    renderer.maybe_render(4)  # the previous one still runs: skipped, training does not wait
+    assert renderer.skipped == 1 and len(started) == 1
+    threading.Timer(0.3, release.set).start()
+    renderer.maybe_render(5, final=True)  # the last step waits for the one in flight, then renders
+    renderer.close()
+    assert grids == [2, 5] and renderer.rendered == 2
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000002.png", "step-000005.png"]
+
+
+@pytest.mark.timeout(30)
+def test_rendering_leaves_the_global_rng_and_the_ema_untouched(tmp_path):
+    renderer, ema, grids = _renderer(tmp_path)
+    shadow = [p.clone() for p in ema.shadow_params]
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    renderer.maybe_render(2, final=True)
+    renderer.close()
+    assert grids == [2]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params))
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_render_warns_once_and_stops_rendering(tmp_path, caplog):
+    calls: list[int] = []
+
+    def broken(unet, cfg, n, seed=0, steps=50):
+        calls.append(1)
+        raise OSError("No space left on device")
+
+    renderer, _, grids = _renderer(tmp_path, render=broken)
+    with caplog.at_level(logging.WARNING, logger="service.train.previews"):
+        renderer.maybe_render(2)
+        renderer.close()  # joins the thread (bounded)
+        renderer.maybe_render(4)
+        renderer.maybe_render(6, final=True)
+        renderer.close()
+    assert calls == [1] and grids == [] and renderer.disabled
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
