@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,9 @@ TINY = [
     "train.log_every=1",
     "train.warmup_steps=2",
     "data.epoch_size=64",
+    # No sample grids or event files: tests of those turn them on themselves.
+    "logging.sample_every=0",
+    "logging.tensorboard=false",
 ]
 
 
@@ -217,6 +221,17 @@ def ftdiff_inprocess(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def metric_sum(exposition: str, selector: str) -> float:
+    """Sum of the samples in a /metrics text that match ``name`` or ``name{k="v",...}`` (the
+    given labels, any others too: served series also carry ``run``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, rest = selector.partition("{")
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return sum(s.value for family in text_string_to_metric_families(exposition) for s in family.samples
+               if s.name == name and wanted.items() <= s.labels.items())
+
+
 # Supervised local jobs (`ftdiff train`) in tests: short hang timeout and heartbeat interval.
 HANG_TIMEOUT = 4.0
 INTERVAL = 0.5
@@ -252,11 +267,7 @@ class SupervisedJob:
             raise AssertionError(f"supervisor exited ({self.proc.returncode}): {self.proc.stderr.read()[-3000:]}")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and not line.startswith("#"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(text, name)
 
     def finish(self, timeout: float = 200) -> tuple[int, str]:
         try:

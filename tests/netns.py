@@ -22,7 +22,7 @@ from typing import IO
 
 import pytest
 
-from tests.helpers import REPO, base_env
+from tests.helpers import REPO, base_env, metric_sum
 
 SUBNET = "10.213.7"  # addresses inside these namespaces only
 
@@ -115,14 +115,13 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def metric(host: Host, port: int, name: str, path: str = "metrics") -> float:
-    """Sum of the samples of ``name`` scraped from inside ``host`` (nan if unreachable)."""
-    code = (f"import urllib.request;t=urllib.request.urlopen('http://{host.addr}:{port}/{path}',timeout=5)"
-            ".read().decode();print(sum(float(l.rsplit(' ',1)[1]) for l in t.splitlines() "
-            f"if l.startswith({name!r})))")
+def metric(host: Host, port: int, selector: str) -> float:
+    """``metric_sum`` of ``selector`` scraped from inside ``host`` (nan if unreachable)."""
+    code = (f"import urllib.request;print(urllib.request.urlopen('http://{host.addr}:{port}/metrics',"
+            "timeout=5).read().decode())")
     res = subprocess.run(["ip", "netns", "exec", host.ns, sys.executable, "-c", code],
                          check=False, capture_output=True, text=True, timeout=30)
-    return float(res.stdout.strip() or "nan")
+    return metric_sum(res.stdout, selector) if res.returncode == 0 else float("nan")
 
 
 def ready(host: Host, port: int) -> bool:

@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_bitwise_equal,
     base_env,
     free_port,
+    metric_sum,
     set_args,
     stop,
     torchrun_cmd,
@@ -72,7 +73,7 @@ def attached_job(tmp_path, overrides: list[str], max_restarts: int = 0):  # type
 def metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
+    return metric_sum(text, name)
 
 
 @pytest.mark.timeout(300)

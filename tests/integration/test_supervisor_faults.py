@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
+from service import faults
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
@@ -98,3 +100,75 @@ def test_a_load_slower_than_the_hang_timeout_is_not_a_hang(tmp_path, s3_server, 
     assert loaded_after > 6 + 2 * 4.0, f"step 5 after only {loaded_after:.1f}s: not slow enough to test"
     assert hangs == 0 and "hang detected" not in err
     assert min(line["step"] for line in trace_lines(job.trace)) == 5  # resumed once, never restarted
+
+
+def _descendants(pid: int) -> list[int]:
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        out += [int(c) for c in children]
+        frontier += [int(c) for c in children]
+    return out
+
+
+def _workers(pid: int) -> list[int]:
+    found = []
+    for child in _descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"service.train" in cmdline and b"torch.distributed.run" not in cmdline:  # not the agent
+            found.append(child)
+    return found
+
+
+def _reporting(job: Job) -> bool:
+    try:
+        return job.metric("ftdiff_job_world_size") == 2
+    except OSError:  # the supervisor's endpoint is not up yet
+        return False
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_stopped_during_a_slow_load_is_still_a_hang(tmp_path, s3_server, s3_bucket):
+    """The storage phases get a longer limit only while heartbeats keep coming: a worker
+    SIGSTOPped in the middle of a throttled resume goes silent and is caught at the hang
+    timeout, not at supervisor.io_timeout_s; the job then finishes."""
+    from tests.helpers import HANG_TIMEOUT, run, single_cmd, why
+    from tests.tcp_proxy import TcpProxy
+
+    url = f"{s3_bucket}/stuckload"
+    first = run(single_cmd(["train.max_steps=4", "checkpoint.every_steps=4", f'checkpoint.url="{url}"']),
+                env=s3_server)
+    assert first.returncode == 0, why(first)
+    upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with TcpProxy(upstream) as proxy:
+        proxy.delay_s = 1.5
+        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        job = Job(tmp_path, ["train.max_steps=7", "checkpoint.every_steps=100", f'checkpoint.url="{url}"'], env=env)
+        deadline = time.monotonic() + 120
+        # Heartbeats from both ranks: their Trainers are built and the (slow) resume has begun.
+        while not _reporting(job) or len(_workers(job.proc.pid)) < 2:
+            assert time.monotonic() < deadline, "workers never started their resume"
+            time.sleep(0.2)
+        assert trace_lines(job.trace) == []  # no step yet: still loading
+        victim = _workers(job.proc.pid)[0]
+        faults.freeze(victim)
+        frozen_at = time.monotonic()
+        while job.metric('ftdiff_job_failures_detected_total{kind="hang"}') < 1:
+            if time.monotonic() - frozen_at > 60:
+                job.proc.terminate()
+                raise AssertionError(f"a silent worker in a load was never called hung: {job.finish(60)[1][-3000:]}")
+            time.sleep(0.2)
+        detected_after = time.monotonic() - frozen_at
+        proxy.delay_s = 0.0
+        code, err = job.finish(150)
+    assert code == 0, err[-3000:]
+    assert detected_after < HANG_TIMEOUT + 10, detected_after  # not supervisor.io_timeout_s (300 s)
+    assert victim not in {l["pid"] for l in trace_lines(job.trace)}
+    assert max(l["step"] for l in trace_lines(job.trace)) == 7
