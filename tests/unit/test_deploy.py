@@ -3,6 +3,7 @@ against the project's own CLI and config validation — no engine or cluster exi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -121,7 +122,8 @@ def test_commands_are_real_subcommands_with_valid_flags():
                     ftdiff_commands.append(command)
     kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
     worker = kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    torchrun_commands.append((worker["command"], {"PET_NPROC_PER_NODE": kubeflow["spec"]["nprocPerNode"]}))
+    torchrun_commands.append((_torchrun_part(worker["command"]),
+                              {"PET_NPROC_PER_NODE": kubeflow["spec"]["nprocPerNode"]}))
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert 'ENTRYPOINT ["ftdiff"]' in text
@@ -153,7 +155,10 @@ def _torchrun_part(command: list[str]) -> list[str]:
     import shlex
 
     if command[:2] == ["/bin/sh", "-c"]:
-        return shlex.split(command[2].split("exec ", 1)[1])
+        command = shlex.split(command[2].split("exec ", 1)[1])
+    # service.train.agent is torchrun with the workers' no-retry exit codes: same arguments.
+    if command[:3] == ["python", "-m", "service.train.agent"]:
+        return ["torchrun", *command[3:]]
     return command
 
 
@@ -225,7 +230,11 @@ def test_the_job_fails_fast_on_user_errors_and_ignores_preemptions():
     rules = spec["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     fail = next(r for r in rules if r["action"] == "FailJob")
-    assert set(fail["onExitCodes"]["values"]) == {2, 3}  # config or storage: retrying cannot help
+    # config, storage, superseded: retrying cannot help. The pod ends with the worker's code
+    # only through service.train.agent (plain torchrun exits 1 for every worker failure).
+    assert set(fail["onExitCodes"]["values"]) == {2, 3, 46}
+    command = spec["template"]["spec"]["containers"][0]["command"][2]
+    assert "exec python -m service.train.agent " in command
     assert spec["backoffLimitPerIndex"] >= 1
     # Pod 0 hosts the rendezvous because of its index, not because its DNS name resolves yet.
     script = spec["template"]["spec"]["containers"][0]["command"][2]
@@ -233,6 +242,8 @@ def test_the_job_fails_fast_on_user_errors_and_ignores_preemptions():
 
 
 def test_selectors_never_overlap_between_the_two_ways_to_run_the_job():
+    from service.config import load_config
+
     docs = render(K8S / "base")
     workers = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "ftdiff-workers")
     kubeflow = yaml.safe_load((K8S / "kubeflow" / "pytorchjob.yaml").read_text())
@@ -243,7 +254,21 @@ def test_selectors_never_overlap_between_the_two_ways_to_run_the_job():
     assert kubeflow["metadata"]["name"] != job["metadata"]["name"]
     env = {e["name"]: e.get("value") for e in
            kubeflow["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]}
-    assert "checkpoint.url" in env["FTDIFF_OVERRIDES"]  # its own root, never the base job's
+    overrides = json.loads(env["FTDIFF_OVERRIDES"])
+    keys = {item.split("=", 1)[0] for item in overrides}
+    # its own root, name and (no) supervisor: never the base job's, whose supervisor would mix
+    # the two jobs' ranks
+    assert {"checkpoint.url", "run.name", "supervisor.url"} <= keys
+    base = load_config(K8S / "base" / "ftdiff.toml")
+    kf = load_config(K8S / "base" / "ftdiff.toml", overrides)
+    assert kf.checkpoint.url != base.checkpoint.url and kf.run.name != base.run.name and not kf.supervisor.url
+    policy, per_node = kubeflow["spec"]["elasticPolicy"], int(kubeflow["spec"]["nprocPerNode"])
+    for replicas in range(policy["minReplicas"], policy["maxReplicas"] + 1):  # every size it may run
+        assert kf.train.global_batch_size % (replicas * per_node) == 0, replicas
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert not all(kf_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+    # Job pods: only an integer minAvailable works (no scale to compute maxUnavailable from).
+    assert isinstance(pdb["spec"].get("minAvailable"), int) and "maxUnavailable" not in pdb["spec"]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 

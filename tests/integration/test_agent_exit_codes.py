@@ -1,0 +1,32 @@
+"""`python -m service.train.agent` (the pods' torchrun): a worker error no restart can fix
+ends the pod with that error's code, so the Job's podFailurePolicy can fail the Job at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.train.agent import exit_code_for
+from tests.helpers import REPO, base_env
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_no_retry_codes_win_over_crashes():
+    assert exit_code_for([1, 2]) == 2
+    assert exit_code_for([-9, 3]) == 3
+    assert exit_code_for([46]) == 46
+    assert exit_code_for([1, -9, 43]) == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("worker", "agent"), [(0, 0), (2, 2), (5, 1)])
+def test_the_agent_exits_with_the_workers_no_retry_code(tmp_path, worker, agent):
+    script = tmp_path / "exit.py"
+    script.write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
+    res = subprocess.run([sys.executable, "-m", "service.train.agent", "--nnodes=1", "--nproc-per-node=1",
+                          "--max-restarts=1", str(script), str(worker)],
+                         env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert res.returncode == agent, res.stderr[-2000:]
