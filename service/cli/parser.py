@@ -7,6 +7,7 @@ import argparse
 from service.cli.ckpt_cmds import cmd_ckpt_ls, cmd_ckpt_prune, cmd_ckpt_show, cmd_ckpt_verify
 from service.cli.common import add_storage_args
 from service.cli.env_cmd import cmd_env, ftdiff_version
+from service.cli.store_cmd import cmd_rdzv_store
 from service.cli.tools_cmds import cmd_export, cmd_sample
 from service.cli.train_cmds import cmd_supervise, cmd_train, cmd_worker
 
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     add_storage_args(p)
     p.set_defaults(func=cmd_sample, quiet=True)
+
+    p = _sub(sub, "rdzv-store", "serve torchrun's c10d rendezvous store on its own (clusters: a store "
+                                "that outlives every worker pod; agents join with is_host=0)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=29400, help="port (torchrun's --rdzv-endpoint HOST:PORT)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    p.add_argument("--verbose", action="store_true", help="debug logs and tracebacks")
+    p.set_defaults(func=cmd_rdzv_store)
 
     p = _sub(sub, "env", "print versions, platform and accelerators (for bug reports)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

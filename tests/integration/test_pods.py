@@ -8,6 +8,7 @@ Needs root and `ip netns`; skipped with the reason where that is not permitted.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -26,12 +27,14 @@ SUP_PORT, METRICS_PORT, RDZV_PORT = 29450, 9400, 29400  # fresh namespaces: noth
 STEPS = 40
 
 
-def _agent(hosts: tuple[Host, Host], i: int, common: list[str]) -> list[str]:
-    # is_host from the pod's index, as deploy/k8s does from the Job completion index.
+def _agent(hosts: tuple[Host, Host], i: int, common: list[str], store_outside: bool = False) -> list[str]:
+    # is_host from the pod's index (the Job completion index), or no pod hosts the store at all
+    # when it runs on its own (`ftdiff rdzv-store`, as deploy/k8s does).
+    is_host = "true" if i == 0 and not store_outside else "false"
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts[0].hostname}:{RDZV_PORT}", "--rdzv-id=pods",
-            (f"--rdzv-conf=is_host={'true' if i == 0 else 'false'},keep_alive_interval=1,"
-            "keep_alive_max_attempt=3,last_call_timeout=2"),
+            (f"--rdzv-conf=is_host={is_host},keep_alive_interval=1,"
+             "keep_alive_max_attempt=3,last_call_timeout=2"),
             f"--local-addr={hosts[i].addr}", "--max-restarts=5", "-m", "service.train",
             "--log-format", "json", *set_args(common)]
 
@@ -122,3 +125,49 @@ def test_restarted_pod_with_the_same_pids_trains_on_and_a_rolled_supervisor_leav
         assert max(l["step"] for l in late if l["node"] == b.hostname) == STEPS  # B trained to the end
         step, manifest = Catalog(open_storage(str(dirs.url))).latest()
         assert step == STEPS and manifest.world_size == 2
+
+
+@pytest.mark.timeout(300)
+def test_with_the_store_outside_the_pods_evicting_pod_0_shrinks_and_grows_back(tmp_path):
+    """A drain of pod 0's node: with the rendezvous store in a process of its own (`ftdiff
+    rdzv-store`, a Deployment on a cluster) the other pod trains on alone and the replacement
+    pod 0 joins it again; pod 1's agent is never restarted by Kubernetes."""
+    with two_hosts() as hosts:
+        a = hosts[0]
+        dirs = traced_run(tmp_path)
+        common = TINY + [f"train.max_steps={2 * STEPS}", "checkpoint.every_steps=5", dirs.url_arg,
+                         "train.step_sleep_s=0.3", "checkpoint.grace_s=10"]
+        env = {**dirs.env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("store", "a", "b", "a2")}
+
+        def pod(i: int, log: str):  # type: ignore[no-untyped-def]
+            h = hosts[i]
+            return in_pod(h, _agent(hosts, i, common, store_outside=True),
+                          {**env, "FTDIFF_NODE": h.hostname, "GLOO_SOCKET_IFNAME": h.dev}, logs[log])
+
+        store = in_host(a, [sys.executable, "-m", "service.cli", "rdzv-store", "--port", str(RDZV_PORT)],
+                        {}, logs["store"])
+        pods = [pod(0, "a"), pod(1, "b")]
+        procs = [store, *pods]
+        try:
+            _wait(lambda: any(l["world_size"] == 2 and l["step"] >= 4 for l in trace_lines(dirs.trace)),
+                  "both pods to train together", 150, *procs)
+            os.kill(host_pid(pods[0], 1), signal.SIGTERM)  # the eviction: SIGTERM to the pod's pid 1
+            assert pods[0].wait(timeout=90) is not None
+            evicted_at = time.time()
+            _wait(lambda: any(l["time"] > evicted_at and l["world_size"] == 1 for l in trace_lines(dirs.trace)),
+                  "pod 1 to train on alone", 120, store, pods[1])
+            pods.append(pod(0, "a2"))
+            procs.append(pods[-1])
+            rejoined_at = time.time()
+            _wait(lambda: any(l["time"] > rejoined_at and l["world_size"] == 2 for l in trace_lines(dirs.trace)),
+                  "the replacement pod 0 to join", 150, store, pods[1], pods[2])
+            assert pods[1].wait(timeout=200) == 0, (tmp_path / "b.log").read_text()[-3000:]
+            assert pods[2].wait(timeout=60) == 0, (tmp_path / "a2.log").read_text()[-3000:]
+        finally:
+            for p in procs:
+                stop(p)
+            for log in logs.values():
+                log.close()
+        step, manifest = Catalog(open_storage(str(dirs.url))).latest()
+        assert step == 2 * STEPS and manifest.world_size == 2

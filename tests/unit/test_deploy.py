@@ -132,7 +132,7 @@ def test_commands_are_real_subcommands_with_valid_flags():
     parser = build_parser()
     for cmd in ftdiff_commands:
         args = parser.parse_args(_ftdiff_args(cmd))  # SystemExit on a bad flag
-        assert args.command in ("train", "supervise")
+        assert args.command in ("train", "supervise", "rdzv-store")
     for cmd, env in torchrun_commands:
         pet = {k: v for k, v in env.items() if k.startswith("PET_")}
         saved = {k: os.environ.get(k) for k in pet}
@@ -233,12 +233,21 @@ def test_the_job_fails_fast_on_user_errors_and_ignores_preemptions():
     # config, storage, superseded: retrying cannot help. The pod ends with the worker's code
     # only through service.train.agent (plain torchrun exits 1 for every worker failure).
     assert set(fail["onExitCodes"]["values"]) == {2, 3, 46}
-    command = spec["template"]["spec"]["containers"][0]["command"][2]
-    assert "exec python -m service.train.agent " in command
-    assert spec["backoffLimitPerIndex"] >= 1
-    # Pod 0 hosts the rendezvous because of its index, not because its DNS name resolves yet.
-    script = spec["template"]["spec"]["containers"][0]["command"][2]
-    assert '"$JOB_COMPLETION_INDEX" = "0"' in script and "is_host=1" in script and "is_host=0" in script
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "service.train.agent"]
+    # No worker pod hosts the rendezvous store: it runs on its own (`ftdiff rdzv-store`), so a
+    # drain of any worker's node shrinks the job (tests/integration/test_pods.py).
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PET_RDZV_CONF"] == "is_host=0"
+    host, port = env["PET_RDZV_ENDPOINT"].split(":")
+    docs = render(K8S / "base")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host)
+    store = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == host)
+    assert {p["port"] for p in service["spec"]["ports"]} == {int(port)}
+    assert service["spec"]["selector"].items() <= store["spec"]["template"]["metadata"]["labels"].items()
+    store_cmd = store["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert store_cmd[:2] == ["ftdiff", "rdzv-store"] and store_cmd[store_cmd.index("--port") + 1] == port
+    assert store["spec"]["strategy"]["type"] == "Recreate"
 
 
 def test_selectors_never_overlap_between_the_two_ways_to_run_the_job():
