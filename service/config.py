@@ -115,6 +115,13 @@ class CheckpointConfig(_Section):
     endpoint_url: str | None = None
     """S3 endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL or AWS's own."""
     region: str | None = None
+    memory_tier: bool = True
+    """When a worker dies, the survivors leave the state of their last completed step in
+    node-local shared memory and the restart resumes there (zero steps lost) if it is newer
+    than the newest commit; the object store stays the durable tier."""
+    memory_tier_dir: str | None = None
+    """Directory of the memory tier's files; default /dev/shm/ftdiff-memory-<uid> (a tempdir
+    when /dev/shm is missing)."""
 
 
 class SupervisorConfig(_Section):
@@ -142,6 +149,9 @@ class SupervisorConfig(_Section):
     """Shared secret for heartbeats and control requests; default: FTDIFF_TOKEN."""
     crash_loop_failures: int = Field(default=3, ge=1)
     """Failures without a new commit that count as a crash loop (then: exponential backoff)."""
+    prestart_workers: bool = False
+    """Local mode: a warm process per node (torch and the worker imported) forks each worker,
+    and torchrun starts a thin shim instead of the full entry: restarts skip ~4 s of imports."""
 
 
 class MetricsConfig(_Section):
@@ -203,8 +213,11 @@ class Config(_Section):
 
 
 # Keys introduced after config hashes were first recorded, with their defaults (see hash()).
-_ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error"}
+_ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error",
+                                            ("checkpoint", "memory_tier"): True,
+                                            ("checkpoint", "memory_tier_dir"): None}
 _ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
+_ADDED_LATER[("supervisor", "prestart_workers")] = False
 
 # Worker overrides travel in the environment, not on the command line: /proc/<pid>/cmdline is
 # readable by every user of the machine, /proc/<pid>/environ only by the process's owner.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -44,7 +45,8 @@ class Heartbeat:
     restart_count: int
     time: float
     metrics: list = field(default_factory=list)
-    """The worker's metric samples (service.metrics.snapshot), relayed to /metrics."""
+    """The worker's metric samples (service.metrics.snapshot), relayed to /metrics. Checked
+    by the relay, not here: a malformed snapshot costs its metrics, never the heartbeat."""
     io_bytes: int = 0
     """Checkpoint bytes this process has read and written so far: progress inside a long
     load or save, which the supervisor counts as liveness."""
@@ -61,19 +63,80 @@ class Heartbeat:
 
     @classmethod
     def from_json(cls, data: bytes) -> "Heartbeat":
-        body = json.loads(data)
+        """Parse and validate a heartbeat; ValueError on anything a worker cannot have sent.
+
+        Every field is checked at the door: a pid or rank that no worker can have (pid -1 or
+        0, rank -1) would otherwise flow into exit orders and kill lists, and a non-finite
+        number into process identities that never compare equal."""
+        try:
+            body = json.loads(data)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if not isinstance(body, dict):
+            raise ValueError("a heartbeat is a JSON object")
+        committed = body.get("last_committed_step")
         hb = cls(
-            rank=int(body["rank"]), local_rank=int(body["local_rank"]), node=str(body["node"]),
-            pid=int(body["pid"]), world_size=int(body["world_size"]), step=int(body["step"]),
-            phase=str(body["phase"]),
-            last_committed_step=None if body.get("last_committed_step") is None else int(body["last_committed_step"]),
-            restart_count=int(body.get("restart_count", 0)), time=float(body["time"]),
-            metrics=list(body.get("metrics", [])), started=float(body.get("started", 0.0)),
-            io_bytes=int(body.get("io_bytes", 0)),
+            rank=_int(body, "rank"), local_rank=_int(body, "local_rank"), node=_str(body, "node"),
+            pid=_int(body, "pid"), world_size=_int(body, "world_size"), step=_int(body, "step"),
+            phase=_str(body, "phase"),
+            last_committed_step=None if committed is None else _int(body, "last_committed_step"),
+            restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
+            metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
+            io_bytes=_int(body, "io_bytes", 0),
         )
-        if hb.phase not in PHASES:
-            raise ValueError(f"unknown phase {hb.phase!r}")
+        hb.validate()
         return hb
+
+    def validate(self) -> None:
+        """ValueError unless every field is one a real worker process can report."""
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown phase {self.phase!r}")
+        if self.pid <= 1:
+            raise ValueError(f"pid {self.pid} is no worker's")
+        if not 1 <= self.world_size <= MAX_WORLD_SIZE:
+            raise ValueError(f"world_size {self.world_size} out of range 1..{MAX_WORLD_SIZE}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside the world of {self.world_size}")
+        if not 0 <= self.local_rank < MAX_WORLD_SIZE:
+            raise ValueError(f"local_rank {self.local_rank} out of range")
+        for name in ("step", "restart_count", "io_bytes"):
+            if not 0 <= getattr(self, name) < MAX_COUNT:
+                raise ValueError(f"{name} {getattr(self, name)} out of range")
+        if self.last_committed_step is not None and not 0 <= self.last_committed_step < MAX_COUNT:
+            raise ValueError(f"last_committed_step {self.last_committed_step} out of range")
+        if not self.node or len(self.node) > 253:
+            raise ValueError("node must be a non-empty name of at most 253 characters")
+        if not (math.isfinite(self.time) and math.isfinite(self.started) and self.started >= 0):
+            raise ValueError("time and started must be finite (started >= 0)")
+
+
+# Bounds of what a real worker reports (no job has a million ranks, or 2**63 steps or bytes).
+MAX_WORLD_SIZE = 1 << 20
+MAX_COUNT = 1 << 63
+
+
+def _int(body: dict, key: str, default: int | None = None) -> int:
+    value = body.get(key, default) if default is not None else body[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, not {type(value).__name__}")
+    return value
+
+
+def _float(body: dict, key: str, default: float | None = None) -> float:
+    value = body.get(key, default) if default is not None else body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, not {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{key} out of range") from None
+
+
+def _str(body: dict, key: str) -> str:
+    value = body[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, not {type(value).__name__}")
+    return value
 
 
 def shared_token(configured: str | None) -> str | None:
@@ -130,10 +193,17 @@ class HeartbeatSender:
         with urllib.request.urlopen(request, timeout=max(0.5, self.interval_s)) as response:
             answer = json.loads(response.read() or b"{}")
         self.sent += 1
+        if not isinstance(answer, dict):
+            raise ValueError(f"unexpected answer from the supervisor: {answer!r:.80}")
         action = answer.get("action") if obey else None
         if action == "exit":  # addressed to this very process (by pid)
-            kill = [int(p) for p in answer.get("kill", [])]
-            self.on_exit_order(int(answer.get("generation", 0)), kill)
+            named = answer.get("kill")
+            kill = [p for p in named if safe_to_kill(p)] if isinstance(named, list) else []
+            if named and len(kill) != len(named):
+                log.error("ignoring pids %s named as stuck peers: not single other processes",
+                          [p for p in named if p not in kill])
+            generation = answer.get("generation", 0)
+            self.on_exit_order(generation if isinstance(generation, int) else 0, kill)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -184,11 +254,24 @@ def _exit_orphaned(gone: list[int]) -> None:
     os._exit(EXIT_ORPHANED)
 
 
+def safe_to_kill(pid: object) -> bool:
+    """Whether ``pid`` names one other process this worker may end as a stuck peer. Never pid
+    0, -1 or any negative number (a process group, or every process the user may signal), never
+    init (1), nor this process, its parent (the torchrun agent) or its process group's leader,
+    whatever the supervisor's answer says."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        return False
+    return pid not in {os.getpid(), os.getppid(), os.getpgrp()}
+
+
 def _exit_for_restart(generation: int, kill: list[int]) -> None:
     log.error("supervisor ordered a restart (generation %d): exiting so torchrun restarts us", generation)
     # Stuck peers on this node (named by the authenticated supervisor) cannot leave by
     # themselves; without this, torchrun would wait out its grace period before killing them.
     for pid in kill:
+        if not safe_to_kill(pid):
+            log.error("refusing to signal pid %r named as a stuck peer: not a single other process", pid)
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
             log.error("ended stuck peer process %d on this node", pid)

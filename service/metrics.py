@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
+RECOVERY_SOURCES = ("fresh", "object_store", "memory")
+MEMORY_REJECT_REASONS = ("corrupt", "foreign", "stale", "world_size")
 
 
 class CheckpointMetrics:
@@ -54,10 +56,29 @@ class CheckpointMetrics:
             "Saves skipped or delayed because the previous one was still in flight",
             registry=registry,
         )
+        # Where this start's state came from (a stateset: the one used is 1). "memory": the
+        # node-local memory tier (steps newer than the newest commit, left by the survivors of a
+        # crash), "object_store": the newest loadable commit, "fresh": nothing to resume.
+        self.recovery_source = Enum(
+            "ftdiff_checkpoint_recovery_source", "Where this start's state came from",
+            states=list(RECOVERY_SOURCES), registry=registry,
+        )
+        self.memory_steps_recovered = Counter(
+            "ftdiff_checkpoint_memory_steps_recovered_total",
+            "Steps newer than the newest commit that resumes took from the memory tier (not lost)",
+            registry=registry,
+        )
+        self.memory_snapshots_rejected = Counter(
+            "ftdiff_checkpoint_memory_snapshots_rejected_total",
+            "Memory-tier snapshots not used on resume: corrupt, foreign (other run or math), "
+            "stale (not newer than the newest commit), world_size", ["reason"], registry=registry,
+        )
         for stage in CHECKPOINT_FAILURE_STAGES:
             self.failures.labels(stage=stage)
         for phase in ("stall", "commit"):
             self.save_duration.labels(phase=phase)
+        for reason in MEMORY_REJECT_REASONS:
+            self.memory_snapshots_rejected.labels(reason=reason)
 
 
 class TrainMetrics:
@@ -166,11 +187,61 @@ class WorkerRelay:
     Counter resets when a worker restarts are fine: Prometheus' rate() and increase() handle them.
     """
 
+    TYPES = frozenset({"counter", "gauge", "histogram", "summary", "untyped", "unknown", "info",
+                       "stateset", "gaugehistogram"})
+    # The supervisor's own families: a worker's snapshot never shadows (or spoofs) them.
+    RESERVED = ("ftdiff_job_", "ftdiff_worker_heartbeat_", "ftdiff_supervisor_")
+
     def __init__(self) -> None:
         self._by_rank: dict[int, Snapshot] = {}
 
     def update(self, rank: int, snap: Snapshot) -> None:
-        self._by_rank[rank] = snap
+        """Keep ``rank``'s snapshot; ValueError (and the previous one kept) if it is malformed."""
+        self._by_rank[rank] = self.check(snap)
+
+    @classmethod
+    def check(cls, snap: object) -> Snapshot:
+        """A snapshot as relayed, or ValueError: every family [name, type, help, samples] and
+        sample [name, labels, value] well formed, so one rank can never break a scrape."""
+        import re
+
+        name_ok = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
+        label_ok = re.compile(r"(?!__)[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+        if not isinstance(snap, list):
+            raise ValueError("metrics: not a list of families")
+        out: Snapshot = []
+        seen: set[str] = set()
+        for family in snap:
+            if not (isinstance(family, (list, tuple)) and len(family) == 4):
+                raise ValueError("metrics: a family is [name, type, help, samples]")
+            name, typ, doc, samples = family
+            if not (isinstance(name, str) and name_ok(name)) or name.startswith(cls.RESERVED):
+                raise ValueError(f"metrics: bad or reserved family name {name!r:.80}")
+            if name in seen:
+                raise ValueError(f"metrics: family {name} twice")
+            seen.add(name)
+            if not isinstance(typ, str) or typ not in cls.TYPES or not isinstance(doc, str) \
+                    or not isinstance(samples, list):
+                raise ValueError(f"metrics: {name}: unknown type {typ!r:.40}, or bad help or samples")
+            checked = []
+            for sample in samples:
+                if not (isinstance(sample, (list, tuple)) and len(sample) == 3):
+                    raise ValueError(f"metrics: {name}: a sample is [name, labels, value]")
+                sample_name, labels, value = sample
+                if not (isinstance(sample_name, str) and sample_name.startswith(name)
+                        and name_ok(sample_name)):
+                    raise ValueError(f"metrics: {name}: bad sample name {sample_name!r:.80}")
+                if not isinstance(labels, dict) or not all(
+                        isinstance(k, str) and label_ok(k) and isinstance(v, str) for k, v in labels.items()):
+                    raise ValueError(f"metrics: {name}: labels must map label names to strings")
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"metrics: {name}: a sample value is a number")
+                try:
+                    checked.append((sample_name, dict(labels), float(value)))  # NaN, +-Inf are values
+                except OverflowError:
+                    raise ValueError(f"metrics: {name}: sample value out of range") from None
+            out.append((name, "unknown" if typ == "untyped" else typ, doc, checked))
+        return out
 
     def forget(self, keep: Callable[[int], bool]) -> None:
         for rank in [r for r in self._by_rank if not keep(r)]:
@@ -180,7 +251,14 @@ class WorkerRelay:
         families: dict[str, Metric] = {}
         for rank, snap in sorted(self._by_rank.items()):
             for name, typ, doc, samples in snap:
-                family = families.setdefault(name, Metric(name, doc, typ))
+                family = families.get(name)
+                if family is None:
+                    try:
+                        family = families[name] = Metric(name, doc, typ)
+                    except ValueError:  # checked in update(); never one rank's problem for all
+                        continue
+                elif family.type != typ:
+                    continue  # ranks disagree (version skew): the lowest rank's kind is served
                 for sample_name, labels, value in samples:
                     family.add_sample(sample_name, {**labels, "rank": str(rank)}, value)
         yield from families.values()

@@ -31,12 +31,12 @@ class CheckpointGroup:
         self.info = info
         self.pg = new_gloo_group() if dist.is_initialized() else None
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (rank 0's by default) on every rank."""
         if self.pg is None:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.pg)
+        dist.broadcast_object_list(box, src=src, group=self.pg)
         return box[0]
 
     def from_main(self, fn: Callable[[], Any]) -> Any:

@@ -4,7 +4,8 @@ The loop makes one call after every step, ``save(step, samples_seen, last_step=.
 checkpointer decides what is due: nothing, an (async) periodic save, or — on the last step,
 normal or emergency — a blocking commit that must succeed. Underneath, the phases live apart:
 ``snapshot`` (staging copy), ``commit`` (the commit protocol), ``resume`` (verified load with
-fallback), ``collectives`` (the dedicated gloo group), ``retention`` (deletions).
+fallback), ``collectives`` (the dedicated gloo group), ``retention`` (deletions),
+``memory_recovery`` (the node-local memory tier: state left by the survivors of a crash).
 
 Async save: ``save`` takes references to the live state and returns; a background thread
 copies it into the staging buffers while the next forward/backward runs (they only read the
@@ -32,6 +33,8 @@ from service.checkpoint.collectives import (
     describe_error,
 )
 from service.checkpoint.commit import CommitProtocol
+from service.checkpoint.memory_recovery import MemoryRecovery
+from service.checkpoint.memory_tier import MemoryTier
 from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
@@ -80,6 +83,13 @@ class Checkpointer:
                                       self.ownership, info.run_id, fingerprint)
         self.resumer = Resumer(cfg, info, state, per_rank_keys, self.catalog, self.group, self.telemetry,
                                self.commits.unloadable_steps, fingerprint)
+        # The memory tier needs a run id: without one, no restart could tell its own state from
+        # another run's.
+        self.memory: MemoryRecovery | None = None
+        if ck.memory_tier and info.run_id:
+            self.memory = MemoryRecovery(
+                MemoryTier(info.run_id, ck.memory_tier_dir), info, state, per_rank_keys, self.group,
+                fingerprint, lambda: self.ownership.number, can_read_state, self.telemetry)
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0
         self._can_read_state = can_read_state
@@ -118,9 +128,17 @@ class Checkpointer:
         A start that is refused (another run's root, changed settings) claims nothing, so it
         cannot fence off a job that is still running there."""
         restart = self.group.from_main(self._is_restart)
-        step = self.resumer.resume(restart=restart)
-        if step is not None:
-            self.last_committed_step = step
+        # A restart of this run first looks for newer state that survivors left in memory; a
+        # first start (pinned, never, auto) always goes by the object store.
+        step = self._resume_from_memory() if restart and self.memory is not None else None
+        if step is None:
+            step = self.resumer.resume(restart=restart)
+            if step is not None:
+                self.last_committed_step = step
+            self.telemetry.resumed_from("object_store" if step is not None else "fresh")
+        if self.memory is not None:
+            self.memory.committed(self.last_committed_step)  # older snapshots are of no more use
+            self.memory.consistent_at(step or 0)
         self._claim()
         if not restart and self.cfg.checkpoint.resume == "never":
             # Two fresh runs that checked an empty root at the same moment both got this far;
@@ -143,6 +161,8 @@ class Checkpointer:
             if self.last_committed_step != step and not self.save_at(step, samples_seen, blocking=True):
                 what = "emergency checkpoint" if emergency else "final checkpoint"
                 raise CheckpointNotCommitted(f"{what} at step {step} could not be committed")
+            if self.memory is not None:  # the run is over (or its last step is in storage)
+                self.memory.committed(step, run_finished=last_step and not emergency)
             return
         if step % ck.every_steps == 0:
             if busy_anywhere and ck.when_busy == "skip":
@@ -156,8 +176,26 @@ class Checkpointer:
         """Block until an in-flight snapshot has copied the weights (call before optimizer.step).
 
         Forward and backward only read the weights, so the copy runs alongside them; training
-        stalls only for whatever part of the copy is not hidden behind them.
+        stalls only for whatever part of the copy is not hidden behind them. From here until
+        ``update_done`` the state is being changed, and never left in the memory tier.
         """
+        if self.memory is not None:
+            self.memory.updating()
+        self._wait_for_copy()
+
+    def update_done(self, step: int) -> None:
+        """The update of ``step`` is fully applied (weights, optimizer, LR, EMA, counters): the
+        state is consistent at ``step`` again, and may be left in the memory tier."""
+        if self.memory is not None:
+            self.memory.consistent_at(step)
+
+    def watch_stop_signals(self) -> None:
+        """Main thread, after the SIGTERM/SIGINT handlers are installed: leave the state in the
+        memory tier as soon as one arrives, even if the main thread is stuck in a collective."""
+        if self.memory is not None:
+            self.memory.watch_signals()
+
+    def _wait_for_copy(self) -> None:
         done = self._snapshot_done
         if done is None:
             return
@@ -206,7 +244,7 @@ class Checkpointer:
 
     def wait(self) -> bool | None:
         """Block until the in-flight save (if any) has finished; its commit status."""
-        self.before_update()
+        self._wait_for_copy()
         if self._pending is None:
             return None
         pending, self._pending = self._pending, None
@@ -219,6 +257,12 @@ class Checkpointer:
         self._deleter.submit(lambda: None).result()
 
     def close(self) -> None:
+        if self.memory is not None:
+            # First, before anything that may wait on a dead peer: on a failure (a peer died
+            # and a collective raised), leave the last completed step for the restart. A no-op
+            # when that step is committed (normal end, emergency stop).
+            self.memory.leave("exit")
+            self.memory.stop_watching()
         try:
             self.drain()
         except FencedError as e:  # already reported by whoever waited on the save
@@ -262,6 +306,21 @@ class Checkpointer:
             return
         self.ownership.number = self.group.from_main(self._claim_on_main)
 
+    def _resume_from_memory(self) -> int | None:
+        """Every rank: the step resumed from the memory tier, or None (then: object store)."""
+        assert self.memory is not None
+        newest = self.group.from_main(self._newest_commit)
+        step = self.memory.resume(newest)
+        if step is not None:
+            self.last_committed_step = newest[0] if newest is not None else None
+            self.telemetry.resumed_from("memory")
+        return step
+
+    def _newest_commit(self) -> tuple[int, int | None] | None:
+        """Rank 0: the newest commit's step and the incarnation that wrote it."""
+        found = self.catalog.latest()
+        return (found[0], found[1].incarnation) if found is not None else None
+
     def _claim_on_main(self) -> int:
         found = self.catalog.latest()
         seen = found[1].incarnation or 0 if found is not None else 0
@@ -287,6 +346,8 @@ class Checkpointer:
     def _committed(self, step: int, committed: bool) -> bool:
         if committed:
             self.last_committed_step = step
+            if self.memory is not None:
+                self.memory.committed(step)
             if self.info.is_main:
                 # In the background: deletions never delay a commit or the next snapshot.
                 self._deleter.submit(self._retention)

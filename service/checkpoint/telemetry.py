@@ -61,3 +61,19 @@ class CheckpointTelemetry:
         if self.metrics:
             self.metrics.verify_failures.inc()
             self.metrics.failures.labels(stage="load").inc()
+
+    # -- the memory tier and where a start's state came from ------------------------------------
+    def resumed_from(self, source: str) -> None:
+        """``source``: memory, object_store or fresh (ftdiff_checkpoint_recovery_source)."""
+        if self.metrics:
+            self.metrics.recovery_source.state(source)
+
+    def recovered_from_memory(self, steps: int, since: float) -> None:
+        """A resume took the state from the memory tier, ``steps`` newer than the newest commit."""
+        if self.metrics:
+            self.metrics.memory_steps_recovered.inc(max(0, steps))
+            self.metrics.load_duration.observe(time.monotonic() - since)
+
+    def memory_rejected(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.memory_snapshots_rejected.labels(reason=reason).inc()

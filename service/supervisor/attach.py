@@ -13,6 +13,7 @@ next heartbeats (exit orders name one process — node, pid, start time — and 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from service.config import Config
 from service.errors import EXIT_OK, UserError
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class AttachedSupervisor(Supervisor):
+    """States: "running"; "failed" while it will not act (it gave up, or a worker refused)
+    until the job makes progress again (a new commit, or training steps advancing); and
+    "succeeded" once every rank of the job said goodbye, until workers report again."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Set while failed: when it began (the job's progress since then ends it).
+        self._failed_mark: tuple[float, int | None] | None = None
+        self._finished = False
+
     def start(self) -> None:
         log.info("supervising (attach mode) on %s:%d, metrics on %s", self.cfg.supervisor.host,
                  self.server.port, self.endpoints.metrics_address)
@@ -34,11 +45,26 @@ class AttachedSupervisor(Supervisor):
         JobCrashLooping alert and the state say so); a person has to look."""
         return self.ledger.failures_since_commit > self.cfg.supervisor.max_restarts
 
+    def _fail(self, why: str) -> None:
+        """State "failed": said once, loudly, when it begins."""
+        if self._failed_mark is None:
+            log.error("%s; state failed until the job makes progress again (a new commit, or "
+                      "training steps advancing)", why)
+            self._failed_mark = self.monitor.progress_mark()
+        self.metrics.state.state("failed")
+
     def on_hung(self, hung: list[RankState]) -> None:
-        if self._gave_up() or self.refused_by is not None:
-            self.metrics.state.state("failed")
-            return
         desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, step {s.hb.step})" for s in hung)
+        if self.refused_by is not None:
+            who = self.refused_by
+            self._fail(f"no progress on {desc}, but not ordering a restart: rank {who.rank} (node "
+                       f"{who.node}) refused to go on, and a restart would only repeat that")
+            return
+        if self._gave_up():
+            self._fail(f"giving up: {self.ledger.failures_since_commit} failures without a new commit "
+                       f"(supervisor.max_restarts = {self.cfg.supervisor.max_restarts}); not ordering a "
+                       f"restart for {desc}; a person has to look")
+            return
         # A node whose ranks all stopped reporting (for more than two intervals) is gone;
         # ranks that report but make no progress are hung.
         lost = self.monitor.silent_nodes(2 * self.cfg.supervisor.heartbeat_interval_s)
@@ -51,8 +77,24 @@ class AttachedSupervisor(Supervisor):
         self.monitor.order_restart(stuck=hung)
 
     def on_refused(self, hb: Heartbeat) -> int | None:
-        self.metrics.state.state("failed")
+        self._failed_mark = None  # progress counts from this refusal on
+        self._fail(f"rank {hb.rank} (node {hb.node}) refused to go on")
         return None  # a Deployment: it stays, reporting the failure until a person acts
+
+    def after_tick(self) -> None:
+        if self._failed_mark is not None and self.monitor.progressed_since(self._failed_mark):
+            log.warning("the job makes progress again (last committed step %s): state running, "
+                        "watching for hangs", self.monitor.last_committed_step)
+            self._failed_mark, self.refused_by = None, None
+        finished = self.monitor.finished()
+        if finished != self._finished:
+            if finished:
+                log.info("every rank of the job finished (last committed step %s)",
+                         self.monitor.last_committed_step)
+            else:
+                log.info("workers report again: a new job")
+        self._finished = finished
+        self.metrics.state.state("failed" if self._failed_mark else "succeeded" if finished else "running")
 
     def stop(self) -> int:
         """Leave; the job trains on. The supervisor is a watchdog beside the job, and it gets

@@ -76,7 +76,9 @@ class Supervisor:
     def _restart_observed(self, hb: Heartbeat) -> None:
         if self.stop_signal is not None:
             return  # workers leaving on our own stop order are not crashes
-        log.warning("rank %d (node %s) restarted with pid %d: worker crash", hb.rank, hb.node, hb.pid)
+        # One restart of the job, counted once: the other ranks' replacements belong to it.
+        log.warning("rank %d (node %s) restarted with pid %d: worker crash (the job restarts)",
+                    hb.rank, hb.node, hb.pid)
         self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
 
     def _restart_requested(self) -> None:

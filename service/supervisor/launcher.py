@@ -51,9 +51,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 def torchrun_command(
     cfg_args: list[str], nnodes: int, nproc_per_node: int, rdzv_endpoint: str, max_restarts: int,
     min_nodes: int | None = None, run_id: str = "ftdiff", log_dir: str | None = None,
-    rdzv_conf: str | None = None,
+    rdzv_conf: str | None = None, module: str = "service.train",
 ) -> list[str]:
-    """The torchrun invocation of one agent; the worker is ``-m service.train``."""
+    """The torchrun invocation of one agent; the worker is ``-m service.train`` (or the shim
+    of pre-started workers, ``procs.SHIM_MODULE``)."""
     node_range = f"{min_nodes}:{nnodes}" if min_nodes and min_nodes < nnodes else str(nnodes)
     extra = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
     cmd = [
@@ -69,7 +70,7 @@ def torchrun_command(
     ]
     if log_dir:
         cmd.append(f"--log-dir={log_dir}")
-    return cmd + ["-m", "service.train", *cfg_args]
+    return cmd + ["-m", module, *cfg_args]
 
 
 def worker_args(config: str | None, log_format: str) -> list[str]:
@@ -126,6 +127,9 @@ class LocalSupervisor(Supervisor):
         # Rendezvous round: torchrun closes a run id's rendezvous for good when an agent gives
         # up, so agents relaunched after that join a fresh one (``<run id>-r<round>``).
         self.round = 0
+        # supervisor.prestart_workers: a warm process per node forks the workers (see procs.Zygotes).
+        self.zygotes = (procs.Zygotes(self.log_dir, nproc_per_node, log_format)
+                        if cfg.supervisor.prestart_workers else None)
 
     # -- process control ------------------------------------------------------------------------
     def _launch(self, node: int) -> None:
@@ -143,6 +147,8 @@ class LocalSupervisor(Supervisor):
             # the emergency checkpoint gets checkpoint.grace_s plus a margin.
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout_s(self.cfg)),
         }
+        if self.zygotes is not None:
+            env[procs.ZYGOTE_SOCKET_ENV] = self.zygotes.ensure(node, {**os.environ, **AGENT_ENV})
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
             self.cfg.supervisor.min_nodes, f"{self.run_id}-r{self.round}",
@@ -150,6 +156,7 @@ class LocalSupervisor(Supervisor):
             # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives;
             # with a node range, a round closes 2 s after the minimum has joined.
             rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2",
+            module=procs.SHIM_MODULE if self.zygotes is not None else "service.train",
         )
         self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
@@ -177,6 +184,10 @@ class LocalSupervisor(Supervisor):
     def start(self) -> None:
         log.info("supervisor on 127.0.0.1:%d, metrics on %s; rendezvous %s",
                  self.server.port, self.endpoints.metrics_address, self.rdzv)
+        if self.zygotes is not None:  # warm before the first start too, not only for restarts
+            for node in range(self.nnodes):
+                self.zygotes.ensure(node, {**os.environ, **AGENT_ENV})
+            self.zygotes.wait_ready()
         for node in range(self.nnodes):
             self._launch(node)
 
@@ -246,6 +257,8 @@ class LocalSupervisor(Supervisor):
     def shutdown(self) -> None:
         if any(a.proc.poll() is None for a in self.agents.values()):
             self._stop_agents()
+        if self.zygotes is not None:
+            self.zygotes.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     # -- agents -----------------------------------------------------------------------------------

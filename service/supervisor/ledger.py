@@ -14,8 +14,17 @@ class FailureLedger:
     def __init__(self, monitor: JobMonitor, metrics: SupervisorMetrics, crash_loop_failures: int):
         self.monitor, self.metrics = monitor, metrics
         self.crash_loop_failures = crash_loop_failures
-        self.failures_since_commit = 0
+        self._failures = 0
         self._commit_at_last_failure: int | None = None
+
+    @property
+    def failures_since_commit(self) -> int:
+        """Failures since the newest commit: 0 again as soon as a new commit is seen — not
+        only at the next failure (a stale count would hold a give-up long after the job
+        recovered)."""
+        if self.monitor.last_committed_step != self._commit_at_last_failure:
+            return 0
+        return self._failures
 
     def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
         """A failure was detected (and, if ``restart``, a restart follows from it)."""
@@ -24,9 +33,9 @@ class FailureLedger:
             self.metrics.restarts.labels(reason=RestartReason(restart).value).inc()
         committed = self.monitor.last_committed_step
         if committed != self._commit_at_last_failure:  # progress since the last failure
-            self.failures_since_commit = 0
+            self._failures = 0
             self._commit_at_last_failure = committed
-        self.failures_since_commit += 1
+        self._failures += 1
 
     def backoff_s(self) -> float:
         """0 until ``crash_loop_failures`` failures without a new commit, then 1, 2, 4 … 30 s."""

@@ -6,8 +6,15 @@ no progress for longer than its phase allows: ``hang_timeout_s`` while training;
 spent on storage (loading, checkpointing, stopping) the larger of ``io_timeout_s`` and three
 times the longest such phase seen so far — and there, bytes read or written count as
 progress. A slow store is therefore never taken for a hang, while a process that stops (no
-heartbeats) or a load that is stuck (no bytes) still is. A rank *restarted* when it reports a
-new pid.
+heartbeats) or a load that is stuck (no bytes) still is.
+
+A rank *restarted* when another process (node, pid, start time) reports for it. torchrun
+restarts every worker of the job after one crash, so the replacements of one generation are one
+restart event, counted once: a rank whose previous process was already known when the event
+began belongs to it; only a replacement of a process that started since is a new event. A
+replacement for a larger world is no failure at all (the job grew: torchrun restarts every
+worker for the new membership). The job is *finished* once every rank of its world said goodbye
+(phase "done") and none reports any more.
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ class RankState:
     last_seen: float
     last_progress: float
     phase_since: float
+    trained_at: float | None = None
+    """When this process last reported a higher step while training (None: not yet)."""
 
 
 class JobMonitor:
     def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 order_ttl_s: float | None = None, io_timeout_s: float | None = None):
+                 order_ttl_s: float | None = None, io_timeout_s: float | None = None,
+                 restart_window_s: float | None = None):
         """``order_ttl_s``: how long an exit order stands (default: 3 hang timeouts, at least
         60 s) — long enough for every ordered process to heartbeat once more, short enough
-        that an order can never outlive the processes it was meant for."""
+        that an order can never outlive the processes it was meant for. ``restart_window_s``:
+        how long after a restart event began a replaced process of the generation it ended
+        still belongs to it (default: ``order_ttl_s``)."""
         self.hang_timeout_s, self.clock = hang_timeout_s, clock
         self.io_timeout_s = io_timeout_s if io_timeout_s is not None else max(120.0, hang_timeout_s)
         # The longest each storage phase has lasted so far (a measure of this store's speed).
@@ -53,9 +65,17 @@ class JobMonitor:
         # Stuck processes (cannot act on an order) per node -> expiry; their peers end them.
         self._stuck: dict[tuple[str, int, float], float] = {}
         self.generation = 0
+        # The current restart event: the processes known when it began (each one's replacement
+        # belongs to it) and until when.
+        self.restart_window_s = restart_window_s if restart_window_s is not None else self.order_ttl_s
+        self._replaced: set[tuple[str, int, float]] = set()
+        self._replaced_until = 0.0
+        # Ranks that said goodbye (phase "done") -> the world size they reported.
+        self._done: dict[int, int] = {}
 
     def observe(self, hb: Heartbeat) -> bool:
-        """Record a heartbeat; True if it reveals a restarted worker (new pid for a rank)."""
+        """Record a heartbeat; True if it reveals a new restart event (another process for a
+        rank, which no restart event counted so far explains)."""
         now = self.clock()
         with self._lock:
             self._expire(now)
@@ -68,27 +88,72 @@ class JobMonitor:
                 return False
             if hb.phase == "done":  # finished and leaving: silence from now on is expected
                 self.ranks.pop(hb.rank, None)
+                self._done[hb.rank] = hb.world_size
                 if hb.last_committed_step is not None:
                     self.last_committed_step = max(self.last_committed_step or 0, hb.last_committed_step)
                 return False
+            for rank in [r for r, w in self._done.items() if r == hb.rank or w != hb.world_size]:
+                del self._done[rank]  # reporting again (a new job, or a new membership)
             old = self.ranks.get(hb.rank)
-            restarted = old is not None and old.hb.pid != hb.pid
-            progressed = (old is None or restarted
+            # The whole identity: pids repeat across pods, and a replaced pod's worker may well
+            # get the same pid in its fresh PID namespace.
+            replaced = old is not None and old.hb.process != hb.process
+            restarted = replaced and self._new_restart_event(old, hb, now)  # type: ignore[arg-type]
+            progressed = (old is None or replaced
                           or (hb.step, hb.phase, hb.io_bytes) != (old.hb.step, old.hb.phase, old.hb.io_bytes))
-            same_phase = old is not None and not restarted and old.hb.phase == hb.phase
+            same_phase = old is not None and not replaced and old.hb.phase == hb.phase
             if old is not None and not same_phase and old.hb.phase in IO_PHASES:
                 took = now - old.phase_since
                 self.longest_phase_s[old.hb.phase] = max(self.longest_phase_s.get(old.hb.phase, 0.0), took)
+            trained_at = None
+            if old is not None and not replaced:  # steps grew in one process, past its start-up
+                trained = hb.step > old.hb.step and old.hb.phase not in ("starting", "loading")
+                trained_at = now if trained else old.trained_at
             self.ranks[hb.rank] = RankState(
                 hb, now, now if progressed else old.last_progress,  # type: ignore[union-attr]
                 old.phase_since if same_phase else now,  # type: ignore[union-attr]
+                trained_at,
             )
             if hb.last_committed_step is not None:
                 self.last_committed_step = max(self.last_committed_step or 0, hb.last_committed_step)
-            # A world-size change leaves ranks beyond the new size behind: forget them.
-            for rank in [r for r in self.ranks if r >= hb.world_size]:
+            # A world-size change leaves ranks beyond the new size behind: forget them (and any
+            # rank no world has, should one ever get past the heartbeat's validation).
+            for rank in [r for r in self.ranks if not 0 <= r < hb.world_size]:
                 del self.ranks[rank]
             return restarted
+
+    def _new_restart_event(self, old: RankState, hb: Heartbeat, now: float) -> bool:
+        """``hb`` comes from a new process for ``old``'s rank: whether that begins a restart
+        event (lock held)."""
+        if hb.world_size > old.hb.world_size:
+            return False  # the job grew: a new membership, no failure
+        if old.hb.process in self._replaced and now < self._replaced_until:
+            return False  # one more replacement of the generation an event already counted
+        self._replaced = {s.hb.process for s in self.ranks.values()}
+        self._replaced_until = now + self.restart_window_s
+        return True
+
+    def finished(self) -> bool:
+        """Every rank of the job's world said goodbye (phase "done"), and none reports now."""
+        with self._lock:
+            if self.ranks or not self._done:
+                return False
+            world = max(self._done.values())
+            return all(rank in self._done for rank in range(world))
+
+    def progress_mark(self) -> tuple[float, int | None]:
+        """Now, for ``progressed_since``."""
+        with self._lock:
+            return self.clock(), self.last_committed_step
+
+    def progressed_since(self, mark: tuple[float, int | None]) -> bool:
+        """Whether the job made progress since ``mark``: a new commit, or a process whose
+        training steps advanced."""
+        at, committed = mark
+        with self._lock:
+            if self.last_committed_step != committed:
+                return True
+            return any(s.trained_at is not None and s.trained_at > at for s in self.ranks.values())
 
     def hung(self) -> list[RankState]:
         """Ranks without heartbeats for the hang timeout, or without progress for longer than
@@ -144,6 +209,7 @@ class JobMonitor:
             self._doomed.update({s.hb.process: expires for s in doomed})
             self._stuck.update({s.hb.process: expires for s in stuck or []})
             self.ranks.clear()
+            self._done.clear()
             self.generation += 1
             self._last_activity = self.clock()
             return doomed
@@ -160,10 +226,11 @@ class JobMonitor:
             return hb.process in self._doomed
 
     def kill_list(self, hb: Heartbeat) -> list[int]:
-        """Pids of stuck processes on ``hb``'s node that the exiting process should end."""
+        """Pids of stuck processes on ``hb``'s node that the exiting process should end (never
+        0, 1 or a negative pid: a process group, init, or every process of the user)."""
         with self._lock:
             self._expire(self.clock())
-            return sorted({p[1] for p in self._stuck if p[0] == hb.node and p != hb.process})
+            return sorted({p[1] for p in self._stuck if p[0] == hb.node and p != hb.process and p[1] > 1})
 
     def _expire(self, now: float) -> None:
         """Drop orders past their time (lock held)."""

@@ -1,10 +1,20 @@
-"""The local supervisor's view of processes (Linux /proc): liveness, children, SIGKILL by pid."""
+"""The local supervisor's view of processes (Linux /proc): liveness, children, SIGKILL by pid;
+and the per-node warm processes of pre-started workers."""
 
 from __future__ import annotations
 
+import ctypes  # noqa: F401  (imported before any fork: die_with_parent runs in preexec_fn)
+import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+from service.heartbeat import die_with_parent
+
+log = logging.getLogger(__name__)
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,3 +59,66 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# -- pre-started workers ------------------------------------------------------------------------
+# By name, not by import: the supervisor never imports the worker (tests/unit/test_structure.py).
+ZYGOTE_MODULE = "service.train.zygote"
+SHIM_MODULE = "service.train.shim"
+ZYGOTE_SOCKET_ENV = "FTDIFF_ZYGOTE_SOCKET"  # read by service.train.shim
+
+
+class Zygotes:
+    """One warm process per node (``python -m service.train.zygote``), each forking that node's
+    workers for the shims torchrun starts. Started with the agents' environment so the start-up
+    settings match (a shim whose settings differ starts its worker the slow way instead)."""
+
+    def __init__(self, socket_dir: str, nproc_per_node: int, log_format: str = "text"):
+        self.socket_dir, self.log_format = socket_dir, log_format
+        self.nproc = nproc_per_node
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def socket(self, node: int) -> str:
+        return os.path.join(self.socket_dir, f"zygote-node{node}.sock")
+
+    def ensure(self, node: int, env: dict[str, str]) -> str:
+        """The node's socket path; (re)starts its warm process if it is not running."""
+        proc = self.procs.get(node)
+        if proc is None or proc.poll() is not None:
+            env = dict(env)
+            if "OMP_NUM_THREADS" not in env and self.nproc > 1:
+                env["OMP_NUM_THREADS"] = "1"  # what torchrun gives its workers in that case
+            cmd = [sys.executable, "-m", ZYGOTE_MODULE, "--socket", self.socket(node),
+                   "--log-format", self.log_format]
+            # Its own session: a Ctrl-C in the terminal reaches the supervisor, which stops the
+            # job in order, not the warm process (whose workers would die with it). preexec_fn
+            # is one prctl (ctypes is imported by then), as for the torchrun agents.
+            self.procs[node] = subprocess.Popen(
+                cmd, env=env, preexec_fn=die_with_parent, start_new_session=True)  # noqa: PLW1509
+            log.info("node %d: warm process pid %d", node, self.procs[node].pid)
+        return self.socket(node)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until every warm process serves (its socket appears only then); a slow or failed one
+        only costs its shims the slow start, so this gives up quietly after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for node, proc in self.procs.items():
+            while not os.path.exists(self.socket(node)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.warning("node %d: warm process not ready (exit %s); its workers start without it",
+                                node, proc.poll())
+                    break
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (it leaves once its workers are gone), SIGKILL after ``timeout``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
+                proc.wait(timeout=10)

@@ -26,6 +26,9 @@ from service.supervisor.monitor import JobMonitor
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
+# Seconds a connection may sit idle or trickle its request: a thread serves each connection,
+# so one that never finishes must not hold its thread forever.
+REQUEST_TIMEOUT_S = 10.0
 
 
 class SupervisorServer:
@@ -48,9 +51,12 @@ class SupervisorServer:
         self.on_restart_requested = on_restart_requested or (lambda: None)
         self.ready = ready or (lambda: True)
         self.known_nodes = known_nodes  # local mode: heartbeats from other nodes are refused
+        self._metrics_warned: set[int] = set()  # ranks whose bad snapshots were logged
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S  # on the socket: idle and trickling clients time out
+
             def log_message(self, fmt: str, *args: object) -> None:  # keep access logs quiet
                 log.debug("%s " + fmt, self.address_string(), *args)
 
@@ -67,7 +73,13 @@ class SupervisorServer:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path == "/metrics":
-                    self._reply(200, generate_latest(server.metrics.exported), CONTENT_TYPE_LATEST)
+                    try:
+                        text = generate_latest(server.metrics.exported)
+                    except Exception as e:  # never a dropped connection: say why, in the log too
+                        log.exception("rendering /metrics failed")
+                        self._reply(500, json.dumps({"error": f"{type(e).__name__}: {e}"[:300]}).encode())
+                        return
+                    self._reply(200, text, CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     self._reply(200, b'{"status": "ok"}')
                 elif self.path == "/readyz":
@@ -83,38 +95,62 @@ class SupervisorServer:
                 if not token_ok(self.headers.get("Authorization"), server.token):
                     self._refuse(401, "missing or wrong token")
                     return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._refuse(413, "body too large")
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    self.close_connection = True  # where the body ends is unknown
+                    self._refuse(400, "bad Content-Length")
                     return
-                body = self.rfile.read(length)
+                if not 0 <= length <= MAX_BODY:
+                    self.close_connection = True
+                    self._refuse(413 if length > MAX_BODY else 400, "bad Content-Length: 0 to 65536 bytes")
+                    return
+                try:
+                    body = self.rfile.read(length)
+                except OSError:  # timed out or reset mid-body: nobody is left to answer
+                    server.metrics.rejected.inc()
+                    self.close_connection = True
+                    return
                 if self.path == "/control/restart":
                     server.on_restart_requested()
                     self._reply(200, json.dumps({"generation": server.monitor.generation}).encode())
                     return
                 try:
                     hb = Heartbeat.from_json(body)
-                except (ValueError, KeyError, TypeError) as e:
-                    self._refuse(400, f"bad heartbeat: {e}")
+                except (ValueError, KeyError, TypeError, OverflowError) as e:
+                    self._refuse(400, f"bad heartbeat: {type(e).__name__}: {e}"[:300])
                     return
                 if server.known_nodes is not None and hb.node not in server.known_nodes:
                     self._refuse(403, f"unknown node {hb.node!r}")
                     return
-                if server.monitor.should_exit(hb):
-                    answer = {"action": "exit", "generation": server.monitor.generation,
-                              "kill": server.monitor.kill_list(hb)}
-                else:
-                    if server.monitor.observe(hb):
-                        server.on_restart_observed(hb)
-                    if hb.metrics:
-                        server.metrics.relay.update(hb.rank, hb.metrics)
-                    answer = {"action": "none", "generation": server.monitor.generation}
-                self._reply(200, json.dumps(answer).encode())
+                self._reply(200, json.dumps(server.heartbeat(hb)).encode())
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="supervisor-http", daemon=True)
+
+    def heartbeat(self, hb: Heartbeat) -> dict[str, Any]:
+        """A valid heartbeat's answer: an exit order for a process told to leave, else none. A
+        malformed metrics snapshot is dropped (and counted) and the heartbeat still counts: a
+        worker's liveness never depends on its metrics, and /metrics never on one worker."""
+        if self.monitor.should_exit(hb):
+            kill = self.monitor.kill_list(hb)
+            return {"action": "exit", "generation": self.monitor.generation, "kill": kill}
+        if self.monitor.observe(hb):
+            self.on_restart_observed(hb)
+        answer: dict[str, Any] = {"action": "none", "generation": self.monitor.generation}
+        if hb.metrics:
+            try:
+                self.metrics.relay.update(hb.rank, hb.metrics)
+            except (ValueError, TypeError) as e:
+                self.metrics.rejected.inc()
+                answer["metrics"] = f"rejected: {e}"[:300]
+                if hb.rank not in self._metrics_warned:  # once per rank, not once per interval
+                    self._metrics_warned.add(hb.rank)
+                    log.warning("rank %d (node %s) sent a malformed metrics snapshot, not relayed: %s",
+                                hb.rank, hb.node, e)
+        return answer
 
     def start(self) -> "SupervisorServer":
         self._thread.start()

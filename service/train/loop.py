@@ -154,6 +154,9 @@ class Trainer:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        # torchrun SIGTERMs the survivors when a worker dies, maybe while this thread is stuck
+        # in a collective: the memory tier then leaves the last completed step from a thread.
+        self.checkpointer.watch_stop_signals()
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -179,6 +182,10 @@ class Trainer:
                 loss = self._train_step(batch)
                 self._advance(gb)
                 self.probe.after_step(self.train_state.step, batch["position"])
+                # Weights, optimizer, LR, EMA and counters all at this step now (the update
+                # began in before_update): it may be left in the memory tier. After the probe,
+                # so an injected failure at a step is never skipped by resuming past it.
+                self.checkpointer.update_done(self.train_state.step)
                 if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
                     self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
                 global_loss, stop, busy = self._agree(loss)

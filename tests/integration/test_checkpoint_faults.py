@@ -92,14 +92,17 @@ def test_crash_between_commit_stages_on_s3(s3_bucket, s3_server, stage, expected
 @pytest.mark.timeout(240)
 def test_kill9_one_worker_resumes_bitwise_equal(baseline, tmp_path):
     """With checkpoint.resume = "never", which decides the run's first start only: torchrun's
-    restart resumes from the newest commit (as with the default "auto") instead of starting over."""
+    restart resumes from the newest commit (as with the default "auto") instead of starting over.
+    The object-store path: the memory tier is off here (with it on, the restart resumes at the
+    survivor's step instead; tests/integration/test_memory_tier.py)."""
     resume = "never"
     ref_url, ref_loss = baseline
     dirs = traced_run(tmp_path)
     trace, url = dirs.trace, dirs.url
     proc = popen(
         torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
-                      dirs.url_arg, "train.step_sleep_s=0.25", f'checkpoint.resume="{resume}"'],
+                      dirs.url_arg, "train.step_sleep_s=0.25", f'checkpoint.resume="{resume}"',
+                      "checkpoint.memory_tier=false"],
                      max_restarts=2),
         env=dirs.env,
     )

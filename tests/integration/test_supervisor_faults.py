@@ -122,7 +122,9 @@ def _workers(pid: int) -> list[int]:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"service.train" in cmdline and b"torch.distributed.run" not in cmdline:  # not the agent
+        # not the agent, nor the warm process that forks workers (supervisor.prestart_workers)
+        if b"service.train" in cmdline and not any(
+                other in cmdline for other in (b"torch.distributed.run", b"service.train.zygote")):
             found.append(child)
     return found
 

@@ -69,6 +69,7 @@ def test_training_step_does_no_network_io(monkeypatch, tmp_path):
     monkeypatch.setenv("FTDIFF_SUPERVISOR_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("FTDIFF_TOKEN", "t")
     cfg = load_config(None, ["train.max_steps=6", "train.global_batch_size=4", f'checkpoint.url="{tmp_path}"',
+                             "logging.sample_every=0", "logging.tensorboard=false",
                              "checkpoint.every_steps=3", "supervisor.heartbeat_interval_s=0.05"])
     trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"))
     try:

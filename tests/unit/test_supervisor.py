@@ -55,21 +55,22 @@ def test_new_pid_is_a_restart_and_ordered_exits_are_not():
 
 
 def test_exit_orders_name_one_process_and_expire():
-    """Pods have their own PID namespaces: a restarted container's worker is pid 1 again, and
-    so is a worker on every other pod. An order must hit only the process it was meant for."""
+    """Pods have their own PID namespaces: a restarted container's worker gets the same pid
+    again, and so does a worker on every other pod. An order must hit only the process it was
+    meant for."""
     clock = Clock()
     m = JobMonitor(10, clock, order_ttl_s=60)
-    m.observe(hb(0, 1, node="pod-a", started=5.0))
-    m.observe(hb(1, 1, node="pod-b", started=6.0))
+    m.observe(hb(0, 31, node="pod-a", started=5.0))
+    m.observe(hb(1, 31, node="pod-b", started=6.0))
     m.order_restart(stuck=[m.ranks[0]])
-    assert m.should_exit(hb(0, 1, node="pod-a", started=5.0))
-    assert not m.should_exit(hb(0, 1, node="pod-a", started=50.0))  # the restarted container
-    assert not m.should_exit(hb(2, 1, node="pod-c", started=5.0))  # same pid, another pod
-    assert not m.observe(hb(0, 1, node="pod-a", started=5.0))  # the doomed one is ignored
-    assert m.kill_list(hb(1, 1, node="pod-b", started=6.0)) == []  # stuck ones only on its own node
-    assert m.kill_list(hb(3, 7, node="pod-a", started=9.0)) == [1]
+    assert m.should_exit(hb(0, 31, node="pod-a", started=5.0))
+    assert not m.should_exit(hb(0, 31, node="pod-a", started=50.0))  # the restarted container
+    assert not m.should_exit(hb(2, 31, node="pod-c", started=5.0))  # same pid, another pod
+    assert not m.observe(hb(0, 31, node="pod-a", started=5.0))  # the doomed one is ignored
+    assert m.kill_list(hb(1, 31, node="pod-b", started=6.0)) == []  # stuck ones only on its own node
+    assert m.kill_list(hb(3, 7, node="pod-a", started=9.0)) == [31]
     clock.t += 61  # orders expire: nothing they named can still be waiting for them
-    assert not m.should_exit(hb(0, 1, node="pod-a", started=5.0))
+    assert not m.should_exit(hb(0, 31, node="pod-a", started=5.0))
     assert m.kill_list(hb(3, 7, node="pod-a", started=9.0)) == []
 
 
