@@ -123,6 +123,7 @@ class LocalSupervisor(Supervisor):
         self.overrides = overrides
         self.agents: dict[int, Agent] = {}
         self.relaunches = 0
+        self._recovering = False  # a relaunch is under way: "running" again once all report
         self._commit_at_relaunch: int | None = None
         # Rendezvous round: torchrun closes a run id's rendezvous for good when an agent gives
         # up, so agents relaunched after that join a fresh one (``<run id>-r<round>``).
@@ -195,16 +196,16 @@ class LocalSupervisor(Supervisor):
         return self._handle_agents()
 
     def on_hung(self, hung: list[RankState]) -> None:
-        stuck = []
+        stuck, gone = [], []
         for state in hung:
             if procs.pid_alive(state.hb.pid):
                 stuck.append(state)
-                continue
-            # Silent because it is gone, not stuck: a crash that torchrun is restarting.
-            if self.monitor.forget(state.hb.rank) is not None:
-                log.warning("rank %d (node %s, pid %d) is gone: worker crash",
-                            state.hb.rank, state.hb.node, state.hb.pid)
-                self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
+            elif self.monitor.forget(state.hb.rank) is not None:
+                gone.append(state)
+        if gone:  # silent because gone, not stuck: one crash that torchrun is restarting
+            log.warning("worker crash: %s gone", ", ".join(
+                f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid})" for s in gone))
+            self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
         if not stuck:
             return
         desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in stuck)
@@ -218,6 +219,11 @@ class LocalSupervisor(Supervisor):
 
     def after_tick(self) -> None:
         self._handle_silence()
+        # Back to "running" once every rank of the relaunched job reports again.
+        world = self.monitor.world_size()
+        if self._recovering and world and self.monitor.all_fresh(world):
+            self._recovering = False
+            self.metrics.state.state("running")
 
     def on_refused(self, hb: Heartbeat) -> int | None:
         self._stop_agents(signal.SIGTERM, timeout=30)
@@ -306,6 +312,7 @@ class LocalSupervisor(Supervisor):
             self._kill_workers(lambda s, n=node: s.hb.node == str(n))
             self.monitor.order_restart()
             delay = self.ledger.backoff_s()
+            self._recovering = True
             if delay:
                 self.metrics.state.state("backoff")
                 log.warning("crash loop (%d failures without a new commit): waiting %.0fs",

@@ -406,3 +406,32 @@ def test_preemption_exits_43_only_for_this_runs_own_emergency_commit(tmp_path):
     commit(5, "mine")
     assert LocalSupervisor._emergency_commit_problem(fake, asked) is None
     assert "no emergency checkpoint" in LocalSupervisor._emergency_commit_problem(fake, time.time() + 60)
+
+
+def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after_a_relaunch():
+    import os
+    import subprocess
+    import sys
+
+    from service.supervisor.launcher import LocalSupervisor
+
+    cfg = load_config(None, ["supervisor.port=0"])
+    sup = LocalSupervisor(cfg, None, [], nnodes=1, nproc_per_node=2)
+    dead = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    for p in dead:
+        p.wait()
+    for rank, p in enumerate(dead):  # both workers of a torchrun restart are gone at once
+        sup.monitor.observe(hb(rank=rank, pid=p.pid))
+    sup.on_hung(list(sup.monitor.ranks.values()))
+    crashes = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "worker_crash"})
+    assert crashes == 1 and sup.monitor.ranks == {}
+
+    sup._recovering = True  # as after a relaunch (state "restarting")
+    sup.metrics.state.state("restarting")
+    sup.monitor.observe(hb(rank=0, pid=os.getpid()))
+    sup.after_tick()
+    state = lambda s: sup.metrics.registry.get_sample_value("ftdiff_job_state", {"ftdiff_job_state": s})  # noqa: E731
+    assert state("restarting") == 1  # rank 1 has not reported yet
+    sup.monitor.observe(hb(rank=1, pid=os.getppid()))
+    sup.after_tick()
+    assert state("running") == 1 and state("restarting") == 0
