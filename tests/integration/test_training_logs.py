@@ -15,7 +15,7 @@ STEPS = 8
 SAMPLE_N = 4
 # Async saves every 2 steps and a grid every 2 steps: renders overlap training and saves.
 RUN = [f"train.max_steps={STEPS}", "checkpoint.every_steps=2", f"logging.sample_n={SAMPLE_N}",
-       "logging.sample_steps=5"]
+       "logging.sample_steps=5", "logging.tensorboard=true"]
 SCALARS = {"train/loss", "train/lr", "train/samples_per_second", "checkpoint/save_seconds",
            "checkpoint/commit_seconds"}
 
