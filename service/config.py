@@ -75,11 +75,11 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(default=200, ge=1)
-    global_batch_size: int = Field(default=16, ge=1)
+    max_steps: int = Field(default=1000, ge=1)
+    global_batch_size: int = Field(default=32, ge=1)
     """Samples per optimizer step over all ranks; must divide by the world size."""
-    lr: float = Field(default=2e-4, gt=0)
-    warmup_steps: int = Field(default=20, ge=0)
+    lr: float = Field(default=2e-3, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at max_steps."""
     weight_decay: float = Field(default=0.0, ge=0)
@@ -320,7 +320,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(sect, dict):
             raise UserError(f"--set {section}.{key}=...: {section!r} is not a section")
         sect[key] = value
-    return config_from_dict(data, source=source)
+    cfg = config_from_dict(data, source=source)
+    _check_usable(cfg, source)
+    return cfg
+
+
+def _check_usable(cfg: Config, source: str) -> None:
+    """What a job's own config (not a recorded one) must also satisfy: no placeholder where a
+    secret goes (a saved --print-config output would otherwise run with "***" as its token),
+    and sample grids the noise schedule can render."""
+    placeholders = [f"{section}.{key}" for section, values in cfg.to_dict().items() for key, value in values.items()
+                    if isinstance(value, str) and (value == REDACTED or f"://{REDACTED}@" in value)]
+    if placeholders:
+        raise UserError(f"invalid configuration ({source}): {', '.join(placeholders)} holds the redaction "
+                        f"placeholder {REDACTED!r} (from --print-config or a manifest); put the real value "
+                        "there, or leave it out (the token can come from FTDIFF_TOKEN)")
+    if cfg.logging.sample_every and cfg.logging.sample_steps > cfg.model.num_train_timesteps:
+        raise UserError(f"invalid configuration ({source}): logging.sample_steps = {cfg.logging.sample_steps} "
+                        f"is more than model.num_train_timesteps = {cfg.model.num_train_timesteps}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "dict") -> Config:

@@ -58,17 +58,27 @@ def _redact_one(url: str) -> str:
     if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    head, tail = rest[:cut], rest[cut:]
-    authority = head.split("/", 1)[0]
-    at = -1
-    if "@" in authority:
-        at = authority.rfind("@")
-    elif _looks_like_userinfo(authority) and "@" in head:
-        at = head.rfind("@")
+    at = _userinfo_end(rest)
+    prefix = ""
     if at >= 0:
-        head = f"{REDACTED}@{head[at + 1:]}"
-    return f"{scheme}://{head}{_redact_query(tail)}"
+        prefix, rest = f"{REDACTED}@", rest[at + 1:]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    return f"{scheme}://{prefix}{rest[:cut]}{_redact_query(rest[cut:])}"
+
+
+def _userinfo_end(rest: str) -> int:
+    """Index of the ``@`` that ends the userinfo of ``rest`` (the URL after ``scheme://``), or -1.
+
+    The authority runs to the first ``/``; a password may hold ``@``, ``?``, ``#`` or an
+    unescaped ``/``. With an ``@`` in the authority, the userinfo ends at its last one; when
+    the authority is cut short but looks like ``user:secret``, at the last ``@`` anywhere.
+    """
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        return authority.rfind("@")
+    if _looks_like_userinfo(authority.split("?", 1)[0].split("#", 1)[0]) and "@" in rest:
+        return rest.rfind("@")
+    return -1
 
 
 # A URL inside free text (a message, a traceback): scheme://, then up to whitespace or a quote.

@@ -9,15 +9,19 @@ from typing import Any
 from service.errors import EXIT_OK
 
 
-def resolved_config(config: str | None, overrides: list[str]) -> Any:
-    """The config ``ftdiff train`` hands its workers: the file, then the overrides the workers
-    find in FTDIFF_OVERRIDES. The launcher puts ``--set`` there when there is any, otherwise
-    the workers inherit the caller's variable; taking ``worker_env`` from the launcher keeps
-    this the config the job really trains with, not a second guess at it."""
-    from service.config import load_config, overrides_from_env
-    from service.supervisor.launcher import worker_env
+def job_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of a job started here: the caller's FTDIFF_OVERRIDES, then ``--set`` (typed
+    by hand, so it wins) — what the supervisor uses itself and hands its workers, whole."""
+    from service.config import overrides_from_env
 
-    return load_config(config, overrides_from_env({**os.environ, **worker_env(list(overrides))}))
+    return overrides_from_env() + list(overrides)
+
+
+def resolved_config(config: str | None, overrides: list[str]) -> Any:
+    """The config ``ftdiff train`` runs with, and its workers train with."""
+    from service.config import load_config
+
+    return load_config(config, job_overrides(overrides))
 
 
 def print_config(args: argparse.Namespace) -> int:
@@ -43,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     return run_local_job(
         config=args.config,
-        overrides=args.set,
+        overrides=job_overrides(args.set),
         nnodes=args.nnodes,
         nproc_per_node=args.nproc_per_node,
         log_format=args.log_format,
@@ -55,7 +59,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
     from service.supervisor.attach import run_attached
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, job_overrides(args.set))
     setup_logging("supervisor", args.log_format, args.verbose,
                   secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
     return run_attached(cfg)

@@ -73,7 +73,7 @@ class TensorBoardSink:
         self._lock = threading.Lock()
         self._done = False
 
-    def open(self, purge_step: int) -> None:
+    def open(self, purge_step: int | None) -> None:
         with self._lock:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -175,12 +175,13 @@ class TrainingLogs:
     """Rank 0's TensorBoard scalars and sample grids; on other ranks every call does nothing."""
 
     def __init__(self, cfg: Config, info: DistInfo, model: torch.nn.Module, ema: EMAModel,
-                 registry: CollectorRegistry):
+                 registry: CollectorRegistry, should_stop: Callable[[], bool] = lambda: False):
         main = info.is_main
         self.tensorboard = TensorBoardSink(tensorboard_dir(cfg)) if main and cfg.logging.tensorboard else None
         self.samples = None
         if main and cfg.logging.sample_every > 0:
-            self.samples = SampleRenderer(cfg, model, ema, samples_dir(cfg), info.device, on_grid=self._grid)
+            self.samples = SampleRenderer(cfg, model, ema, samples_dir(cfg), info.device, on_grid=self._grid,
+                                          should_stop=should_stop)
         self.checkpoint_times = CheckpointTimes(registry)
         self._last_step = 0
 
@@ -188,7 +189,9 @@ class TrainingLogs:
         """After resuming: ``start_step`` is the step training continues from."""
         self._last_step = start_step
         if self.tensorboard is not None:
-            self.tensorboard.open(purge_step=start_step + 1)
+            # Only a resumed run hides what an earlier start logged past its step; a fresh one
+            # (step 0) must not wipe another run's curves in a shared directory.
+            self.tensorboard.open(purge_step=start_step + 1 if start_step > 0 else None)
 
     def step(self, step: int, loss: float, lr: float, samples_per_second: float) -> None:
         """At each log line: the training scalars, and the times of saves finished since."""
@@ -200,8 +203,9 @@ class TrainingLogs:
         self.tensorboard.scalars(step, values)
 
     def maybe_sample(self, step: int, *, final: bool = False) -> None:
-        """After each step: start a grid in the background if one is due (``final``: the last
-        step, whose grid ``close`` waits for)."""
+        """After each step: start a grid in the background if one is due. ``final``: the last
+        step's grid, asked for after the final commit (it may wait for the previous render, and
+        ``close`` waits for it; both waits end at a stop request)."""
         if self.samples is not None:
             self.samples.maybe_render(step, final=final)
 

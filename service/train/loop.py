@@ -106,7 +106,8 @@ class Trainer:
             fingerprint=fingerprint(cfg, data_length=len(self.source)),
         )
         self.checkpointer.storage.check_reachable()
-        self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry)
+        self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry,
+                                 should_stop=lambda: self._stop_signal is not None)
         self._stop_signal: int | None = None
         self._started = time.time()
         self.phase = "starting"
@@ -200,7 +201,8 @@ class Trainer:
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
-                self.logs.maybe_sample(step, final=step == total)  # rendered in the background
+                if step < total:  # the last step's grid comes after the final commit
+                    self.logs.maybe_sample(step)  # rendered in the background
                 # Visibly a storage phase while it blocks (a slow or unreachable store is not
                 # a hang; see service.supervisor.monitor).
                 self.phase = "checkpointing"
@@ -268,7 +270,10 @@ class Trainer:
         self.phase = "checkpointing"
         self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
         log.info("done: step %d committed", step)
+        # "done" before the last grid: the work is committed, so neither a slow render nor a
+        # SIGTERM now (which ends the wait for it) can cost the run anything.
         self.phase = "done"
+        self.logs.maybe_sample(step, final=True)
         return EXIT_OK
 
     def _emergency_stop(self, step: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,12 +55,16 @@ class SampleRenderer:
         *,
         on_grid: OnGrid | None = None,
         render: Generate = generate,
+        should_stop: Callable[[], bool] = lambda: False,
     ):
         """``model``: the training UNet (its buffers, which the EMA does not average);
         ``on_grid(step, png)``: called on the render thread after each PNG is written (the
         TensorBoard image); ``render``: ``service.sample.generate`` (tests pass a slower one)."""
         self.cfg, self.model, self.ema, self.out_dir, self.device = cfg, model, ema, out_dir, device
         self.on_grid, self.render = on_grid, render
+        # A stop request (SIGTERM) ends every wait for a render at once: waits happen only
+        # after the final commit, and a preempted pod must not spend its grace period here.
+        self.should_stop = should_stop
         self.every = cfg.logging.sample_every
         self.rendered = 0
         self.skipped = 0
@@ -77,11 +82,10 @@ class SampleRenderer:
         if self._busy():
             if not final:
                 self.skipped += 1
-                log.info("samples: step %d skipped, the previous grid is still rendering (%d skipped so far)",
-                         step, self.skipped)
+                log.debug("samples: step %d skipped, the previous grid is still rendering (%d skipped so far)",
+                          step, self.skipped)
                 return
-            assert self._thread is not None
-            self._thread.join(FINAL_TIMEOUT_S)
+            self._wait(FINAL_TIMEOUT_S)
             if self._busy():
                 log.warning("samples: no grid for the last step %d, the previous one is still rendering", step)
                 return
@@ -97,9 +101,8 @@ class SampleRenderer:
     def close(self) -> None:
         """Wait for the last step's grid (bounded); an interrupted run waits only briefly."""
         if self._busy():
-            assert self._thread is not None
             timeout = FINAL_TIMEOUT_S if self._final else ABANDON_TIMEOUT_S
-            self._thread.join(timeout)
+            self._wait(timeout)
             if self._busy():
                 log.warning("samples: leaving without the grid still rendering after %.0fs", timeout)
         if self.rendered or self.skipped:
@@ -107,6 +110,13 @@ class SampleRenderer:
                      self.rendered, self.out_dir, self.skipped)
 
     # -- internals ---------------------------------------------------------------------------
+    def _wait(self, timeout: float) -> None:
+        """Join the render thread for up to ``timeout`` s, or until a stop is requested."""
+        deadline = time.monotonic() + timeout
+        while self._busy() and not self.should_stop() and time.monotonic() < deadline:
+            assert self._thread is not None
+            self._thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def _busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

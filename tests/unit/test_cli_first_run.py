@@ -52,10 +52,10 @@ def test_print_config_round_trips_and_includes_file_set_and_environment(tmp_path
     expected = load_config(cfg_file, ["model.sample_size=32", "train.max_steps=88"])
     assert load_config(printed).to_dict() == expected.to_dict()  # every key, every type
     assert expected.train.max_steps == 88 and expected.run.name == 'quote" and \\ slash'
-    # With --set, the launcher hands the workers only --set (FTDIFF_OVERRIDES is replaced).
+    # --set comes after FTDIFF_OVERRIDES: it wins where both name a key, the rest stays.
     res = ftdiff("train", "--config", str(cfg_file), "--print-config", "--set", "train.max_steps=5")
     assert tomllib.loads(res.stdout)["train"]["max_steps"] == 5
-    assert tomllib.loads(res.stdout)["model"].get("sample_size") is None
+    assert tomllib.loads(res.stdout)["model"]["sample_size"] == 32
 
 
 @pytest.mark.timeout(60)

@@ -165,6 +165,30 @@ def test_one_render_at_a_time_skips_while_busy_and_the_final_one_is_waited_for(t
 
 
 @pytest.mark.timeout(30)
+def test_a_stop_request_ends_every_wait_for_a_render_at_once(tmp_path):
+    """SIGTERM after the final commit, while the last grid waits for a slow render: the worker
+    leaves at once (a preempted pod's grace period is not spent on pictures)."""
+    import time
+
+    release = threading.Event()
+
+    def stuck(unet, cfg, n, seed=0, steps=50):
+        release.wait(20)
+        raise RuntimeError("released")
+
+    stop = threading.Event()
+    renderer, _, _ = _renderer(tmp_path, render=stuck)
+    renderer.should_stop = stop.is_set
+    renderer.maybe_render(2)  # in flight, and it will not finish by itself
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    renderer.maybe_render(3, final=True)  # would wait up to FINAL_TIMEOUT_S (120 s)
+    renderer.close()
+    assert time.monotonic() - t0 < 3
+    release.set()
+
+
+@pytest.mark.timeout(30)
 def test_rendering_leaves_the_global_rng_and_the_ema_untouched(tmp_path):
     renderer, ema, grids = _renderer(tmp_path)
     shadow = [p.clone() for p in ema.shadow_params]
@@ -195,3 +219,10 @@ def test_a_failing_render_warns_once_and_stops_rendering(tmp_path, caplog):
     assert calls == [1] and grids == [] and renderer.disabled
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+
+
+def test_sample_steps_beyond_the_noise_schedule_are_a_config_error():
+    with pytest.raises(UserError, match="logging.sample_steps"):
+        load_config(None, ["model.num_train_timesteps=10"])
+    assert load_config(None, ["model.num_train_timesteps=10", "logging.sample_steps=10"])
+    assert load_config(None, ["model.num_train_timesteps=10", "logging.sample_every=0"])

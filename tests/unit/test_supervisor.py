@@ -299,7 +299,7 @@ def test_silent_agents_are_ended_for_a_relaunch():
         except FileNotFoundError:
             return True
 
-    cfg = load_config(None, ["supervisor.startup_timeout_s=0.5", "supervisor.port=0"])
+    cfg = load_config(None, ["supervisor.startup_timeout_s=0.5", "supervisor.port=0", "metrics.port=0"])
     sup = LocalSupervisor(cfg, None, [], nnodes=1, nproc_per_node=1)
     # A stand-in agent with a child of its own, as torchrun has its workers.
     agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen("
@@ -415,7 +415,7 @@ def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after
 
     from service.supervisor.launcher import LocalSupervisor
 
-    cfg = load_config(None, ["supervisor.port=0"])
+    cfg = load_config(None, ["supervisor.port=0", "metrics.port=0"])
     sup = LocalSupervisor(cfg, None, [], nnodes=1, nproc_per_node=2)
     dead = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
     for p in dead:
