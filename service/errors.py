@@ -10,6 +10,7 @@ EXIT_USAGE = 2  # bad arguments, config, URL, impossible geometry: nothing was w
 EXIT_SUPERSEDED = 46  # worker: another start of the job now owns the checkpoint root (fenced)
 EXIT_STORAGE = 3  # storage unreachable, or access denied (credentials, read-only, policy)
 EXIT_PREEMPTED = 43  # SIGTERM handled, emergency checkpoint committed
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, quietly
 
 
 class UserError(Exception):

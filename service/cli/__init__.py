@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from service.cli.common import command_logging
 from service.cli.failures import failure as _failure
+from service.cli.failures import stdout_closed, stdout_gone
 from service.cli.parser import build_parser
 from service.config import redact_text
 
@@ -37,10 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or getattr(args, "print_config", False) or getattr(args, "dry_run", False)
     try:
         with command_logging(args.verbose) if quiet else contextlib.nullcontext():
-            return func(args)
+            code = func(args)
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError below
+            return code
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 — CheckpointException is a BaseException
+        if isinstance(e, BrokenPipeError) and stdout_closed():  # not a storage socket's
+            return stdout_gone()
         code, message = _failure(e)
         print(f"ftdiff: {redact_text(message)}", file=sys.stderr)
         if args.verbose:

@@ -89,6 +89,8 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
 
     if args.keep_last < 1:
         raise UserError("--keep-last must be at least 1 (the newest commit is never deleted)")
+    if args.keep_every < 0:
+        raise UserError(f"--keep-every {args.keep_every}: must be 0 (none) or a positive step interval")
     catalog = open_catalog(args.url, args)
     if args.dry_run:  # the very selection apply_retention deletes, without deleting it
         doomed = retention_plan(catalog, args.keep_last, args.keep_every)

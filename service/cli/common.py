@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from service.config import redact_url
-from service.errors import BadCheckpointError
+from service.errors import BadCheckpointError, UserError
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,9 @@ def open_catalog(url: str, args: argparse.Namespace) -> Any:
     storage = open_storage(url, args.endpoint_url, args.region)
     if not storage.check_reachable(write=False):
         raise BadCheckpointError(f"no such checkpoint root {storage.display_url}")
+    if not storage.is_object_store and storage.fs.isfile(storage.root):
+        raise UserError(f"{storage.display_url} is a file, not a checkpoint root "
+                        "(a folder of step-N folders)")
     return Catalog(storage)
 
 
@@ -53,6 +59,34 @@ def resolve_ref(args: argparse.Namespace) -> Any:
         return CheckpointRef(catalog, step, catalog.manifest(step))
     except ManifestError as e:
         raise BadCheckpointError(f"{catalog.storage.display_url}/{step_dir(step)}: {e}") from None
+
+
+def check_out_path(out: str, flag: str = "--out", folder: bool = False) -> None:
+    """Refuse (exit 2, naming ``flag``) an output path that cannot be written, before any
+    checkpoint is read: its nearest existing ancestor must be a directory this process can
+    create files in (tried for real: root passes os.access checks that the filesystem then
+    refuses, as under /sys or on a read-only mount). Creates nothing that stays."""
+    target = Path(out).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        if folder:
+            raise UserError(f"{flag} {out!r} is a file; give a new folder")
+        try:  # an existing file: it must be replaceable (append mode changes nothing)
+            with open(target, "ab"):
+                pass
+        except OSError as e:
+            raise UserError(f"{flag} {out!r}: cannot write it: {e.strerror or e}") from None
+        return
+    where = target if folder and target.is_dir() else target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"{flag} {out!r}: {str(where)!r} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ftdiff-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {out!r}: cannot create files in {str(where)!r}: {e.strerror or e}") from None
 
 
 def shown(ref: Any) -> str:
@@ -101,7 +135,8 @@ def human_bytes(count: int) -> str:
     value = float(count)
     for unit in _UNITS:
         value /= 1024
-        if value < 1024 or unit == _UNITS[-1]:
+        # Compare the printed value: 1048575 B is 1023.999 KiB, which would print "1024.0 KiB".
+        if round(value, 1) < 1024 or unit == _UNITS[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
 

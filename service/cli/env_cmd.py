@@ -19,6 +19,8 @@ from service.errors import EXIT_OK
 # Distributions whose versions matter for training and checkpoints (pip names).
 PACKAGES = ("torch", "diffusers", "fsspec", "s3fs", "prometheus-client", "pydantic", "numpy",
             "safetensors", "rich")
+# Their import names, where not the pip name with "_" for "-".
+_MODULES = {"prometheus-client": "prometheus_client"}
 
 
 def ftdiff_version() -> str:
@@ -39,9 +41,27 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _accelerators() -> dict[str, Any]:
+def import_error(dist: str) -> str | None:
+    """Why an installed package fails to import (``ImportError: libcudart.so.13: ...``), or
+    None when it imports: a wheel whose metadata is there but whose import breaks (a missing
+    CUDA library, a half-removed install) is what a bug report most needs to show."""
+    import importlib
+
+    try:
+        importlib.import_module(_MODULES.get(dist, dist.replace("-", "_")))
+    except Exception as e:  # noqa: BLE001 — any import failure is reported, never fatal
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+    return None
+
+
+def _accelerators(torch_error: str | None = None) -> dict[str, Any]:
     """CUDA, NCCL and MPS as torch sees them; every probe is guarded (a broken driver must not
     break the command meant to report it)."""
+    if torch_error is not None:  # torch does not import: nothing to ask it
+        why = f"torch is broken: {torch_error}"
+        return {"cuda": {"available": False, "version": None, "devices": [], "error": why},
+                "nccl": {"available": False, "version": None}, "mps": False}
     import torch
 
     cuda: dict[str, Any] = {"available": False, "version": torch.version.cuda, "devices": []}
@@ -71,18 +91,21 @@ def _accelerators() -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     """Everything ``ftdiff env`` reports, as one JSON-able dict (package versions at the top
-    level, None where a package is not installed)."""
+    level, None where a package is not installed; ``import_errors``: {package: error} for
+    installed packages that fail to import)."""
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on macOS
         usable = os.cpu_count()
     body: dict[str, Any] = {"python": platform.python_version(), "ftdiff": ftdiff_version()}
     body.update({dist: _version(dist) for dist in PACKAGES})
+    errors = {dist: import_error(dist) for dist in PACKAGES if body[dist] is not None}
+    body["import_errors"] = {dist: error for dist, error in errors.items() if error is not None}
     body.update({
         "platform": platform.platform(), "machine": platform.machine(),
         "python_executable": sys.executable, "cpu_count": os.cpu_count(), "cpu_usable": usable,
     })
-    body.update(_accelerators())
+    body.update(_accelerators(body["import_errors"].get("torch") if body["torch"] else "not installed"))
     return body
 
 
@@ -92,7 +115,9 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return EXIT_OK
     cuda, nccl = body["cuda"], body["nccl"]
-    lines = [(key, body[key] or "not installed") for key in ("python", "ftdiff", *PACKAGES)]
+    broken = body["import_errors"]
+    lines = [(key, f"broken: {broken[key]} (installed: {body[key]})" if key in broken
+              else body[key] or "not installed") for key in ("python", "ftdiff", *PACKAGES)]
     lines += [("platform", f"{body['platform']} ({body['machine']})"),
               ("cpus", f"{body['cpu_count']} ({body['cpu_usable']} usable by this process)")]
     if cuda["available"]:

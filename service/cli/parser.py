@@ -10,17 +10,11 @@ from service.cli.env_cmd import cmd_env, ftdiff_version
 from service.cli.store_cmd import cmd_rdzv_store
 from service.cli.tools_cmds import cmd_export, cmd_sample
 from service.cli.train_cmds import cmd_supervise, cmd_train, cmd_worker
+from service.train.args import add_worker_args
 
 DESCRIPTION = "ftdiff: train, supervise, inspect/verify/prune checkpoints, export, sample."
 EPILOG = ("exit codes: 0 ok, 1 corrupt/missing checkpoint or failed run, 2 usage/config, "
           "3 storage unreachable or access denied (docs/operations.md)")
-# Help for the worker flags that service.train.entry.add_worker_args leaves without any.
-_WORKER_HELP = {
-    "--log-format": "log lines as text or JSON (one object per line)",
-    "--verbose": "more detail: debug logs (workers, supervisor) and the traceback of a failure",
-}
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default, unless there is none worth showing or the help says it."""
 
@@ -37,16 +31,6 @@ def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.Argu
     return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)  # type: ignore[no-any-return]
 
 
-def _worker_args(p: argparse.ArgumentParser) -> None:
-    from service.train.entry import add_worker_args
-
-    add_worker_args(p)
-    for action in p._actions:  # argparse keeps no public way to amend a flag's help
-        flag = next((s for s in action.option_strings if s in _WORKER_HELP), None)
-        if flag and not action.help:
-            action.help = _WORKER_HELP[flag]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdiff", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
@@ -58,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(sub, "train", "run a supervised local job (default: embedded tiny job)")
-    _worker_args(p)
+    add_worker_args(p)
     p.add_argument("--nnodes", type=int, default=1, help="simulated nodes (torchrun agents)")
     p.add_argument("--nproc-per-node", type=int, default=2, help="worker processes per node")
     first_run = p.add_mutually_exclusive_group()
@@ -70,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = _sub(sub, "supervise", "watch a cluster-launched job (attach mode)")
-    _worker_args(p)
+    add_worker_args(p)
     p.set_defaults(func=cmd_supervise)
 
     p = _sub(sub, "worker", "the torchrun worker entry (same as python -m service.train)")
-    _worker_args(p)
+    add_worker_args(p)
     p.set_defaults(func=cmd_worker)
 
     _ckpt_parsers(_sub(sub, "ckpt", "inspect, verify and prune checkpoints"))
@@ -92,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG file to write")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (strided DDPM)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     add_storage_args(p)
     p.set_defaults(func=cmd_sample, quiet=True)

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from service.errors import UserError
+
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -29,14 +31,22 @@ def dumps(body: Mapping[str, Any], header: str = "") -> str:
         if lines:
             lines.append("")
         lines.append(f"[{_key(section)}]")
-        lines += [_pair(key, value) for key, value in values.items()]
+        lines += [_pair(key, value, f"{section}.{key}") for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
 
-def _pair(key: str, value: Any) -> str:
+def _pair(key: str, value: Any, name: str = "") -> str:
     if value is None:
         return f"# {_key(key)}: unset (its default applies)"
-    return f"{_key(key)} = {_value(value)}"
+    text = f"{_key(key)} = {_value(value)}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 (a path from the command line or the environment) reach
+        # Python as lone surrogates; TOML strings are Unicode and cannot hold them.
+        raise UserError(f"{name or key}: the value holds bytes that are not UTF-8, which TOML cannot hold "
+                        "(from --set, $FTDIFF_OVERRIDES or the config file); use a UTF-8 name") from None
+    return text
 
 
 def _key(key: str) -> str:

@@ -12,8 +12,9 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from service.checkpoint.ownership import FencedError
-from service.config import OVERRIDES_ENV, Config, load_config, overrides_from_env
+from service.config import Config, load_config, overrides_from_env
 from service.errors import EXIT_SUPERSEDED, UserError, exit_code_of
+from service.train.args import add_worker_args
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,6 @@ def build_parser(prog: str = "python -m service.train") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(prog=prog, description="ftdiff training worker (run under torchrun)")
     add_worker_args(p)
     return p
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file or preset name (tiny, small, base); default: embedded tiny")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=f"override one config key (repeatable; after those in ${OVERRIDES_ENV})")
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
-    p.add_argument("--verbose", action="store_true")
 
 
 def worker_config(config: str | None, overrides: list[str]) -> Config:
