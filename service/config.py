@@ -75,11 +75,11 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(default=1000, ge=1)
-    global_batch_size: int = Field(default=32, ge=1)
+    max_steps: int = Field(default=200, ge=1)
+    global_batch_size: int = Field(default=16, ge=1)
     """Samples per optimizer step over all ranks; must divide by the world size."""
-    lr: float = Field(default=2e-3, gt=0)
-    warmup_steps: int = Field(default=50, ge=0)
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at max_steps."""
     weight_decay: float = Field(default=0.0, ge=0)
@@ -167,7 +167,7 @@ class LoggingConfig(_Section):
     sample_every: int = Field(default=100, ge=0)
     """A grid every N steps and at the last step (0: none), to <run dir>/samples/step-N.png."""
     sample_n: int = Field(default=16, ge=1, le=256)
-    sample_steps: int = Field(default=50, ge=1, le=1000)  # DDIM steps; all: docs/operations.md
+    sample_steps: int = Field(default=50, ge=1, le=1000)  # sampling steps; all: docs/operations.md
     @field_validator("tensorboard_dir")
     def _local(cls, v: str | None) -> str | None:  # event files are appended to: no object stores
         if v is not None and "://" in v and not v.startswith("file://"):
