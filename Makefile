@@ -35,8 +35,10 @@ run: install
 	$(BIN)/ftdiff sample runs/ftdiff/checkpoints --out runs/ftdiff/samples.png
 	@echo "checkpoints: runs/ftdiff/checkpoints   samples: runs/ftdiff/samples.png"
 
+# Two test processes: most of the suite waits on real processes (sleeps, timeouts, restarts),
+# so two run side by side in about half the time; worksteal evens out the long fault tests.
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
