@@ -55,7 +55,11 @@ def assert_same_result_as(baseline: tuple[str, dict[int, float]], url: Path, err
     ref_url, ref_loss = baseline
     assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
     assert_bitwise_equal(weights(ref_url, "ema"), weights(str(url), "ema"))
-    assert losses(err) == ref_loss  # the same loss at every step
+    # The same loss at every logged step; the step in flight at the kill may have no line at
+    # all (rank 0 logs after the per-step all-reduce, which the dead rank never joined, and the
+    # memory tier resumes after that step: it is not trained again).
+    got = losses(err)
+    assert got == {step: ref_loss[step] for step in got} and len(ref_loss) - len(got) <= 1
 
 
 @pytest.mark.timeout(180)

@@ -61,4 +61,8 @@ def test_prestarted_workers_recover_from_kill9_bitwise_equal(baseline, tmp_path)
     assert {line["pid"] for line in trace_lines(job.trace)} >= set(before.values()) | set(after.values())
     assert_bitwise_equal(weights(ref_url, "model"), weights(job.url, "model"))
     assert_bitwise_equal(weights(ref_url, "ema"), weights(job.url, "ema"))
-    assert losses(err) == ref_loss
+    # The same loss at every logged step; the step in flight at the kill may have no line at
+    # all (rank 0 logs after the per-step all-reduce, which the dead rank never joined, and the
+    # memory tier resumes after that step: it is not trained again).
+    got = losses(err)
+    assert got == {step: ref_loss[step] for step in got} and len(ref_loss) - len(got) <= 1
