@@ -101,8 +101,15 @@ def test_restarted_pod_with_the_same_pids_trains_on_and_a_rolled_supervisor_leav
             assert {l["pid"] for l in new_b} == {b_pid}, (
                 "the new pod's worker (same pid as the doomed one) should train on, never told to exit")
 
+            # Settled: both pods trained three steps together (a join can make torchrun restart
+            # the workers once more; that is the rendezvous, not the supervisor).
+            joined = min(l["step"] for l in new_b if l["world_size"] == 2)
+            _wait(lambda: any(l["step"] >= joined + 3 and l["world_size"] == 2 for l in trace_lines(dirs.trace)),
+                  "both pods to train on together", 120, sup, *pods)
+            settled_at = time.time()
             # The supervisor is rolled mid-run: it leaves, the job trains on untouched.
-            pids_before = {(l["node"], l["pid"], l["rank"]) for l in trace_lines(dirs.trace) if l["time"] > killed_at}
+            pids_before = {(l["node"], l["pid"], l["rank"]) for l in trace_lines(dirs.trace)
+                           if l["time"] > settled_at - 1}
             files_before = set(dirs.trace.glob("*.jsonl"))
             sup.send_signal(signal.SIGTERM)
             assert sup.wait(timeout=30) == 0
@@ -119,7 +126,7 @@ def test_restarted_pod_with_the_same_pids_trains_on_and_a_rolled_supervisor_leav
                 stop(p)
             for log in logs.values():
                 log.close()
-        late = [l for l in trace_lines(dirs.trace) if l["time"] > killed_at]
+        late = [l for l in trace_lines(dirs.trace) if l["time"] > settled_at - 1]
         assert set(dirs.trace.glob("*.jsonl")) == files_before, "no worker was replaced after the roll"
         assert {(l["node"], l["pid"], l["rank"]) for l in late} == pids_before
         assert max(l["step"] for l in late if l["node"] == b.hostname) == STEPS  # B trained to the end
