@@ -26,7 +26,7 @@ from service.redact import (  # noqa: F401  (also importable from here, where ca
 )
 
 # Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
-# below are the embedded default job: tiny preset, synthetic data, local storage under ./runs.
+# below are the embedded default job: tiny preset, the shapes data set, local storage under ./runs.
 # service/configs links to the repository's configs/; wheels (and so the images) carry the files.
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -53,11 +53,14 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    kind: Literal["synthetic", "folder", "digits"] = "synthetic"
+    kind: Literal["shapes", "synthetic", "folder", "digits"] = "shapes"
+    """shapes: large flat circles, squares and triangles in four colours (the quick demo);
+    synthetic: the harder original shapes (smaller, five colours, varied grey backgrounds);
+    folder: PNG/JPEG files under data.url; digits: scikit-learn's 8x8 handwritten digits."""
     url: str | None = None
     """Image folder (local path or fsspec URL such as s3://bucket/images) for kind=folder."""
     epoch_size: int = Field(default=50_000, ge=1)
-    """Samples per epoch of the synthetic data (it is infinite; an epoch is a naming unit)."""
+    """Samples per epoch of the shapes and synthetic data (infinite; an epoch is a naming unit)."""
     num_workers: int = Field(default=0, ge=0, le=64)
     """DataLoader worker processes per rank. Does not change the samples or the math."""
     hflip: bool = True
@@ -75,11 +78,13 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(default=200, ge=1)
-    global_batch_size: int = Field(default=16, ge=1)
-    """Samples per optimizer step over all ranks; must divide by the world size."""
-    lr: float = Field(default=2e-4, gt=0)
-    warmup_steps: int = Field(default=20, ge=0)
+    max_steps: int = Field(default=500, ge=1)
+    global_batch_size: int = Field(default=64, ge=1)
+    """Samples per optimizer step over all ranks; must divide by the world size. The default
+    job (500 x 64, lr 5e-3, data.kind = "shapes") draws recognisable shapes after about a
+    minute on two CPU cores (docs/benchmarks.md, "Sample quality of the default job")."""
+    lr: float = Field(default=5e-3, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at max_steps."""
     weight_decay: float = Field(default=0.0, ge=0)

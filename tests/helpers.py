@@ -31,6 +31,9 @@ TINY = [
     # No sample grids or event files: tests of those turn them on themselves.
     "logging.sample_every=0",
     "logging.tensorboard=false",
+    # The default lr (5e-3, tuned for the 500-step demo) lets Adam amplify float reduction-order
+    # differences past the world-size comparison's tolerance within a few steps.
+    "train.lr=2e-4",
 ]
 
 

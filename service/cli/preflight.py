@@ -62,8 +62,8 @@ def _check_data(cfg: Config) -> tuple[int, str]:
 
     source = build_source(cfg)
     length = len(source)
-    if cfg.data.kind == "synthetic":
-        return length, f"ok: synthetic shapes, {length} samples per epoch"
+    if cfg.data.kind in ("shapes", "synthetic"):
+        return length, f"ok: {cfg.data.kind} (generated), {length} samples per epoch"
     if cfg.data.kind == "folder":
         return length, f"ok: {length} images under {redact_url(cfg.data.url or '')}"
     return length, f"ok: {cfg.data.kind}, {length} images"

@@ -57,7 +57,7 @@ def test_world_size_one_matches_two_within_float_tolerance(baseline, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_loss_falls_on_synthetic_data(tmp_path):
+def test_loss_falls_on_the_default_data(tmp_path):
     res = run(single_cmd([
         "train.max_steps=100", "train.global_batch_size=16", "train.lr=1e-3", "train.warmup_steps=10",
         "checkpoint.every_steps=100", f'checkpoint.url="{tmp_path}"', "data.epoch_size=2000",

@@ -4,10 +4,10 @@ from service.config import Config, load_config
 from service.errors import UserError
 
 
-def test_embedded_default_is_the_tiny_synthetic_local_job():
+def test_embedded_default_is_the_tiny_shapes_local_job():
     cfg = load_config(None)
     assert cfg.model.preset == "tiny"
-    assert cfg.data.kind == "synthetic"
+    assert cfg.data.kind == "shapes"  # the easy synthetic set; "synthetic" is still accepted
     assert "://" not in cfg.checkpoint.url
     assert cfg.checkpoint.async_ is True and cfg.checkpoint.resume == "auto"
 
