@@ -32,6 +32,40 @@ PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done"
 IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 
 
+# What a restart cost, as rank 0 measures it (service.train.recovery): fault kinds and where
+# the state came from.
+RECOVERY_KINDS = ("crash", "hang", "preemption", "rescale")
+RECOVERY_SOURCES = ("memory", "object_store", "fresh")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One restart's cost, as rank 0 reports it in its heartbeats."""
+
+    kind: str
+    source: str
+    seconds: float
+    steps_lost: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, body: object) -> "Recovery":
+        """Validate what a heartbeat carried; ValueError unless a real worker can have sent it."""
+        if not isinstance(body, dict) or set(body) != {"kind", "source", "seconds", "steps_lost"}:
+            raise ValueError("recovery must be an object with kind, source, seconds and steps_lost")
+        kind, source, seconds, lost = body["kind"], body["source"], body["seconds"], body["steps_lost"]
+        if kind not in RECOVERY_KINDS or source not in RECOVERY_SOURCES:
+            raise ValueError(f"recovery kind {kind!r} or source {source!r} unknown")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+                math.isfinite(seconds) and 0 <= seconds < 1e7):
+            raise ValueError("recovery seconds must be a finite number of seconds")
+        if isinstance(lost, bool) or not isinstance(lost, int) or not 0 <= lost < 1 << 63:
+            raise ValueError("recovery steps_lost must be a count")
+        return cls(kind, source, float(seconds), lost)
+
+
 @dataclass
 class Heartbeat:
     rank: int
@@ -53,6 +87,8 @@ class Heartbeat:
     started: float = 0.0
     """When this worker process started (Unix time). With node and pid it names one process:
     pods have PID namespaces of their own, so pids repeat across pods and container restarts."""
+    recovery: dict | None = None
+    """Rank 0 after a restart: what it cost (service.train.recovery.Recovery.as_dict())."""
 
     @property
     def process(self) -> tuple[str, int, float]:
@@ -82,7 +118,7 @@ class Heartbeat:
             last_committed_step=None if committed is None else _int(body, "last_committed_step"),
             restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
             metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
-            io_bytes=_int(body, "io_bytes", 0),
+            io_bytes=_int(body, "io_bytes", 0), recovery=_recovery(body.get("recovery")),
         )
         hb.validate()
         return hb
@@ -132,6 +168,10 @@ def _float(body: dict, key: str, default: float | None = None) -> float:
         raise ValueError(f"{key} out of range") from None
 
 
+def _recovery(value: object) -> dict | None:
+    return None if value is None else Recovery.from_dict(value).as_dict()
+
+
 def _str(body: dict, key: str) -> str:
     value = body[key]
     if not isinstance(value, str):
@@ -168,7 +208,7 @@ class HeartbeatSender:
         its torchrun agent): when one is gone, the worker exits at its next interval."""
         self.url = url.rstrip("/") + "/heartbeat"
         self.token, self.interval_s, self.status = token, interval_s, status
-        self.on_exit_order = on_exit_order or _exit_for_restart
+        self.on_exit_order = on_exit_order or exit_for_restart
         self.watch_pids = list(watch_pids or [])
         self.sent = 0
         self.failed = 0
@@ -264,7 +304,7 @@ def safe_to_kill(pid: object) -> bool:
     return pid not in {os.getpid(), os.getppid(), os.getpgrp()}
 
 
-def _exit_for_restart(generation: int, kill: list[int]) -> None:
+def exit_for_restart(generation: int, kill: list[int]) -> None:
     log.error("supervisor ordered a restart (generation %d): exiting so torchrun restarts us", generation)
     # Stuck peers on this node (named by the authenticated supervisor) cannot leave by
     # themselves; without this, torchrun would wait out its grace period before killing them.

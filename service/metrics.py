@@ -14,7 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
+from service.heartbeat import RECOVERY_KINDS
+
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RECOVERY_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
 RECOVERY_SOURCES = ("fresh", "object_store", "memory")
 MEMORY_REJECT_REASONS = ("corrupt", "foreign", "stale", "world_size")
@@ -157,6 +160,24 @@ class SupervisorMetrics:
             "ftdiff_supervisor_rejected_requests_total", "Requests refused (bad or missing token, bad body)",
             registry=r,
         )
+        # What failures cost (service.supervisor.recovery): measured by the restarted rank 0.
+        self.recovery_seconds = Histogram(
+            "ftdiff_recovery_seconds",
+            "Seconds from the job's last completed step before a fault to the first step after the restart",
+            ["kind", "source"], buckets=RECOVERY_BUCKETS, registry=r,
+        )
+        self.steps_lost = Counter(
+            "ftdiff_steps_lost_total", "Completed steps that restarts had to train again", ["kind"], registry=r,
+        )
+        self.goodput = Gauge(
+            "ftdiff_job_goodput_ratio", "Useful training time / wall time over the last 10 minutes (NaN at first)",
+            registry=r,
+        )
+        self.goodput.set(float("nan"))
+        for kind in RECOVERY_KINDS:  # every series from the start: rate() sees the first one
+            self.steps_lost.labels(kind=kind)
+            for source in RECOVERY_SOURCES:
+                self.recovery_seconds.labels(kind=kind, source=source)
         # Worker metrics arrive with the heartbeats and are re-exported with a rank label, so
         # one scrape of the supervisor covers the whole job.
         self.relay = WorkerRelay()

@@ -91,6 +91,8 @@ class Checkpointer:
                 MemoryTier(info.run_id, ck.memory_tier_dir), info, state, per_rank_keys, self.group,
                 fingerprint, lambda: self.ownership.number, can_read_state, self.telemetry)
         self.last_committed_step: int | None = None
+        self.resume_source = "fresh"
+        """Where this start's state came from: memory, object_store or fresh."""
         self.last_stall_s = 0.0
         self._can_read_state = can_read_state
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
@@ -135,7 +137,8 @@ class Checkpointer:
             step = self.resumer.resume(restart=restart)
             if step is not None:
                 self.last_committed_step = step
-            self.telemetry.resumed_from("object_store" if step is not None else "fresh")
+            self.resume_source = "object_store" if step is not None else "fresh"
+            self.telemetry.resumed_from(self.resume_source)
         if self.memory is not None:
             self.memory.committed(self.last_committed_step)  # older snapshots are of no more use
             self.memory.consistent_at(step or 0)
@@ -188,6 +191,12 @@ class Checkpointer:
         state is consistent at ``step`` again, and may be left in the memory tier."""
         if self.memory is not None:
             self.memory.consistent_at(step)
+
+    def leave_in_memory(self, why: str) -> bool:
+        """Leave the last completed step in the memory tier now (any thread); whether a file
+        was written. For a restart the supervisor ordered: the main thread is then stuck in a
+        collective with a hung peer, its state consistent at the last step every rank did."""
+        return self.memory is not None and self.memory.leave(why)
 
     def watch_stop_signals(self) -> None:
         """Main thread, after the SIGTERM/SIGINT handlers are installed: leave the state in the
@@ -313,6 +322,7 @@ class Checkpointer:
         step = self.memory.resume(newest)
         if step is not None:
             self.last_committed_step = newest[0] if newest is not None else None
+            self.resume_source = "memory"
             self.telemetry.resumed_from("memory")
         return step
 

@@ -20,7 +20,7 @@ from service.errors import EXIT_OK, UserError
 from service.heartbeat import Heartbeat, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor.core import Supervisor
-from service.supervisor.monitor import RankState
+from service.supervisor.monitor import SILENT_HEARTBEATS, RankState
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class AttachedSupervisor(Supervisor):
         else:
             log.error("hang detected on %s: ordering a restart through the workers", desc)
             self.record(FailureKind.HANG, RestartReason.HANG)
-        self.monitor.order_restart(stuck=hung)
+        # Only silent processes are ended by their node's peers; one that still heartbeats
+        # leaves on its order, and leaves the last completed step in the memory tier first.
+        silence = SILENT_HEARTBEATS * self.cfg.supervisor.heartbeat_interval_s
+        self.monitor.order_restart(stuck=self.monitor.silent_among(hung, silence))
 
     def on_refused(self, hb: Heartbeat) -> int | None:
         self._failed_mark = None  # progress counts from this refusal on

@@ -19,6 +19,7 @@ from service.heartbeat import Heartbeat
 from service.metrics import FailureKind, RestartReason, SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor, RankState
+from service.supervisor.recovery import RecoveryBook
 from service.supervisor.server import SupervisorEndpoints
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,12 @@ class Supervisor:
         self.metrics = SupervisorMetrics(run=cfg.run.name)
         self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
+        self.recoveries = RecoveryBook(self.metrics)
         self.endpoints = SupervisorEndpoints(
             cfg, token, self.monitor, self.metrics,
             ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
             on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
+            on_heartbeat=self.recoveries.observe,
             known_nodes=known_nodes,
         )
         self.server = self.endpoints.control
@@ -72,6 +75,7 @@ class Supervisor:
     # -- shared ------------------------------------------------------------------------------------
     def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
         self.ledger.record(kind, restart)
+        self.recoveries.failure_detected(kind)
 
     def _restart_observed(self, hb: Heartbeat) -> None:
         if self.stop_signal is not None:
@@ -128,6 +132,7 @@ class Supervisor:
                     self.on_hung(hung)
                 self.after_tick()
                 publish(self.monitor, self.metrics)
+                self.recoveries.publish()
                 time.sleep(self.tick_s)
         finally:
             for s, handler in previous.items():

@@ -30,7 +30,7 @@ from service.heartbeat import Heartbeat, die_with_parent, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
-from service.supervisor.monitor import RankState
+from service.supervisor.monitor import SILENT_HEARTBEATS, RankState
 from service.supervisor.report import failure_report
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # Beyond checkpoint.grace_s: time for the last step in flight before the emergency save starts.
 SHUTDOWN_MARGIN_S = 15
+
+
+MONITOR_INTERVAL_S = 0.1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,7 +68,7 @@ def torchrun_command(
         f"--rdzv-endpoint={rdzv_endpoint}",
         f"--rdzv-id={run_id}",
         f"--max-restarts={max_restarts}",
-        "--monitor-interval=0.5",
+        f"--monitor-interval={MONITOR_INTERVAL_S}",  # a dead worker is seen this soon at most
         *extra,
     ]
     if log_dir:
@@ -212,7 +215,9 @@ class LocalSupervisor(Supervisor):
         log.error("hang detected: no progress for %.0fs on %s; restarting the job",
                   self.cfg.supervisor.hang_timeout_s, desc)
         self.record(FailureKind.HANG, RestartReason.HANG)
-        for s in stuck:  # a stopped or stuck process cannot act on an order: kill it
+        # Silent processes cannot act on an order: kill them. One that still heartbeats is
+        # waiting (on them) and leaves on its order, leaving its state in the memory tier.
+        for s in self.monitor.silent_among(stuck, SILENT_HEARTBEATS * self.cfg.supervisor.heartbeat_interval_s):
             procs.kill(s.hb.pid)
         # The others leave on their next heartbeat instead of waiting out torchrun's grace.
         self.monitor.order_restart()

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 from service.heartbeat import IO_PHASES, Heartbeat
 
+# A rank that sent no heartbeat for this many intervals is silent (stopped or wedged); one that
+# heartbeats without progress is only waiting (most often on a silent peer, in a collective).
+SILENT_HEARTBEATS = 3
+
 
 @dataclass
 class RankState:
@@ -166,6 +170,12 @@ class JobMonitor:
                 and (now - s.last_seen > self.hang_timeout_s
                      or now - s.last_progress > self.stall_limit(s.hb.phase))
             ]
+
+    def silent_among(self, states: list[RankState], silence_s: float) -> list[RankState]:
+        """The processes among ``states`` that sent no heartbeat for ``silence_s``: stopped or
+        wedged, unable to act on an order. The others are alive, if without progress."""
+        now = self.clock()
+        return [s for s in states if now - s.last_seen > silence_s]
 
     def stall_limit(self, phase: str) -> float:
         """How long a rank in ``phase`` may go without progress."""

@@ -41,6 +41,7 @@ class SupervisorServer:
         metrics: SupervisorMetrics,
         on_restart_observed: Callable[[Heartbeat], None] | None = None,
         on_restart_requested: Callable[[], None] | None = None,
+        on_heartbeat: Callable[[Heartbeat], None] | None = None,
         ready: Callable[[], bool] | None = None,
         known_nodes: set[str] | None = None,
         control: bool = True,
@@ -49,6 +50,7 @@ class SupervisorServer:
         self.control = control  # False: only /metrics, /healthz, /readyz
         self.on_restart_observed = on_restart_observed or (lambda hb: None)
         self.on_restart_requested = on_restart_requested or (lambda: None)
+        self.on_heartbeat = on_heartbeat or (lambda hb: None)
         self.ready = ready or (lambda: True)
         self.known_nodes = known_nodes  # local mode: heartbeats from other nodes are refused
         self._metrics_warned: set[int] = set()  # ranks whose bad snapshots were logged
@@ -139,6 +141,7 @@ class SupervisorServer:
             return {"action": "exit", "generation": self.monitor.generation, "kill": kill}
         if self.monitor.observe(hb):
             self.on_restart_observed(hb)
+        self.on_heartbeat(hb)
         answer: dict[str, Any] = {"action": "none", "generation": self.monitor.generation}
         if hb.metrics:
             try:

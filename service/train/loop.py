@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from service import faults
 from service.checkpoint.identity import fingerprint
 from service.checkpoint.manager import Checkpointer
+from service.checkpoint.memory_tier import default_dir
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from service.heartbeat import Heartbeat, HeartbeatSender, shared_token
+from service.heartbeat import Heartbeat, HeartbeatSender, exit_for_restart, shared_token
 from service.metrics import WorkerMetrics, snapshot
 from service.model import EMAState, build_ema, build_noise_scheduler, build_unet
 from service.train import state as keys
@@ -32,6 +34,7 @@ from service.train.data import (
 )
 from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
+from service.train.recovery import ORDERED, STOPPED, ProgressRecord, RecoveryTracker
 from service.train.state import (
     DataState,
     GradScalerState,
@@ -111,6 +114,10 @@ class Trainer:
         self._stop_signal: int | None = None
         self._started = time.time()
         self.phase = "starting"
+        self.recovery = RecoveryTracker(
+            ProgressRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
+                           info.world_size)
+            if info.run_id else None, info.rank, info.local_rank, self.checkpointer.group.gather_to_all)
         self.heartbeats = self._start_heartbeats()
         self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
 
@@ -127,8 +134,17 @@ class Trainer:
         watch = [int(supervisor_pid), os.getppid()] if supervisor_pid else []
         return HeartbeatSender(
             url, token, self.cfg.supervisor.heartbeat_interval_s, self._heartbeat,
-            watch_pids=watch,
+            on_exit_order=self._leave_for_restart, watch_pids=watch,
         ).start()
+
+    def _leave_for_restart(self, generation: int, kill: list[int]) -> None:
+        """The supervisor ordered this process out (a peer hangs). First leave the last step
+        every rank completed in the memory tier — the main thread waits in a collective with
+        the hung peer, so the state is consistent there — then exit: the restart resumes at
+        that step instead of the newest commit (a hang loses no step but the one in flight)."""
+        self.recovery.left(ORDERED)
+        self.checkpointer.leave_in_memory("restart ordered")
+        exit_for_restart(generation, kill)
 
     def _request_stop(self, signum: int) -> None:
         if self._stop_signal is None:
@@ -143,6 +159,7 @@ class Trainer:
             restart_count=info.restart_count, time=time.time(),
             metrics=snapshot(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes,
+            recovery=self.recovery.report.as_dict() if self.recovery.report is not None else None,
         )
 
     # -- signals -----------------------------------------------------------------------------
@@ -163,6 +180,7 @@ class Trainer:
     def run(self) -> int:
         self.phase = "loading"
         self.checkpointer.resume()
+        self.recovery.resumed(self.train_state.step, self.checkpointer.resume_source)
         self.phase = "training"
         start = self.train_state.step
         self.logs.open(start)
@@ -187,6 +205,7 @@ class Trainer:
                 # began in before_update): it may be left in the memory tier. After the probe,
                 # so an injected failure at a step is never skipped by resuming past it.
                 self.checkpointer.update_done(self.train_state.step)
+                self.recovery.step_done(self.train_state.step)
                 if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
                     self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
                 global_loss, stop, busy = self._agree(loss)
@@ -270,6 +289,7 @@ class Trainer:
         self.phase = "checkpointing"
         self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
         log.info("done: step %d committed", step)
+        self.recovery.finished()
         # "done" before the last grid: the work is committed, so neither a slow render nor a
         # SIGTERM now (which ends the wait for it) can cost the run anything.
         self.phase = "done"
@@ -281,6 +301,7 @@ class Trainer:
         self.phase = "stopping"
         log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
         self.checkpointer.save(step, self.train_state.samples_seen, emergency=True)
+        self.recovery.left(STOPPED)
         elapsed = time.monotonic() - t0
         if elapsed > self.cfg.checkpoint.grace_s:
             log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)

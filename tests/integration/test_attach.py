@@ -84,7 +84,8 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
         "supervisor.heartbeat_interval_s=0.5"], max_restarts=2,
     ) as (_, job, trace, url, metrics_port):
         wait_for_step(trace, 5, job)
-        frozen = worker_pids(trace)[1]
+        first = worker_pids(trace)
+        frozen = first[1]
         old_files = set(trace.glob("*.jsonl"))
         frozen_at = time.time()
         faults.freeze(frozen)
@@ -101,6 +102,16 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
         assert first_step_after - frozen_at < 25, first_step_after - frozen_at
         assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
         assert metric(metrics_port, 'ftdiff_job_restarts_total{reason="hang"}') >= 1
+        # No step lost: ordered out while waiting on its frozen peer in a collective, the healthy
+        # rank left the last step both completed in memory, and the restart went on from there
+        # (not from the commit at step 4).
+        lines = trace_lines(trace)
+        survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
+        restarted = [line for line in lines if line["pid"] not in first.values()]
+        assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
+        assert "(restart ordered" in err
+        assert metric(metrics_port, 'ftdiff_recovery_seconds_count{kind="hang",source="memory"}') == 1
+        assert metric(metrics_port, "ftdiff_steps_lost_total") == 0
 
 
 @pytest.mark.timeout(240)

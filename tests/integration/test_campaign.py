@@ -18,6 +18,7 @@ from tests.helpers import (
     INTERVAL,
     assert_bitwise_equal,
     run,
+    stop,
     torchrun_cmd,
     trace_lines,
     weights,
@@ -50,6 +51,15 @@ def _max_step(job: Job) -> int:
     return max((line["step"] for line in lines), default=0)
 
 
+def _assert_no_step_lost(job: Job) -> None:
+    lost = job.metric("ftdiff_steps_lost_total")
+    if lost:
+        stop(job.proc)
+        full = job.proc.stderr.read()
+        said = [line for line in full.splitlines() if "recover" in line or "memory tier" in line]
+        pytest.fail(f"{lost} step(s) lost:\n" + "\n".join(said))
+
+
 def _restarted_and_past(job: Job, before: set[int], step: int) -> bool:
     return bool(_newest_pids(job) - before) and _max_step(job) >= step
 
@@ -77,6 +87,10 @@ def test_five_fault_kinds_end_bitwise_equal(s3_server, s3_bucket, tmp_path):
         before = _newest_pids(job)
         faults.kill9(worker_pids(job.trace)[1])
         _wait(lambda: _restarted_and_past(job, before, 6), job, "recovery from worker crash")
+        # What it cost, as served: one recovery from the survivor's memory, no step lost.
+        _wait(lambda: job.metric('ftdiff_recovery_seconds_count{kind="crash",source="memory"}') >= 1,
+              job, "crash recovery counted")
+        _assert_no_step_lost(job)
         note_commits()
 
         # 2. hang: a frozen worker, detected within hang_timeout + 2 heartbeat intervals
@@ -86,6 +100,10 @@ def test_five_fault_kinds_end_bitwise_equal(s3_server, s3_bucket, tmp_path):
         _wait(lambda: job.metric('ftdiff_job_failures_detected_total{kind="hang"}') >= 1, job, "hang detection")
         assert time.monotonic() - frozen_at <= HANG_TIMEOUT + 2 * INTERVAL + 1.0
         _wait(lambda: _restarted_and_past(job, before, 9), job, "recovery from hang")
+        # The healthy rank left the last step both completed in memory on its way out.
+        _wait(lambda: job.metric('ftdiff_recovery_seconds_count{kind="hang",source="memory"}') >= 1,
+              job, "hang recovery counted")
+        _assert_no_step_lost(job)
         note_commits()
 
         # 3. lost node: one torchrun agent disappears

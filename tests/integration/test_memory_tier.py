@@ -1,11 +1,13 @@
 """The memory tier under real torchrun jobs: a kill -9 of one worker loses no step (the restart
 resumes at the survivor's step, from shared memory) and the run ends bitwise equal to an
-uninterrupted one; a corrupted snapshot is ignored in favour of the object store; a worker
-stuck in a collective still leaves its state when torchrun's SIGTERM comes."""
+uninterrupted one; so does a hung (SIGSTOPped) worker under the supervisor; a corrupted
+snapshot is ignored in favour of the object store; a worker stuck in a collective still leaves
+its state when torchrun's SIGTERM comes."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from service import faults
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.memory_tier import MAGIC, MemoryTier
 from service.checkpoint.storage import open_storage
+from service.supervisor import procs
 from tests.helpers import (
     BASELINE_STEPS,
     REPO,
+    SupervisedJob,
     assert_bitwise_equal,
     base_env,
     free_port,
@@ -86,6 +91,8 @@ def test_kill9_one_worker_loses_no_step_and_ends_bitwise_equal(baseline, tmp_pat
         assert restarted, "torchrun should have restarted the workers"
         assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
         assert f"resumed from memory tier at step {survivor_step}" in err
+        assert re.search(r"recovered from a crash: [0-9.]+s .* 0 completed step\(s\) trained again; "
+                         r"state from memory", err), err[-3000:]
         # No step trained twice, except the one the killed worker may have had in flight.
         for rank in (0, 1):
             steps = [line["step"] for line in lines if line["rank"] == rank]
@@ -95,6 +102,56 @@ def test_kill9_one_worker_loses_no_step_and_ends_bitwise_equal(baseline, tmp_pat
         assert tier.steps() == [], "the run's snapshots are removed when it finishes"
     finally:
         tier.prune(None)
+
+
+@pytest.mark.timeout(240)
+def test_a_hung_worker_loses_no_step_its_peers_completed(baseline, tmp_path):
+    """A SIGSTOPped worker under `ftdiff train`: the supervisor orders the healthy rank out; on
+    its way out (its main thread stuck in a collective with the frozen peer) it leaves the last
+    step both ranks completed in memory, and the restart resumes there — not at the newest
+    commit (there is none: checkpoint.every_steps is larger than the run)."""
+    job = SupervisedJob(tmp_path, [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=100",
+                                   "train.step_sleep_s=0.25"])
+    job.wait_step(5)
+    first = worker_pids(job.trace)
+    faults.freeze(first[1])
+    code, err = job.finish(200)
+    assert code == 0, err[-3000:]
+    lines = trace_lines(job.trace)
+    survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
+    restarted = [line for line in lines if line["pid"] not in first.values()]
+    assert restarted, "the supervisor should have restarted the workers"
+    assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
+    assert f"resumed from memory tier at step {survivor_step}" in err
+    # The stuck process was SIGKILLed and its peer failed in the collective: the workers saw a
+    # crash; the supervisor, which detected the hang, counts it as one.
+    assert re.search(r"recovered from a (crash|hang): [0-9.]+s .* 0 completed step\(s\) trained again; "
+                     r"state from memory", err), err[-3000:]
+    assert "recovery after a hang: state from memory, 0 step(s) lost" in err
+    assert_same_result_as(baseline, Path(job.url), err)
+
+
+@pytest.mark.timeout(240)
+def test_a_lost_node_loses_no_step_the_other_node_completed(baseline, tmp_path):
+    """Two simulated nodes of one worker each; node 1's torchrun agent is killed -9 (its worker
+    dies with it: every process of the node is gone, and so is anything it could have left).
+    Node 0's survivor leaves its last completed step in its own memory tier; the relaunched
+    node's rank takes it over the process group, and nothing is trained twice."""
+    job = SupervisedJob(tmp_path, [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=100",
+                                   "train.step_sleep_s=0.25", "supervisor.min_nodes=2"], nnodes=2, nproc=1)
+    job.wait_step(5)
+    first = worker_pids(job.trace)
+    faults.kill9(procs.children(job.proc.pid)[-1])  # the second agent: node 1
+    code, err = job.finish(200)
+    assert code == 0, err[-3000:]
+    lines = trace_lines(job.trace)
+    survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
+    restarted = [line for line in lines if line["pid"] not in first.values()]
+    assert restarted and min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
+    assert f"resumed from memory tier at step {survivor_step}" in err
+    assert re.search(r"recovered from a crash: [0-9.]+s .* 0 completed step\(s\) trained again; "
+                     r"state from memory", err), err[-3000:]
+    assert_same_result_as(baseline, Path(job.url), err)
 
 
 @pytest.mark.timeout(240)

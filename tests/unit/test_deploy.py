@@ -313,3 +313,39 @@ def test_monitoring_objects_carry_the_label_kube_prometheus_stack_selects():
     for group in docs["PrometheusRule"]["spec"]["groups"]:
         for rule in group["rules"]:
             assert rule["annotations"]["runbook_url"].startswith("https://"), rule["alert"]
+
+
+def _minutes(duration: str) -> float:
+    value, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
+    return int(value) * {"s": 1 / 60, "m": 1, "h": 60}[unit]
+
+
+def test_every_alert_has_a_promtool_test_that_fires_and_clears_and_a_runbook():
+    prom = REPO / "deploy" / "prometheus"
+    rules = [r for g in yaml.safe_load((prom / "ftdiff.rules.yml").read_text())["groups"] for r in g["rules"]]
+    cases = yaml.safe_load((prom / "ftdiff.rules.test.yml").read_text())["tests"]
+    runbooks = (REPO / "docs" / "operations.md").read_text()
+    for rule in rules:
+        name = rule["alert"]
+        fires_then_clears = False
+        for case in cases:
+            evals = sorted((_minutes(c["eval_time"]), bool(c["exp_alerts"]))
+                           for c in case.get("alert_rule_test", []) if c["alertname"] == name)
+            fired = [t for t, firing in evals if firing]
+            fires_then_clears |= bool(fired) and any(not firing and t > fired[0] for t, firing in evals)
+        assert fires_then_clears, f"{name}: no promtool test makes it fire and then clear"
+        assert rule["annotations"]["runbook_url"].endswith(f"operations.md#{name.lower()}"), name
+        assert f"\n### {name}\n" in runbooks, f"{name}: no runbook section in docs/operations.md"
+
+
+def test_dashboard_queries_follow_the_job_and_run_variables():
+    dash = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "ftdiff.json").read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r"\b(by|without|on|ignoring) \([^)]*\)", "", target["expr"])  # label lists
+            selectors = re.findall(r"(ftdiff_[a-z_]+)(\{[^}]*\})?", expr)
+            assert selectors, (panel["title"], target["refId"])
+            for metric, matchers in selectors:
+                assert 'job=~"$job"' in matchers and 'run=~"$run"' in matchers, (panel["title"], metric)

@@ -6,7 +6,10 @@ from prometheus_client import CollectorRegistry
 
 from service.metrics import SupervisorMetrics, WorkerMetrics
 
-UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state")
+UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state", "_ratio")
+# Subsystems; "recovery" and "steps" (ftdiff_recovery_seconds, ftdiff_steps_lost_total) are the
+# names the recovery work was specified with.
+SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps")
 
 
 def test_names_follow_the_convention():
@@ -14,7 +17,7 @@ def test_names_follow_the_convention():
         for family in registry.collect():
             if family.name.startswith("ftdiff_") is False:
                 continue
-            assert family.name.split("_")[1] in ("checkpoint", "job", "worker", "train", "supervisor", "data")
+            assert family.name.split("_")[1] in SUBSYSTEMS, family.name
             if family.type == "counter":
                 assert any(s.name.endswith("_total") for s in family.samples), family.name
             assert family.name.endswith(UNITS) or family.type in ("counter", "histogram", "stateset"), family.name

@@ -231,7 +231,7 @@ def test_a_worker_never_signals_a_group_init_or_itself(monkeypatch):
     monkeypatch.setattr(hb_mod.os, "kill", lambda pid, sig: signalled.append(pid))
     monkeypatch.setattr(hb_mod.os, "_exit", lambda code: exited.append(code))
     monkeypatch.setattr(hb_mod.logging, "shutdown", lambda: None)
-    hb_mod._exit_for_restart(1, [-1, 0, 1, os.getpid(), os.getppid(), os.getpgrp(), 424242])
+    hb_mod.exit_for_restart(1, [-1, 0, 1, os.getpid(), os.getppid(), os.getpgrp(), 424242])
     assert signalled == [424242] and exited == [hb_mod.EXIT_RESTART_ORDERED]
     assert not any(safe_to_kill(p) for p in (-1, 0, 1, True, "12", os.getpid()))
 
