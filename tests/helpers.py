@@ -1,4 +1,5 @@
-"""Shared helpers for tests: real torchrun jobs, a moto S3 server, checkpoint weights."""
+"""Shared helpers for tests: real torchrun jobs, a moto S3 server, checkpoint weights, the CLI
+and the supervisor's test doubles."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from service.heartbeat import Heartbeat
 
 REPO = Path(__file__).resolve().parents[1]
 # Steps of the session-wide uninterrupted baseline run (conftest.py) that fault tests compare with.
@@ -224,6 +230,19 @@ def ftdiff_inprocess(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+# The installed console script, next to this interpreter.
+FTDIFF = str(Path(sys.executable).with_name("ftdiff"))
+
+
+def ftdiff_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float = 100,
+                      entry: tuple[str, ...] = (FTDIFF,)) -> subprocess.CompletedProcess:
+    """The real `ftdiff` CLI in a child process, for what only a fresh interpreter shows (a torch
+    that does not import, the entry points themselves). ``env`` is added to this process's
+    environment; ``entry`` is the command that starts the CLI (default: the console script)."""
+    return subprocess.run([*entry, *args], check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
 def metric_sum(exposition: str, selector: str) -> float:
     """Sum of the samples in a /metrics text that match ``name`` or ``name{k="v",...}`` (the
     given labels, any others too: served series also carry ``run``)."""
@@ -317,6 +336,22 @@ class CheckpointJob:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
 
 
+def committed_root(url: str, steps: int, *, samples_per_step: int = 4, keep_last: int | None = 10) -> str:
+    """Write a local root with committed steps 1..``steps`` (a small model, in this process, saved
+    synchronously) and return ``url``. Step n records ``n * samples_per_step`` samples seen;
+    ``keep_last=None`` leaves the configured retention."""
+    overrides = ["checkpoint.async=false"]
+    if keep_last is not None:
+        overrides.append(f"checkpoint.keep_last={keep_last}")
+    job = CheckpointJob(url, *overrides)
+    for _ in range(steps):
+        job.step()
+        job.ckpt.save(job.train.step, job.train.step * samples_per_step)
+    job.ckpt.wait()
+    job.ckpt.close()
+    return url
+
+
 def shard_name(catalog, step: int) -> str:  # type: ignore[no-untyped-def]
     """The first shard file of a committed step (names carry the writer's incarnation)."""
     return next(n for n in sorted(catalog.manifest(step).files) if n.endswith(".distcp"))
@@ -342,3 +377,49 @@ def one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ftdiff: ") and "Traceback" not in err, err
     return lines[0]
+
+
+def raised_in(module: str, error: BaseException) -> BaseException:
+    """``error`` as if raised by a function of ``module`` (its frame carries that name): the CLI
+    tells the storage layer's errors from a local path's by the frame they come from."""
+    namespace: dict[str, object] = {"__name__": module}
+    exec("def boom(e):\n    raise e\n", namespace)  # noqa: S102 — a frame with a chosen module name
+    try:
+        namespace["boom"](error)  # type: ignore[operator]
+    except BaseException as e:  # noqa: BLE001
+        return e
+    raise AssertionError("unreachable")
+
+
+# -- supervisor unit tests: a hand-driven clock, heartbeats, requests to its HTTP server --------
+class Clock:
+    """A fake clock for JobMonitor: tests move ``t`` forward by hand."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None,
+       started=1.0) -> Heartbeat:
+    """A heartbeat of ``rank``, constructed here (so the wire format's validation does not apply)."""
+    from service.heartbeat import Heartbeat
+
+    return Heartbeat(rank=rank, local_rank=rank, node=node, pid=pid, world_size=world, step=step,
+                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0, started=started)
+
+
+def post_json(url: str, body: bytes, token: str | None = "tok", *, check: bool = True) -> tuple[int, dict]:
+    """POST ``body`` with ``token`` as bearer (no Authorization header when None); (status, JSON
+    answer). ``check``: an error status raises urllib's HTTPError; without it, it is returned too."""
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if check:
+            raise
+        return e.code, json.loads(e.read() or b"{}")

@@ -4,9 +4,7 @@ and paths that are not checkpoint roots (docs/operations.md "Exit codes")."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,28 +12,14 @@ import pytest
 from service.cli.common import human_bytes
 from service.cli.failures import failure
 from service.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_STORAGE, EXIT_USAGE
-from tests.helpers import REPO, CheckpointJob
+from tests.helpers import FTDIFF, REPO, committed_root, ftdiff_subprocess, raised_in
 from tests.helpers import ftdiff_inprocess as ftdiff
-
-FTDIFF = str(Path(sys.executable).with_name("ftdiff"))
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     """A local root with committed steps 1 and 2 (a small model, in this process)."""
-    url = str(tmp_path_factory.mktemp("errors") / "run")
-    job = CheckpointJob(url, "checkpoint.async=false", "checkpoint.keep_last=10")
-    for _ in range(2):
-        job.step()
-        job.ckpt.save(job.train.step, job.train.step * 4)
-    job.ckpt.wait()
-    job.ckpt.close()
-    return url
-
-
-def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 100) -> subprocess.CompletedProcess:
-    return subprocess.run([FTDIFF, *args], check=False, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, **(env or {})})
+    return committed_root(str(tmp_path_factory.mktemp("errors") / "run"), 2)
 
 
 # -- 1: a torch that does not import -------------------------------------------------------------
@@ -45,13 +29,13 @@ def test_env_and_version_report_a_broken_torch_instead_of_crashing(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise ImportError("libcudart.so.13: cannot open shared object file")\n')
     env = {"PYTHONPATH": str(tmp_path / "fake")}
-    res = _run("env", env=env)
+    res = ftdiff_subprocess("env", env=env)
     assert res.returncode == EXIT_OK, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     torch_line = next(line for line in res.stdout.splitlines() if line.startswith("torch "))
     assert "broken: ImportError: libcudart.so.13" in torch_line
     assert "torch is broken" in res.stdout  # the cuda line says why it knows nothing
-    res = _run("--version", env=env)
+    res = ftdiff_subprocess("--version", env=env)
     assert res.returncode == EXIT_OK and res.stdout.startswith("ftdiff ") and "Traceback" not in res.stderr
 
 
@@ -76,26 +60,15 @@ def test_a_closed_stdout_pipe_ends_quietly_with_141(root):
         assert err == "", err
 
 
-def _raised_in(module: str, error: BaseException) -> BaseException:
-    """``error`` as if raised by a function of ``module`` (its frame carries that name)."""
-    namespace: dict[str, object] = {"__name__": module}
-    exec("def boom(e):\n    raise e\n", namespace)  # noqa: S102 — a frame with a chosen module name
-    try:
-        namespace["boom"](error)  # type: ignore[operator]
-    except BaseException as e:  # noqa: BLE001
-        return e
-    raise AssertionError("unreachable")
-
-
 @pytest.mark.timeout(20)
 def test_only_the_storage_layers_errors_are_storage_errors():
-    code, message = failure(_raised_in("fsspec.implementations.local", PermissionError(13, "denied")))
+    code, message = failure(raised_in("fsspec.implementations.local", PermissionError(13, "denied")))
     assert code == EXIT_STORAGE and message.startswith("storage access denied")
-    code, _ = failure(_raised_in("s3fs.core", ConnectionResetError("reset")))
+    code, _ = failure(raised_in("s3fs.core", ConnectionResetError("reset")))
     assert code == EXIT_STORAGE
-    code, message = failure(_raised_in("PIL.Image", PermissionError(13, "Permission denied")))
+    code, message = failure(raised_in("PIL.Image", PermissionError(13, "Permission denied")))
     assert code == EXIT_USAGE and "storage" not in message
-    code, message = failure(_raised_in("somewhere.else", BrokenPipeError(32, "Broken pipe")))
+    code, message = failure(raised_in("somewhere.else", BrokenPipeError(32, "Broken pipe")))
     assert code != EXIT_STORAGE and "storage" not in message
 
 

@@ -15,7 +15,7 @@ from service.checkpoint.storage import PROBE_PREFIX, open_storage
 from service.cli.toml_out import dumps
 from service.config import OVERRIDES_ENV, load_config
 from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
-from tests.helpers import CheckpointJob, free_port, one_line
+from tests.helpers import committed_root, free_port, one_line
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 TOKEN = "tok-" + uuid.uuid4().hex
@@ -90,14 +90,7 @@ def test_dry_run_of_a_good_config_is_0_and_writes_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory) -> str:
     """A local root with committed steps 1..3, written with the default config."""
-    url = str(tmp_path_factory.mktemp("dry") / "run")
-    job = CheckpointJob(url, "checkpoint.async=false", "checkpoint.keep_last=10")
-    for _ in range(3):
-        job.step()
-        job.ckpt.save(job.train.step, job.train.step * 16)
-    job.ckpt.wait()
-    job.ckpt.close()
-    return url
+    return committed_root(str(tmp_path_factory.mktemp("dry") / "run"), 3, samples_per_step=16)
 
 
 def _listing(root: str) -> list[tuple[str, list[str]]]:

@@ -7,7 +7,6 @@ import argparse
 import io
 import json
 import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -20,21 +19,14 @@ from service.checkpoint.storage import open_storage
 from service.cli import build_parser, main
 from service.cli.common import human_bytes, human_time
 from service.errors import EXIT_OK
-from tests.helpers import REPO, CheckpointJob
+from tests.helpers import FTDIFF, committed_root, ftdiff_subprocess
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory) -> str:
     """A local root with committed steps 1..4 (a small model, in this process)."""
-    url = str(tmp_path_factory.mktemp("polish") / "run")
-    job = CheckpointJob(url, "checkpoint.async=false", "checkpoint.keep_last=10")
-    for _ in range(4):
-        job.step()
-        job.ckpt.save(job.train.step, job.train.step * 4)
-    job.ckpt.wait()
-    job.ckpt.close()
-    return url
+    return committed_root(str(tmp_path_factory.mktemp("polish") / "run"), 4)
 
 
 # -- --version, help, env ------------------------------------------------------------------------
@@ -46,10 +38,9 @@ def test_version_matches_the_package_metadata():
 
 @pytest.mark.timeout(60)
 def test_console_script_and_module_entry_both_work():
-    script = Path(sys.executable).with_name("ftdiff")
-    for cmd in ([str(script), "--version"], [sys.executable, "-m", "service.cli", "--version"]):
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=50, cwd=REPO)
-        assert res.returncode == 0 and res.stdout.startswith("ftdiff "), (cmd, res.stderr)
+    for entry in ((FTDIFF,), (sys.executable, "-m", "service.cli")):
+        res = ftdiff_subprocess("--version", timeout=50, entry=entry)
+        assert res.returncode == 0 and res.stdout.startswith("ftdiff "), (entry, res.stderr)
 
 
 def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

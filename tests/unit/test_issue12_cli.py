@@ -16,7 +16,7 @@ from service.checkpoint.dcp_io import crc32c_hex
 from service.checkpoint.manifest import MANIFEST, step_dir
 from service.checkpoint.storage import PROBE_PREFIX, open_storage
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_USAGE, StorageError, UserError
-from tests.helpers import CheckpointJob, one_line
+from tests.helpers import committed_root, one_line, raised_in
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 SECRET = "pw-" + uuid.uuid4().hex
@@ -117,14 +117,7 @@ def test_ls_of_a_missing_root_is_an_error_an_empty_root_is_not(tmp_path):
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory) -> str:
     """A local root with committed steps 1 and 2 (a small model, in this process)."""
-    url = str(tmp_path_factory.mktemp("ckpt") / "run")
-    job = CheckpointJob(url, "checkpoint.async=false")
-    for _ in range(2):
-        job.step()
-        job.ckpt.save(job.train.step, job.train.step * 4)
-    job.ckpt.wait()
-    job.ckpt.close()
-    return url
+    return committed_root(str(tmp_path_factory.mktemp("ckpt") / "run"), 2, keep_last=None)
 
 
 @pytest.mark.timeout(60)
@@ -200,16 +193,6 @@ def test_usage_errors_stay_exit_2(committed, tmp_path):
     assert Catalog(open_storage(committed)).committed_steps() == [1, 2]
 
 
-def _raised_in_s3fs(error: BaseException) -> BaseException:
-    namespace: dict[str, object] = {"__name__": "s3fs.core"}
-    exec("def boom(e):\n    raise e\n", namespace)  # noqa: S102 — a frame of the storage layer
-    try:
-        namespace["boom"](error)  # type: ignore[operator]
-    except BaseException as e:  # noqa: BLE001
-        return e
-    raise AssertionError("unreachable")
-
-
 @pytest.mark.timeout(20)
 def test_failure_table():
     from botocore.exceptions import EndpointConnectionError
@@ -234,7 +217,7 @@ def test_failure_table():
         (ManifestError("manifest entry '../x': not a file name"), EXIT_FAILURE, "../x"),
         # s3fs turns S3's AccessDenied into a PermissionError: the storage's, by its frame.
         # (Raised anywhere else, a PermissionError is a local path's: tests/unit/test_cli_errors.py.)
-        (_raised_in_s3fs(PermissionError("Access Denied")), EXIT_STORAGE, "access denied"),
+        (raised_in("s3fs.core", PermissionError("Access Denied")), EXIT_STORAGE, "access denied"),
         (EndpointConnectionError(endpoint_url=f"http://k:{SECRET}@127.0.0.1:1"), EXIT_STORAGE, "unreachable"),
         (ValueError("boom"), EXIT_FAILURE, "--verbose"),
     ]

@@ -12,19 +12,8 @@ from service.supervisor.launcher import check_job_geometry, torchrun_command
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
 from service.supervisor.server import SupervisorEndpoints, SupervisorServer
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None, started=1.0):
-    return Heartbeat(rank=rank, local_rank=rank, node=node, pid=pid, world_size=world, step=step,
-                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0, started=started)
+from tests.helpers import Clock, hb
+from tests.helpers import post_json as _post
 
 
 def test_hang_is_no_progress_or_no_heartbeat_for_the_timeout():
@@ -96,13 +85,6 @@ def server():
     srv = SupervisorServer("127.0.0.1", 0, "tok", monitor, metrics).start()
     yield srv
     srv.stop()
-
-
-def _post(url, body, token):
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return r.status, json.loads(r.read())
 
 
 def test_server_refuses_and_counts_unauthenticated_requests(server):

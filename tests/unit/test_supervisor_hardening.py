@@ -20,19 +20,7 @@ from service.supervisor import server as server_mod
 from service.supervisor.attach import AttachedSupervisor
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.server import SupervisorServer
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-def hb(rank=0, pid=100, step=0, phase="training", world=2, node="0", committed=None, started=1.0):
-    return Heartbeat(rank=rank, local_rank=rank, node=node, pid=pid, world_size=world, step=step,
-                     phase=phase, last_committed_step=committed, restart_count=0, time=0.0, started=started)
+from tests.helpers import Clock, hb, post_json
 
 
 def generation(m, pids, started, world=4, per_node=2, step=0, phase="training", committed=None):
@@ -42,13 +30,9 @@ def generation(m, pids, started, world=4, per_node=2, step=0, phase="training", 
                for r in range(world))
 
 
-def _post(url, body, token="tok"):
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+def _post(url, body):
+    """Error statuses are answers here: (status, body), never an exception."""
+    return post_json(url, body, check=False)
 
 
 def _raw(port, request: bytes, timeout=5.0) -> bytes:
