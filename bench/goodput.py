@@ -119,8 +119,8 @@ def _command(variant: str, tmp: Path, shm: Path, every_steps: int, restarts: int
                           f"supervisor.max_restarts={restarts}"]
     if variant == "torchrun":
         overrides.append("checkpoint.memory_tier=false")
-    if variant == "ftdiff":
-        overrides.append("supervisor.prestart_workers=true")
+    if variant != "torchrun":
+        overrides.append(f"supervisor.prestart_workers={'true' if variant == 'ftdiff' else 'false'}")
     sets = [a for o in overrides for a in ("--set", o)]
     if variant == "torchrun":
         from service.supervisor.launcher import free_port

@@ -149,8 +149,7 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
         overrides = COMMON + [f'checkpoint.url="{tmp}/ckpt"', "train.max_steps=100000",
                               f"supervisor.hang_timeout_s={hang_timeout}", "supervisor.heartbeat_interval_s=0.5",
                               "supervisor.port=0", "metrics.port=0"]
-        if prestart:
-            overrides.append("supervisor.prestart_workers=true")
+        overrides.append(f"supervisor.prestart_workers={'true' if prestart else 'false'}")
         sets = [a for o in overrides for a in ("--set", o)]
         nnodes, nproc = (2, 1) if kind == "lost_node" else (1, 2)
         if plain:

@@ -20,7 +20,7 @@ SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 RECOVERY_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
 RECOVERY_SOURCES = ("fresh", "object_store", "memory")
-MEMORY_REJECT_REASONS = ("corrupt", "foreign", "stale", "world_size")
+MEMORY_REJECT_REASONS = ("corrupt", "foreign", "stale")
 
 
 class CheckpointMetrics:
@@ -74,7 +74,7 @@ class CheckpointMetrics:
         self.memory_snapshots_rejected = Counter(
             "ftdiff_checkpoint_memory_snapshots_rejected_total",
             "Memory-tier snapshots not used on resume: corrupt, foreign (other run or math), "
-            "stale (not newer than the newest commit), world_size", ["reason"], registry=registry,
+            "stale (not newer than the newest commit)", ["reason"], registry=registry,
         )
         for stage in CHECKPOINT_FAILURE_STAGES:
             self.failures.labels(stage=stage)

@@ -55,8 +55,8 @@ MAX_AGE_S = 24 * 3600
 MAX_HEADER = 1 << 20
 
 # Why a file was not used (label ``reason`` of ftdiff_checkpoint_memory_snapshots_rejected_total).
-CORRUPT, FOREIGN, STALE, WORLD_SIZE = "corrupt", "foreign", "stale", "world_size"
-REJECT_REASONS = (CORRUPT, FOREIGN, STALE, WORLD_SIZE)
+CORRUPT, FOREIGN, STALE = "corrupt", "foreign", "stale"
+REJECT_REASONS = (CORRUPT, FOREIGN, STALE)
 
 
 class Rejected(Exception):
@@ -85,10 +85,12 @@ class Header:
 
 @dataclass(frozen=True)
 class Expected:
-    """What this start accepts: its own run and math, its world size, and only state newer
-    than the newest commit, written by the start that made that commit or a later one (an
-    older start's state may belong to a history the run has since left, e.g. at another
-    world size)."""
+    """What this start accepts: its own run and math, and only state newer than the newest
+    commit, written by the start that made that commit or a later one (an older start's state
+    may belong to a history the run has since left). Any world size: the state kept is the
+    same on every rank (model, optimizer, EMA, schedules, counters, the global data position)
+    and independent of the world size, so a job that shrank or grew after losing or regaining a
+    node continues from the survivors' step too (``world_size`` is kept for the log)."""
 
     run_id: str
     fingerprint: dict[str, Any]
@@ -187,8 +189,6 @@ def check(header: Header, expected: Expected) -> None:
     if hard or not header.fingerprint:
         raise Rejected(FOREIGN, "other settings that define the math: "
                        + ("; ".join(hard) or "none recorded"))
-    if header.world_size != expected.world_size:
-        raise Rejected(WORLD_SIZE, f"world size {header.world_size}, now {expected.world_size}")
     if header.step <= (expected.committed_step if expected.committed_step is not None else 0):
         raise Rejected(STALE, f"step {header.step} is not newer than the newest commit "
                               f"(step {expected.committed_step})")
