@@ -116,15 +116,22 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _workers(pid: int) -> list[int]:
+    """The worker processes under ``pid``: started by torchrun, or (supervisor.prestart_workers)
+    forked by the warm process — those carry its command line, so they are found as its children."""
     found = []
     for child in _descendants(pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        # not the agent, nor the warm process that forks workers (supervisor.prestart_workers)
-        if b"service.train" in cmdline and not any(
-                other in cmdline for other in (b"torch.distributed.run", b"service.train.zygote")):
+        if b"service.train.zygote" in cmdline:
+            try:
+                found += [int(c) for c in Path(f"/proc/{child}/task/{child}/children").read_text().split()]
+            except OSError:
+                pass
+        # not the agent, nor the thin shim that gets its worker from the warm process
+        elif b"service.train" in cmdline and not any(
+                other in cmdline for other in (b"torch.distributed.run", b"service.train.shim")):
             found.append(child)
     return found
 
