@@ -34,7 +34,7 @@ IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 
 # What a restart cost, as rank 0 measures it (service.train.recovery): fault kinds and where
 # the state came from.
-RECOVERY_KINDS = ("crash", "hang", "preemption", "rescale")
+RECOVERY_KINDS = ("crash", "hang", "preemption", "rescale", "ordered")
 RECOVERY_SOURCES = ("memory", "object_store", "fresh")
 
 
@@ -46,6 +46,8 @@ class Recovery:
     source: str
     seconds: float
     steps_lost: int
+    at: float
+    """When it was measured (Unix time): a supervisor started later does not count it again."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -53,9 +55,12 @@ class Recovery:
     @classmethod
     def from_dict(cls, body: object) -> "Recovery":
         """Validate what a heartbeat carried; ValueError unless a real worker can have sent it."""
-        if not isinstance(body, dict) or set(body) != {"kind", "source", "seconds", "steps_lost"}:
-            raise ValueError("recovery must be an object with kind, source, seconds and steps_lost")
+        if not isinstance(body, dict) or set(body) != {"kind", "source", "seconds", "steps_lost", "at"}:
+            raise ValueError("recovery must be an object with kind, source, seconds, steps_lost and at")
         kind, source, seconds, lost = body["kind"], body["source"], body["seconds"], body["steps_lost"]
+        at = body["at"]
+        if isinstance(at, bool) or not isinstance(at, int | float) or not (math.isfinite(at) and at >= 0):
+            raise ValueError("recovery at must be a finite Unix time")
         if kind not in RECOVERY_KINDS or source not in RECOVERY_SOURCES:
             raise ValueError(f"recovery kind {kind!r} or source {source!r} unknown")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
@@ -63,7 +68,7 @@ class Recovery:
             raise ValueError("recovery seconds must be a finite number of seconds")
         if isinstance(lost, bool) or not isinstance(lost, int) or not 0 <= lost < 1 << 63:
             raise ValueError("recovery steps_lost must be a count")
-        return cls(kind, source, float(seconds), lost)
+        return cls(kind, source, float(seconds), lost, float(at))
 
 
 @dataclass

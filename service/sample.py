@@ -42,6 +42,8 @@ def check_grid_path(path: str | Path) -> None:
     """Refuse an output path that cannot be the PNG before any sampling time is spent."""
     if Path(path).is_dir():
         raise UserError(f"--out {str(path)!r} is a directory; give a file name such as grid.png")
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"--out {str(path)!r}: the grid is written as a PNG; give a name ending in .png")
 
 
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:

@@ -92,6 +92,8 @@ class Checkpointer:
                 fingerprint, lambda: self.ownership.number, can_read_state, self.telemetry)
         self.last_committed_step: int | None = None
         self.resume_source = "fresh"
+        self.is_restart = False
+        """Whether this start continues a run that already started (same run id and root)."""
         """Where this start's state came from: memory, object_store or fresh."""
         self.last_stall_s = 0.0
         self._can_read_state = can_read_state
@@ -130,6 +132,7 @@ class Checkpointer:
         A start that is refused (another run's root, changed settings) claims nothing, so it
         cannot fence off a job that is still running there."""
         restart = self.group.from_main(self._is_restart)
+        self.is_restart = restart
         # A restart of this run first looks for newer state that survivors left in memory; a
         # first start (pinned, never, auto) always goes by the object store.
         step = self._resume_from_memory() if restart and self.memory is not None else None

@@ -7,6 +7,7 @@ package is installed (gcs, azure) work the same. Paths inside this module are fs
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
@@ -137,10 +138,16 @@ class Storage:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                os.write(fd, data)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write", target)
                 os.fsync(fd)
-            finally:
+            except BaseException:
+                # Ours (O_EXCL) and incomplete (a full disk): an empty record would claim the
+                # name for nobody, and every later start would take it for a newer owner.
                 os.close(fd)
+                os.unlink(target)
+                raise
+            os.close(fd)
             _fsync_dir(os.path.dirname(target))
         elif self.protocol in ("s3", "s3a"):
             self.fs.pipe_file(target, data, mode="create")

@@ -17,10 +17,10 @@ from typing import Any
 from service.errors import EXIT_OK
 
 # Distributions whose versions matter for training and checkpoints (pip names).
-PACKAGES = ("torch", "diffusers", "fsspec", "s3fs", "prometheus-client", "pydantic", "numpy",
-            "safetensors", "rich")
+PACKAGES = ("torch", "diffusers", "fsspec", "s3fs", "botocore", "aiobotocore", "crc32c", "prometheus-client",
+            "pydantic", "numpy", "safetensors", "pillow", "tensorboard", "rich")
 # Their import names, where not the pip name with "_" for "-".
-_MODULES = {"prometheus-client": "prometheus_client"}
+_MODULES = {"prometheus-client": "prometheus_client", "pillow": "PIL"}
 
 
 def ftdiff_version() -> str:

@@ -20,7 +20,7 @@ from service.errors import EXIT_OK, UserError
 from service.heartbeat import Heartbeat, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor.core import Supervisor
-from service.supervisor.monitor import SILENT_HEARTBEATS, RankState
+from service.supervisor.monitor import RankState
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class AttachedSupervisor(Supervisor):
             self.record(FailureKind.HANG, RestartReason.HANG)
         # Only silent processes are ended by their node's peers; one that still heartbeats
         # leaves on its order, and leaves the last completed step in the memory tier first.
-        silence = SILENT_HEARTBEATS * self.cfg.supervisor.heartbeat_interval_s
-        self.monitor.order_restart(stuck=self.monitor.silent_among(hung, silence))
+        silent = self.monitor.silent_among(self.monitor.states(), self.monitor.silence_s)
+        self.monitor.order_restart(stuck=silent)
 
     def on_refused(self, hb: Heartbeat) -> int | None:
         self._failed_mark = None  # progress counts from this refusal on
@@ -96,6 +96,7 @@ class AttachedSupervisor(Supervisor):
                          self.monitor.last_committed_step)
             else:
                 log.info("workers report again: a new job")
+                self.recoveries.reset()  # its steps start again: goodput is measured afresh
         self._finished = finished
         self.metrics.state.state("failed" if self._failed_mark else "succeeded" if finished else "running")
 

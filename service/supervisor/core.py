@@ -30,7 +30,8 @@ class Supervisor:
         sup = cfg.supervisor
         self.cfg, self.token = cfg, token
         self.metrics = SupervisorMetrics(run=cfg.run.name)
-        self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s)
+        self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s,
+                                  heartbeat_interval_s=sup.heartbeat_interval_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self.recoveries = RecoveryBook(self.metrics)
         self.endpoints = SupervisorEndpoints(
@@ -75,7 +76,7 @@ class Supervisor:
     # -- shared ------------------------------------------------------------------------------------
     def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
         self.ledger.record(kind, restart)
-        self.recoveries.failure_detected(kind)
+        self.recoveries.diagnosed(kind)
 
     def _restart_observed(self, hb: Heartbeat) -> None:
         if self.stop_signal is not None:
@@ -126,6 +127,7 @@ class Supervisor:
                 if self._restart_request:
                     self._restart_request = False
                     self.metrics.restarts.labels(reason=RestartReason.ORDERED.value).inc()
+                    self.recoveries.diagnosed("ordered")
                     self.monitor.order_restart()
                 hung = self.monitor.hung()
                 if hung:

@@ -30,7 +30,7 @@ from service.heartbeat import Heartbeat, die_with_parent, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
-from service.supervisor.monitor import SILENT_HEARTBEATS, RankState
+from service.supervisor.monitor import RankState
 from service.supervisor.report import failure_report
 
 log = logging.getLogger(__name__)
@@ -215,15 +215,23 @@ class LocalSupervisor(Supervisor):
         log.error("hang detected: no progress for %.0fs on %s; restarting the job",
                   self.cfg.supervisor.hang_timeout_s, desc)
         self.record(FailureKind.HANG, RestartReason.HANG)
-        # Silent processes cannot act on an order: kill them. One that still heartbeats is
-        # waiting (on them) and leaves on its order, leaving its state in the memory tier.
-        for s in self.monitor.silent_among(stuck, SILENT_HEARTBEATS * self.cfg.supervisor.heartbeat_interval_s):
+        # Silent processes (also ones not flagged yet) cannot act on an order: kill them. One
+        # that still heartbeats is waiting (on them) and leaves on its order, leaving its state
+        # in the memory tier; whoever is still here a grace later is killed (after_tick).
+        for s in self.monitor.silent_among(self.monitor.states(), self.monitor.silence_s):
             procs.kill(s.hb.pid)
-        # The others leave on their next heartbeat instead of waiting out torchrun's grace.
         self.monitor.order_restart()
 
     def after_tick(self) -> None:
         self._handle_silence()
+        overdue = self.monitor.ordered_before(self.monitor.silence_s + self.tick_s)
+        if overdue:  # ordered out and still here: stopped or wedged since, or deaf to orders
+            ours = set(procs.descendants(os.getpid()))
+            for node, pid, started in overdue:
+                if pid in ours:
+                    log.error("rank process %d (node %s) did not leave on its order: killing it", pid, node)
+                    procs.kill(pid)
+                self.monitor.drop_order((node, pid, started))
         # Back to "running" once every rank of the relaunched job reports again.
         world = self.monitor.world_size()
         if self._recovering and world and self.monitor.all_fresh(world):
@@ -289,7 +297,7 @@ class LocalSupervisor(Supervisor):
         log.error("no worker has reported for %.0fs although %d torchrun agent(s) run (stuck in "
                   "rendezvous or start-up?): ending them for a relaunch", silent, len(alive))
         for agent in alive:
-            _end_tree(agent)
+            procs.end_tree(agent.proc)
 
     def _handle_agents(self) -> int | None:
         """Exit code when the job is over, else None. Relaunches lost or failed agents."""
@@ -332,7 +340,7 @@ class LocalSupervisor(Supervisor):
             # starts over in a fresh round.
             for agent in self.agents.values():
                 if agent.proc.poll() is None:
-                    _end_tree(agent)
+                    procs.end_tree(agent.proc)
             self._kill_workers(lambda s: True)
             self.round += 1
             log.warning("relaunching every agent in rendezvous round %d", self.round)
@@ -348,15 +356,6 @@ class LocalSupervisor(Supervisor):
         print(report, file=sys.stderr)
         self._stop_agents()
         return EXIT_FAILURE
-
-
-def _end_tree(agent: Agent) -> None:
-    """SIGKILL an agent and everything it started."""
-    started = procs.descendants(agent.proc.pid)  # read while the agent is still their parent
-    agent.proc.kill()  # first, so it cannot start replacements for what is killed next
-    for pid in started:
-        procs.kill(pid)
-    agent.proc.wait(timeout=10)
 
 
 def _reachable(host: str) -> str:

@@ -44,7 +44,7 @@ class RankState:
 class JobMonitor:
     def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  order_ttl_s: float | None = None, io_timeout_s: float | None = None,
-                 restart_window_s: float | None = None):
+                 restart_window_s: float | None = None, heartbeat_interval_s: float = 1.0):
         """``order_ttl_s``: how long an exit order stands (default: 3 hang timeouts, at least
         60 s) — long enough for every ordered process to heartbeat once more, short enough
         that an order can never outlive the processes it was meant for. ``restart_window_s``:
@@ -66,6 +66,8 @@ class JobMonitor:
         # Exit orders, per process (node, pid, start time) -> when the order expires. Keyed by
         # the whole identity: pids repeat across pods and container restarts.
         self._doomed: dict[tuple[str, int, float], float] = {}
+        self._ordered_at: dict[tuple[str, int, float], float] = {}  # when each was ordered out
+        self.heartbeat_interval_s = heartbeat_interval_s
         # Stuck processes (cannot act on an order) per node -> expiry; their peers end them.
         self._stuck: dict[tuple[str, int, float], float] = {}
         self.generation = 0
@@ -171,11 +173,32 @@ class JobMonitor:
                      or now - s.last_progress > self.stall_limit(s.hb.phase))
             ]
 
+    @property
+    def silence_s(self) -> float:
+        """How long without a heartbeat makes a process *silent*: ``SILENT_HEARTBEATS``
+        intervals, and at most half the hang timeout (a stopped process is silent by the time
+        its hang is detected, whatever the interval)."""
+        return min(SILENT_HEARTBEATS * self.heartbeat_interval_s, self.hang_timeout_s / 2)
+
+    def states(self) -> list[RankState]:
+        with self._lock:
+            return list(self.ranks.values())
+
     def silent_among(self, states: list[RankState], silence_s: float) -> list[RankState]:
         """The processes among ``states`` that sent no heartbeat for ``silence_s``: stopped or
         wedged, unable to act on an order. The others are alive, if without progress."""
         now = self.clock()
         return [s for s in states if now - s.last_seen > silence_s]
+
+    def ordered_before(self, seconds: float) -> list[tuple[str, int, float]]:
+        """Processes ordered to exit at least ``seconds`` ago whose order still stands."""
+        with self._lock:
+            horizon = self.clock() - seconds
+            return [p for p, at in self._ordered_at.items() if at <= horizon and p in self._doomed]
+
+    def drop_order(self, process: tuple[str, int, float]) -> None:
+        with self._lock:
+            self._ordered_at.pop(process, None)
 
     def stall_limit(self, phase: str) -> float:
         """How long a rank in ``phase`` may go without progress."""
@@ -217,6 +240,7 @@ class JobMonitor:
             doomed = list(self.ranks.values())
             expires = self.clock() + self.order_ttl_s
             self._doomed.update({s.hb.process: expires for s in doomed})
+            self._ordered_at.update({s.hb.process: self.clock() for s in doomed})
             self._stuck.update({s.hb.process: expires for s in stuck or []})
             self.ranks.clear()
             self._done.clear()
@@ -247,6 +271,8 @@ class JobMonitor:
         for orders in (self._doomed, self._stuck):
             for process in [p for p, until in orders.items() if until <= now]:
                 del orders[process]
+        for process in [p for p in self._ordered_at if p not in self._doomed]:
+            del self._ordered_at[process]
 
     def world_size(self) -> int:
         with self._lock:

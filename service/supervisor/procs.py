@@ -61,6 +61,15 @@ def kill(pid: int) -> None:
         pass
 
 
+def end_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process (a torchrun agent) and everything it started."""
+    started = descendants(proc.pid)  # read while it is still their parent
+    proc.kill()  # first, so it cannot start replacements for what is killed next
+    for pid in started:
+        kill(pid)
+    proc.wait(timeout=10)
+
+
 # -- pre-started workers ------------------------------------------------------------------------
 # By name, not by import: the supervisor never imports the worker (tests/unit/test_structure.py).
 ZYGOTE_MODULE = "service.train.zygote"

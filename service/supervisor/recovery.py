@@ -4,8 +4,9 @@ process), and the goodput over a sliding window.
 
 Goodput = useful training time / wall time. Useful time is new progress: the job's *watermark*
 (the highest step any heartbeat reported) advanced in the window, times the job's time per step
-while it runs undisturbed (rank 0's consecutive heartbeats from one process while training,
-summed: checkpoint stalls included, restarts not). Steps trained again after a restart do not
+while it runs undisturbed: from one step change to the next in rank 0's heartbeats of one
+process (slow steps and checkpoint stalls included; a restart starts a new chain, a hang never
+ends one). Steps trained again after a restart do not
 move the watermark, so they count as lost time, as do detection, restart and reload. Until the
 job has trained for ``MIN_WINDOW_S`` the gauge is NaN (never 0: an alert on low goodput must not
 fire at start-up)."""
@@ -39,23 +40,34 @@ class RecoveryBook:
         self._watermark: int | None = None
         self._marks: deque[tuple[float, int]] = deque()  # (time, watermark) when it rose
         self._since: float | None = None  # first heartbeat while training
-        self._last: tuple[tuple[str, int, float], float, int] | None = None  # rank 0: process, time, step
+        # rank 0: (process, time its step last changed, that step)
+        self._last: tuple[tuple[str, int, float], float, int] | None = None
         self._runs: deque[tuple[float, float, int]] = deque()  # (time, seconds, steps) of undisturbed runs
-        self._hang_detected = False
+        self._diagnosis: str | None = None
+        self.started_at = time.time()
 
-    def failure_detected(self, kind: str) -> None:
-        """The supervisor's own diagnosis. A hang it detected ends with the stuck process
-        SIGKILLed (local mode) or its peers failing in a collective before their exit order
-        arrives: the workers then see a crash, so the next recovery is labelled a hang here."""
+    def diagnosed(self, kind: str) -> None:
+        """The supervisor's own diagnosis of the failure the next recovery comes from: a
+        ``FailureKind`` value, or "ordered" (an operator's restart). It wins over the workers'
+        view: after a hang the stuck process is SIGKILLed and its peers see a crash; an
+        operator's restart and a lost node in attach mode order processes out like a hang."""
         with self._lock:
-            if kind == FailureKind.HANG.value:
-                self._hang_detected = True
+            self._diagnosis = "hang" if kind == FailureKind.HANG.value else (
+                "ordered" if kind == "ordered" else "crash")
+
+    def reset(self) -> None:
+        """A new job under the same supervisor (attach mode): its steps start again."""
+        with self._lock:
+            self._watermark, self._since, self._last, self._diagnosis = None, None, None, None
+            self._marks.clear()
+            self._runs.clear()
 
     def observe(self, hb: Heartbeat) -> None:
         """Every accepted heartbeat (any server thread)."""
         now = self.clock()
         with self._lock:
-            if hb.recovery is not None and hb.rank == 0 and hb.process not in self._counted:
+            if (hb.recovery is not None and hb.rank == 0 and hb.process not in self._counted
+                    and hb.recovery["at"] >= self.started_at):  # not one a predecessor counted
                 self._count(hb)
             if hb.phase not in TRAINING:
                 return
@@ -66,9 +78,11 @@ class RecoveryBook:
                 self._marks.append((now, hb.step))
             if hb.rank == 0:
                 last = self._last
-                if last is not None and last[0] == hb.process and hb.step > last[2]:
+                if last is None or last[0] != hb.process or hb.step < last[2]:
+                    self._last = (hb.process, now, hb.step)  # a new chain
+                elif hb.step > last[2]:
                     self._runs.append((now, now - last[1], hb.step - last[2]))
-                self._last = (hb.process, now, hb.step)
+                    self._last = (hb.process, now, hb.step)
             self._trim(now)
 
     def goodput(self) -> float:
@@ -95,8 +109,8 @@ class RecoveryBook:
         self._counted[hb.process] = None
         while len(self._counted) > _REMEMBERED:
             self._counted.popitem(last=False)
-        kind = "hang" if self._hang_detected and rec["kind"] == "crash" else rec["kind"]
-        self._hang_detected = False
+        kind = self._diagnosis or rec["kind"]
+        self._diagnosis = None
         log.info("recovery after a %s: state from %s, %d step(s) lost, %.2fs from the last step before "
                  "the fault to the first one after it", kind, rec["source"], rec["steps_lost"], rec["seconds"])
         self.metrics.recovery_seconds.labels(kind=kind, source=rec["source"]).observe(rec["seconds"])

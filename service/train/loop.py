@@ -180,7 +180,8 @@ class Trainer:
     def run(self) -> int:
         self.phase = "loading"
         self.checkpointer.resume()
-        self.recovery.resumed(self.train_state.step, self.checkpointer.resume_source)
+        self.recovery.resumed(self.train_state.step, self.checkpointer.resume_source,
+                              self.checkpointer.is_restart)
         self.phase = "training"
         start = self.train_state.step
         self.logs.open(start)

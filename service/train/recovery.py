@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -57,14 +58,15 @@ class Progress:
     """The world the records were written in (the largest, if they differ)."""
 
     def kind(self, world_size: int) -> str:
-        """What the restart into ``world_size`` ranks recovered from."""
+        """What the restart into ``world_size`` ranks recovered from (the supervisor may know
+        better: service.supervisor.recovery relabels by its own diagnosis)."""
+        # torchrun stops every worker (SIGTERM: an emergency commit) when a node joins: a larger
+        # world is a rescale whatever the records say. A lost node's restart is a crash.
+        if self.world_size and world_size > self.world_size:
+            return "rescale"
         if self.ordered:
             return "hang"
-        if self.all_stopped:
-            return "preemption"
-        # torchrun restarts every worker when a node joins or leaves: a new world size is a
-        # rescale (a lost node's restart is a crash: the world shrinks only once it is gone).
-        return "rescale" if self.world_size and world_size > self.world_size else "crash"
+        return "preemption" if self.all_stopped else "crash"
 
 
 def combine(found: list[Progress | None]) -> Progress | None:
@@ -89,6 +91,7 @@ class ProgressRecord:
         self._step: int | None = None
         self._time = 0.0
         self._flags = 0
+        self._refused = False
 
     def mark(self, step: int) -> None:
         """``step`` is completed (every rank, after each step). Never raises: bookkeeping."""
@@ -102,10 +105,20 @@ class ProgressRecord:
             self._write()
 
     def _write(self) -> None:
+        if self._refused:
+            return
         try:
             if self._fd is None:
                 os.makedirs(self.dir, mode=0o700, exist_ok=True)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                if not _private(self.dir):
+                    self._refused = True
+                    log.warning("progress records: %s is not private to this user; recovery metrics are "
+                                "not recorded", self.dir)
+                    return
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+                if not _own_regular_file(self._fd):
+                    self.close()
+                    return
             body = _RECORD.pack(self._step, self._time, self._flags, self.world_size)
             os.pwrite(self._fd, body + _CRC.pack(crc32c.crc32c(body)), 0)
         except OSError as e:  # the metric is lost, never the training
@@ -114,11 +127,19 @@ class ProgressRecord:
     def read_node(self) -> Progress | None:
         """The newest progress any record of this run on this node holds (torn ones skipped)."""
         records = []
+        if not _private(self.dir):  # whoever can write the folder could plant records
+            return None
         for path in self._node_paths():
-            try:
-                data = path.read_bytes()
+            try:  # never blocks (a FIFO planted under the name) and never follows a link
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
             except OSError:
                 continue
+            try:
+                data = os.read(fd, SIZE + 1) if _own_regular_file(fd) else b""
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
             if len(data) != SIZE or _CRC.unpack(data[_RECORD.size:])[0] != crc32c.crc32c(data[:_RECORD.size]):
                 continue
             step, when, flags, world = _RECORD.unpack(data[:_RECORD.size])
@@ -130,6 +151,8 @@ class ProgressRecord:
         """Remove every record of the run here (local rank 0, once all ranks have read them:
         a rank that is gone since must not haunt the next restart's numbers)."""
         self.close()
+        if not _private(self.dir):
+            return
         for path in self._node_paths():
             try:
                 path.unlink()
@@ -150,6 +173,7 @@ class ProgressRecord:
             self._fd = None
 
     def _node_paths(self) -> list[Path]:
+        """This run's record files here (names only; each is checked when opened)."""
         try:
             names = os.listdir(self.dir)
         except OSError:
@@ -167,10 +191,15 @@ class RecoveryTracker:
         self.report: Recovery | None = None
         self._pending: tuple[Progress, int, str] | None = None
 
-    def resumed(self, step: int, source: str) -> None:
-        """Every rank, after the resume (a collective): what the job had done before, if this
-        is a restart of a run that left records."""
+    def resumed(self, step: int, source: str, restart: bool) -> None:
+        """Every rank, after the resume (a collective when ``restart``): what the job had done
+        before, if this is a restart of a run that left records. A first start (a run id used
+        again for a new root, say) reports nothing; it only clears what an earlier run left."""
         if self.record is None:
+            return
+        if not restart:
+            if self.local_rank == 0:
+                self.record.clear_node()
             return
         mine = self.record.read_node()
         views = self.gather(None if mine is None else
@@ -192,8 +221,8 @@ class RecoveryTracker:
         if self.rank != 0:
             return
         kind = newest.kind(self.record.world_size)
-        self.report = Recovery(kind, source, max(0.0, time.time() - newest.time),
-                               max(0, newest.step - resumed))
+        now = time.time()
+        self.report = Recovery(kind, source, max(0.0, now - newest.time), max(0, newest.step - resumed), now)
         log.info("recovered from a %s: %.2fs from the last step before it (step %d) to step %d done; "
                  "%d completed step(s) trained again; state from %s", self.report.kind,
                  self.report.seconds, newest.step, step, self.report.steps_lost, source)
@@ -205,3 +234,17 @@ class RecoveryTracker:
     def finished(self) -> None:
         if self.record is not None:
             self.record.remove()
+
+
+def _private(directory: Path) -> bool:
+    """This user's folder, writable by no one else (as the memory tier requires of it)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _own_regular_file(fd: int) -> bool:
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()

@@ -188,6 +188,10 @@ def test_unloadable_checkpoint_is_exit_1_one_line_traceback_only_with_verbose(co
 def test_usage_errors_stay_exit_2(committed, tmp_path):
     res = ftdiff("sample", committed, "--out", str(tmp_path), "--n", "1")  # a directory
     assert res.returncode == EXIT_USAGE and "is a directory" in one_line(res.stderr)
+    for name in ("grid", "grid.txt", "grid.jpg"):  # refused before any sampling time is spent
+        res = ftdiff("sample", committed, "--out", str(tmp_path / name), "--n", "1")
+        assert res.returncode == EXIT_USAGE and "ending in .png" in one_line(res.stderr), res.stderr
+        assert not (tmp_path / name).exists()
     res = ftdiff("ckpt", "prune", committed, "--keep-last", "0")
     assert res.returncode == EXIT_USAGE
     assert Catalog(open_storage(committed)).committed_steps() == [1, 2]

@@ -410,3 +410,26 @@ def test_verify_and_resume_refuse_metadata_naming_unlisted_files(tmp_path):
     storage.write_bytes_atomic(f"{folder}/manifest.json", json.dumps(body).encode())
     assert any("does not list" in p for p in Catalog(storage).verify(2))
     assert Job(str(tmp_path), seed=3).ckpt.resume() == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_that_hits_a_full_disk_leaves_no_empty_record(tmp_path, monkeypatch):
+    """A create-only write that fails half-way (ENOSPC) removes what it created: an empty
+    incarnation record would belong to nobody, and every later start would take it for a
+    newer owner of the root and stop as superseded."""
+    import errno
+
+    from service.checkpoint import storage as storage_mod
+
+    root = open_storage(str(tmp_path / "root"))
+    real_write = os.write
+
+    def full(fd, data):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod.os, "write", full)
+    with pytest.raises(OSError):
+        Ownership(root).claim("run-a")
+    monkeypatch.setattr(storage_mod.os, "write", real_write)
+    assert Ownership(root).records() == []
+    assert Ownership(root).claim("run-a") == 1  # the number was never taken

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -49,6 +51,8 @@ def test_kinds_from_how_processes_left():
     assert combine([Progress(5, 1.0, ordered=True), Progress(5, 1.0)]).kind(2) == "hang"
     grown = combine([Progress(5, 1.0, world_size=2), Progress(5, 1.0, world_size=2)])
     assert (grown.kind(4), grown.kind(2), grown.kind(1)) == ("rescale", "crash", "crash")
+    # torchrun SIGTERMs every worker when a node joins: they commit and leave "stopped".
+    assert combine([Progress(5, 1.0, all_stopped=True, world_size=1)]).kind(2) == "rescale"
     assert combine([None, None]) is None
 
 
@@ -58,7 +62,7 @@ def test_a_restart_reports_its_cost_once_its_first_step_is_done(tmp_path):
     before.left(STOPPED)
     before.close()
     tracker = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
-    tracker.resumed(10, "object_store")  # two completed steps were not in the checkpoint
+    tracker.resumed(10, "object_store", restart=True)  # two completed steps were not in the checkpoint
     assert tracker.report is None
     tracker.step_done(11)
     r = tracker.report
@@ -69,17 +73,18 @@ def test_a_restart_reports_its_cost_once_its_first_step_is_done(tmp_path):
     tracker.finished()
     assert ProgressRecord(tmp_path, "run", 0).read_node() is None
     first = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
-    first.resumed(0, "fresh")
+    first.resumed(0, "fresh", restart=True)
     first.step_done(1)
-    assert first.report is None  # a first start is no recovery
+    assert first.report is None  # no records: no recovery
 
 
 @pytest.mark.parametrize("bad", [
-    {"kind": "meteor", "source": "memory", "seconds": 1.0, "steps_lost": 0},
-    {"kind": "crash", "source": "memory", "seconds": float("nan"), "steps_lost": 0},
-    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": -3},
-    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": True},
-    {"kind": "crash", "source": "memory", "seconds": 1.0},
+    {"kind": "meteor", "source": "memory", "seconds": 1.0, "steps_lost": 0, "at": 1.0},
+    {"kind": "crash", "source": "memory", "seconds": float("nan"), "steps_lost": 0, "at": 1.0},
+    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": -3, "at": 1.0},
+    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": True, "at": 1.0},
+    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": 0},
+    {"kind": "crash", "source": "memory", "seconds": 1.0, "steps_lost": 0, "at": float("inf")},
     ["crash"],
 ])
 def test_a_heartbeat_with_a_malformed_recovery_is_refused(bad):
@@ -92,7 +97,7 @@ def test_a_heartbeat_with_a_malformed_recovery_is_refused(bad):
 def test_the_supervisor_counts_each_recovery_once():
     metrics = SupervisorMetrics(run="r")
     book = RecoveryBook(metrics)
-    rec = {"kind": "crash", "source": "memory", "seconds": 1.2, "steps_lost": 0}
+    rec = {"kind": "crash", "source": "memory", "seconds": 1.2, "steps_lost": 0, "at": time.time()}
     for _ in range(5):  # rank 0 repeats it in every heartbeat
         book.observe(hb(step=9, pid=200, recovery=rec))
     book.observe(hb(rank=1, step=9, pid=201, recovery=rec))  # only rank 0's counts
@@ -131,10 +136,64 @@ def test_a_hang_the_supervisor_detected_is_counted_as_a_hang():
     workers report a crash, the supervisor knows better."""
     metrics = SupervisorMetrics(run="r")
     book = RecoveryBook(metrics)
-    book.failure_detected("hang")
-    rec = {"kind": "crash", "source": "memory", "seconds": 5.0, "steps_lost": 0}
+    book.diagnosed("hang")
+    rec = {"kind": "crash", "source": "memory", "seconds": 5.0, "steps_lost": 0, "at": time.time()}
     book.observe(hb(step=9, pid=200, recovery=rec))
     book.observe(hb(step=30, pid=300, recovery=rec))  # the next crash is a crash again
     text = generate_latest(metrics.exported).decode()
     assert 'ftdiff_recovery_seconds_count{kind="hang",run="r",source="memory"} 1.0' in text
     assert 'ftdiff_recovery_seconds_count{kind="crash",run="r",source="memory"} 1.0' in text
+
+
+def test_an_operators_restart_is_ordered_and_a_predecessors_count_is_not_repeated():
+    metrics = SupervisorMetrics(run="r")
+    book = RecoveryBook(metrics)
+    rec = {"kind": "hang", "source": "memory", "seconds": 2.0, "steps_lost": 0, "at": time.time()}
+    book.diagnosed("ordered")
+    book.observe(hb(step=9, pid=200, recovery=rec))
+    # A supervisor started after a recovery (a roll): rank 0 still reports it; not counted again.
+    book.observe(hb(step=12, pid=300, recovery={**rec, "at": book.started_at - 5}))
+    text = generate_latest(metrics.exported).decode()
+    assert 'ftdiff_recovery_seconds_count{kind="ordered",run="r",source="memory"} 1.0' in text
+    assert 'ftdiff_recovery_seconds_count{kind="hang",run="r",source="memory"} 0.0' in text
+
+
+def test_goodput_of_slow_steps_and_checkpoint_stalls_is_one_and_a_new_job_starts_afresh():
+    now = [0.0]
+    book = RecoveryBook(SupervisorMetrics(), window_s=100, clock=lambda: now[0])
+    step = 0
+    for t in range(1, 121):  # a step every 2.5 s, a heartbeat every second; a 5 s save every 10 steps
+        now[0] = float(t)
+        if t % 25 == 0:
+            continue  # a stall: no step for a while
+        if t % 5 in (0, 3) and t % 25 != 1:
+            step += 1
+        book.observe(hb(step=step, phase="checkpointing" if t % 25 == 24 else "training"))
+    assert book.goodput() == pytest.approx(1.0, abs=0.06)
+    book.reset()  # attach mode: every rank finished; a new job reports from step 0
+    assert math.isnan(book.goodput())
+
+
+def test_records_in_a_folder_others_can_write_are_ignored_and_a_planted_fifo_never_blocks(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    ProgressRecord(shared, "run", 0).mark(5)
+    os.chmod(shared, 0o777)
+    assert ProgressRecord(shared, "run", 1).read_node() is None
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    os.mkfifo(mine / ProgressRecord(mine, "run", 3).path.name)
+    ProgressRecord(mine, "run", 0).mark(5)
+    t0 = time.monotonic()
+    newest = ProgressRecord(mine, "run", 1).read_node()
+    assert time.monotonic() - t0 < 1 and newest is not None and newest.step == 5
+
+
+def test_a_first_start_reports_nothing_and_clears_what_an_earlier_run_left(tmp_path):
+    old = ProgressRecord(tmp_path, "run", 0)
+    old.mark(8)
+    old.close()
+    tracker = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
+    tracker.resumed(0, "fresh", restart=False)  # the same run id, a new root
+    tracker.step_done(1)
+    assert tracker.report is None

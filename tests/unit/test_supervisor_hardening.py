@@ -340,3 +340,23 @@ def test_a_negative_rank_that_got_in_is_pruned():
     m.observe(hb(-1, 99, node="zz"))  # constructed here, past the wire format's validation
     m.observe(hb(0, 31))
     assert set(m.ranks) == {0}
+
+
+def test_a_frozen_rank_is_silent_by_its_hang_and_ordered_processes_that_stay_are_named():
+    """The waiting rank may be flagged first (its last step change came earlier): the frozen
+    one is still found (silent for half the hang timeout at most, whatever the interval), and
+    every process ordered out is named once a grace has passed, for the launcher to kill."""
+    clock = Clock()
+    m = JobMonitor(hang_timeout_s=4, clock=clock, heartbeat_interval_s=1.5)
+    assert m.silence_s == 2.0  # 3 intervals would be 4.5 s: never before the hang is seen
+    m.observe(hb(0, pid=10, step=5))
+    m.observe(hb(1, pid=11, step=5))
+    clock.t += 4.5  # rank 1 froze; rank 0 waits on it and still heartbeats
+    m.observe(hb(0, pid=10, step=5))
+    assert [s.hb.pid for s in m.silent_among(m.states(), m.silence_s)] == [11]
+    m.order_restart()
+    assert m.ordered_before(1.0) == []
+    clock.t += 1.5
+    assert sorted(p[1] for p in m.ordered_before(1.0)) == [10, 11]
+    m.drop_order(("0", 11, 1.0))
+    assert [p[1] for p in m.ordered_before(1.0)] == [10]
