@@ -17,9 +17,10 @@ from tests.helpers import REPO, base_env
 # Imports first (the interpreter's files may be unreadable to the other user), then drop to an
 # unprivileged uid, as `docker run ftdiff:cpu` runs as 10001.
 PROBE = """
-import os, sys
+import os, sys, tempfile
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_STORAGE, StorageError
+open_storage(tempfile.gettempdir())  # fsspec imports its implementations lazily: load them now
 os.setgid(10001); os.setuid(10001)
 try:
     open_storage(sys.argv[1]).check_reachable()
