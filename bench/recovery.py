@@ -16,7 +16,8 @@ Fault kinds: worker_crash (kill -9 of a worker), hang (SIGSTOP of a worker), los
 (kill -9 of one of two torchrun agents), preemption (SIGTERM to the supervisor; steps lost
 only). Tiny preset, CPU, 2 ranks. Prints one JSON line.
 
-Usage: python bench/recovery.py [--injections 2] [--hang-timeout 5] [--kinds worker_crash,...] [--no-prestart]
+Usage: python bench/recovery.py [--injections 2] [--hang-timeout 5] [--kinds worker_crash,...]
+                                [--prestart-kinds worker_crash,hang,lost_node] [--no-prestart]
 """
 
 from __future__ import annotations
@@ -222,7 +223,9 @@ def main() -> None:
     p.add_argument("--injections", type=int, default=2)
     p.add_argument("--hang-timeout", type=float, default=5.0)
     p.add_argument("--kinds", default="worker_crash,hang,lost_node,preemption")
-    p.add_argument("--no-prestart", action="store_true", help="skip the pre-started workers' worker crash")
+    p.add_argument("--no-prestart", action="store_true", help="skip the runs with pre-started workers")
+    p.add_argument("--prestart-kinds", default="worker_crash",
+                   help="kinds also run with supervisor.prestart_workers = true (JSON: <kind>_prestart)")
     args = p.parse_args()
     result: dict[str, object] = {"hang_timeout_s": args.hang_timeout, "checkpoint_every_steps": 5}
     for kind in args.kinds.split(","):
@@ -232,9 +235,11 @@ def main() -> None:
     if "worker_crash" in result:
         ours = result["worker_crash"]["mttr_s_median"]  # type: ignore[index]
         result["worker_crash_mttr_vs_plain_torchrun"] = round(ours / plain["mttr_s_median"], 3)
-    if not args.no_prestart:
-        warm = summarize(run_kind("worker_crash", args.injections, args.hang_timeout, prestart=True))
-        result["worker_crash_prestart"] = warm
+    for kind in [] if args.no_prestart else args.prestart_kinds.split(","):
+        warm = summarize(run_kind(kind, args.injections, args.hang_timeout, prestart=True))
+        result[f"{kind}_prestart"] = warm
+        if kind != "worker_crash":
+            continue
         ratio = warm["mttr_s_median"] / plain["mttr_s_median"]
         result["worker_crash_prestart_mttr_vs_plain_torchrun"] = round(ratio, 3)
         if "worker_crash" in result:
