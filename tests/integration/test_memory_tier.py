@@ -67,6 +67,23 @@ def assert_same_result_as(baseline: tuple[str, dict[int, float]], url: Path, err
     assert got == {step: ref_loss[step] for step in got} and len(ref_loss) - len(got) <= 1
 
 
+def assert_resumed_at_the_survivors_step(trace: Path, first: dict[int, int], err: str,
+                                         kinds: str = "crash") -> tuple[int, list[dict]]:
+    """The restart began at the step after the newest one the first workers' survivor (rank 0)
+    completed, took it from the memory tier, and rank 0 reported no completed step trained
+    again (``kinds``: the workers' own view of the fault, a regex alternative). Returns that
+    step and every traced line."""
+    lines = trace_lines(trace)
+    survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
+    restarted = [line for line in lines if line["pid"] not in first.values()]
+    assert restarted, "the workers should have been restarted"
+    assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
+    assert f"resumed from memory tier at step {survivor_step}" in err
+    assert re.search(rf"recovered from a ({kinds}): [0-9.]+s .* 0 completed step\(s\) trained again; "
+                     r"state from memory", err), err[-3000:]
+    return survivor_step, lines
+
+
 @pytest.mark.timeout(180)
 def test_kill9_one_worker_loses_no_step_and_ends_bitwise_equal(baseline, tmp_path):
     """checkpoint.every_steps is larger than the run: the object store holds nothing to resume
@@ -85,14 +102,7 @@ def test_kill9_one_worker_loses_no_step_and_ends_bitwise_equal(baseline, tmp_pat
         os.kill(first[1], signal.SIGKILL)
         code, err = finish(proc)
         assert code == 0, err[-3000:]
-        lines = trace_lines(dirs.trace)
-        survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
-        restarted = [line for line in lines if line["pid"] not in first.values()]
-        assert restarted, "torchrun should have restarted the workers"
-        assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
-        assert f"resumed from memory tier at step {survivor_step}" in err
-        assert re.search(r"recovered from a crash: [0-9.]+s .* 0 completed step\(s\) trained again; "
-                         r"state from memory", err), err[-3000:]
+        survivor_step, lines = assert_resumed_at_the_survivors_step(dirs.trace, first, err)
         # No step trained twice, except the one the killed worker may have had in flight.
         for rank in (0, 1):
             steps = [line["step"] for line in lines if line["rank"] == rank]
@@ -117,16 +127,9 @@ def test_a_hung_worker_loses_no_step_its_peers_completed(baseline, tmp_path):
     faults.freeze(first[1])
     code, err = job.finish(200)
     assert code == 0, err[-3000:]
-    lines = trace_lines(job.trace)
-    survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
-    restarted = [line for line in lines if line["pid"] not in first.values()]
-    assert restarted, "the supervisor should have restarted the workers"
-    assert min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
-    assert f"resumed from memory tier at step {survivor_step}" in err
     # The stuck process was SIGKILLed and its peer failed in the collective: the workers saw a
     # crash; the supervisor, which detected the hang, counts it as one.
-    assert re.search(r"recovered from a (crash|hang): [0-9.]+s .* 0 completed step\(s\) trained again; "
-                     r"state from memory", err), err[-3000:]
+    assert_resumed_at_the_survivors_step(job.trace, first, err, kinds="crash|hang")
     assert "recovery after a hang: state from memory, 0 step(s) lost" in err
     assert_same_result_as(baseline, Path(job.url), err)
 
@@ -144,15 +147,9 @@ def test_a_lost_node_loses_no_step_the_other_node_completed(baseline, tmp_path):
     faults.kill9(procs.children(job.proc.pid)[-1])  # the second agent: node 1
     code, err = job.finish(200)
     assert code == 0, err[-3000:]
-    lines = trace_lines(job.trace)
-    survivor_step = max(line["step"] for line in lines if line["pid"] == first[0])
-    restarted = [line for line in lines if line["pid"] not in first.values()]
-    assert restarted and min(line["step"] for line in restarted) == survivor_step + 1, "a step was lost or redone"
-    assert f"resumed from memory tier at step {survivor_step}" in err
     # The survivor may leave on the supervisor's order (its view: a hang) or on torchrun's
     # SIGTERM (a crash); the supervisor, which saw the agent die, counts a crash.
-    assert re.search(r"recovered from a (crash|hang): [0-9.]+s .* 0 completed step\(s\) trained again; "
-                     r"state from memory", err), err[-3000:]
+    assert_resumed_at_the_survivors_step(job.trace, first, err, kinds="crash|hang")
     assert "recovery after a crash: state from memory, 0 step(s) lost" in err
     assert_same_result_as(baseline, Path(job.url), err)
 
