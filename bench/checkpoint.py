@@ -272,7 +272,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="ckbench-")
         args.target = tmp.name
     args.run_id = uuid.uuid4().hex[:8]
-    from service.supervisor.launcher import free_port
+    from service.supervisor.torchrun import free_port
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         mp.spawn(worker, args=(2, free_port(), args, out.name), nprocs=2, join=True)

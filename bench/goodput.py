@@ -123,7 +123,7 @@ def _command(variant: str, tmp: Path, shm: Path, every_steps: int, restarts: int
         overrides.append(f"supervisor.prestart_workers={'true' if variant == 'ftdiff' else 'false'}")
     sets = [a for o in overrides for a in ("--set", o)]
     if variant == "torchrun":
-        from service.supervisor.launcher import free_port
+        from service.supervisor.torchrun import free_port
 
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={RANKS}",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",

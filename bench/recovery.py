@@ -6,11 +6,12 @@ measured in the same run.
 
 Each MTTR is broken down from timestamps the processes leave anyway: torchrun's agent log
 (run with LOGLEVEL=INFO), the new workers' start times (/proc), rank 0's "training steps" log
-line and the sample trace. ``detect_s``: fault -> the agent acts on it; ``stop_s``: -> the
-survivors are gone and the agent enters the next rendezvous; ``rendezvous_s``: -> it starts the
-new worker group; ``spawn_s``: -> the first new worker process exists (with pre-started workers:
-the shim started and the zygote forked); ``init_s``: -> rank 0 is ready to train (imports,
-process group, model, resume); ``first_step_s``: -> the first step is done.
+line and the sample trace. ``detect_s``: fault -> the agent (for a lost node: the supervisor)
+acts on it; ``agent_start_s`` (lost node): -> the relaunched agents run; ``stop_s``: -> the
+survivors are gone and the agent enters the next rendezvous; ``rendezvous_s``: -> it starts
+the new worker group; ``spawn_s``: -> the first new worker process exists (with pre-started
+workers: the shim started and the zygote forked); ``init_s``: -> rank 0 is ready to train
+(imports, process group, model, resume); ``first_step_s``: -> the first step is done.
 
 Fault kinds: worker_crash (kill -9 of a worker), hang (SIGSTOP of a worker), lost_node
 (kill -9 of one of two torchrun agents), preemption (SIGTERM to the supervisor; steps lost
@@ -106,13 +107,18 @@ def _breakdown(log: Path, t_fault: float, new_pids: set[int], t_first: float) ->
         return next((t for t, msg in events if t >= after and any(n in msg for n in needles)), None)
 
     detect = first(t_fault, "closing signal", "failed (exitcode", "Worker group FAILED",
-                   "Stopping worker group")
-    rdzv = first(detect, "Rendezvous'ing worker group")
-    starting = first(rdzv, "Starting worker group")
+                   "Stopping worker group", "torchrun agent exited with")
+    # A lost node: the supervisor starts every agent afresh (a new rendezvous round).
+    agents_up = first(detect, "Starting elastic_operator")
+    starting = first(detect, "Starting worker group")
+    if agents_up is not None and starting is not None and agents_up > starting:
+        agents_up = None  # a later restart's agent, not this recovery's
+    rdzv = first(agents_up or detect, "Rendezvous'ing worker group")
     starts = [s for s in (_started(p) for p in new_pids) if s is not None]
     spawned = min(starts) if starts else None
     ready = first(spawned, _READY)
-    marks = [("detect_s", t_fault, detect), ("stop_s", detect, rdzv), ("rendezvous_s", rdzv, starting),
+    marks = [("detect_s", t_fault, detect), ("agent_start_s", detect, agents_up),
+             ("stop_s", agents_up or detect, rdzv), ("rendezvous_s", rdzv, starting),
              ("spawn_s", starting, spawned), ("init_s", spawned, ready), ("first_step_s", ready, t_first)]
     return {key: round(max(0.0, b - a), 3) for key, a, b in marks if a is not None and b is not None}
 
@@ -154,7 +160,7 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
         sets = [a for o in overrides for a in ("--set", o)]
         nnodes, nproc = (2, 1) if kind == "lost_node" else (1, 2)
         if plain:
-            from service.supervisor.launcher import free_port
+            from service.supervisor.torchrun import free_port
 
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=10",
@@ -171,8 +177,9 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
         results = []
         try:
             for _ in range(injections):
-                # let the (re)started job train a few steps before the next fault
-                _wait(lambda: sum(l["pid"] in set(_pids(trace).values()) for l in _lines(trace)) >= 10, proc)
+                # Let the (re)started job train and commit before the next fault: faults always
+                # landing before a commit would run into the crash-loop backoff instead.
+                _wait(lambda: sum(l["pid"] in set(_pids(trace).values()) for l in _lines(trace)) >= 24, proc)
                 pids = _pids(trace)
                 if kind == "worker_crash":
                     results.append(_measure(trace, proc, lambda p=pids[1]: faults.kill9(p), log))
@@ -204,9 +211,10 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
 def _is_agent(pid: int) -> bool:
     """A torchrun agent (the supervisor's other children are warm processes)."""
     try:
-        return b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"torch.distributed.run" in cmdline or b"service.train.agent" in cmdline
 
 
 def summarize(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -224,7 +232,7 @@ def main() -> None:
     p.add_argument("--hang-timeout", type=float, default=5.0)
     p.add_argument("--kinds", default="worker_crash,hang,lost_node,preemption")
     p.add_argument("--no-prestart", action="store_true", help="skip the runs with pre-started workers")
-    p.add_argument("--prestart-kinds", default="worker_crash",
+    p.add_argument("--prestart-kinds", default="worker_crash,hang,lost_node",
                    help="kinds also run with supervisor.prestart_workers = true (JSON: <kind>_prestart)")
     args = p.parse_args()
     result: dict[str, object] = {"hang_timeout_s": args.hang_timeout, "checkpoint_every_steps": 5}

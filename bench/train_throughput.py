@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="per-rank batch")
     p.add_argument("--presets", default="tiny,small")
     args = p.parse_args()
-    from service.supervisor.launcher import free_port
+    from service.supervisor.torchrun import free_port
 
     result: dict[str, dict[str, float]] = {}
     for preset in args.presets.split(","):

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Exit code of a worker that leaves because the supervisor ordered a restart.
 EXIT_RESTART_ORDERED = 44
+# The same order by signal, from a supervisor on the worker's own machine (it knows the pid):
+# the worker leaves its last completed step in the memory tier and exits at once, instead of
+# at its next heartbeat.
+LEAVE_SIGNAL = signal.SIGUSR1
 # Exit code of a worker whose local supervisor or agent died (it must not outlive its job).
 EXIT_ORPHANED = 45
 # "refused": the worker left with an error a restart cannot fix (config, storage, superseded).
@@ -309,8 +313,10 @@ def safe_to_kill(pid: object) -> bool:
     return pid not in {os.getpid(), os.getppid(), os.getpgrp()}
 
 
-def exit_for_restart(generation: int, kill: list[int]) -> None:
-    log.error("supervisor ordered a restart (generation %d): exiting so torchrun restarts us", generation)
+def exit_for_restart(generation: int | None, kill: list[int]) -> None:
+    """Leave on the supervisor's restart order (``generation``; None: by ``LEAVE_SIGNAL``)."""
+    how = "by signal" if generation is None else f"generation {generation}"
+    log.error("supervisor ordered a restart (%s): exiting so torchrun restarts us", how)
     # Stuck peers on this node (named by the authenticated supervisor) cannot leave by
     # themselves; without this, torchrun would wait out its grace period before killing them.
     for pid in kill:

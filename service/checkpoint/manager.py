@@ -201,11 +201,15 @@ class Checkpointer:
         collective with a hung peer, its state consistent at the last step every rank did."""
         return self.memory is not None and self.memory.leave(why)
 
-    def watch_stop_signals(self) -> None:
+    def watch_stop_signals(self, then: dict[int, Callable[[], None]] | None = None) -> bool:
         """Main thread, after the SIGTERM/SIGINT handlers are installed: leave the state in the
-        memory tier as soon as one arrives, even if the main thread is stuck in a collective."""
-        if self.memory is not None:
-            self.memory.watch_signals()
+        memory tier as soon as one arrives, even if the main thread is stuck in a collective;
+        for the signals in ``then``, leave it and call their action. False without a memory
+        tier (nothing watches the signals then)."""
+        if self.memory is None:
+            return False
+        self.memory.watch_signals(then)
+        return True
 
     def _wait_for_copy(self) -> None:
         done = self._snapshot_done

@@ -86,6 +86,7 @@ class MemoryRecovery:
         self._committed: int | None = None
         self._left: int | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._then: dict[int, Callable[[], None]] = {}
 
     # -- the loop's marks ----------------------------------------------------------------------
     def updating(self) -> None:
@@ -152,11 +153,14 @@ class MemoryRecovery:
         if removed:
             log.info("memory tier: removed %d left-over file(s) from %s", removed, self.tier.dir)
 
-    def watch_signals(self) -> None:
+    def watch_signals(self, then: dict[int, Callable[[], None]] | None = None) -> None:
         """Main thread, after the stop signals' Python handlers are installed: a thread that
-        leaves the state as soon as one arrives, even while the main thread is blocked."""
+        leaves the state as soon as one arrives, even while the main thread is blocked. For the
+        signals in ``then`` (each with a Python handler too) it leaves the state, then calls
+        their action (the worker's exit on a restart order)."""
         if self._wakeup is not None or threading.current_thread() is not threading.main_thread():
             return
+        self._then = dict(then or {})
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         try:
@@ -170,7 +174,8 @@ class MemoryRecovery:
         threading.Thread(target=self._watch, args=(reader,), name="memory-tier-signals", daemon=True).start()
 
     def _watch(self, reader: socket.socket) -> None:
-        wanted = {int(s) for s in STOP_SIGNALS}
+        then = {int(s): action for s, action in self._then.items()}
+        wanted = {int(s) for s in STOP_SIGNALS} | set(then)
         while True:
             try:
                 data = reader.recv(64)
@@ -178,8 +183,11 @@ class MemoryRecovery:
                 return
             if not data:
                 return
-            if wanted & set(data):
-                self.leave(f"signal {min(wanted & set(data))}")
+            arrived = wanted & set(data)
+            if arrived:
+                self.leave(f"signal {min(arrived)}")
+            for sig in sorted(arrived & set(then)):
+                then[sig]()
 
     def stop_watching(self) -> None:
         if self._wakeup is None:

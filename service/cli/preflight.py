@@ -40,7 +40,7 @@ def _say(check: str, line: str) -> None:
 
 def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
     from service.model import check_geometry, sample_size
-    from service.supervisor.launcher import check_job_geometry
+    from service.supervisor.torchrun import check_job_geometry
     from service.train.data import check_batch_geometry
 
     check_job_geometry(cfg, nnodes, nproc_per_node)  # the launcher's (every node count it may run)

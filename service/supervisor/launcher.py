@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,84 +23,25 @@ from dataclasses import dataclass, field
 
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
-from service.config import OVERRIDES_ENV, Config, load_config, overrides_to_env
+from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
-from service.heartbeat import Heartbeat, die_with_parent, shared_token
+from service.heartbeat import LEAVE_SIGNAL, Heartbeat, die_with_parent, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
 from service.supervisor.monitor import RankState
 from service.supervisor.report import failure_report
+from service.supervisor.torchrun import (
+    AGENT_ENV,
+    check_job_geometry,
+    rendezvous_store,
+    shutdown_timeout_s,
+    torchrun_command,
+    worker_args,
+    worker_env,
+)
 
 log = logging.getLogger(__name__)
-
-# A fresh rendezvous store per round, so restarted workers never read a dead peer's address
-# (see service.dist._restart_safe_store).
-AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-# Beyond checkpoint.grace_s: time for the last step in flight before the emergency save starts.
-SHUTDOWN_MARGIN_S = 15
-
-
-MONITOR_INTERVAL_S = 0.1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def torchrun_command(
-    cfg_args: list[str], nnodes: int, nproc_per_node: int, rdzv_endpoint: str, max_restarts: int,
-    min_nodes: int | None = None, run_id: str = "ftdiff", log_dir: str | None = None,
-    rdzv_conf: str | None = None, module: str = "service.train",
-) -> list[str]:
-    """The torchrun invocation of one agent; the worker is ``-m service.train`` (or the shim
-    of pre-started workers, ``procs.SHIM_MODULE``)."""
-    node_range = f"{min_nodes}:{nnodes}" if min_nodes and min_nodes < nnodes else str(nnodes)
-    extra = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={node_range}",
-        f"--nproc-per-node={nproc_per_node}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={rdzv_endpoint}",
-        f"--rdzv-id={run_id}",
-        f"--max-restarts={max_restarts}",
-        f"--monitor-interval={MONITOR_INTERVAL_S}",  # a dead worker is seen this soon at most
-        *extra,
-    ]
-    if log_dir:
-        cmd.append(f"--log-dir={log_dir}")
-    return cmd + ["-m", module, *cfg_args]
-
-
-def worker_args(config: str | None, log_format: str) -> list[str]:
-    """The worker's command line. ``--set`` overrides never go here: a command line is
-    readable by every user of the machine (/proc/*/cmdline), and overrides may carry a token
-    or a URL with credentials; they travel in FTDIFF_OVERRIDES (``worker_env``) instead."""
-    args = ["--config", config] if config else []
-    return args + ["--log-format", log_format]
-
-
-def worker_env(overrides: list[str]) -> dict[str, str]:
-    return {OVERRIDES_ENV: overrides_to_env(overrides)} if overrides else {}
-
-
-def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
-    if nnodes < 1 or nproc_per_node < 1:
-        raise UserError("--nnodes and --nproc-per-node must be at least 1")
-    min_nodes = cfg.supervisor.min_nodes
-    if min_nodes is not None and min_nodes > nnodes:
-        raise UserError(f"supervisor.min_nodes = {min_nodes} is more than --nnodes = {nnodes}")
-    for nodes in range(min_nodes or nnodes, nnodes + 1):
-        world = nodes * nproc_per_node
-        if cfg.train.global_batch_size % world:
-            raise UserError(
-                f"train.global_batch_size = {cfg.train.global_batch_size} is not divisible by the "
-                f"world size {world} ({nodes} nodes x {nproc_per_node} processes)"
-            )
-
 
 @dataclass
 class Agent:
@@ -119,7 +59,7 @@ class LocalSupervisor(Supervisor):
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
         # The supervisor hosts the rendezvous store itself: if an agent hosted it, losing that
         # agent's node would take the rendezvous down with it and strand every survivor.
-        self.rdzv_store = _rendezvous_store()
+        self.rdzv_store = rendezvous_store()
         self.rdzv = f"127.0.0.1:{self.rdzv_store.port}"
         self.run_id = f"{cfg.run.name}-{os.getpid()}"
         self.cmd_args = worker_args(config, log_format)
@@ -218,9 +158,12 @@ class LocalSupervisor(Supervisor):
         # Silent processes (also ones not flagged yet) cannot act on an order: kill them. One
         # that still heartbeats is waiting (on them) and leaves on its order, leaving its state
         # in the memory tier; whoever is still here a grace later is killed (after_tick).
-        for s in self.monitor.silent_among(self.monitor.states(), self.monitor.silence_s):
-            procs.kill(s.hb.pid)
+        states = self.monitor.states()
+        silent = {s.hb.pid for s in self.monitor.silent_among(states, self.monitor.silence_s)}
+        for pid in silent:
+            procs.kill(pid)
         self.monitor.order_restart()
+        self._order_out([s.hb.pid for s in states if s.hb.pid not in silent])
 
     def after_tick(self) -> None:
         self._handle_silence()
@@ -281,6 +224,15 @@ class LocalSupervisor(Supervisor):
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     # -- agents -----------------------------------------------------------------------------------
+    def _order_out(self, pids: list[int]) -> list[int]:
+        """Send ``LEAVE_SIGNAL`` to those of ``pids`` that are our live descendants; those pids.
+        The restart order by heartbeat reaches them too, but a heartbeat interval later."""
+        ours = set(procs.descendants(os.getpid()))
+        pids = [pid for pid in pids if pid in ours and procs.pid_alive(pid)]
+        for pid in pids:
+            procs.signal_pid(pid, LEAVE_SIGNAL)
+        return pids
+
     def _handle_silence(self) -> None:
         """Hang detection watches ranks, and a restart order forgets them all: agents stuck in
         rendezvous, or workers stuck before their first heartbeat, leave nothing to watch.
@@ -310,7 +262,9 @@ class LocalSupervisor(Supervisor):
         for node, code in codes.items():
             if code is None or code == 0:
                 continue
-            lost = code < 0  # killed by a signal: the node is gone, not the program
+            # Killed by a signal (or, through service.train.agent, ended by one: 128 + signal):
+            # the node is gone, not the program.
+            lost = code < 0 or code > 128
             kind = FailureKind.LOST_NODE if lost else FailureKind.AGENT_FAILED
             log.error("node %d: torchrun agent exited with %s (%s)", node, code, kind)
             if self.relaunches >= self.cfg.supervisor.max_restarts:
@@ -323,6 +277,7 @@ class LocalSupervisor(Supervisor):
             # survivors must restart too (their group is broken): order them out now, which
             # also keeps their disappearance from being counted as separate crashes.
             self._kill_workers(lambda s, n=node: s.hb.node == str(n))
+            survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node != str(node)]
             self.monitor.order_restart()
             delay = self.ledger.backoff_s()
             self._recovering = True
@@ -333,21 +288,34 @@ class LocalSupervisor(Supervisor):
                 if self.sleep(delay):
                     return None
             self.metrics.state.state("restarting")
-            if lost:  # its rendezvous is still open: the node rejoins the others
-                self._launch(node)
-                continue
-            # torchrun gave up, which closes this round's rendezvous for good: every agent
-            # starts over in a fresh round.
-            for agent in self.agents.values():
-                if agent.proc.poll() is None:
-                    procs.end_tree(agent.proc)
-            self._kill_workers(lambda s: True)
-            self.round += 1
-            log.warning("relaunching every agent in rendezvous round %d", self.round)
-            for n in range(self.nnodes):
-                self._launch(n)
+            self._new_round(node, survivors)
             return None
         return None
+
+    def _new_round(self, lost: int, survivors: list[int]) -> None:
+        """Every agent starts over in a fresh rendezvous round (``<run id>-r<round>``). After
+        torchrun gives up its round is closed for good; after a lost agent the old round would
+        wait out the dead agent's keep-alives (3 s) and a 1 s poll before it re-forms. The lost
+        node's agent starts at once (its import is the longest wait); the survivors' workers
+        first leave their last completed step in the memory tier, then their agents go."""
+        self.round += 1
+        log.warning("relaunching every agent in rendezvous round %d", self.round)
+        self._launch(lost)
+        self._let_workers_leave(survivors, self.monitor.heartbeat_interval_s + self.tick_s)
+        for node, agent in list(self.agents.items()):
+            if node != lost:
+                if agent.proc.poll() is None:
+                    procs.end_tree(agent.proc)
+                self._launch(node)
+
+    def _let_workers_leave(self, pids: list[int], timeout: float) -> None:
+        """Order these workers out by signal (known from heartbeats; only ours): each leaves
+        its last completed step in the memory tier and exits at once (without a memory tier,
+        the signal ends it). Whoever is still there after ``timeout`` is killed with its agent."""
+        pids = self._order_out(pids)
+        deadline = time.monotonic() + timeout
+        while any(procs.pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _give_up(self, node: int, code: int) -> int:
         self.metrics.state.state("failed")
@@ -361,21 +329,6 @@ class LocalSupervisor(Supervisor):
 def _reachable(host: str) -> str:
     """The address workers use for a supervisor bound to ``host`` (a wildcard means loopback)."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-
-
-def shutdown_timeout_s(cfg: Config) -> int:
-    """How long torchrun waits after SIGTERM before SIGKILLing workers."""
-    return int(cfg.checkpoint.grace_s + SHUTDOWN_MARGIN_S)
-
-
-def _rendezvous_store():  # type: ignore[no-untyped-def]
-    """A TCPStore on a free loopback port that outlives any agent (torchrun's c10d backend)."""
-    import datetime
-
-    from torch.distributed import TCPStore
-
-    return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
-                    timeout=datetime.timedelta(seconds=60))
 
 
 def run_local_job(

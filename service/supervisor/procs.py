@@ -55,8 +55,13 @@ def descendants(pid: int) -> list[int]:
 
 def kill(pid: int) -> None:
     """SIGKILL ``pid`` if it still exists."""
+    signal_pid(pid, signal.SIGKILL)
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it still exists."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 

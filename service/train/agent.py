@@ -7,18 +7,24 @@ own ``run()`` unchanged and only translates how it ends: when the workers gave u
 that means "do not retry" (2 usage/config, 3 storage denied or unreachable, 46 superseded by a
 newer start of the job) the agent exits with that code, which the Job's podFailurePolicy turns
 into an immediate failure; any other worker failure is 1, a signal to the agent 128 + signal.
+
+``FTDIFF_RDZV_POLL_S`` (set by ``ftdiff train``): how often an agent waiting in the c10d
+rendezvous looks at the store again, instead of torchrun's fixed second.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_SUPERSEDED, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 
+POLL_ENV = "FTDIFF_RDZV_POLL_S"
 # Worker exit codes that no restart can fix, in the order they are reported when ranks differ.
 NO_RETRY = (EXIT_USAGE, EXIT_STORAGE, EXIT_SUPERSEDED)
 
@@ -31,11 +37,57 @@ def exit_code_for(worker_codes: Sequence[int]) -> int:
     return EXIT_FAILURE
 
 
+def shorten_rendezvous_polls(poll_s: float) -> bool:
+    """Make torchrun's c10d rendezvous look at the store every ``poll_s`` instead of every second.
+
+    While an agent waits for the others to join (or for a round to close) it sleeps a fixed
+    second between looks, and serves those looks from a state it read up to a second before;
+    agents that join together therefore wait a second for one another, which on one machine is
+    most of a lost node's rendezvous. Only those two change (torchrun's random start-up jitter
+    does not). False, leaving torchrun as it is, where this torch version has neither to shorten."""
+    import inspect
+
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+
+    delay, holder = getattr(dr, "_delay", None), getattr(dr, "_BackendRendezvousStateHolder", None)
+    if delay is None or holder is None or "cache_duration" not in inspect.signature(holder).parameters:
+        return False
+    if getattr(delay, "ftdiff_poll_s", None) is not None:
+        return True  # already done
+    poll_s = max(0.01, poll_s)
+
+    def short_delay(seconds: float | tuple[float, float]) -> None:
+        delay(poll_s if seconds == 1 else seconds)
+
+    class FresherStateHolder(holder):  # type: ignore[misc, valid-type]
+        def __init__(self, backend: Any, settings: Any, cache_duration: float = poll_s) -> None:
+            super().__init__(backend, settings, cache_duration)
+
+    short_delay.ftdiff_poll_s = poll_s  # type: ignore[attr-defined]
+    dr._delay = short_delay
+    dr._BackendRendezvousStateHolder = FresherStateHolder
+    return True
+
+
+def _poll_from_env() -> None:
+    value = os.environ.get(POLL_ENV)
+    if not value:
+        return
+    try:
+        poll_s = float(value)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds: the rendezvous polls every second", POLL_ENV, value)
+        return
+    if not shorten_rendezvous_polls(poll_s):
+        log.warning("%s: this torch has no rendezvous poll to shorten; it polls as it always does", POLL_ENV)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    _poll_from_env()
     try:
         run(parse_args(list(sys.argv[1:] if argv is None else argv)))
     except ChildFailedError as e:

@@ -22,7 +22,7 @@ from service.checkpoint.memory_tier import default_dir
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from service.heartbeat import Heartbeat, HeartbeatSender, exit_for_restart, shared_token
+from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, exit_for_restart, shared_token
 from service.metrics import WorkerMetrics, snapshot
 from service.model import EMAState, build_ema, build_noise_scheduler, build_unet
 from service.train import state as keys
@@ -137,11 +137,12 @@ class Trainer:
             on_exit_order=self._leave_for_restart, watch_pids=watch,
         ).start()
 
-    def _leave_for_restart(self, generation: int, kill: list[int]) -> None:
-        """The supervisor ordered this process out (a peer hangs). First leave the last step
-        every rank completed in the memory tier — the main thread waits in a collective with
-        the hung peer, so the state is consistent there — then exit: the restart resumes at
-        that step instead of the newest commit (a hang loses no step but the one in flight)."""
+    def _leave_for_restart(self, generation: int | None, kill: list[int]) -> None:
+        """The supervisor ordered this process out (a peer hangs or its node is gone), with a
+        heartbeat's answer or with ``LEAVE_SIGNAL`` (generation None). First leave the last
+        step every rank completed in the memory tier — the main thread waits in a collective
+        with the hung peer, so the state is consistent there — then exit: the restart resumes
+        at that step instead of the newest commit (a hang loses no step but the one in flight)."""
         self.recovery.left(ORDERED)
         self.checkpointer.leave_in_memory("restart ordered")
         exit_for_restart(generation, kill)
@@ -174,7 +175,12 @@ class Trainer:
         signal.signal(signal.SIGINT, request_stop)
         # torchrun SIGTERMs the survivors when a worker dies, maybe while this thread is stuck
         # in a collective: the memory tier then leaves the last completed step from a thread.
-        self.checkpointer.watch_stop_signals()
+        # The local supervisor's restart order by signal goes through that thread too (the
+        # Python handler only has to exist; it runs late or never while this thread is stuck).
+        watched = self.checkpointer.watch_stop_signals(
+            then={LEAVE_SIGNAL: lambda: self._leave_for_restart(None, [])})
+        if watched:
+            signal.signal(LEAVE_SIGNAL, lambda _signum, _frame: None)
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> int:

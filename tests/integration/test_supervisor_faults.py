@@ -131,7 +131,7 @@ def _workers(pid: int) -> list[int]:
                 pass
         # not the agent, nor the thin shim that gets its worker from the warm process
         elif b"service.train" in cmdline and not any(
-                other in cmdline for other in (b"torch.distributed.run", b"service.train.shim")):
+                other in cmdline for other in (b"torch.distributed.run", b"service.train.agent", b"service.train.shim")):
             found.append(child)
     return found
 

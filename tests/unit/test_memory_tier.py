@@ -363,7 +363,7 @@ def test_two_ranks_take_the_newest_step_from_whichever_rank_holds_it(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from service.supervisor.launcher import free_port
+    from service.supervisor.torchrun import free_port
 
     def leave(job: Job, where: Path) -> None:
         rec = recovery(job, where, world_size=2)
@@ -427,6 +427,42 @@ def test_sigterm_leaves_the_state_from_the_watcher_thread(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+    job = Job()
+    job.step()
+    job.step()
+    other = Job(1)
+    assert recovery(other, tmp_path).resume(None) == 2
+    assert_bitwise(other.snapshot(), job.snapshot())
+
+
+ORDERED_OUT = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from tests.unit.test_memory_tier import Job, recovery
+from pathlib import Path
+job = Job()
+job.step(); job.step()
+rec = recovery(job, Path({dir!r}))
+rec.consistent_at(2)
+rec.watch_signals(then={{signal.SIGUSR1: lambda: os._exit(44)}})  # like the trainer's exit on an order
+signal.signal(signal.SIGUSR1, lambda *a: None)
+print("ready", flush=True)
+time.sleep(60)  # stuck: only the watcher thread can act
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_leave_order_signal_leaves_the_state_then_exits(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", ORDERED_OUT.format(repo=str(REPO), dir=str(tmp_path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(20) == 44, proc.stderr.read()  # left by itself, main thread still asleep
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert MemoryTier(RUN, tmp_path).steps() == [2]  # and the state was left before the exit
     job = Job()
     job.step()
     job.step()

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from service.supervisor.launcher import free_port
+from service.supervisor.torchrun import free_port
 
 
 def _rank(rank: int, port: int, url: str, out: str) -> None:

@@ -8,10 +8,10 @@ from service.config import load_config
 from service.errors import UserError
 from service.heartbeat import Heartbeat, HeartbeatSender, token_ok
 from service.metrics import SupervisorMetrics
-from service.supervisor.launcher import check_job_geometry, torchrun_command
 from service.supervisor.monitor import JobMonitor
 from service.supervisor.report import failure_report
 from service.supervisor.server import SupervisorEndpoints, SupervisorServer
+from service.supervisor.torchrun import check_job_geometry, torchrun_command
 from tests.helpers import Clock, hb
 from tests.helpers import post_json as _post
 
@@ -105,7 +105,7 @@ def test_server_refuses_and_counts_unauthenticated_requests(server):
 
 
 def test_metrics_address_serves_scrapes_but_never_control():
-    from service.supervisor.launcher import free_port
+    from service.supervisor.torchrun import free_port
 
     cfg = load_config(None, ['supervisor.host="127.0.0.1"', "supervisor.port=0",
                              'metrics.host="127.0.0.1"', f"metrics.port={free_port()}"])
@@ -173,6 +173,7 @@ def test_torchrun_command_shape():
     cmd = torchrun_command(["--config", "x"], 2, 1, "127.0.0.1:5", 3, min_nodes=1, log_dir="/tmp/l")
     assert "--nnodes=1:2" in cmd and "--max-restarts=3" in cmd and "--rdzv-backend=c10d" in cmd
     assert cmd[-4:] == ["-m", "service.train", "--config", "x"]
+    assert cmd[1:3] == ["-m", "service.train.agent"]  # torchrun, with exit codes that mean something
 
 
 def test_failure_report_names_rank_node_and_traceback(tmp_path):
@@ -417,3 +418,53 @@ def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after
     sup.monitor.observe(hb(rank=1, pid=os.getppid()))
     sup.after_tick()
     assert state("running") == 1 and state("restarting") == 0
+
+
+LEAVES_ON_ORDER = """
+import pathlib, signal, sys, time
+def leave(*_):
+    pathlib.Path(sys.argv[1]).write_text("left")  # as the worker leaves its memory snapshot
+    sys.exit(44)
+signal.signal(signal.SIGUSR1, leave)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("lost_code", [-9, 128 + 15])  # killed; or ended by SIGTERM through the agent wrapper
+def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_left(tmp_path, lost_code):
+    """The old round would wait out the dead agent's keep-alives: every agent starts afresh,
+    the lost node's at once, the others after their workers left their state on the order."""
+    import subprocess
+    import sys
+
+    from service.supervisor.launcher import Agent, LocalSupervisor
+
+    cfg = load_config(None, ["supervisor.port=0", "metrics.port=0", "supervisor.heartbeat_interval_s=5"])
+    sup = LocalSupervisor(cfg, None, [], nnodes=2, nproc_per_node=1)
+    launched: list[int] = []
+    sup._launch = launched.append  # type: ignore[method-assign]
+    marker = tmp_path / "left"
+    worker = subprocess.Popen([sys.executable, "-c", LEAVES_ON_ORDER, str(marker)], stdout=subprocess.PIPE, text=True)
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lost = subprocess.Popen([sys.executable, "-c", f"import os, sys; sys.exit({lost_code})"
+                             if lost_code > 0 else "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        lost.wait(10)
+        sup.agents = {0: Agent(0, survivor), 1: Agent(1, lost)}
+        sup.monitor.observe(hb(rank=0, pid=worker.pid, node="0"))
+        sup.monitor.observe(hb(rank=1, pid=lost.pid, node="1"))
+        assert sup._handle_agents() is None
+        assert sup.round == 1 and launched == [1, 0]  # the lost node first
+        assert worker.wait(10) == 44 and marker.read_text() == "left"  # left on the order, not killed
+        assert survivor.wait(10) == -9  # the old round's agent is gone
+        lost_nodes = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "lost_node"})
+        assert lost_nodes == 1
+    finally:
+        for p in (worker, survivor):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        sup.shutdown()
