@@ -127,6 +127,13 @@ class CheckpointConfig(_Section):
     memory_tier_dir: str | None = None
     """Directory of the memory tier's files; default /dev/shm/ftdiff-memory-<uid> (a tempdir
     when /dev/shm is missing)."""
+    memory_every_steps: int = Field(default=0, ge=0)
+    """Also leave the state in the memory tier every this many steps, from a background
+    thread (0: only on the way out). Covers every process of a node dying at once (nobody is
+    left to leave the state: the agent's process group killed, a container restarted in its
+    pod): the restart then loses at most this many steps instead of a checkpoint interval.
+    Costs one write of the state into shared memory per interval and keeps up to two
+    snapshots of it resident there."""
 
 
 class SupervisorConfig(_Section):
@@ -222,7 +229,8 @@ class Config(_Section):
 # Keys introduced after config hashes were first recorded, with their defaults (see hash()).
 _ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error",
                                             ("checkpoint", "memory_tier"): True,
-                                            ("checkpoint", "memory_tier_dir"): None}
+                                            ("checkpoint", "memory_tier_dir"): None,
+                                            ("checkpoint", "memory_every_steps"): 0}
 _ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
 # Its default became true later; a config that leaves it at the default keeps its hash.
 _ADDED_LATER[("supervisor", "prestart_workers")] = True

@@ -194,6 +194,9 @@ class Checkpointer:
         state is consistent at ``step`` again, and may be left in the memory tier."""
         if self.memory is not None:
             self.memory.consistent_at(step)
+            every = self.cfg.checkpoint.memory_every_steps
+            if every and step % every == 0:
+                self.memory.leave_soon(f"every {every} steps")
 
     def leave_in_memory(self, why: str) -> bool:
         """Leave the last completed step in the memory tier now (any thread); whether a file

@@ -15,7 +15,10 @@ nothing has been updated yet (state = step S), in the per-step agreement the ste
 * when a stop signal arrives (torchrun SIGTERMs the survivors when one worker dies): from a
   thread woken through ``signal.set_wakeup_fd``, because the main thread may be stuck in a
   collective that will never return (a peer on a lost node), where no Python signal handler
-  runs and torchrun's SIGKILL would come next.
+  runs and torchrun's SIGKILL would come next;
+* when the local supervisor orders the process out by signal, from the same thread;
+* every ``checkpoint.memory_every_steps`` steps, from a background thread, for the case where
+  nobody survives to leave it (every process of a node killed at once).
 
 Nothing is written for a step that is already committed (or for step 0).
 
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MAX_ROUNDS = 6  # agreements after a holder found its file bad (each round removes one file)
+PERIODIC_WAIT_S = 60.0  # the longest the next update waits for a due periodic snapshot
 
 
 class _GiveUp(Exception):
@@ -87,11 +91,26 @@ class MemoryRecovery:
         self._left: int | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._then: dict[int, Callable[[], None]] = {}
+        # Periodic snapshots (leave_soon): the step due, until the writer has dealt with it.
+        self._cond = threading.Condition(self._lock)
+        self._pending: int | None = None
+        self._due = threading.Event()
+        self._due_why = ""
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
     # -- the loop's marks ----------------------------------------------------------------------
     def updating(self) -> None:
-        """An update is about to change the state (waits while a writer reads it)."""
-        with self._lock:
+        """An update is about to change the state: waits while a writer reads it, and for a
+        due periodic snapshot to be taken (a writer that has not started yet would otherwise
+        find the state changing and skip it)."""
+        with self._cond:
+            deadline = time.monotonic() + PERIODIC_WAIT_S
+            while self._pending is not None and self._pending == self._consistent and not self._closed:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    log.warning("memory tier: the snapshot of step %d was not taken within %.0fs: "
+                                "training goes on without it", self._pending, PERIODIC_WAIT_S)
+                    self._pending = None
             self._consistent = None
 
     def consistent_at(self, step: int) -> None:
@@ -115,7 +134,34 @@ class MemoryRecovery:
             log.debug("memory tier: removed %d snapshot file(s) up to step %s", removed, step)
 
     # -- leaving -----------------------------------------------------------------------------
-    def leave(self, why: str) -> bool:
+    def leave_soon(self, why: str) -> None:
+        """Leave the last completed step from a background thread (a periodic snapshot:
+        ``checkpoint.memory_every_steps``). The writer holds the lock while it serialises, so
+        the main thread only waits if the write outlasts the next step's forward and backward
+        (its ``updating()`` is the first thing that needs the lock)."""
+        if self._closed:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_when_due, name="memory-tier-periodic", daemon=True)
+            self._writer.start()
+        with self._cond:
+            self._pending, self._due_why = self._consistent, why
+        self._due.set()
+
+    def _write_when_due(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._closed:
+                return
+            try:
+                self.leave(self._due_why, level=logging.DEBUG)
+            finally:
+                with self._cond:
+                    self._pending = None
+                    self._cond.notify_all()
+
+    def leave(self, why: str, level: int = logging.WARNING) -> bool:
         """Leave the state of the last completed step in the tier, if it is newer than the
         newest commit and not left already; whether a file was written. Never raises: it runs
         on the way out."""
@@ -140,7 +186,7 @@ class MemoryRecovery:
         if path is None:
             log.info("memory tier: step %d already left on this node by a peer (%s)", step, why)
         else:
-            log.warning("memory tier: left step %d in %s (%s, %.3fs)", step, path, why, time.monotonic() - t0)
+            log.log(level, "memory tier: left step %d in %s (%s, %.3fs)", step, path, why, time.monotonic() - t0)
         return path is not None
 
     def _sweep(self) -> None:
@@ -190,6 +236,11 @@ class MemoryRecovery:
                 then[sig]()
 
     def stop_watching(self) -> None:
+        """No more signals watched nor periodic snapshots taken (the process is on its way out)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._due.set()  # a waiting periodic writer wakes up and ends
         if self._wakeup is None:
             return
         if threading.current_thread() is threading.main_thread():

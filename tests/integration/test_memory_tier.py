@@ -114,6 +114,40 @@ def test_kill9_one_worker_loses_no_step_and_ends_bitwise_equal(baseline, tmp_pat
         tier.prune(None)
 
 
+@pytest.mark.timeout(180)
+def test_every_worker_killed_at_once_resumes_from_the_periodic_snapshot(baseline, tmp_path):
+    """No survivor is left to leave the state (both workers killed -9 together, as when a
+    node's whole process group dies): with checkpoint.memory_every_steps = 2 the restart
+    resumes from the newest periodic snapshot — at most two steps back, not from scratch
+    (there is no commit) — and the run still ends bitwise equal."""
+    dirs = traced_run(tmp_path)
+    run_id = f"memtier-{uuid.uuid4().hex[:10]}"
+    tier = MemoryTier(run_id)
+    try:
+        proc = popen(torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=100",
+                                   "checkpoint.memory_every_steps=2", dirs.url_arg, "train.step_sleep_s=0.25"],
+                                  max_restarts=1),
+                     env={**dirs.env, "FTDIFF_RUN_ID": run_id})
+        wait_for_step(dirs.trace, 5, proc)
+        first = worker_pids(dirs.trace)
+        for pid in first.values():
+            os.kill(pid, signal.SIGKILL)
+        code, err = finish(proc)
+        assert code == 0, err[-3000:]
+        lines = trace_lines(dirs.trace)
+        last = max(line["step"] for line in lines if line["pid"] in first.values())
+        resumed = re.search(r"resumed from memory tier at step (\d+)", err)
+        assert resumed, err[-3000:]
+        step = int(resumed.group(1))
+        assert step % 2 == 0 and last - 2 <= step <= last, (step, last)
+        restarted = [line["step"] for line in lines if line["pid"] not in first.values()]
+        assert min(restarted) == step + 1
+        assert_same_result_as(baseline, dirs.url, err)
+        assert tier.steps() == [], "the run's snapshots are removed when it finishes"
+    finally:
+        tier.prune(None)
+
+
 @pytest.mark.timeout(240)
 def test_a_hung_worker_loses_no_step_its_peers_completed(baseline, tmp_path):
     """A SIGSTOPped worker under `ftdiff train`: the supervisor orders the healthy rank out; on

@@ -602,3 +602,29 @@ def test_left_over_files_of_any_run_go_after_a_day(tmp_path):
     rec.consistent_at(1)
     assert rec.leave("test")  # a writer sweeps
     assert not old.exists() and recent.exists()
+
+
+@pytest.mark.timeout(60)
+def test_periodic_snapshots_cover_a_node_whose_processes_all_died_at_once(tmp_path):
+    """Nobody is left to leave the state on the way out (the process is abandoned, as by a
+    kill -9 of the whole node): the restart takes the newest periodic snapshot."""
+    url, shm = tmp_path / "ckpt", tmp_path / "shm"
+    periodic = ("checkpoint.every_steps=100", "checkpoint.memory_every_steps=3")
+    first = CkptJob(url, shm, *periodic)
+    first.ckpt.resume()
+    first.train_to(7)  # snapshots at 3 and 6, taken before the next update began; then "killed"
+    assert MemoryTier(RUN, shm).steps() == [6, 3]
+    at_6 = CkptJob(tmp_path / "x", tmp_path / "y", run_id="x")
+    at_6.train_to(6)
+
+    again = CkptJob(url, shm, *periodic, seed=1)
+    assert again.ckpt.resume() == 6 and again.source() == "memory"  # one step lost, not seven
+    assert_bitwise(again.snapshot(), at_6.snapshot())
+    for job in (again, at_6):
+        job.ckpt.close()
+
+    off = CkptJob(tmp_path / "off", tmp_path / "shm-off", "checkpoint.every_steps=100", run_id="off")
+    off.ckpt.resume()
+    off.train_to(7)
+    assert MemoryTier("off", tmp_path / "shm-off").steps() == []  # 0: only on the way out
+    off.ckpt.close()
