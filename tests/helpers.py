@@ -85,9 +85,11 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun_cmd(overrides: list[str], nproc: int = 2, max_restarts: int = 0) -> list[str]:
+def torchrun_cmd(overrides: list[str], nproc: int = 2, max_restarts: int = 0,
+                 launcher: str = "torch.distributed.run") -> list[str]:
+    """A plain torchrun job (``launcher``: or the agent wrapper, ``service.train.agent``)."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", launcher,
         "--nnodes=1", f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         f"--max-restarts={max_restarts}",

@@ -5,7 +5,9 @@ heartbeats. Restarts are ordered *through the workers*: on a hang, every worker 
 at that moment is answered ``exit`` on its next heartbeat and leaves with code 44 — from its
 heartbeat thread, so a worker stuck in a collective gets out too — and its torchrun agent
 restarts the group, which reloads the latest committed checkpoint. A process that cannot
-heartbeat (SIGSTOPped) is ended by its agent once its peers have exited. On SIGTERM the
+heartbeat (SIGSTOPped) is ended by a peer on its node on that peer's way out, or by its node's
+agent when that runs as ``python -m service.train.agent`` (it asks ``POST /stuck``; the only
+way out when every worker of a node is stuck). On SIGTERM the
 supervisor simply leaves: the job trains on, and a restarted supervisor picks it up from the
 next heartbeats (exit orders name one process — node, pid, start time — and expire).
 """

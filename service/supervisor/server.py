@@ -1,6 +1,7 @@
 """The supervisor's HTTP endpoints: heartbeats in, restart orders out, /metrics, health.
 
-``POST /heartbeat`` and ``POST /control/restart`` need ``Authorization: Bearer <token>``;
+``POST /heartbeat``, ``POST /stuck`` (a torchrun agent asks which of its node's processes are
+stuck, to end them) and ``POST /control/restart`` need ``Authorization: Bearer <token>``;
 anything else on them is refused (401) and counted. ``GET /metrics``, ``/healthz`` and
 ``/readyz`` are open, like any Prometheus target: they reveal no secrets. The default bind
 address is loopback; binding wider is an explicit choice in the config. When ``metrics.host``/
@@ -29,6 +30,16 @@ MAX_BODY = 64 * 1024
 # Seconds a connection may sit idle or trickle its request: a thread serves each connection,
 # so one that never finishes must not hold its thread forever.
 REQUEST_TIMEOUT_S = 10.0
+
+
+def _node_of(body: bytes) -> str | None:
+    """The node named by a ``POST /stuck`` body, or None when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    node = data.get("node") if isinstance(data, dict) else None
+    return node if isinstance(node, str) and 0 < len(node) <= 256 else None
 
 
 class SupervisorServer:
@@ -91,7 +102,7 @@ class SupervisorServer:
                     self._reply(404, b'{"error": "not found"}')
 
             def do_POST(self) -> None:  # noqa: N802
-                if not server.control or self.path not in ("/heartbeat", "/control/restart"):
+                if not server.control or self.path not in ("/heartbeat", "/stuck", "/control/restart"):
                     self._reply(404, b'{"error": "not found"}')
                     return
                 if not token_ok(self.headers.get("Authorization"), server.token):
@@ -116,6 +127,15 @@ class SupervisorServer:
                 if self.path == "/control/restart":
                     server.on_restart_requested()
                     self._reply(200, json.dumps({"generation": server.monitor.generation}).encode())
+                    return
+                if self.path == "/stuck":
+                    node = _node_of(body)
+                    if node is None:
+                        self._refuse(400, 'bad request: expected {"node": "<node>"}')
+                    elif server.known_nodes is not None and node not in server.known_nodes:
+                        self._refuse(403, f"unknown node {node!r}")
+                    else:
+                        self._reply(200, json.dumps({"kill": server.monitor.stuck_on(node)}).encode())
                     return
                 try:
                     hb = Heartbeat.from_json(body)

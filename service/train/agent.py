@@ -8,6 +8,9 @@ that means "do not retry" (2 usage/config, 3 storage denied or unreachable, 46 s
 newer start of the job) the agent exits with that code, which the Job's podFailurePolicy turns
 into an immediate failure; any other worker failure is 1, a signal to the agent 128 + signal.
 
+When its workers report to ``ftdiff supervise``, it also ends those of them the supervisor
+finds stuck (``service.train.stuck_watch``): with every worker of a node stuck, no peer can.
+
 ``FTDIFF_RDZV_POLL_S`` (set by ``ftdiff train``): how often an agent waiting in the c10d
 rendezvous looks at the store again, instead of torchrun's fixed second.
 """
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_SUPERSEDED, EXIT_USAGE
+from service.train.stuck_watch import StuckWatch, watch_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     _poll_from_env()
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    settings = watch_settings(list(args.training_script_args))
+    watch = StuckWatch(settings).start() if settings is not None else None
     try:
-        run(parse_args(list(sys.argv[1:] if argv is None else argv)))
+        run(args)
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]
         code = exit_code_for(codes)
@@ -97,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SignalException as e:  # SIGTERM/SIGINT to the agent: workers were stopped
         return 128 + int(e.sigval)
+    finally:
+        if watch is not None:
+            watch.stop()
     return EXIT_OK
 
 

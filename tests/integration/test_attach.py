@@ -50,16 +50,18 @@ def start_supervisor(port: int, metrics_port: int) -> subprocess.Popen:
 
 
 @contextmanager
-def attached_job(tmp_path, overrides: list[str], max_restarts: int = 0):  # type: ignore[no-untyped-def]
-    """``ftdiff supervise`` and a plain torchrun job whose workers report to it, both stopped
-    on the way out: yields (supervisor, job, trace dir, checkpoint dir, metrics port)."""
+def attached_job(tmp_path, overrides: list[str], max_restarts: int = 0,  # type: ignore[no-untyped-def]
+                 launcher: str = "torch.distributed.run"):
+    """``ftdiff supervise`` and a plain torchrun job (``launcher``: or the agent wrapper) whose
+    workers report to it, both stopped on the way out: yields (supervisor, job, trace dir,
+    checkpoint dir, metrics port)."""
     port, metrics_port = free_port(), free_port()
     sup = start_supervisor(port, metrics_port)
     try:
         dirs = traced_run(tmp_path)
         job = subprocess.Popen(
             torchrun_cmd([*overrides, dirs.url_arg, f'supervisor.url="http://127.0.0.1:{port}"'],
-                         max_restarts=max_restarts),
+                         max_restarts=max_restarts, launcher=launcher),
             env=base_env({**dirs.env, "FTDIFF_TOKEN": TOKEN}), cwd=REPO,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -112,6 +114,31 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
         assert "(restart ordered" in err
         assert metric(metrics_port, 'ftdiff_recovery_seconds_count{kind="hang",source="memory"}') == 1
         assert metric(metrics_port, "ftdiff_steps_lost_total") == 0
+
+
+@pytest.mark.timeout(300)
+def test_when_every_worker_is_stuck_the_agent_ends_them_and_the_run_ends_bitwise_equal(baseline, tmp_path):
+    """Both workers SIGSTOPped: no peer is left to end them on its way out, so the torchrun
+    agent (`python -m service.train.agent`) does, on the supervisor's word; torchrun restarts
+    the group, which resumes from the newest commit, and the run ends bitwise equal. Under
+    plain torchrun this job would wait forever."""
+    ref_url, _ = baseline
+    with attached_job(tmp_path, [
+        f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", "train.step_sleep_s=0.3",
+        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2, launcher="service.train.agent",
+    ) as (_, job, trace, url, metrics_port):
+        wait_for_step(trace, 5, job)
+        first = worker_pids(trace)
+        for pid in first.values():
+            faults.freeze(pid)
+        _, err = job.communicate(timeout=200)
+        assert job.returncode == 0, err[-3000:]
+        restarted = [line for line in trace_lines(trace) if line["pid"] not in first.values()]
+        assert {line["rank"] for line in restarted} == {0, 1}, "both workers were replaced"
+        assert err.count("the supervisor found it stuck") >= 2  # by the agent: no peer could
+        assert_bitwise_equal(weights(ref_url, "model"), weights(str(url), "model"))
+        assert_bitwise_equal(weights(ref_url, "ema"), weights(str(url), "ema"))
+        assert metric(metrics_port, 'ftdiff_job_failures_detected_total{kind="hang"}') >= 1
 
 
 @pytest.mark.timeout(240)

@@ -90,11 +90,11 @@ def server():
 def test_server_refuses_and_counts_unauthenticated_requests(server):
     url = f"http://127.0.0.1:{server.port}"
     for token in (None, "wrong"):
-        for path in ("/heartbeat", "/control/restart"):
+        for path in ("/heartbeat", "/stuck", "/control/restart"):
             with pytest.raises(urllib.error.HTTPError) as e:
                 _post(url + path, hb().to_json(), token)
             assert e.value.code == 401
-    assert server.metrics.rejected._value.get() == 4
+    assert server.metrics.rejected._value.get() == 6
     assert server.monitor.ranks == {}
     with pytest.raises(urllib.error.HTTPError) as e:
         _post(url + "/heartbeat", b"{not json", "tok")
@@ -468,3 +468,57 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
                 p.kill()
                 p.wait()
         sup.shutdown()
+
+
+def test_an_agent_learns_its_nodes_stuck_processes_and_ends_only_its_own(server, monkeypatch):
+    """POST /stuck answers the stuck processes of the node asked about (until their order
+    expires); the agent's watch SIGKILLs those that are its descendants and nothing else."""
+    import subprocess
+    import sys
+
+    from service.train.stuck_watch import StuckWatch, WatchSettings
+
+    url = f"http://127.0.0.1:{server.port}"
+    for body in (b"not json", b'{"node": 3}', b"{}", b'{"node": ""}'):
+        assert _post(url + "/stuck", body, "tok", check=False)[0] == 400
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={"FTDIFF_NODE": "7", "PATH": "/usr/bin:/bin"})
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={"FTDIFF_NODE": "7", "PATH": "/usr/bin:/bin"})
+    try:
+        for rank, pid in enumerate((mine.pid, peer.pid)):
+            server.monitor.observe(hb(rank=rank, pid=pid, node="7"))
+        server.monitor.observe(hb(rank=2, pid=mine.pid, node="8"))  # the same pid on another node
+        stuck = list(server.monitor.ranks.values())
+        server.monitor.order_restart(stuck=stuck)
+        assert _post(url + "/stuck", b'{"node": "7"}', "tok")[1] == {"kill": sorted([mine.pid, peer.pid])}
+        assert _post(url + "/stuck", b'{"node": "9"}', "tok")[1] == {"kill": []}
+        # The agent's view: only `mine` is its descendant (the test process stands in for it).
+        monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [mine.pid])
+        watch = StuckWatch(WatchSettings(url, "tok", 0.5))
+        assert watch.check_once() == [mine.pid]
+        assert mine.wait(10) == -9
+        assert peer.poll() is None  # named stuck, but not the agent's to end
+        bad = StuckWatch(WatchSettings(url, "wrong", 0.5))
+        with pytest.raises(urllib.error.HTTPError):
+            bad._stuck("7")
+    finally:
+        for p in (mine, peer):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_the_agent_watch_follows_the_workers_config(monkeypatch, tmp_path):
+    from service.train.stuck_watch import watch_settings
+
+    monkeypatch.delenv("FTDIFF_SUPERVISOR_URL", raising=False)
+    monkeypatch.delenv("FTDIFF_SUPERVISOR_PID", raising=False)
+    monkeypatch.delenv("FTDIFF_OVERRIDES", raising=False)
+    monkeypatch.setenv("FTDIFF_TOKEN", "tok")
+    assert watch_settings(["--log-format", "json"]) is None  # no supervisor: nothing to ask
+    got = watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"', "--set", "supervisor.heartbeat_interval_s=2"])
+    assert got is not None and (got.url, got.token, got.interval_s) == ("http://127.0.0.1:9", "tok", 2.0)
+    assert watch_settings(["--set", "train.max_steps=oops"]) is None  # the workers report that error
+    monkeypatch.setenv("FTDIFF_SUPERVISOR_PID", "1")  # ftdiff train: its supervisor kills by itself
+    assert watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"']) is None

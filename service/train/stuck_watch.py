@@ -1,0 +1,126 @@
+"""The torchrun agent's hand in attach mode: it ends its node's stuck workers on the
+supervisor's word.
+
+`ftdiff supervise` cannot signal workers (other pods, other machines). It orders restarts
+through their heartbeats, and a process that cannot heartbeat (SIGSTOPped, wedged) is ended by
+a peer on its node on that peer's way out. When every worker of a node is stuck, no peer is
+left to do that and the job waits forever. So the agent (``python -m service.train.agent``),
+the ancestor of every worker of its node, asks the supervisor every heartbeat interval which
+processes of its node are stuck (``POST /stuck``) and SIGKILLs those that are its own
+descendants; torchrun then restarts its group as after any crash.
+
+Attach mode only: under ``ftdiff train`` the supervisor kills stuck processes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import load_config, overrides_from_env
+from service.heartbeat import shared_token
+from service.proctree import descendants
+from service.train.args import add_worker_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    url: str  # the supervisor's base URL
+    token: str
+    interval_s: float
+
+
+def watch_settings(training_args: list[str]) -> WatchSettings | None:
+    """Where the workers report, from their own command line and environment (their config,
+    FTDIFF_OVERRIDES, FTDIFF_SUPERVISOR_URL, FTDIFF_TOKEN); None when they report to no
+    supervisor, under ``ftdiff train``, or when their config does not load (they say why)."""
+    if os.environ.get("FTDIFF_SUPERVISOR_PID"):  # local mode: the supervisor kills by itself
+        return None
+    parser = argparse.ArgumentParser(add_help=False)
+    add_worker_args(parser)
+    try:
+        args, _ = parser.parse_known_args(training_args)
+        cfg = load_config(args.config, overrides_from_env() + list(args.set))
+    except (SystemExit, Exception) as e:  # noqa: BLE001 — the workers report their config errors
+        log.debug("agent: no stuck-worker watch (the workers' config: %s)", type(e).__name__)
+        return None
+    url = os.environ.get("FTDIFF_SUPERVISOR_URL") or cfg.supervisor.url
+    token = shared_token(cfg.supervisor.token)
+    if not url or not token:
+        return None
+    return WatchSettings(url.rstrip("/"), token, cfg.supervisor.heartbeat_interval_s)
+
+
+def node_of(pid: int) -> str | None:
+    """The node a worker reports as (service.dist: FTDIFF_NODE, else torchrun's GROUP_RANK),
+    read from its environment."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    value = env.get(b"FTDIFF_NODE") or env.get(b"GROUP_RANK")
+    return value.decode(errors="replace") if value else None
+
+
+class StuckWatch:
+    def __init__(self, settings: WatchSettings):
+        self.settings = settings
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stuck-watch", daemon=True)
+
+    def start(self) -> StuckWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check_once(self) -> list[int]:
+        """Ask about each node this agent's workers report as; SIGKILL the stuck ones that are
+        this agent's descendants (never anything else, whatever the answer names). The pids
+        ended."""
+        mine = descendants(os.getpid())
+        nodes = {n for n in (node_of(pid) for pid in mine) if n is not None}
+        ended = []
+        for node in sorted(nodes):
+            for pid in self._stuck(node):
+                if pid in mine:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    log.error("agent: ended worker process %d (node %s): the supervisor found it stuck", pid, node)
+                    ended.append(pid)
+        return ended
+
+    def _stuck(self, node: str) -> list[int]:
+        request = urllib.request.Request(
+            f"{self.settings.url}/stuck", data=json.dumps({"node": node}).encode(), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.settings.token}"})
+        with urllib.request.urlopen(request, timeout=max(0.5, self.settings.interval_s)) as response:
+            answer = json.loads(response.read() or b"{}")
+        named = answer.get("kill") if isinstance(answer, dict) else None
+        if not isinstance(named, list):
+            raise ValueError(f"unexpected answer from the supervisor: {answer!r:.80}")
+        return [p for p in named if type(p) is int and p > 1]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.interval_s):
+            try:
+                self.check_once()
+            except (OSError, ValueError, urllib.error.URLError) as e:
+                self.failed += 1
+                if self.failed in (1, 10, 100):  # say so, without flooding the log
+                    log.warning("agent: asking %s/stuck failed (%s); the job goes on", self.settings.url, e)
