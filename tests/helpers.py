@@ -284,7 +284,10 @@ class SupervisedJob:
             wait_for_step(self.trace, step, self.proc)
         except TimeoutError as e:
             stop(self.proc)  # then its log can be read to the end
-            raise AssertionError(f"{e}; supervisor log:\n{self.proc.stderr.read()[-6000:]}") from None
+            text = self.proc.stderr.read()
+            saved = self.trace.parent / "supervisor.log"  # the whole log, beside the trace
+            saved.write_text(text)
+            raise AssertionError(f"{e}; supervisor log (all of it in {saved}):\n{text[-6000:]}") from None
 
     def metric(self, name: str) -> float:
         if self.proc.poll() is not None:
