@@ -15,7 +15,7 @@ import time
 
 from service.config import Config
 from service.errors import EXIT_OK
-from service.heartbeat import Heartbeat
+from service.heartbeat import LEAVE_SIGNAL, Heartbeat
 from service.metrics import FailureKind, RestartReason, SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor, RankState
@@ -104,7 +104,15 @@ class Supervisor:
         def on_signal(signum: int, _frame: object) -> None:
             self.stop_signal = signum
 
+        stray: list[int] = []
+
+        def on_leave_signal(signum: int, _frame: object) -> None:
+            stray.append(signum)  # logged from the loop, not from the handler
+
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The workers' leave order, sent here by mistake, would otherwise end the supervisor
+        # with no emergency checkpoint and no report.
+        previous[LEAVE_SIGNAL] = signal.signal(LEAVE_SIGNAL, on_leave_signal)
         self.endpoints.start()
         try:
             self.start()
@@ -113,6 +121,10 @@ class Supervisor:
                 if self.stop_signal is not None:
                     self.metrics.state.state("stopping")
                     return self.stop()
+                if stray:
+                    stray.clear()
+                    log.warning("signal %d is the workers' order to leave for a restart; the supervisor "
+                                "ignores it (SIGTERM or SIGINT stop the job)", LEAVE_SIGNAL)
                 code = self.check()
                 if code is None and self.monitor.refused is not None:
                     hb, self.monitor.refused = self.monitor.refused, None

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
@@ -29,10 +28,12 @@ from service.heartbeat import LEAVE_SIGNAL, Heartbeat, die_with_parent, shared_t
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
+from service.supervisor.ending import emergency_commit_problem, remove_memory_snapshots
 from service.supervisor.monitor import RankState
 from service.supervisor.report import failure_report
 from service.supervisor.torchrun import (
     AGENT_ENV,
+    SHUTDOWN_MARGIN_S,
     check_job_geometry,
     rendezvous_store,
     shutdown_timeout_s,
@@ -48,6 +49,7 @@ class Agent:
     node: int
     proc: subprocess.Popen
     started: float = field(default_factory=time.monotonic)
+    stopped_since: float | None = None  # when it was first seen stopped (SIGSTOP)
 
 
 class LocalSupervisor(Supervisor):
@@ -189,32 +191,32 @@ class LocalSupervisor(Supervisor):
         """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only
         once that commit is found in storage; otherwise 1, saying why."""
         asked_at = time.time()
+        self._let_relaunch_finish()
         log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self.stop_signal)
         self._stop_agents(signal.SIGTERM, timeout=shutdown_timeout_s(self.cfg) + 10)
-        problem = self._emergency_commit_problem(asked_at)
+        problem = emergency_commit_problem(self.cfg, self.run_id, asked_at)
         if problem:
             log.error("preemption: %s", problem)
             print(f"ftdiff: preempted, but {problem}", file=sys.stderr)
             return EXIT_FAILURE
         return EXIT_PREEMPTED
 
-    def _emergency_commit_problem(self, asked_at: float) -> str | None:
-        """None if a checkpoint was committed after ``asked_at``, else what was found."""
-        ck = self.cfg.checkpoint
-        try:
-            found = Catalog(open_storage(ck.url, ck.endpoint_url, ck.region)).latest()
-        except Exception as e:  # storage down: the commit cannot be confirmed
-            return f"the emergency checkpoint could not be confirmed ({type(e).__name__}: {e})"
-        if found is None:
-            return "no checkpoint is committed at all"
-        step, manifest = found
-        if manifest.run_id != self.run_id:
-            return (f"the newest commit (step {step}) belongs to another run ({manifest.run_id or 'unknown'}): "
-                    "this job was superseded and its emergency checkpoint is not in storage")
-        if manifest.time < asked_at:
-            return (f"no emergency checkpoint was committed after the stop signal (newest: step {step}, "
-                    f"{asked_at - manifest.time:.0f}s before it); up to checkpoint.every_steps steps are lost")
-        return None
+    def _let_relaunch_finish(self) -> None:
+        """A stop signal during a relaunch would reach the new agents in their rendezvous,
+        before any worker exists, and the steps the survivors left in memory would be lost
+        with this run (another `ftdiff train` is another run). So first wait, up to
+        ``SHUTDOWN_MARGIN_S``, until every rank of the new round trains: then the emergency
+        checkpoint commits those steps."""
+        if not self._recovering:
+            return
+        log.warning("stop requested during a relaunch: letting it finish first (up to %ds), so the "
+                    "emergency checkpoint keeps the steps the survivors left in memory", SHUTDOWN_MARGIN_S)
+        deadline = time.monotonic() + SHUTDOWN_MARGIN_S
+        while time.monotonic() < deadline and all(a.proc.poll() is None for a in self.agents.values()):
+            states, world = self.monitor.states(), self.monitor.world_size()
+            if world and len(states) >= world and all(s.hb.phase == "training" for s in states):
+                return
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         if any(a.proc.poll() is None for a in self.agents.values()):
@@ -222,6 +224,7 @@ class LocalSupervisor(Supervisor):
         if self.zygotes is not None:
             self.zygotes.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
+        remove_memory_snapshots(self.cfg, self.run_id)
 
     # -- agents -----------------------------------------------------------------------------------
     def _order_out(self, pids: list[int]) -> list[int]:
@@ -253,60 +256,79 @@ class LocalSupervisor(Supervisor):
 
     def _handle_agents(self) -> int | None:
         """Exit code when the job is over, else None. Relaunches lost or failed agents."""
+        self._end_stopped_agents()
         codes = {n: a.proc.poll() for n, a in self.agents.items()}
         if all(c == 0 for c in codes.values()):
             return EXIT_OK
         if self.monitor.last_committed_step != self._commit_at_relaunch and self.relaunches:
             log.info("new commit since the last relaunch: the relaunch budget is full again")
             self.relaunches = 0
-        for node, code in codes.items():
-            if code is None or code == 0:
-                continue
-            # Killed by a signal (or, through service.train.agent, ended by one: 128 + signal):
-            # the node is gone, not the program.
-            lost = code < 0 or code > 128
-            kind = FailureKind.LOST_NODE if lost else FailureKind.AGENT_FAILED
-            log.error("node %d: torchrun agent exited with %s (%s)", node, code, kind)
-            if self.relaunches >= self.cfg.supervisor.max_restarts:
-                self.record(kind)
-                return self._give_up(node, code)
-            self.relaunches += 1
-            self._commit_at_relaunch = self.monitor.last_committed_step
-            self.record(kind, RestartReason.LOST_NODE if lost else RestartReason.JOB_FAILED)
-            # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
-            # survivors must restart too (their group is broken): order them out now, which
-            # also keeps their disappearance from being counted as separate crashes.
-            self._kill_workers(lambda s, n=node: s.hb.node == str(n))
-            survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node != str(node)]
-            self.monitor.order_restart()
-            delay = self.ledger.backoff_s()
-            self._recovering = True
-            if delay:
-                self.metrics.state.state("backoff")
-                log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
-                            self.ledger.failures_since_commit, delay)
-                if self.sleep(delay):
-                    return None
-            self.metrics.state.state("restarting")
-            self._new_round(node, survivors)
+        failed = {n: c for n, c in codes.items() if c is not None and c != 0}
+        if not failed:
             return None
+        for node, code in failed.items():
+            log.error("node %d: torchrun agent exited with %s (%s)", node, code, _failure_kind(code))
+        node, code = next(iter(failed.items()))
+        kind = _failure_kind(code)
+        for other, other_code in list(failed.items())[1:]:  # gone in the same tick: one restart
+            self.metrics.failures_detected.labels(kind=_failure_kind(other_code).value).inc()
+        if self.relaunches >= self.cfg.supervisor.max_restarts:
+            self.record(kind)
+            return self._give_up(node, code)
+        self.relaunches += 1
+        self._commit_at_relaunch = self.monitor.last_committed_step
+        self.record(kind, RestartReason.LOST_NODE if kind is FailureKind.LOST_NODE else RestartReason.JOB_FAILED)
+        # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
+        # survivors must restart too (their group is broken): order them out now, which also
+        # keeps their disappearance from being counted as separate crashes.
+        gone = {str(n) for n in failed}
+        self._kill_workers(lambda s: s.hb.node in gone)
+        survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node not in gone]
+        self.monitor.order_restart()
+        delay = self.ledger.backoff_s()
+        self._recovering = True
+        if delay:
+            self.metrics.state.state("backoff")
+            log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
+                        self.ledger.failures_since_commit, delay)
+            self.sleep(delay)  # a stop meanwhile still relaunches: stop() lets that finish first
+        self.metrics.state.state("restarting")
+        self._new_round(survivors)
         return None
 
-    def _new_round(self, lost: int, survivors: list[int]) -> None:
+    def _end_stopped_agents(self) -> None:
+        """An agent stopped (SIGSTOP, a frozen node) for longer than the silence limit cannot
+        watch or restart its workers, nor end when they finish: it is as good as lost, so it
+        is killed, and the next check relaunches it like any lost agent."""
+        now = time.monotonic()
+        for node, agent in self.agents.items():
+            if agent.proc.poll() is not None or not procs.stopped(agent.proc.pid):
+                agent.stopped_since = None
+                continue
+            if agent.stopped_since is None:
+                agent.stopped_since = now
+            elif now - agent.stopped_since > self.monitor.silence_s:
+                log.error("node %d: torchrun agent pid %d has been stopped for %.1fs: treating the node "
+                          "as lost", node, agent.proc.pid, now - agent.stopped_since)
+                agent.proc.kill()
+                agent.proc.wait(timeout=10)
+
+    def _new_round(self, survivors: list[int]) -> None:
         """Every agent starts over in a fresh rendezvous round (``<run id>-r<round>``). After
         torchrun gives up its round is closed for good; after a lost agent the old round would
-        wait out the dead agent's keep-alives (3 s) and a 1 s poll before it re-forms. The lost
-        node's agent starts at once (its import is the longest wait); the survivors' workers
-        first leave their last completed step in the memory tier, then their agents go."""
+        wait out the dead agent's keep-alives (3 s) and a 1 s poll before it re-forms. First the
+        survivors leave their last completed step in the memory tier and go, with their agents;
+        then every agent starts together (with a node range, an agent started ahead of the
+        others could close a smaller round on its own while a survivor is slow to leave)."""
+        self._let_workers_leave(survivors, self.monitor.heartbeat_interval_s + self.tick_s)
+        for agent in self.agents.values():
+            if agent.proc.poll() is None:
+                procs.end_tree(agent.proc)
+        self._kill_workers(lambda s: True)
         self.round += 1
         log.warning("relaunching every agent in rendezvous round %d", self.round)
-        self._launch(lost)
-        self._let_workers_leave(survivors, self.monitor.heartbeat_interval_s + self.tick_s)
-        for node, agent in list(self.agents.items()):
-            if node != lost:
-                if agent.proc.poll() is None:
-                    procs.end_tree(agent.proc)
-                self._launch(node)
+        for node in range(self.nnodes):
+            self._launch(node)
 
     def _let_workers_leave(self, pids: list[int], timeout: float) -> None:
         """Order these workers out by signal (known from heartbeats; only ours): each leaves
@@ -324,6 +346,12 @@ class LocalSupervisor(Supervisor):
         print(report, file=sys.stderr)
         self._stop_agents()
         return EXIT_FAILURE
+
+
+def _failure_kind(code: int) -> FailureKind:
+    """Killed by a signal (or, through service.train.agent, ended by one: 128 + signal): the
+    node is gone, not the program."""
+    return FailureKind.LOST_NODE if code < 0 or code > 128 else FailureKind.AGENT_FAILED
 
 
 def _reachable(host: str) -> str:

@@ -15,7 +15,16 @@ from service.heartbeat import die_with_parent
 from service.proctree import children, descendants, pid_alive
 
 log = logging.getLogger(__name__)
-__all__ = ["children", "descendants", "end_tree", "kill", "pid_alive", "signal_pid", "Zygotes"]
+__all__ = ["children", "descendants", "end_tree", "kill", "pid_alive", "signal_pid", "stopped", "Zygotes"]
+
+
+def stopped(pid: int) -> bool:
+    """True for a process stopped by a signal (SIGSTOP, SIGTSTP) or a tracer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def kill(pid: int) -> None:

@@ -28,6 +28,9 @@ def newest_error(log_dir: str, node: int | None = None) -> tuple[Path, dict] | N
 
 def failure_report(log_dir: str, monitor: JobMonitor, node: int, exit_code: int) -> str:
     lines = [f"ftdiff: job failed — node {node}: torchrun agent exit code {exit_code}"]
+    if exit_code < 0 or exit_code > 128:  # killed, or (service.train.agent) ended by a signal
+        signum = -exit_code if exit_code < 0 else exit_code - 128
+        lines.append(f"node {node} was lost: its torchrun agent was ended by signal {signum}")
     lines.append(f"last committed step: {monitor.last_committed_step}")
     found = newest_error(log_dir, node)
     if found is None:
@@ -47,7 +50,12 @@ def failure_report(log_dir: str, monitor: JobMonitor, node: int, exit_code: int)
     else:
         text, trace = str(message), ""
     who = f"rank {rank}" if rank is not None else "rank unknown"
-    lines.append(f"failing worker: {who}, node {err_node}, local rank {local_rank}")
+    if err_node != str(node):  # none from the failed node: a peer's error, likely a consequence
+        lines.append(f"no worker traceback from node {node}; the newest from another node "
+                     "(a peer that saw the failure):")
+        lines.append(f"worker: {who}, node {err_node}, local rank {local_rank}")
+    else:
+        lines.append(f"failing worker: {who}, node {err_node}, local rank {local_rank}")
     lines.append(f"error: {text}")
     if trace:
         lines.append("last traceback:")

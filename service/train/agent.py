@@ -42,7 +42,8 @@ def exit_code_for(worker_codes: Sequence[int]) -> int:
 
 
 def shorten_rendezvous_polls(poll_s: float) -> bool:
-    """Make torchrun's c10d rendezvous look at the store every ``poll_s`` instead of every second.
+    """Make torchrun's c10d rendezvous look at the store every ``poll_s`` (0.01 to 1 s) instead
+    of every second.
 
     While an agent waits for the others to join (or for a round to close) it sleeps a fixed
     second between looks, and serves those looks from a state it read up to a second before;
@@ -58,7 +59,7 @@ def shorten_rendezvous_polls(poll_s: float) -> bool:
         return False
     if getattr(delay, "ftdiff_poll_s", None) is not None:
         return True  # already done
-    poll_s = max(0.01, poll_s)
+    poll_s = min(1.0, max(0.01, poll_s)) if poll_s == poll_s else 1.0  # NaN: torchrun's second
 
     def short_delay(seconds: float | tuple[float, float]) -> None:
         delay(poll_s if seconds == 1 else seconds)

@@ -178,6 +178,7 @@ def test_a_lost_node_loses_no_step_the_other_node_completed(baseline, tmp_path):
                                    "train.step_sleep_s=0.25", "supervisor.min_nodes=2"], nnodes=2, nproc=1)
     job.wait_step(5)
     first = worker_pids(job.trace)
+    os.kill(job.proc.pid, signal.SIGUSR1)  # the workers' leave order, sent to the wrong pid: ignored
     faults.kill9(procs.children(job.proc.pid)[-1])  # the second agent: node 1
     code, err = job.finish(200)
     assert code == 0, err[-3000:]
@@ -186,6 +187,26 @@ def test_a_lost_node_loses_no_step_the_other_node_completed(baseline, tmp_path):
     assert_resumed_at_the_survivors_step(job.trace, first, err, kinds="crash|hang")
     assert "recovery after a crash: state from memory, 0 step(s) lost" in err
     assert_same_result_as(baseline, Path(job.url), err)
+
+
+@pytest.mark.timeout(240)
+def test_a_stop_during_a_lost_node_relaunch_still_commits_the_survivors_steps(tmp_path):
+    """SIGTERM to `ftdiff train` right after a node is lost, while the new round is starting:
+    the supervisor lets the relaunch finish, so the workers resume from the survivor's memory
+    and their emergency checkpoint commits it — exit 43, no completed step lost (another
+    `ftdiff train` is another run and could not take those steps from memory)."""
+    job = SupervisedJob(tmp_path, ["train.max_steps=400", "checkpoint.every_steps=100",
+                                   "train.step_sleep_s=0.25", "supervisor.min_nodes=2"], nnodes=2, nproc=1)
+    job.wait_step(5)
+    first = worker_pids(job.trace)
+    faults.kill9(procs.children(job.proc.pid)[-1])  # the second agent: node 1
+    time.sleep(0.3)
+    job.proc.send_signal(signal.SIGTERM)
+    code, err = job.finish(200)
+    assert code == 43, err[-3000:]
+    survivor_step = max(line["step"] for line in trace_lines(job.trace) if line["pid"] == first[0])
+    committed = Catalog(open_storage(str(job.url))).latest()[0]
+    assert committed >= survivor_step, (committed, survivor_step)
 
 
 @pytest.mark.timeout(240)

@@ -628,3 +628,16 @@ def test_periodic_snapshots_cover_a_node_whose_processes_all_died_at_once(tmp_pa
     off.train_to(7)
     assert MemoryTier("off", tmp_path / "shm-off").steps() == []  # 0: only on the way out
     off.ckpt.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_local_supervisor_removes_its_runs_snapshots_at_the_end(tmp_path):
+    """`ftdiff train` names each run after itself: once its workers are gone, nobody can take
+    its snapshots, so they go (not after a day); another run's stay."""
+    from service.supervisor.ending import remove_memory_snapshots
+
+    left_at(tmp_path)
+    other, _ = left_at(tmp_path, run_id="other-run")
+    assert MemoryTier(RUN, tmp_path).steps() == [3] and MemoryTier("other-run", tmp_path).steps() == [3]
+    remove_memory_snapshots(load_config(None, [f'checkpoint.memory_tier_dir="{tmp_path}"']), RUN)
+    assert MemoryTier(RUN, tmp_path).steps() == [] and MemoryTier("other-run", tmp_path).steps() == [3]

@@ -52,3 +52,13 @@ def test_a_torch_without_those_internals_is_left_alone(restored, monkeypatch):
     monkeypatch.delattr(dr, "_delay")
     assert not agent.shorten_rendezvous_polls(0.1)
     assert not hasattr(dr, "_delay")
+
+
+@pytest.mark.parametrize("asked, used", [(float("inf"), 1.0), (1e400, 1.0), (5.0, 1.0), (float("nan"), 1.0),
+                                         (-1.0, 0.01), (0.0, 0.01)])
+def test_the_poll_stays_between_a_hundredth_and_torchruns_second(restored, monkeypatch, asked, used):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert agent.shorten_rendezvous_polls(asked)
+    dr._delay(seconds=1)
+    assert slept == [used]

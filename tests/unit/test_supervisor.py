@@ -187,6 +187,12 @@ def test_failure_report_names_rank_node_and_traceback(tmp_path):
     text = failure_report(str(tmp_path), m, 1, 1)
     assert "rank 1" in text and "node 1" in text and "RuntimeError: injected" in text
     assert "last committed step: 4" in text
+    assert "failing worker: rank 1" in text and "was lost" not in text
+    # Node 0's agent was killed: the only traceback is node 1's, a peer's view of the loss.
+    text = failure_report(str(tmp_path), m, 0, -9)
+    assert "node 0 was lost: its torchrun agent was ended by signal 9" in text
+    assert "no worker traceback from node 0" in text and "failing worker" not in text
+    assert "node 0 was lost" in failure_report(str(tmp_path), m, 0, 128 + 15)  # through the wrapper
 
 
 def test_worker_metrics_are_relayed_with_a_rank_label(server):
@@ -367,12 +373,11 @@ def test_preemption_exits_43_only_for_this_runs_own_emergency_commit(tmp_path):
     """A commit after the signal by *another* start (this job was superseded) is no emergency
     checkpoint of this job."""
     import time
-    from types import SimpleNamespace
 
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.manifest import FileEntry, Manifest
     from service.checkpoint.storage import open_storage
-    from service.supervisor.launcher import LocalSupervisor
+    from service.supervisor.ending import emergency_commit_problem
 
     cfg = load_config(None, [f'checkpoint.url="{tmp_path}"'])
     catalog = Catalog(open_storage(str(tmp_path)))
@@ -383,12 +388,11 @@ def test_preemption_exits_43_only_for_this_runs_own_emergency_commit(tmp_path):
         catalog.storage.write_bytes_atomic(f"step-{step:09d}/.metadata", b"x")
         catalog.write_manifest(Manifest(step, 1, "h", {".metadata": FileEntry(1, "00000000")}, run_id=run_id))
 
-    fake = SimpleNamespace(cfg=cfg, run_id="mine")
     commit(4, "other")
-    assert "another run" in LocalSupervisor._emergency_commit_problem(fake, asked)
+    assert "another run" in emergency_commit_problem(cfg, "mine", asked)
     commit(5, "mine")
-    assert LocalSupervisor._emergency_commit_problem(fake, asked) is None
-    assert "no emergency checkpoint" in LocalSupervisor._emergency_commit_problem(fake, time.time() + 60)
+    assert emergency_commit_problem(cfg, "mine", asked) is None
+    assert "no emergency checkpoint" in emergency_commit_problem(cfg, "mine", time.time() + 60)
 
 
 def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after_a_relaunch():
@@ -434,8 +438,8 @@ time.sleep(60)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("lost_code", [-9, 128 + 15])  # killed; or ended by SIGTERM through the agent wrapper
 def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_left(tmp_path, lost_code):
-    """The old round would wait out the dead agent's keep-alives: every agent starts afresh,
-    the lost node's at once, the others after their workers left their state on the order."""
+    """The old round would wait out the dead agent's keep-alives: every agent starts afresh
+    in a new round, all together, once the survivors' workers left their state on the order."""
     import subprocess
     import sys
 
@@ -443,8 +447,8 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
 
     cfg = load_config(None, ["supervisor.port=0", "metrics.port=0", "supervisor.heartbeat_interval_s=5"])
     sup = LocalSupervisor(cfg, None, [], nnodes=2, nproc_per_node=1)
-    launched: list[int] = []
-    sup._launch = launched.append  # type: ignore[method-assign]
+    launched: list[tuple[int, bool]] = []  # (node, whether the survivor's worker had left by then)
+    sup._launch = lambda node: launched.append((node, worker.poll() is not None))  # type: ignore[method-assign]
     marker = tmp_path / "left"
     worker = subprocess.Popen([sys.executable, "-c", LEAVES_ON_ORDER, str(marker)], stdout=subprocess.PIPE, text=True)
     survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -457,7 +461,7 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
         sup.monitor.observe(hb(rank=0, pid=worker.pid, node="0"))
         sup.monitor.observe(hb(rank=1, pid=lost.pid, node="1"))
         assert sup._handle_agents() is None
-        assert sup.round == 1 and launched == [1, 0]  # the lost node first
+        assert sup.round == 1 and launched == [(0, True), (1, True)]  # after the survivor left
         assert worker.wait(10) == 44 and marker.read_text() == "left"  # left on the order, not killed
         assert survivor.wait(10) == -9  # the old round's agent is gone
         lost_nodes = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "lost_node"})
@@ -522,3 +526,40 @@ def test_the_agent_watch_follows_the_workers_config(monkeypatch, tmp_path):
     assert watch_settings(["--set", "train.max_steps=oops"]) is None  # the workers report that error
     monkeypatch.setenv("FTDIFF_SUPERVISOR_PID", "1")  # ftdiff train: its supervisor kills by itself
     assert watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"']) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_agent_is_treated_as_lost():
+    """A SIGSTOPped agent can neither restart its workers nor end when they finish: after the
+    silence limit it is killed, and the job counts a lost node and starts a new round."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from service.supervisor.launcher import Agent, LocalSupervisor
+
+    cfg = load_config(None, ["supervisor.port=0", "metrics.port=0", "supervisor.heartbeat_interval_s=0.2"])
+    sup = LocalSupervisor(cfg, None, [], nnodes=2, nproc_per_node=1)
+    launched: list[int] = []
+    sup._launch = launched.append  # type: ignore[method-assign]
+    agents = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        sup.agents = {n: Agent(n, p) for n, p in enumerate(agents)}
+        os.kill(agents[1].pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not launched:
+            assert time.monotonic() < deadline, "the stopped agent was never treated as lost"
+            assert sup._handle_agents() is None
+            time.sleep(0.05)
+        assert agents[1].poll() == -9 and agents[0].poll() == -9  # a new round for both
+        assert sup.round == 1 and launched == [0, 1]
+        lost = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "lost_node"})
+        assert lost == 1
+    finally:
+        for p in agents:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        sup.shutdown()
