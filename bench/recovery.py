@@ -1,6 +1,8 @@
 """Recovery benchmark: time from an injected fault to the first completed step after resume
 (MTTR) and the steps lost, per fault kind, for the supervised local job — and plain
-`torchrun --max-restarts` restarting the same worker crash, and the supervised job with
+`torchrun --max-restarts` restarting the same worker crash (with ``checkpoint.memory_tier = false``:
+plain torchrun reloads the newest DCP commit; ``--plain-memory-tier`` keeps the tier), and the
+supervised job with
 pre-started workers (`supervisor.prestart_workers`: a warm process forks each worker), both
 measured in the same run.
 
@@ -149,7 +151,7 @@ def _measure(trace: Path, proc: subprocess.Popen, inject, log: Path) -> dict[str
 
 
 def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = False,
-             prestart: bool = False) -> list[dict[str, float]]:
+             prestart: bool = False, plain_memory_tier: bool = False) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix=f"recovery-{kind}-") as tmp:
         trace = Path(tmp) / "trace"
         trace.mkdir()
@@ -157,6 +159,8 @@ def run_kind(kind: str, injections: int, hang_timeout: float, plain: bool = Fals
                               f"supervisor.hang_timeout_s={hang_timeout}", "supervisor.heartbeat_interval_s=0.5",
                               "supervisor.port=0", "metrics.port=0"]
         overrides.append(f"supervisor.prestart_workers={'true' if prestart else 'false'}")
+        if plain and not plain_memory_tier:  # plain torchrun as it comes: a DCP reload of the newest commit
+            overrides.append("checkpoint.memory_tier=false")
         sets = [a for o in overrides for a in ("--set", o)]
         nnodes, nproc = (2, 1) if kind == "lost_node" else (1, 2)
         if plain:
@@ -234,11 +238,14 @@ def main() -> None:
     p.add_argument("--no-prestart", action="store_true", help="skip the runs with pre-started workers")
     p.add_argument("--prestart-kinds", default="worker_crash,hang,lost_node",
                    help="kinds also run with supervisor.prestart_workers = true (JSON: <kind>_prestart)")
+    p.add_argument("--plain-memory-tier", action="store_true",
+                   help="give the plain torchrun baseline our memory tier too (default: off, a DCP reload)")
     args = p.parse_args()
     result: dict[str, object] = {"hang_timeout_s": args.hang_timeout, "checkpoint_every_steps": 5}
     for kind in args.kinds.split(","):
         result[kind] = summarize(run_kind(kind, args.injections, args.hang_timeout))
-    plain = summarize(run_kind("worker_crash", args.injections, args.hang_timeout, plain=True))
+    plain = summarize(run_kind("worker_crash", args.injections, args.hang_timeout, plain=True,
+                               plain_memory_tier=args.plain_memory_tier))
     result["plain_torchrun_worker_crash"] = plain
     if "worker_crash" in result:
         ours = result["worker_crash"]["mttr_s_median"]  # type: ignore[index]

@@ -1,5 +1,3 @@
-import sys
+from service.train.entry import exit_process, main
 
-from service.train.entry import main
-
-sys.exit(main())
+exit_process(main)

@@ -7,7 +7,10 @@ import gc
 import logging
 import os
 import sys
+import traceback
 import warnings
+from collections.abc import Callable
+from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -96,3 +99,26 @@ def _refuse(trainer: object | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_worker(args.config, args.set, args.log_format, args.verbose)
+
+
+def exit_process(run: Callable[[], int]) -> NoReturn:
+    """Run ``run`` and end the process with its code, skipping the interpreter's finalization.
+
+    When a worker returns, its work is done: checkpoints drained, files closed, process group
+    torn down; its output is flushed below. Finalization would still tear down ~3,300 modules
+    and every object in them — 0.1–0.3 s, more in a worker forked from the warm process, where
+    each object it touches copies a shared page — while torchrun waits for the survivors of a
+    crash to be gone before it restarts anyone. An uncaught exception is printed and ends the
+    process with 1, as Python would; SystemExit and KeyboardInterrupt take Python's own way."""
+    try:
+        code = run()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

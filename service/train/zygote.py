@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     job = Zygote(args.socket, env0, path0).serve()
     if job is None:
         return 0
-    return become_worker(job, args.entry)
+    from service.train.entry import exit_process
+
+    exit_process(lambda: become_worker(job, args.entry))  # a forked worker leaves without finalizing
 
 
 if __name__ == "__main__":
