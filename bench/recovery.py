@@ -1,10 +1,9 @@
 """Recovery benchmark: time from an injected fault to the first completed step after resume
-(MTTR) and the steps lost, per fault kind, for the supervised local job — and plain
-`torchrun --max-restarts` restarting the same worker crash (with ``checkpoint.memory_tier = false``:
-plain torchrun reloads the newest DCP commit; ``--plain-memory-tier`` keeps the tier), and the
-supervised job with
-pre-started workers (`supervisor.prestart_workers`: a warm process forks each worker), both
-measured in the same run.
+(MTTR) and the steps lost, per fault kind, for the supervised local job with and without
+pre-started workers (`supervisor.prestart_workers`: a warm process forks each worker), and for
+plain `torchrun --max-restarts` restarting the same worker crash (with
+``checkpoint.memory_tier = false``: plain torchrun reloads the newest DCP commit;
+``--plain-memory-tier`` keeps the tier), all measured in the same run.
 
 Each MTTR is broken down from timestamps the processes leave anyway: torchrun's agent log
 (run with LOGLEVEL=INFO), the new workers' start times (/proc), rank 0's "training steps" log
