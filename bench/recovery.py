@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service import faults  # noqa: E402
+from service.proctree import started_at  # noqa: E402
 from service.supervisor import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,16 +89,6 @@ def _log_events(log: Path) -> list[tuple[float, str]]:
     return sorted(events)
 
 
-def _started(pid: int) -> float | None:
-    """Unix start time of a live process (10 ms resolution)."""
-    try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _breakdown(log: Path, t_fault: float, new_pids: set[int], t_first: float) -> dict[str, float]:
     """Where the MTTR went (see the module docstring); keys whose marker is missing are left out."""
     events = [(t, msg) for t, msg in _log_events(log) if t >= t_fault - 0.01]
@@ -115,7 +106,7 @@ def _breakdown(log: Path, t_fault: float, new_pids: set[int], t_first: float) ->
     if agents_up is not None and starting is not None and agents_up > starting:
         agents_up = None  # a later restart's agent, not this recovery's
     rdzv = first(agents_up or detect, "Rendezvous'ing worker group")
-    starts = [s for s in (_started(p) for p in new_pids) if s is not None]
+    starts = [s for s in (started_at(p) for p in new_pids) if s is not None]
     spawned = min(starts) if starts else None
     ready = first(spawned, _READY)
     marks = [("detect_s", t_fault, detect), ("agent_start_s", detect, agents_up),

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from service.proctree import children
+
 log = logging.getLogger(__name__)
 
 # Exit code of a worker that leaves because the supervisor ordered a restart.
@@ -327,6 +329,13 @@ def exit_for_restart(generation: int | None, kill: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
             log.error("ended stuck peer process %d on this node", pid)
         except (ProcessLookupError, PermissionError):
+            pass
+    # This process's own children (data-loader workers) would linger for seconds after the
+    # hard exit below, until their watchdog notices: end them first.
+    for pid in children(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
     logging.shutdown()
     # os._exit: the main thread may be stuck in a collective; only a hard exit gets out.

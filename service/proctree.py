@@ -4,6 +4,8 @@ own stuck workers in attach mode)."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 
@@ -41,3 +43,13 @@ def descendants(pid: int) -> list[int]:
             break
         found += frontier
     return found
+
+
+def started_at(pid: int) -> float | None:
+    """When a live process started (Unix time, to the clock tick: 10 ms), or None."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")

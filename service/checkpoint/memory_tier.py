@@ -335,6 +335,17 @@ class MemoryTier:
                 removed += self._unlink(self.path(step))
         return removed + self.sweep_temporary(everything=upto is None)
 
+    def remove_run(self) -> int:
+        """Remove every file of this run here — snapshots, half-written ones, and the progress
+        records kept beside them (``service.train.recovery``) — once no process of the run is
+        left; how many were removed."""
+        run_prefix = f"ftdiff-{run_key(self.run_id)}-"
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return 0
+        return sum(self._unlink(self.dir / name) for name in names if name.startswith(run_prefix))
+
     def sweep_old(self, max_age_s: float = MAX_AGE_S) -> int:
         """Remove every run's snapshot files here (this user's directory) older than
         ``max_age_s``; how many were removed."""

@@ -34,13 +34,13 @@ def emergency_commit_problem(cfg: Config, run_id: str, asked_at: float) -> str |
 
 
 def remove_memory_snapshots(cfg: Config, run_id: str) -> None:
-    """Remove the run's memory-tier files. Only once every worker of the run is gone: the run
-    id is the supervisor's own, so no later start can take them, and they would hold shared
-    memory until the one-day sweep."""
+    """Remove the run's memory-tier files (snapshots and progress records). Only once every
+    worker of the run is gone: the run id is the supervisor's own, so no later start can take
+    them, and they would hold shared memory until the one-day sweep."""
     try:
-        removed = MemoryTier(run_id, cfg.checkpoint.memory_tier_dir).prune(None)
+        removed = MemoryTier(run_id, cfg.checkpoint.memory_tier_dir).remove_run()
     except OSError as e:
         log.warning("memory tier: could not remove this run's snapshots: %s", e)
         return
     if removed:
-        log.info("memory tier: removed %d snapshot file(s) of this run", removed)
+        log.info("memory tier: removed %d file(s) of this run", removed)

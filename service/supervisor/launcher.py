@@ -111,6 +111,8 @@ class LocalSupervisor(Supervisor):
         for agent in self.agents.values():
             if agent.proc.poll() is None:
                 agent.proc.send_signal(sig)
+                if procs.stopped(agent.proc.pid):  # SIGSTOPped: let it act on the signal
+                    procs.signal_pid(agent.proc.pid, signal.SIGCONT)
         deadline = time.monotonic() + timeout
         for agent in self.agents.values():
             try:
@@ -191,6 +193,11 @@ class LocalSupervisor(Supervisor):
         """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only
         once that commit is found in storage; otherwise 1, saying why."""
         asked_at = time.time()
+        # A node lost just before the signal (a node's preemption and the job's often come
+        # together) is relaunched first: otherwise the survivors' steps in memory die with this run.
+        code = self._handle_agents()
+        if code is not None:
+            return code  # the job ended meanwhile (finished, or gave up)
         self._let_relaunch_finish()
         log.warning("signal %d: forwarding to the agents for an emergency checkpoint", self.stop_signal)
         self._stop_agents(signal.SIGTERM, timeout=shutdown_timeout_s(self.cfg) + 10)

@@ -266,13 +266,14 @@ class JobMonitor:
             self._expire(self.clock())
             return sorted({p[1] for p in self._stuck if p[0] == hb.node and p != hb.process and p[1] > 1})
 
-    def stuck_on(self, node: str) -> list[int]:
-        """Pids of the stuck processes on ``node`` whose order still stands: what that node's
-        torchrun agent (their ancestor) ends when it asks (``POST /stuck``) — the one process
-        left to do it when every worker of the node is stuck."""
+    def stuck_on(self, node: str) -> list[tuple[int, float]]:
+        """(pid, start time) of the stuck processes on ``node`` whose order still stands: what
+        that node's torchrun agent (their ancestor) ends when it asks (``POST /stuck``) — the
+        one process left to do it when every worker of the node is stuck. The start time tells
+        the process from a later one that got the same pid."""
         with self._lock:
             self._expire(self.clock())
-            return sorted({p[1] for p in self._stuck if p[0] == node and p[1] > 1})
+            return sorted({(p[1], p[2]) for p in self._stuck if p[0] == node and p[1] > 1})
 
     def _expire(self, now: float) -> None:
         """Drop orders past their time (lock held)."""

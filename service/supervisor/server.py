@@ -36,7 +36,7 @@ def _node_of(body: bytes) -> str | None:
     """The node named by a ``POST /stuck`` body, or None when it is not one."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return None
     node = data.get("node") if isinstance(data, dict) else None
     return node if isinstance(node, str) and 0 < len(node) <= 256 else None
@@ -135,11 +135,12 @@ class SupervisorServer:
                     elif server.known_nodes is not None and node not in server.known_nodes:
                         self._refuse(403, f"unknown node {node!r}")
                     else:
-                        self._reply(200, json.dumps({"kill": server.monitor.stuck_on(node)}).encode())
+                        stuck = [[pid, started] for pid, started in server.monitor.stuck_on(node)]
+                        self._reply(200, json.dumps({"stuck": stuck}).encode())
                     return
                 try:
                     hb = Heartbeat.from_json(body)
-                except (ValueError, KeyError, TypeError, OverflowError) as e:
+                except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
                     self._refuse(400, f"bad heartbeat: {type(e).__name__}: {e}"[:300])
                     return
                 if server.known_nodes is not None and hb.node not in server.known_nodes:

@@ -20,17 +20,18 @@ import logging
 import os
 import signal
 import threading
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.config import load_config, overrides_from_env
 from service.heartbeat import shared_token
-from service.proctree import descendants
+from service.proctree import descendants, started_at
 from service.train.args import add_worker_args
 
 log = logging.getLogger(__name__)
+# A worker reports its start time from its own clock, after its imports; /proc's is the fork.
+CLOCK_SLACK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,16 @@ class StuckWatch:
 
     def check_once(self) -> list[int]:
         """Ask about each node this agent's workers report as; SIGKILL the stuck ones that are
-        this agent's descendants (never anything else, whatever the answer names). The pids
-        ended."""
+        this agent's descendants and started no later than the stuck process said it did (a
+        later process that got its pid is left alone) — never anything else, whatever the
+        answer names. The pids ended."""
         mine = descendants(os.getpid())
         nodes = {n for n in (node_of(pid) for pid in mine) if n is not None}
         ended = []
         for node in sorted(nodes):
-            for pid in self._stuck(node):
-                if pid in mine:
+            for pid, started in self._stuck(node):
+                began = started_at(pid)
+                if pid in mine and began is not None and (started <= 0 or began <= started + CLOCK_SLACK_S):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -105,22 +108,24 @@ class StuckWatch:
                     ended.append(pid)
         return ended
 
-    def _stuck(self, node: str) -> list[int]:
+    def _stuck(self, node: str) -> list[tuple[int, float]]:
         request = urllib.request.Request(
             f"{self.settings.url}/stuck", data=json.dumps({"node": node}).encode(), method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.settings.token}"})
         with urllib.request.urlopen(request, timeout=max(0.5, self.settings.interval_s)) as response:
             answer = json.loads(response.read() or b"{}")
-        named = answer.get("kill") if isinstance(answer, dict) else None
+        named = answer.get("stuck") if isinstance(answer, dict) else None
         if not isinstance(named, list):
             raise ValueError(f"unexpected answer from the supervisor: {answer!r:.80}")
-        return [p for p in named if type(p) is int and p > 1]
+        return [(p[0], float(p[1])) for p in named
+                if isinstance(p, list) and len(p) == 2 and type(p[0]) is int and p[0] > 1
+                and type(p[1]) in (int, float) and p[1] == p[1]]
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.interval_s):
             try:
                 self.check_once()
-            except (OSError, ValueError, urllib.error.URLError) as e:
+            except Exception as e:  # noqa: BLE001 — any bad answer or outage: ask again next time
                 self.failed += 1
                 if self.failed in (1, 10, 100):  # say so, without flooding the log
                     log.warning("agent: asking %s/stuck failed (%s); the job goes on", self.settings.url, e)

@@ -475,42 +475,97 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
 
 
 def test_an_agent_learns_its_nodes_stuck_processes_and_ends_only_its_own(server, monkeypatch):
-    """POST /stuck answers the stuck processes of the node asked about (until their order
-    expires); the agent's watch SIGKILLs those that are its descendants and nothing else."""
+    """POST /stuck answers the stuck processes of the node asked about (pid and start time,
+    until their order expires); the agent's watch SIGKILLs those that are its descendants
+    and the very processes named — not another process that later got the same pid."""
     import subprocess
     import sys
+    import time
 
+    from service.proctree import started_at
     from service.train.stuck_watch import StuckWatch, WatchSettings
 
     url = f"http://127.0.0.1:{server.port}"
     for body in (b"not json", b'{"node": 3}', b"{}", b'{"node": ""}'):
         assert _post(url + "/stuck", body, "tok", check=False)[0] == 400
-    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            env={"FTDIFF_NODE": "7", "PATH": "/usr/bin:/bin"})
-    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            env={"FTDIFF_NODE": "7", "PATH": "/usr/bin:/bin"})
+    deep = b'{"node": "0", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"  # nested past the parser's stack
+    for path in ("/stuck", "/heartbeat"):
+        assert _post(url + path, deep, "tok", check=False)[0] == 400
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    env = {"FTDIFF_NODE": "7", "PATH": "/usr/bin:/bin"}
+    mine, peer, newer = (subprocess.Popen(sleeper, env=env) for _ in range(3))
     try:
-        for rank, pid in enumerate((mine.pid, peer.pid)):
-            server.monitor.observe(hb(rank=rank, pid=pid, node="7"))
-        server.monitor.observe(hb(rank=2, pid=mine.pid, node="8"))  # the same pid on another node
-        stuck = list(server.monitor.ranks.values())
-        server.monitor.order_restart(stuck=stuck)
-        assert _post(url + "/stuck", b'{"node": "7"}', "tok")[1] == {"kill": sorted([mine.pid, peer.pid])}
-        assert _post(url + "/stuck", b'{"node": "9"}', "tok")[1] == {"kill": []}
-        # The agent's view: only `mine` is its descendant (the test process stands in for it).
-        monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [mine.pid])
+        deadline = time.monotonic() + 10
+        while None in (started_at(mine.pid), started_at(peer.pid), started_at(newer.pid)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.monitor.observe(hb(rank=0, pid=mine.pid, node="7", started=started_at(mine.pid) + 0.5, world=4))
+        server.monitor.observe(hb(rank=1, pid=peer.pid, node="7", started=started_at(peer.pid) + 0.5, world=4))
+        # `newer` holds a pid that, says the supervisor, a process started long before had:
+        server.monitor.observe(hb(rank=2, pid=newer.pid, node="7", started=time.time() - 3600, world=4))
+        server.monitor.observe(hb(rank=3, pid=mine.pid, node="8", started=1.0, world=4))  # the same pid elsewhere
+        server.monitor.order_restart(stuck=list(server.monitor.ranks.values()))
+        answer = _post(url + "/stuck", b'{"node": "7"}', "tok")[1]
+        assert sorted(p for p, _ in answer["stuck"]) == sorted([mine.pid, peer.pid, newer.pid])
+        assert _post(url + "/stuck", b'{"node": "9"}', "tok")[1] == {"stuck": []}
+        # The agent's view: `mine` and `newer` are its descendants (the test stands in for it).
+        monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [mine.pid, newer.pid])
         watch = StuckWatch(WatchSettings(url, "tok", 0.5))
         assert watch.check_once() == [mine.pid]
         assert mine.wait(10) == -9
         assert peer.poll() is None  # named stuck, but not the agent's to end
+        assert newer.poll() is None  # its pid was named, but it is a later process
         bad = StuckWatch(WatchSettings(url, "wrong", 0.5))
         with pytest.raises(urllib.error.HTTPError):
             bad._stuck("7")
     finally:
-        for p in (mine, peer):
+        for p in (mine, peer, newer):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", b"garbage\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200000])
+def test_the_agent_watch_outlives_any_bad_answer(reply, monkeypatch):
+    """A truncated body, a broken status line or a deeply nested one: counted, and asked again."""
+    import socket
+    import threading
+    import time
+
+    from service.train.stuck_watch import StuckWatch, WatchSettings
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [12345])  # one worker,
+    monkeypatch.setattr("service.train.stuck_watch.node_of", lambda pid: "0")  # on node 0
+    watch = StuckWatch(WatchSettings(f"http://127.0.0.1:{listener.getsockname()[1]}", "tok", 0.05)).start()
+    try:
+        deadline = time.monotonic() + 15
+        while watch.failed < 3:
+            assert time.monotonic() < deadline, "the watch stopped asking"
+            time.sleep(0.05)
+        assert watch._thread.is_alive()
+    finally:
+        watch.stop()
+        stop.set()
+        listener.close()
 
 
 def test_the_agent_watch_follows_the_workers_config(monkeypatch, tmp_path):

@@ -215,8 +215,10 @@ def test_a_worker_never_signals_a_group_init_or_itself(monkeypatch):
     monkeypatch.setattr(hb_mod.os, "kill", lambda pid, sig: signalled.append(pid))
     monkeypatch.setattr(hb_mod.os, "_exit", lambda code: exited.append(code))
     monkeypatch.setattr(hb_mod.logging, "shutdown", lambda: None)
+    monkeypatch.setattr(hb_mod, "children", lambda pid: [777] if pid == os.getpid() else [])
     hb_mod.exit_for_restart(1, [-1, 0, 1, os.getpid(), os.getppid(), os.getpgrp(), 424242])
-    assert signalled == [424242] and exited == [hb_mod.EXIT_RESTART_ORDERED]
+    # The named stuck peer, then its own children (data-loader workers), then the hard exit.
+    assert signalled == [424242, 777] and exited == [hb_mod.EXIT_RESTART_ORDERED]
     assert not any(safe_to_kill(p) for p in (-1, 0, 1, True, "12", os.getpid()))
 
 
