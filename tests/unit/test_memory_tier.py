@@ -396,46 +396,8 @@ def test_two_ranks_take_the_newest_step_from_whichever_rank_holds_it(tmp_path):
 
 
 # -- a stop signal leaves the state even while the main thread is blocked ------------------------
-WATCHER = """
-import os, signal, sys, threading, time, torch
-sys.path.insert(0, {repo!r})
-from tests.unit.test_memory_tier import Job, recovery
-from pathlib import Path
-job = Job()
-job.step(); job.step()
-rec = recovery(job, Path({dir!r}))
-rec.consistent_at(2)
-stopped = []
-signal.signal(signal.SIGTERM, lambda *a: stopped.append(1))  # like the trainer: a flag only
-rec.watch_signals()
-print("ready", flush=True)
-time.sleep(60)  # the main thread never looks at the flag (as if stuck in a collective)
-"""
-
-
-@pytest.mark.timeout(60)
-def test_sigterm_leaves_the_state_from_the_watcher_thread(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", WATCHER.format(repo=str(REPO), dir=str(tmp_path))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while MemoryTier(RUN, tmp_path).steps() != [2]:
-            assert time.monotonic() < deadline, "no snapshot after SIGTERM"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait(10)
-    job = Job()
-    job.step()
-    job.step()
-    other = Job(1)
-    assert recovery(other, tmp_path).resume(None) == 2
-    assert_bitwise(other.snapshot(), job.snapshot())
-
-
-ORDERED_OUT = """
+# A process at step 2 whose main thread never returns to the loop (as if stuck in a collective).
+STUCK_AT_STEP_2 = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from tests.unit.test_memory_tier import Job, recovery
@@ -444,31 +406,64 @@ job = Job()
 job.step(); job.step()
 rec = recovery(job, Path({dir!r}))
 rec.consistent_at(2)
+"""
+WATCHER = STUCK_AT_STEP_2 + """
+stopped = []
+signal.signal(signal.SIGTERM, lambda *a: stopped.append(1))  # like the trainer: a flag only
+rec.watch_signals()
+print("ready", flush=True)
+time.sleep(60)  # the main thread never looks at the flag
+"""
+ORDERED_OUT = STUCK_AT_STEP_2 + """
 rec.watch_signals(then={{signal.SIGUSR1: lambda: os._exit(44)}})  # like the trainer's exit on an order
 signal.signal(signal.SIGUSR1, lambda *a: None)
 print("ready", flush=True)
-time.sleep(60)  # stuck: only the watcher thread can act
+time.sleep(60)  # only the watcher thread can act
 """
 
 
-@pytest.mark.timeout(60)
-def test_the_leave_order_signal_leaves_the_state_then_exits(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", ORDERED_OUT.format(repo=str(REPO), dir=str(tmp_path))],
+def _stuck_process(script: str, tmp_path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script.format(repo=str(REPO), dir=str(tmp_path))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(20) == 44, proc.stderr.read()  # left by itself, main thread still asleep
-    finally:
-        proc.kill()
-        proc.wait(10)
-    assert MemoryTier(RUN, tmp_path).steps() == [2]  # and the state was left before the exit
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    return proc
+
+
+def _assert_a_restart_takes_back_step_2(tmp_path: Path) -> None:
     job = Job()
     job.step()
     job.step()
     other = Job(1)
     assert recovery(other, tmp_path).resume(None) == 2
     assert_bitwise(other.snapshot(), job.snapshot())
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_leaves_the_state_from_the_watcher_thread(tmp_path):
+    proc = _stuck_process(WATCHER, tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while MemoryTier(RUN, tmp_path).steps() != [2]:
+            assert time.monotonic() < deadline, "no snapshot after SIGTERM"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    _assert_a_restart_takes_back_step_2(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_the_leave_order_signal_leaves_the_state_then_exits(tmp_path):
+    proc = _stuck_process(ORDERED_OUT, tmp_path)
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(20) == 44, proc.stderr.read()  # left by itself, main thread still asleep
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert MemoryTier(RUN, tmp_path).steps() == [2]  # and the state was left before the exit
+    _assert_a_restart_takes_back_step_2(tmp_path)
 
 
 # -- through the Checkpointer: a restart of the same run ------------------------------------------
@@ -634,9 +629,8 @@ def test_periodic_snapshots_cover_a_node_whose_processes_all_died_at_once(tmp_pa
 def test_the_local_supervisor_removes_its_runs_snapshots_at_the_end(tmp_path):
     """`ftdiff train` names each run after itself: once its workers are gone, nobody can take
     its snapshots, so they go (not after a day); another run's stay."""
-    from service.supervisor.ending import remove_memory_snapshots
-
     from service.checkpoint.memory_tier import run_key
+    from service.supervisor.ending import remove_memory_snapshots
 
     left_at(tmp_path)
     other, _ = left_at(tmp_path, run_id="other-run")
