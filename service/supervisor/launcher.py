@@ -327,7 +327,8 @@ class LocalSupervisor(Supervisor):
         survivors leave their last completed step in the memory tier and go, with their agents;
         then every agent starts together (with a node range, an agent started ahead of the
         others could close a smaller round on its own while a survivor is slow to leave)."""
-        self._let_workers_leave(survivors, self.monitor.heartbeat_interval_s + self.tick_s)
+        # As for any process ordered out (after_tick): one still there after the silence limit is stuck.
+        self._let_workers_leave(survivors, self.monitor.silence_s + self.tick_s)
         for agent in self.agents.values():
             if agent.proc.poll() is None:
                 procs.end_tree(agent.proc)
