@@ -255,6 +255,17 @@ def open_storage(url: str, endpoint_url: str | None = None, region: str | None =
     return Storage(url, StorageOptions(endpoint_url=endpoint_url, region=region))
 
 
+def check_shared(url: str, processes: int) -> None:
+    """A job of several processes needs a checkpoint root they all see: ``memory://`` lives in
+    one process's memory, so each rank would "commit" into a store of its own that is gone when
+    it exits."""
+    if processes > 1 and url.startswith("memory://"):
+        raise UserError(
+            f"checkpoint.url = {redact_url(url)!r} is one process's memory, but this job has {processes} "
+            "processes: each would write to its own store and nothing would last; use a local path "
+            "or s3://bucket/prefix")
+
+
 # -- check_reachable's helpers -----------------------------------------------------------------
 PROBE_PREFIX = ".ftdiff-probe-"
 # botocore error codes that mean "these credentials may not do this" (s3fs maps most of them to

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 
+from service.checkpoint.storage import check_shared
 from service.config import OVERRIDES_ENV, Config, overrides_to_env
 from service.errors import UserError
 
@@ -73,6 +74,7 @@ def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
     min_nodes = cfg.supervisor.min_nodes
     if min_nodes is not None and min_nodes > nnodes:
         raise UserError(f"supervisor.min_nodes = {min_nodes} is more than --nnodes = {nnodes}")
+    check_shared(cfg.checkpoint.url, nnodes * nproc_per_node)
     for nodes in range(min_nodes or nnodes, nnodes + 1):
         world = nodes * nproc_per_node
         if cfg.train.global_batch_size % world:

@@ -19,6 +19,7 @@ from service import faults
 from service.checkpoint.identity import fingerprint
 from service.checkpoint.manager import Checkpointer
 from service.checkpoint.memory_tier import default_dir
+from service.checkpoint.storage import check_shared
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
@@ -65,6 +66,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.metrics = metrics or WorkerMetrics()
         check_batch_geometry(cfg.train.global_batch_size, info.world_size)
+        check_shared(cfg.checkpoint.url, info.world_size)
         self.local_batch = cfg.train.global_batch_size // info.world_size
 
         self.source = build_source(cfg)

@@ -167,6 +167,11 @@ def test_job_geometry_errors():
     with pytest.raises(UserError, match="not divisible by the world size 3"):
         check_job_geometry(load_config(None), 3, 1)
     check_job_geometry(load_config(None, ["supervisor.min_nodes=1"]), 2, 2)
+    # memory:// is one process's memory: several processes would each keep their own.
+    in_memory = load_config(None, ['checkpoint.url="memory://ckpt"'])
+    with pytest.raises(UserError, match="one process's memory, but this job has 2 processes"):
+        check_job_geometry(in_memory, 1, 2)
+    check_job_geometry(in_memory, 1, 1)
 
 
 def test_torchrun_command_shape():
