@@ -119,5 +119,7 @@ def run_attached(cfg: Config) -> int:
     try:
         supervisor = AttachedSupervisor(cfg, token)
     except OSError as e:
-        raise UserError(f"cannot listen on supervisor/metrics address: {e}") from None
+        sup, met = cfg.supervisor, cfg.metrics
+        raise UserError(f"cannot listen on supervisor {sup.host}:{sup.port} or metrics {met.host}:{met.port} "
+                        f"({e}): is another supervisor running there? Set supervisor.port / metrics.port") from None
     return supervisor.run()

@@ -383,6 +383,10 @@ def run_local_job(
     try:
         supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format)
     except OSError as e:
-        raise UserError(f"cannot listen on supervisor.port/metrics.port: {e}") from None
+        sup, met = cfg.supervisor, cfg.metrics
+        raise UserError(
+            f"cannot listen on supervisor {sup.host}:{sup.port} or metrics {met.host}:{met.port} ({e}); "
+            "another job may be using them: pass --set supervisor.port=0 --set metrics.port=0 to pick "
+            "free ports") from None
     return supervisor.run()
 

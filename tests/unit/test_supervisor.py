@@ -623,3 +623,19 @@ def test_a_stopped_agent_is_treated_as_lost():
                 p.kill()
                 p.wait()
         sup.shutdown()
+
+
+def test_a_busy_port_names_itself_and_the_way_out(tmp_path, monkeypatch):
+    import socket
+
+    from service.supervisor.launcher import run_local_job
+
+    monkeypatch.setattr("service.logs.setup_logging", lambda *a, **k: None)  # pytest keeps its handlers
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError) as e:
+            run_local_job(None, [f'checkpoint.url="{tmp_path}"', f"supervisor.port={port}", "metrics.port=0"], 1, 1)
+    assert f"127.0.0.1:{port}" in str(e.value) and "--set supervisor.port=0 --set metrics.port=0" in str(e.value)
