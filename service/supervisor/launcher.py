@@ -194,7 +194,11 @@ class LocalSupervisor(Supervisor):
         once that commit is found in storage; otherwise 1, saying why."""
         asked_at = time.time()
         # A node lost just before the signal (a node's preemption and the job's often come
-        # together) is relaunched first: otherwise the survivors' steps in memory die with this run.
+        # together) is relaunched first: otherwise the survivors' steps in memory die with this
+        # run. An agent killed a moment ago may not have exited yet: watch for one tick.
+        deadline = time.monotonic() + self.tick_s
+        while time.monotonic() < deadline and all(a.proc.poll() is None for a in self.agents.values()):
+            time.sleep(0.02)
         code = self._handle_agents()
         if code is not None:
             return code  # the job ended meanwhile (finished, or gave up)
