@@ -144,7 +144,8 @@ def test_dry_run_on_a_store_that_refuses_writes_is_exit_3(monkeypatch):
         return real(self, path, value, **kwargs)
 
     monkeypatch.setattr(MemoryFileSystem, "pipe_file", denying)
-    res = ftdiff("train", "--dry-run", "--set", _url(f"memory://ro-{uuid.uuid4().hex[:8]}/run"),
+    # One process: memory:// is one process's memory (a job of several is refused, exit 2).
+    res = ftdiff("train", "--dry-run", "--nproc-per-node", "1", "--set", _url(f"memory://ro-{uuid.uuid4().hex[:8]}/run"),
                  "--set", "supervisor.port=0", "--set", "metrics.port=0")
     assert res.returncode == EXIT_STORAGE and "write access denied" in one_line(res.stderr)
 
