@@ -1,4 +1,4 @@
-"""Processes as Linux shows them in /proc: liveness, children, descendants. Shared by the
+"""Processes as Linux shows them in /proc: liveness, state, start time, children, descendants. Shared by the
 local supervisor (which ends its agents' trees) and the torchrun agent wrapper (which ends its
 own stuck workers in attach mode)."""
 
@@ -9,14 +9,25 @@ import time
 from pathlib import Path
 
 
-def pid_alive(pid: int) -> bool:
-    """True for a live process (a zombie awaiting its parent counts as gone)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a live process (a zombie awaiting its parent counts as gone)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def stopped(pid: int) -> bool:
+    """True for a process stopped by a signal (SIGSTOP, SIGTSTP) or a tracer."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] in ("T", "t")
 
 
 def children(pid: int) -> list[int]:
@@ -47,9 +58,12 @@ def descendants(pid: int) -> list[int]:
 
 def started_at(pid: int) -> float | None:
     """When a live process started (Unix time, to the clock tick: 10 ms), or None."""
+    fields = _stat(pid)
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(fields[19]) if fields else None
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, IndexError, ValueError):
+        return None
+    if ticks is None:
         return None
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")

@@ -94,7 +94,6 @@ class MemoryRecovery:
         # Periodic snapshots (leave_soon): the step due, until the writer has dealt with it.
         self._cond = threading.Condition(self._lock)
         self._pending: int | None = None
-        self._due = threading.Event()
         self._due_why = ""
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -146,16 +145,17 @@ class MemoryRecovery:
             self._writer.start()
         with self._cond:
             self._pending, self._due_why = self._consistent, why
-        self._due.set()
+            self._cond.notify_all()
 
     def _write_when_due(self) -> None:
         while True:
-            self._due.wait()
-            self._due.clear()
-            if self._closed:
-                return
-            try:
-                self.leave(self._due_why, level=logging.DEBUG)
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._closed:
+                    return
+                why = self._due_why
+            try:  # leave() takes the lock itself
+                self.leave(why, level=logging.DEBUG)
             finally:
                 with self._cond:
                     self._pending = None
@@ -239,8 +239,7 @@ class MemoryRecovery:
         """No more signals watched nor periodic snapshots taken (the process is on its way out)."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-        self._due.set()  # a waiting periodic writer wakes up and ends
+            self._cond.notify_all()  # a waiting periodic writer wakes up and ends
         if self._wakeup is None:
             return
         if threading.current_thread() is threading.main_thread():

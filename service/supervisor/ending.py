@@ -33,7 +33,7 @@ def emergency_commit_problem(cfg: Config, run_id: str, asked_at: float) -> str |
     return None
 
 
-def remove_memory_snapshots(cfg: Config, run_id: str) -> None:
+def remove_run_files(cfg: Config, run_id: str) -> None:
     """Remove the run's memory-tier files (snapshots and progress records). Only once every
     worker of the run is gone: the run id is the supervisor's own, so no later start can take
     them, and they would hold shared memory until the one-day sweep."""

@@ -28,7 +28,7 @@ from service.heartbeat import LEAVE_SIGNAL, Heartbeat, die_with_parent, shared_t
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
-from service.supervisor.ending import emergency_commit_problem, remove_memory_snapshots
+from service.supervisor.ending import emergency_commit_problem, remove_run_files
 from service.supervisor.monitor import RankState
 from service.supervisor.report import failure_report
 from service.supervisor.torchrun import (
@@ -235,7 +235,7 @@ class LocalSupervisor(Supervisor):
         if self.zygotes is not None:
             self.zygotes.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
-        remove_memory_snapshots(self.cfg, self.run_id)
+        remove_run_files(self.cfg, self.run_id)
 
     # -- agents -----------------------------------------------------------------------------------
     def _order_out(self, pids: list[int]) -> list[int]:
@@ -333,10 +333,9 @@ class LocalSupervisor(Supervisor):
         others could close a smaller round on its own while a survivor is slow to leave)."""
         # As for any process ordered out (after_tick): one still there after the silence limit is stuck.
         self._let_workers_leave(survivors, self.monitor.silence_s + self.tick_s)
-        for agent in self.agents.values():
-            if agent.proc.poll() is None:
+        for agent in self.agents.values():  # their workers go with them (and the zygote's
+            if agent.proc.poll() is None:     # forked ones when their shim does)
                 procs.end_tree(agent.proc)
-        self._kill_workers(lambda s: True)
         self.round += 1
         log.warning("relaunching every agent in rendezvous round %d", self.round)
         for node in range(self.nnodes):
@@ -361,9 +360,8 @@ class LocalSupervisor(Supervisor):
 
 
 def _failure_kind(code: int) -> FailureKind:
-    """Killed by a signal (or, through service.train.agent, ended by one: 128 + signal): the
-    node is gone, not the program."""
-    return FailureKind.LOST_NODE if code < 0 or code > 128 else FailureKind.AGENT_FAILED
+    """Ended by a signal: the node is gone, not the program."""
+    return FailureKind.LOST_NODE if procs.ending_signal(code) is not None else FailureKind.AGENT_FAILED
 
 
 def _reachable(host: str) -> str:

@@ -262,9 +262,7 @@ class JobMonitor:
     def kill_list(self, hb: Heartbeat) -> list[int]:
         """Pids of stuck processes on ``hb``'s node that the exiting process should end (never
         0, 1 or a negative pid: a process group, init, or every process of the user)."""
-        with self._lock:
-            self._expire(self.clock())
-            return sorted({p[1] for p in self._stuck if p[0] == hb.node and p != hb.process and p[1] > 1})
+        return sorted({pid for pid, started in self.stuck_on(hb.node) if (hb.node, pid, started) != hb.process})
 
     def stuck_on(self, node: str) -> list[tuple[int, float]]:
         """(pid, start time) of the stuck processes on ``node`` whose order still stands: what

@@ -12,19 +12,18 @@ import sys
 import time
 
 from service.heartbeat import die_with_parent
-from service.proctree import children, descendants, pid_alive
+from service.proctree import children, descendants, pid_alive, stopped
 
 log = logging.getLogger(__name__)
-__all__ = ["children", "descendants", "end_tree", "kill", "pid_alive", "signal_pid", "stopped", "Zygotes"]
+__all__ = ["children", "descendants", "end_tree", "ending_signal", "kill", "pid_alive", "signal_pid", "stopped", "Zygotes"]
 
 
-def stopped(pid: int) -> bool:
-    """True for a process stopped by a signal (SIGSTOP, SIGTSTP) or a tracer."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
+def ending_signal(exit_code: int) -> int | None:
+    """The signal an agent ended by: killed by it (negative code), or, through
+    service.train.agent, ended by it (128 + signal); None for a program's own exit."""
+    if exit_code < 0:
+        return -exit_code
+    return exit_code - 128 if exit_code > 128 else None
 
 
 def kill(pid: int) -> None:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from service.supervisor.monitor import JobMonitor
+from service.supervisor.procs import ending_signal
 
 
 def newest_error(log_dir: str, node: int | None = None) -> tuple[Path, dict] | None:
@@ -28,8 +29,8 @@ def newest_error(log_dir: str, node: int | None = None) -> tuple[Path, dict] | N
 
 def failure_report(log_dir: str, monitor: JobMonitor, node: int, exit_code: int) -> str:
     lines = [f"ftdiff: job failed — node {node}: torchrun agent exit code {exit_code}"]
-    if exit_code < 0 or exit_code > 128:  # killed, or (service.train.agent) ended by a signal
-        signum = -exit_code if exit_code < 0 else exit_code - 128
+    signum = ending_signal(exit_code)
+    if signum is not None:
         lines.append(f"node {node} was lost: its torchrun agent was ended by signal {signum}")
     lines.append(f"last committed step: {monitor.last_committed_step}")
     found = newest_error(log_dir, node)

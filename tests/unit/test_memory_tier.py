@@ -630,13 +630,13 @@ def test_the_local_supervisor_removes_its_runs_snapshots_at_the_end(tmp_path):
     """`ftdiff train` names each run after itself: once its workers are gone, nobody can take
     its snapshots, so they go (not after a day); another run's stay."""
     from service.checkpoint.memory_tier import run_key
-    from service.supervisor.ending import remove_memory_snapshots
+    from service.supervisor.ending import remove_run_files
 
     left_at(tmp_path)
     other, _ = left_at(tmp_path, run_id="other-run")
     for run in (RUN, "other-run"):  # the progress records kept beside them (service.train.recovery)
         (tmp_path / f"ftdiff-{run_key(run)}-progress-000000.mem").write_bytes(b"x" * 28)
     assert MemoryTier(RUN, tmp_path).steps() == [3] and MemoryTier("other-run", tmp_path).steps() == [3]
-    remove_memory_snapshots(load_config(None, [f'checkpoint.memory_tier_dir="{tmp_path}"']), RUN)
+    remove_run_files(load_config(None, [f'checkpoint.memory_tier_dir="{tmp_path}"']), RUN)
     assert MemoryTier(RUN, tmp_path).steps() == [] and MemoryTier("other-run", tmp_path).steps() == [3]
     assert [p.name for p in tmp_path.glob("*progress*")] == [f"ftdiff-{run_key('other-run')}-progress-000000.mem"]
