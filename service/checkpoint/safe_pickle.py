@@ -22,8 +22,11 @@ folder, so one that is not a plain name is refused (``is_plain_name``).
 
 from __future__ import annotations
 
+import enum
+import functools
 import io
 import os
+import pathlib
 import pickle
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +35,7 @@ from typing import IO, Any, ClassVar, cast
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
@@ -88,6 +92,11 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 )
 
+# Python 3.11.0 to 3.11.4 pickle an Enum member as ``getattr(<its class>, <its name>)``, later
+# ones as ``<its class>(<its value>)``. ``builtins.getattr`` therefore resolves, but only to
+# ``_enum_member``, which hands out members of these classes by name and nothing else.
+ENUMS_BY_NAME: frozenset[type[enum.Enum]] = frozenset({_MEM_FORMAT_ENCODING})
+
 # The only objects BUILD may fill in: fresh instances of DCP's metadata classes (made by
 # NEWOBJ in the same pickle). BUILD on anything else — a class, an Enum member, a function —
 # would change it for the whole process.
@@ -117,6 +126,10 @@ class _MetadataUnpickler(pickle._Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return functools.partial(_enum_member, self.source)
+        if (module, name) == ("pathlib._local", "PosixPath"):
+            return pathlib.PosixPath  # written by 3.13+; older Pythons keep it in pathlib itself
         if (module, name) not in ALLOWED_GLOBALS:
             raise UnsafeCheckpointError(
                 self.source,
@@ -139,6 +152,16 @@ class _MetadataUnpickler(pickle._Unpickler):
         **pickle._Unpickler.dispatch,  # type: ignore[attr-defined]
         pickle.BUILD[0]: _load_build,
     }
+
+
+def _enum_member(source: str, cls: Any, name: Any) -> enum.Enum:
+    """What ``getattr(cls, name)`` in a DCP metadata pickle may be: a member of an allowed Enum,
+    named exactly (no other attribute of the class, let alone of anything else)."""
+    if cls not in ENUMS_BY_NAME or not isinstance(name, str) or name not in cls.__members__:
+        raise UnsafeCheckpointError(
+            source, f"refusing getattr({_describe(cls)}, {str(name)[:60]!r}): DCP metadata only ever "
+            "names a member of its own Enums this way, and other attributes could run code")
+    return cast(enum.Enum, cls[name])
 
 
 def _describe(obj: Any) -> str:

@@ -233,7 +233,8 @@ def _global(module: str, name: str) -> bytes:
 DANGEROUS = [
     ("builtins", "eval"),
     ("builtins", "exec"),
-    ("builtins", "getattr"),
+    # builtins.getattr resolves, to a guard that hands out Enum members by name only
+    # (Python 3.11.0-3.11.4 pickle them so): tests/unit/test_metadata_fixtures.py attacks it.
     ("builtins", "__import__"),
     ("builtins", "open"),
     ("os", "system"),
