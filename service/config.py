@@ -134,6 +134,10 @@ class CheckpointConfig(_Section):
     pod): the restart then loses at most this many steps instead of a checkpoint interval.
     Costs one write of the state into shared memory per interval and keeps up to two
     snapshots of it resident there."""
+    single_writer: bool = False
+    """Accept an S3 store that ignores conditional writes (If-None-Match / If-Match), which
+    start-up otherwise refuses: the operator guarantees that only one start of this job ever
+    writes the root at a time, because fencing of a superseded writer then cannot be enforced."""
 
 
 class SupervisorConfig(_Section):
@@ -230,7 +234,8 @@ class Config(_Section):
 _ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error",
                                             ("checkpoint", "memory_tier"): True,
                                             ("checkpoint", "memory_tier_dir"): None,
-                                            ("checkpoint", "memory_every_steps"): 0}
+                                            ("checkpoint", "memory_every_steps"): 0,
+                                            ("checkpoint", "single_writer"): False}
 _ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
 # Its default became true later; a config that leaves it at the default keeps its hash.
 _ADDED_LATER[("supervisor", "prestart_workers")] = True

@@ -6,27 +6,30 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import BASELINE_STEPS, moto_server
+from tests.helpers import BASELINE_STEPS
+from tests.seaweed import S3Endpoint, s3_endpoint
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[dict[str, str]]:
-    """A real S3 endpoint (moto's server mode) on a free loopback port; env for clients."""
-    with moto_server() as endpoint:
-        env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        yield env
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """A real S3 server (SeaweedFS on loopback, credentials enforced, no bucket created on the
+    fly), or the external one that FTDIFF_TEST_S3_ENDPOINT names."""
+    with s3_endpoint(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3: S3Endpoint) -> Iterator[dict[str, str]]:
+    """The read-write identity's environment, also set in this process for in-process clients."""
+    env = s3.env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

@@ -149,8 +149,15 @@ class Storage:
                 raise
             os.close(fd)
             _fsync_dir(os.path.dirname(target))
-        elif self.protocol in ("s3", "s3a"):
-            self.fs.pipe_file(target, data, mode="create")
+        elif self._is_s3:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+            except OSError as e:
+                # s3fs maps a 412 to FileExistsError only when the answer names the condition
+                # (<Condition>If-None-Match</Condition>); SeaweedFS and others omit it.
+                if isinstance(e, FileExistsError) or error_code(e) in ("PreconditionFailed", "412"):
+                    raise FileExistsError(errno.EEXIST, "already exists", target) from None
+                raise
         else:
             if self.fs.exists(target):
                 raise FileExistsError(target)
@@ -167,24 +174,34 @@ class Storage:
             return None
         return str(etag) if etag else None
 
-    def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
-
     def list_dir(self, rel: str = "") -> list[str]:
-        """Names (not paths) of the entries directly under ``rel``; [] if it does not exist."""
+        """Names (not paths) of the entries directly under ``rel``; [] if it does not exist.
+
+        On S3 a "folder" is only a shared key prefix, yet some servers (SeaweedFS) keep an empty
+        directory entry after its last object is deleted: such ghosts are not listed.
+        """
+        where = self.path(rel) if rel else self.root
         try:
-            entries = self.fs.ls(self.path(rel) if rel else self.root, detail=False, refresh=True)
+            entries = self.fs.ls(where, detail=True, refresh=True)
         except FileNotFoundError:
             return []
         except TypeError:  # filesystems without the refresh flag
-            entries = self.fs.ls(self.path(rel) if rel else self.root, detail=False)
-        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+            entries = self.fs.ls(where, detail=True)
+        names = []
+        for entry in entries:
+            path = str(entry["name"]).rstrip("/")
+            if self._is_s3 and entry.get("type") == "directory" and not self._has_objects(path):
+                continue
+            names.append(posixpath.basename(path))
+        return sorted(names)
 
     def remove(self, rel: str) -> None:
         """Delete one object or file; FileNotFoundError if it does not exist, PermissionError
         if the store kept it (S3's bulk delete reports refusals per key, which s3fs drops)."""
         self.fs.rm_file(self.path(rel))
-        self._gone(rel)
+        if self.is_object_store and self._is_object(self.path(rel)):
+            raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
+                                  "(the credentials may not delete)")
 
     def tree_bytes(self, rel: str) -> int:
         """Total size of everything under ``rel`` (0 if it does not exist)."""
@@ -193,49 +210,66 @@ class Storage:
         except (FileNotFoundError, OSError):
             return 0
 
-    def remove_tree(self, rel: str) -> None:
+    def exists(self, rel: str) -> bool:
+        """Whether ``rel`` is a file or a folder with something in it (an empty directory entry
+        that an S3 server kept after its objects were deleted does not count)."""
         target = self.path(rel)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
-            self._gone(rel)
+        if self._is_s3:
+            return self._is_object(target) or self._has_objects(target)
+        return self.fs.exists(target)
 
-    def _gone(self, rel: str) -> None:
-        if self.is_object_store and self.fs.exists(self.path(rel)):
+    def remove_tree(self, rel: str) -> None:
+        """Delete ``rel`` and everything under it; PermissionError if an object survived."""
+        target = self.path(rel)
+        if not self.fs.exists(target):
+            return
+        if not self._is_s3 or self._has_objects(target):
+            self.fs.rm(target, recursive=True)
+        if self._is_s3:
+            self._remove_directory_entries(target)
+            if self._has_objects(target):
+                raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
+                                      "(the credentials may not delete)")
+        elif self.is_object_store and self.fs.exists(target):
             raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
                                   "(the credentials may not delete)")
+
+    # -- S3 without folders: what is an object, what has objects under it --------------------
+    @property
+    def _is_s3(self) -> bool:
+        return self.protocol in ("s3", "s3a")
+
+    def _has_objects(self, path: str) -> bool:
+        """Whether any object's key starts with ``path/`` (one flat listing of at most 1 key)."""
+        bucket, key, _ = self.fs.split_path(path)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        answer = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        return bool(answer.get("KeyCount") or answer.get("Contents"))
+
+    def _is_object(self, path: str) -> bool:
+        try:
+            return self.fs.info(path).get("type") == "file"
+        except FileNotFoundError:
+            return False
+
+    def _remove_directory_entries(self, path: str) -> None:
+        """Delete the directory entries (``key/``) under and of ``path``, deepest first: S3
+        servers that keep folders (SeaweedFS) list a folder until its entry is deleted, and
+        delete an entry only once it has no sub-entries. On AWS these keys do not exist and
+        each delete is a no-op."""
+        bucket, key, _ = self.fs.split_path(path)
+        pending, found = [key.rstrip("/") + "/"], []
+        while pending and len(found) < 100_000:
+            prefix = pending.pop()
+            found.append(prefix)
+            answer = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/")
+            pending += [p["Prefix"] for p in answer.get("CommonPrefixes", [])]
+        for prefix in sorted(found, key=lambda k: -k.count("/")):
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=prefix)
 
     def makedirs(self, rel: str = "") -> None:
         if not self.is_object_store:
             self.fs.makedirs(self.path(rel) if rel else self.root, exist_ok=True)
-
-    def check_reachable(self, write: bool = True) -> bool:
-        """Fail fast, with the URL (never a secret) and a hint, if the root cannot be used;
-        return whether the root exists (on object stores: whether anything is under it).
-
-        Endpoint down, DNS, TLS, wrong credentials: StorageError (exit code 3). With ``write``
-        (workers, the launcher) a probe object is also created and deleted under the root, so
-        read-only credentials fail at start-up rather than at the first save, and a missing
-        bucket is a wrong URL (UserError, exit code 2). Without it (the read-only commands) a
-        missing root or bucket is no error here: the caller says what "nothing there" means.
-        """
-        try:
-            if self.is_object_store:
-                # ls, not exists(): s3fs's exists() answers False for a dead endpoint, a
-                # refused credential, or a bucket the credentials may list but not HEAD.
-                exists = _list_or_missing(self.fs, self.root)
-            elif write:
-                self.makedirs()
-                exists = _list_or_missing(self.fs, self.root)
-            else:
-                exists = self.fs.exists(self.root) and _list_or_missing(self.fs, self.root)
-        except UserError:
-            raise
-        except Exception as e:  # connection refused, DNS, TLS ... — one line, not a trace
-            raise _unusable(self, e, "read") from None
-        if write:
-            _probe_write(self)
-        return exists
-
 
 def _fsync_dir(path: str) -> None:
     """Make a rename inside ``path`` durable (POSIX: the directory entry is in the directory)."""
@@ -244,11 +278,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def open_storage(url: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:
@@ -266,88 +295,10 @@ def check_shared(url: str, processes: int) -> None:
             "or s3://bucket/prefix")
 
 
-# -- check_reachable's helpers -----------------------------------------------------------------
-PROBE_PREFIX = ".ftdiff-probe-"
-# botocore error codes that mean "these credentials may not do this" (s3fs maps most of them to
-# PermissionError; a raw ClientError can still surface from other code paths).
-_DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                           "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"})
-_BAD_PATH_ERRNOS = frozenset({"ENOTDIR", "EEXIST", "ENAMETOOLONG", "EISDIR", "EINVAL"})
-_DENIED_ERRNOS = frozenset({"EACCES", "EPERM", "EROFS"})
-_LOCAL_VERBS = {"read": "create or list", "write": "write in", "delete": "delete in"}
-
-
-def _list_or_missing(fs: Any, root: str) -> bool:
-    """List ``root``: whether it exists. A root (or bucket) that does not exist yet is no
-    error here; an empty bucket lists as [] and exists, a prefix with nothing under it not."""
-    try:
-        fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _probe_write(storage: Storage) -> None:
-    """Create and delete ``.ftdiff-probe-<uuid>`` under the root (a unique name per process,
-    so ranks starting together never collide); errors become UserError/StorageError."""
-    probe = storage.path(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
-    try:
-        storage.fs.pipe_file(probe, b"")
-    except FileNotFoundError:
-        bucket = storage.root.split("/", 1)[0]
-        what = f"bucket {bucket!r} does not exist" if storage.is_object_store else "its folder cannot be created"
-        raise UserError(f"storage URL {storage.display_url!r}: {what} (create it, or fix checkpoint.url)") from None
-    except Exception as e:
-        raise _unusable(storage, e, "write") from None
-    try:
-        storage.fs.rm_file(probe)
-        if storage.fs.exists(probe):  # a bulk delete that the store refused per key
-            raise PermissionError("the probe object is still there after deleting it")
-    except Exception as e:
-        raise _unusable(storage, e, "delete", left=probe) from None
-
-
-def _error_code(e: BaseException) -> str | None:
+def error_code(e: BaseException) -> str | None:
     """The botocore error code of ``e`` or of its cause (s3fs chains the ClientError)."""
     for err in (e, e.__cause__, e.__context__):
         response = getattr(err, "response", None)
         if isinstance(response, dict) and response.get("Error", {}).get("Code"):
             return str(response["Error"]["Code"])
     return None
-
-
-def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None = None) -> UserError:
-    """The one-line error for a failed check: denied and unreachable are StorageError (the
-    URL is right, the access is not), a path that cannot be a folder is a UserError."""
-    import errno
-
-    from service.config import redact_text
-    from service.errors import StorageError
-
-    url = storage.display_url
-    detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
-    local_errno = errno.errorcode.get(e.errno or 0) if storage.is_local and isinstance(e, OSError) else None
-    denied = isinstance(e, PermissionError) or _error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
-    if denied and storage.is_local:
-        # A folder, not credentials: typically an image's non-root user under a root-owned
-        # working directory, or a read-only mount.
-        return StorageError(
-            f"storage URL {url!r}: cannot {_LOCAL_VERBS.get(stage, stage)} the folder as uid {os.getuid()} "
-            f"({detail}); make the folder "
-            "writable for this user (chown, or mount a writable volume) or set checkpoint.url to a "
-            "writable place")
-    if denied:
-        if stage == "read":
-            hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
-                    if storage.is_object_store else "check the folder's permissions")
-            return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}")
-        extra = f"; the probe {posixpath.basename(left)!r} was left behind" if left else ""
-        return StorageError(
-            f"storage URL {url!r}: {stage} access denied ({detail}): these credentials can read the "
-            f"checkpoint root but not {stage} in it, and training must do both{extra}")
-    if local_errno in _BAD_PATH_ERRNOS:
-        return UserError(f"storage URL {url!r} cannot be used as a folder: {detail}")
-    if isinstance(e, FileNotFoundError):
-        return UserError(f"storage URL {url!r} does not exist ({detail})")
-    where = "checkpoint.endpoint_url / --endpoint-url / AWS_ENDPOINT_URL" if storage.is_object_store else "the mount"
-    return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {where})")

@@ -32,9 +32,10 @@ def open_catalog(url: str, args: argparse.Namespace) -> Any:
     (exit 3 in one line, not a botocore traceback, when it does not)."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.storage import open_storage
+    from service.checkpoint.storage_check import check_reachable
 
     storage = open_storage(url, args.endpoint_url, args.region)
-    if not storage.check_reachable(write=False):
+    if not check_reachable(storage, write=False):
         raise BadCheckpointError(f"no such checkpoint root {storage.display_url}")
     if not storage.is_object_store and storage.fs.isfile(storage.root):
         raise UserError(f"{storage.display_url} is a file, not a checkpoint root "

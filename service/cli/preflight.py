@@ -72,12 +72,13 @@ def _check_data(cfg: Config) -> tuple[int, str]:
 def _check_storage(cfg: Config) -> Any:
     """Reachable and writable (the workers' probe), leaving no folder behind that was not there."""
     from service.checkpoint.storage import open_storage
+    from service.checkpoint.storage_check import check_reachable
 
     ck = cfg.checkpoint
     storage = open_storage(ck.url, ck.endpoint_url, ck.region)
     created = _missing_folders(storage.root) if storage.is_local else []
     try:
-        storage.check_reachable(write=True)
+        check_reachable(storage, write=True, single_writer=ck.single_writer)
     finally:
         for folder in created:  # deepest first; stops at the first one that is not empty
             try:

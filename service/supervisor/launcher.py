@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat, die_with_parent, shared_token
@@ -381,7 +382,7 @@ def run_local_job(
     check_job_geometry(cfg, nnodes, nproc_per_node)
     # Storage mistakes fail here, once, instead of in every worker of every restart.
     ck = cfg.checkpoint
-    open_storage(ck.url, ck.endpoint_url, ck.region).check_reachable()
+    check_reachable(open_storage(ck.url, ck.endpoint_url, ck.region), single_writer=ck.single_writer)
     try:
         supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format)
     except OSError as e:

@@ -20,6 +20,7 @@ from service.checkpoint.identity import fingerprint
 from service.checkpoint.manager import Checkpointer
 from service.checkpoint.memory_tier import default_dir
 from service.checkpoint.storage import check_shared
+from service.checkpoint.storage_check import check_reachable
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
@@ -110,7 +111,7 @@ class Trainer:
             can_read_state=lambda: bool(self.optimizer.state),
             fingerprint=fingerprint(cfg, data_length=len(self.source)),
         )
-        self.checkpointer.storage.check_reachable()
+        check_reachable(self.checkpointer.storage, single_writer=cfg.checkpoint.single_writer)
         self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry,
                                  should_stop=lambda: self._stop_signal is not None)
         self._stop_signal: int | None = None

@@ -1,10 +1,9 @@
-"""On a real S3 endpoint (moto's server on loopback): image folders with DataLoader workers,
+"""On a real S3 server (SeaweedFS on loopback): image folders with DataLoader workers,
 and the exit codes of a dead endpoint, unknown and read-only credentials."""
 
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import uuid
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import check_reachable
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, StorageError
-from tests.helpers import base_env, free_port, moto_server, one_line, run, single_cmd
+from tests.helpers import base_env, free_port, one_line, run, single_cmd
 from tests.helpers import ftdiff_inprocess as ftdiff
 
 SECRET = "ro-secret-" + uuid.uuid4().hex
@@ -77,51 +77,40 @@ def test_missing_root_or_bucket_is_exit_1_existing_empty_bucket_is_not(s3_bucket
 
 
 @pytest.fixture(scope="module")
-def iam_s3():
-    """A moto server that checks credentials, with a bucket and a read-only user."""
+def ro_bucket(s3) -> str:
+    """A bucket made by the read-write identity; the server's read-only identity may list and
+    read it but not write (SeaweedFS's s3.json identities: no emulator IAM policy involved)."""
     import boto3
 
-    # The first 4 requests (bucket, user, policy, key) are made without auth, then it is enforced.
-    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "4"}) as endpoint:
-        kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
-              "aws_secret_access_key": "setup"}
-        boto3.client("s3", **kw).create_bucket(Bucket="ro-bucket")
-        iam = boto3.client("iam", **kw)
-        iam.create_user(UserName="reader")
-        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="reader")["AccessKey"]
-        yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-
-
-def _creds(server: dict, key: str, secret: str) -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": server["endpoint"]}
+    name = f"ro-bucket-{uuid.uuid4().hex[:8]}"
+    env = s3.env()
+    boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=name)
+    return name
 
 
 @pytest.mark.timeout(120)
-def test_unknown_credentials_are_exit_3(iam_s3, monkeypatch):
-    for k, v in _creds(iam_s3, "AKIAUNKNOWNUNKNOWN", SECRET).items():
+def test_unknown_credentials_are_exit_3(s3, ro_bucket, monkeypatch):
+    for k, v in {**s3.env(), "AWS_ACCESS_KEY_ID": "AKIAUNKNOWNUNKNOWN", "AWS_SECRET_ACCESS_KEY": SECRET}.items():
         monkeypatch.setenv(k, v)
-    res = ftdiff("ckpt", "ls", "s3://ro-bucket/run")
+    res = ftdiff("ckpt", "ls", f"s3://{ro_bucket}/run")
     line = one_line(res.stderr)
     assert res.returncode == EXIT_STORAGE and "access denied" in line and SECRET not in line
 
 
 @pytest.mark.timeout(180)
-def test_read_only_credentials_read_but_fail_training_at_start_up(iam_s3, monkeypatch):
-    env = _creds(iam_s3, iam_s3["key"], iam_s3["secret"])
+def test_read_only_credentials_read_but_fail_training_at_start_up(s3, ro_bucket, monkeypatch):
+    env = s3.env(read_only=True)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    storage = open_storage("s3://ro-bucket/run")
-    storage.check_reachable(write=False)  # the read-only commands may use them
-    res = ftdiff("ckpt", "ls", "s3://ro-bucket")
+    storage = open_storage(f"s3://{ro_bucket}/run")
+    check_reachable(storage, write=False)  # the read-only commands may use them
+    res = ftdiff("ckpt", "ls", f"s3://{ro_bucket}")
     assert res.returncode == EXIT_OK and res.stdout.strip() == "(no checkpoints)", res.stderr
     with pytest.raises(StorageError, match="write access denied"):
-        storage.check_reachable()
+        check_reachable(storage)
     # A worker refuses to start (exit 3) instead of failing at its first save.
-    res = run(single_cmd(["train.max_steps=2", 'checkpoint.url="s3://ro-bucket/run"']), env=env, timeout=120)
+    res = run(single_cmd(["train.max_steps=2", f'checkpoint.url="s3://{ro_bucket}/run"']), env=env, timeout=120)
     assert res.returncode == EXIT_STORAGE, res.stderr[-2000:]
     assert "write access denied" in res.stderr and "Traceback" not in res.stderr
-    assert iam_s3["secret"] not in res.stderr + res.stdout
+    assert env["AWS_SECRET_ACCESS_KEY"] not in res.stderr + res.stdout

@@ -17,6 +17,7 @@ from service.checkpoint.manifest import (
 )
 from service.checkpoint.retention import apply_retention, plan_deletions
 from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import check_reachable
 from service.config import load_config
 from service.errors import UserError
 from tests.helpers import CheckpointJob as Job
@@ -302,7 +303,7 @@ def test_storage_errors_name_the_url_not_secrets(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(UserError) as e:
-        open_storage(f"{f}/sub").check_reachable()
+        check_reachable(open_storage(f"{f}/sub"))
     assert str(f) in str(e.value)
     with pytest.raises(UserError) as e:
         open_storage("nosuchproto://x/y")

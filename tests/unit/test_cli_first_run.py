@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from service.checkpoint.catalog import Catalog
-from service.checkpoint.storage import PROBE_PREFIX, open_storage
+from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import PROBE_PREFIX
 from service.cli.toml_out import dumps
 from service.config import OVERRIDES_ENV, load_config
 from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE

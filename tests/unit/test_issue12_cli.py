@@ -14,7 +14,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.dcp_io import crc32c_hex
 from service.checkpoint.manifest import MANIFEST, step_dir
-from service.checkpoint.storage import PROBE_PREFIX, open_storage
+from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import PROBE_PREFIX, check_reachable
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_USAGE, StorageError, UserError
 from tests.helpers import committed_root, one_line, raised_in
 from tests.helpers import ftdiff_inprocess as ftdiff
@@ -26,9 +27,9 @@ SECRET = "pw-" + uuid.uuid4().hex
 @pytest.mark.timeout(20)
 def test_write_check_probes_and_cleans_up_read_check_creates_nothing(tmp_path):
     root = tmp_path / "new" / "run"
-    open_storage(str(root)).check_reachable(write=False)
+    check_reachable(open_storage(str(root)), write=False)
     assert not root.exists()  # a read-only command never creates the root
-    open_storage(str(root)).check_reachable()  # write=True by default: workers, the launcher
+    check_reachable(open_storage(str(root)))  # write=True by default: workers, the launcher
     assert root.is_dir() and os.listdir(root) == []  # the probe was deleted
 
 
@@ -59,9 +60,9 @@ def test_read_only_credentials_fail_at_start_up(deny, needle):
     storage = open_storage(f"memory://ro-{uuid.uuid4().hex[:8]}/run")
     storage.fs = _Denying(skip_instance_cache=True)
     storage.fs.deny = deny
-    storage.check_reachable(write=False)  # reading is allowed
+    check_reachable(storage, write=False)  # reading is allowed
     with pytest.raises(StorageError) as e:
-        storage.check_reachable()
+        check_reachable(storage)
     assert needle in str(e.value) and e.value.exit_code == EXIT_STORAGE
 
 
@@ -84,7 +85,7 @@ def test_unreachable_and_denied_are_storage_errors_without_secrets():
         storage.fs.exists = lambda *a, **k: True
         for write in (False, True):
             with pytest.raises(StorageError, match=needle) as e:
-                storage.check_reachable(write=write)
+                check_reachable(storage, write=write)
             assert SECRET not in str(e.value)
 
 
@@ -93,7 +94,7 @@ def test_a_path_that_cannot_be_a_folder_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(UserError) as e:
-        open_storage(str(blocker / "sub")).check_reachable()
+        check_reachable(open_storage(str(blocker / "sub")))
     assert not isinstance(e.value, StorageError) and "storage URL" in str(e.value)
 
 

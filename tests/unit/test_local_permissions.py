@@ -19,11 +19,12 @@ from tests.helpers import REPO, base_env
 PROBE = """
 import os, sys, tempfile
 from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import check_reachable
 from service.errors import EXIT_STORAGE, StorageError
 open_storage(tempfile.gettempdir())  # fsspec imports its implementations lazily: load them now
 os.setgid(10001); os.setuid(10001)
 try:
-    open_storage(sys.argv[1]).check_reachable()
+    check_reachable(open_storage(sys.argv[1]))
 except StorageError as e:
     print(e); sys.exit(EXIT_STORAGE)
 """

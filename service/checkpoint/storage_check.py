@@ -1,0 +1,200 @@
+"""Proving a checkpoint root usable before anything is written: reachable, the credentials may
+read, write and delete, and (on S3) conditional writes are honoured. Each failure becomes one
+line naming the URL (never a secret) and what to do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+from service.checkpoint.storage import Storage, error_code
+from service.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def check_reachable(storage: Storage, write: bool = True, single_writer: bool = False) -> bool:
+    """Fail fast, with the URL (never a secret) and a hint, if the root cannot be used;
+    return whether the root exists (on object stores: whether anything is under it).
+
+    Endpoint down, DNS, TLS, wrong credentials: StorageError (exit code 3). With ``write``
+    (workers, the launcher) a probe object is also created and deleted under the root, so
+    read-only credentials fail at start-up rather than at the first save, and a missing
+    bucket is a wrong URL (UserError, exit code 2). Without it (the read-only commands) a
+    missing root or bucket is no error here: the caller says what "nothing there" means.
+
+    With ``write`` on S3 the probe also proves that the store honours conditional writes, which
+    fencing rests on; a store that ignores them is a UserError unless ``single_writer`` (the
+    operator's ``checkpoint.single_writer``) accepts running unfenced.
+    """
+    _check_bucket_name(storage)
+    try:
+        if storage.is_object_store:
+            # ls, not exists(): s3fs's exists() answers False for a dead endpoint, a
+            # refused credential, or a bucket the credentials may list but not HEAD.
+            exists = _list_or_missing(storage.fs, storage.root, bucket_must_exist=write)
+        elif write:
+            storage.makedirs()
+            exists = _list_or_missing(storage.fs, storage.root)
+        else:
+            exists = storage.fs.exists(storage.root) and _list_or_missing(storage.fs, storage.root)
+    except _MissingBucket as e:
+        raise UserError(f"storage URL {storage.display_url!r}: bucket {str(e)!r} does not exist "
+                        "(create it, or fix checkpoint.url)") from None
+    except UserError:
+        raise
+    except Exception as e:  # connection refused, DNS, TLS ... — one line, not a trace
+        raise _unusable(storage, e, "read") from None
+    if write:
+        _probe_write(storage, single_writer)
+    return exists
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+PROBE_PREFIX = ".ftdiff-probe-"
+# botocore error codes that mean "these credentials may not do this" (s3fs maps most of them to
+# PermissionError; a raw ClientError can still surface from other code paths).
+_DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                           "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"})
+_BAD_PATH_ERRNOS = frozenset({"ENOTDIR", "EEXIST", "ENAMETOOLONG", "EISDIR", "EINVAL"})
+_DENIED_ERRNOS = frozenset({"EACCES", "EPERM", "EROFS"})
+_LOCAL_VERBS = {"read": "create or list", "write": "write in", "delete": "delete in"}
+
+
+class _MissingBucket(Exception):
+    """The bucket of an object-store root does not exist (its name is the message)."""
+
+
+def _list_or_missing(fs: Any, root: str, bucket_must_exist: bool = False) -> bool:
+    """List ``root``: whether it exists. A root (or bucket) that does not exist yet is no
+    error here; an empty bucket lists as [] and exists, a prefix with nothing under it not.
+    ``bucket_must_exist``: a missing bucket is a wrong URL (UserError), found before anything
+    is written (a PUT would create it on stores that auto-create buckets): _MissingBucket."""
+    try:
+        fs.ls(root, detail=False)
+    except FileNotFoundError as e:
+        if bucket_must_exist and error_code(e) == "NoSuchBucket":
+            raise _MissingBucket(root.split("/", 1)[0]) from None
+        return False
+    return True
+
+
+def _probe_write(storage: Storage, single_writer: bool) -> None:
+    """Create and delete ``.ftdiff-probe-<uuid>`` under the root (a unique name per process,
+    so ranks starting together never collide); errors become UserError/StorageError. The
+    object is written with a plain PUT, which never creates a bucket (unlike s3fs's mkdir)."""
+    name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    probe = storage.path(name)
+    try:
+        storage.fs.pipe_file(probe, b"")
+    except FileNotFoundError:
+        bucket = storage.root.split("/", 1)[0]
+        what = f"bucket {bucket!r} does not exist" if storage.is_object_store else "its folder cannot be created"
+        raise UserError(f"storage URL {storage.display_url!r}: {what} (create it, or fix checkpoint.url)") from None
+    except Exception as e:
+        raise _unusable(storage, e, "write") from None
+    try:
+        unhonoured = _unhonoured_conditions(storage, name) if storage.protocol in ("s3", "s3a") else []
+    finally:
+        try:
+            storage.fs.rm_file(probe)
+            if storage.fs.exists(probe):  # a bulk delete that the store refused per key
+                raise PermissionError("the probe object is still there after deleting it")
+        except Exception as e:
+            raise _unusable(storage, e, "delete", left=probe) from None
+    if unhonoured and not single_writer:
+        raise UserError(
+            f"storage URL {storage.display_url!r}: the store ignores conditional writes "
+            f"({'; '.join(unhonoured)}), so two starts of this job could both write the root and a "
+            "superseded writer could overwrite the newer one's checkpoints; use a store that honours "
+            "If-None-Match and If-Match (AWS S3, SeaweedFS, MinIO, recent Ceph RGW), or — only if a "
+            "single start of this job can ever run at a time — set checkpoint.single_writer = true")
+    if unhonoured:
+        log.warning("storage URL %s ignores conditional writes (%s); running unfenced because "
+                    "checkpoint.single_writer = true", storage.display_url, "; ".join(unhonoured))
+
+
+_STALE_ETAG = '"00000000000000000000000000000000"'
+
+
+def _unhonoured_conditions(storage: Storage, name: str) -> list[str]:
+    """Which of the two conditional writes fencing needs the store ignored, tried on the
+    existing probe object: a create-if-absent must fail, a replace-if-match with a stale ETag
+    must fail. A store that rejects the condition outright (e.g. 501) does not honour it either."""
+    found = []
+    try:
+        storage.create_exclusive(name, b"second")
+        found.append("a create-if-absent (If-None-Match: *) of an existing object succeeded")
+    except FileExistsError:
+        pass
+    except Exception as e:  # noqa: BLE001 — any other answer: the condition is not supported
+        found.append(f"a create-if-absent (If-None-Match: *) failed with {type(e).__name__}: {_first_line(e)}")
+    try:
+        storage.fs.pipe_file(storage.path(name), b"third", IfMatch=_STALE_ETAG)
+        found.append("a replace with a stale ETag (If-Match) succeeded")
+    except OSError as e:
+        if error_code(e) not in ("PreconditionFailed", "412"):
+            found.append(f"a replace with a stale ETag (If-Match) failed with {type(e).__name__}: {_first_line(e)}")
+    return found
+
+
+# An S3 bucket name: 3-63 lower-case letters, digits, dots and hyphens, starting and ending with a
+# letter or digit (the rules every S3-compatible store shares; AWS adds more, left to it).
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _check_bucket_name(storage: Storage) -> None:
+    """A bucket name no S3 store accepts is a wrong URL (exit 2), not an unreachable store."""
+    if storage.protocol not in ("s3", "s3a"):
+        return
+    bucket = storage.root.split("/", 1)[0]
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise UserError(
+            f"storage URL {storage.display_url!r}: {bucket!r} is not a valid S3 bucket name (3-63 "
+            "characters: lower-case letters, digits, dots and hyphens, starting and ending with a "
+            "letter or digit); fix checkpoint.url")
+
+
+def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None = None) -> UserError:
+    """The one-line error for a failed check: denied and unreachable are StorageError (the
+    URL is right, the access is not), a path that cannot be a folder is a UserError."""
+    import errno
+
+    from service.config import redact_text
+    from service.errors import StorageError
+
+    url = storage.display_url
+    detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
+    local_errno = errno.errorcode.get(e.errno or 0) if storage.is_local and isinstance(e, OSError) else None
+    denied = isinstance(e, PermissionError) or error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
+    if denied and storage.is_local:
+        # A folder, not credentials: typically an image's non-root user under a root-owned
+        # working directory, or a read-only mount.
+        return StorageError(
+            f"storage URL {url!r}: cannot {_LOCAL_VERBS.get(stage, stage)} the folder as uid {os.getuid()} "
+            f"({detail}); make the folder "
+            "writable for this user (chown, or mount a writable volume) or set checkpoint.url to a "
+            "writable place")
+    if denied:
+        if stage == "read":
+            hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
+                    if storage.is_object_store else "check the folder's permissions")
+            return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}")
+        extra = f"; the probe {posixpath.basename(left)!r} was left behind" if left else ""
+        return StorageError(
+            f"storage URL {url!r}: {stage} access denied ({detail}): these credentials can read the "
+            f"checkpoint root but not {stage} in it, and training must do both{extra}")
+    if local_errno in _BAD_PATH_ERRNOS:
+        return UserError(f"storage URL {url!r} cannot be used as a folder: {detail}")
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"storage URL {url!r} does not exist ({detail})")
+    where = "checkpoint.endpoint_url / --endpoint-url / AWS_ENDPOINT_URL" if storage.is_object_store else "the mount"
+    return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {where})")
