@@ -134,6 +134,10 @@ class CheckpointConfig(_Section):
     pod): the restart then loses at most this many steps instead of a checkpoint interval.
     Costs one write of the state into shared memory per interval and keeps up to two
     snapshots of it resident there."""
+    storage_retry_s: float = Field(default=30.0, ge=0)
+    """After a save fails, the store is probed again (1, 2, 4 ... s apart); if it still denies
+    access or its bucket is gone after this long, the job stops with exit code 3 instead of
+    training on without checkpoints. Transient failures (timeouts, 5xx) never stop it."""
     single_writer: bool = False
     """Accept an S3 store that ignores conditional writes (If-None-Match / If-Match), which
     start-up otherwise refuses: the operator guarantees that only one start of this job ever
@@ -235,7 +239,8 @@ _ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error",
                                             ("checkpoint", "memory_tier"): True,
                                             ("checkpoint", "memory_tier_dir"): None,
                                             ("checkpoint", "memory_every_steps"): 0,
-                                            ("checkpoint", "single_writer"): False}
+                                            ("checkpoint", "single_writer"): False,
+                                            ("checkpoint", "storage_retry_s"): 30.0}
 _ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
 # Its default became true later; a config that leaves it at the default keeps its hash.
 _ADDED_LATER[("supervisor", "prestart_workers")] = True

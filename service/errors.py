@@ -31,6 +31,13 @@ class StorageError(UserError):
     """
 
     exit_code = EXIT_STORAGE
+    # Denied (credentials, policy) or gone (the bucket): waiting will not fix it, unlike an
+    # unreachable endpoint, a timeout or throttling.
+    permanent = False
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class BadCheckpointError(UserError):

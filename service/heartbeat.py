@@ -32,8 +32,10 @@ EXIT_RESTART_ORDERED = 44
 LEAVE_SIGNAL = signal.SIGUSR1
 # Exit code of a worker whose local supervisor or agent died (it must not outlive its job).
 EXIT_ORPHANED = 45
-# "refused": the worker left with an error a restart cannot fix (config, storage, superseded).
-PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done", "refused")
+# "refused": the worker left with an error a restart cannot fix (config, superseded);
+# "refused-storage": the same, the storage's (denied, bucket gone): the job ends with exit 3.
+REFUSED, REFUSED_STORAGE = "refused", "refused-storage"
+PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done", REFUSED, REFUSED_STORAGE)
 # Phases spent waiting on storage: their length depends on the store, not on the job's health.
 IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from service.checkpoint.ownership import FencedError
 from service.checkpoint.safe_pickle import CorruptCheckpointError
 from service.dist import DistInfo, new_gloo_group
-from service.errors import UserError
+from service.errors import StorageError, UserError
 
 # DCP raises CheckpointException (a BaseException!) when any rank failed; catch it with the rest.
 CHECKPOINT_ERRORS = (Exception, CheckpointException)
@@ -46,6 +46,8 @@ class CheckpointGroup:
         if self.info.is_main:
             try:
                 outcome = ("ok", fn())
+            except StorageError as e:  # keeps its exit code (3) and whether waiting can fix it
+                outcome = ("storage", (str(e), e.permanent))
             except UserError as e:
                 outcome = ("user", str(e))
             except FencedError as e:
@@ -55,6 +57,8 @@ class CheckpointGroup:
         outcome = self.broadcast(outcome)
         assert outcome is not None
         kind, value = outcome
+        if kind == "storage":
+            raise StorageError(value[0], permanent=value[1])
         if kind == "user":
             raise UserError(value)
         if kind == "fenced":

@@ -27,9 +27,11 @@ from service.checkpoint.dcp_io import ChecksummingWriter
 from service.checkpoint.manifest import Manifest, ManifestError, step_dir
 from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.snapshot import Staging
+from service.checkpoint.storage_health import storage_verdict
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
 from service.dist import DistInfo
+from service.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,27 @@ class CommitProtocol:
 
     def write(self, step: int, samples_seen: int, state: dict[str, Any] | None, since: float) -> bool:
         """Every rank: write ``state`` as ``step`` and commit it. Whether ``step`` is committed.
-        ``state`` is None on a rank whose snapshot failed: then nobody writes."""
+        ``state`` is None on a rank whose snapshot failed: then nobody writes. A failed write
+        whose store then keeps refusing raises StorageError on every rank (the job stops)."""
         if not all(self.group.gather_to_all(state is not None)):
             return False
         assert state is not None
+        committed = self._write(step, samples_seen, state, since)
+        if not committed:
+            self._stop_if_storage_gone()
+        return committed
+
+    def _stop_if_storage_gone(self) -> None:
+        """Every rank, after a failed save: rank 0 probes the store again (backed off, for at
+        most checkpoint.storage_retry_s); if it still denies access or its bucket is gone,
+        every rank raises StorageError (exit code 3)."""
+        ck = self.cfg.checkpoint
+        reason = self.group.from_main(
+            lambda: storage_verdict(self.storage, ck.single_writer, ck.storage_retry_s))
+        if reason is not None:
+            raise StorageError(reason, permanent=True)
+
+    def _write(self, step: int, samples_seen: int, state: dict[str, Any], since: float) -> bool:
         try:
             if self.group.from_main(lambda: self._prepare_folder(step)):
                 return True  # already committed by an earlier attempt: never rewritten

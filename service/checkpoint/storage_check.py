@@ -182,16 +182,16 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
             f"storage URL {url!r}: cannot {_LOCAL_VERBS.get(stage, stage)} the folder as uid {os.getuid()} "
             f"({detail}); make the folder "
             "writable for this user (chown, or mount a writable volume) or set checkpoint.url to a "
-            "writable place")
+            "writable place", permanent=True)
     if denied:
         if stage == "read":
             hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
                     if storage.is_object_store else "check the folder's permissions")
-            return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}")
+            return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}", permanent=True)
         extra = f"; the probe {posixpath.basename(left)!r} was left behind" if left else ""
         return StorageError(
             f"storage URL {url!r}: {stage} access denied ({detail}): these credentials can read the "
-            f"checkpoint root but not {stage} in it, and training must do both{extra}")
+            f"checkpoint root but not {stage} in it, and training must do both{extra}", permanent=True)
     if local_errno in _BAD_PATH_ERRNOS:
         return UserError(f"storage URL {url!r} cannot be used as a folder: {detail}")
     if isinstance(e, FileNotFoundError):

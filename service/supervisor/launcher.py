@@ -1,10 +1,10 @@
 """``ftdiff train``: a supervised local job — N torchrun agents (one per simulated node).
 
 torchrun stays the engine: each agent restarts its own crashed workers (``--max-restarts``),
-and workers resume from the latest committed checkpoint by themselves. The supervisor adds what
+and workers resume from the latest committed checkpoint by themselves; the supervisor adds what
 torchrun cannot see: hangs (a SIGSTOPped rank, a rank stuck in a collective), lost agents
 (relaunched here), crash loops (exponential backoff, then a report naming the failing rank,
-node and traceback), and a clean preemption path for SIGTERM/SIGINT.
+node and traceback), refusals no relaunch can fix (exit 2 or 3), and a clean preemption path.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
-from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
-from service.heartbeat import LEAVE_SIGNAL, Heartbeat, die_with_parent, shared_token
+from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
+from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, die_with_parent, shared_token
 from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
@@ -188,7 +188,7 @@ class LocalSupervisor(Supervisor):
 
     def on_refused(self, hb: Heartbeat) -> int | None:
         self._stop_agents(signal.SIGTERM, timeout=30)
-        return EXIT_USAGE
+        return EXIT_STORAGE if hb.phase == REFUSED_STORAGE else EXIT_USAGE
 
     def stop(self) -> int:
         """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only
@@ -282,6 +282,12 @@ class LocalSupervisor(Supervisor):
             log.error("node %d: torchrun agent exited with %s (%s)", node, code, _failure_kind(code))
         node, code = next(iter(failed.items()))
         kind = _failure_kind(code)
+        refused = next((c for c in (EXIT_USAGE, EXIT_STORAGE) if c in failed.values()), None)
+        if refused is not None:  # workers refused (config; storage denied or gone) before a heartbeat could
+            self.record(kind)    # say so, e.g. at start-up: a relaunch would only repeat it
+            log.error("workers exited %d (see the worker log): not relaunching", refused)
+            self._stop_agents(signal.SIGTERM, timeout=30)
+            return refused
         for other, other_code in list(failed.items())[1:]:  # gone in the same tick: one restart
             self.metrics.failures_detected.labels(kind=_failure_kind(other_code).value).inc()
         if self.relaunches >= self.cfg.supervisor.max_restarts:
@@ -365,8 +371,7 @@ def _failure_kind(code: int) -> FailureKind:
     return FailureKind.LOST_NODE if procs.ending_signal(code) is not None else FailureKind.AGENT_FAILED
 
 
-def _reachable(host: str) -> str:
-    """The address workers use for a supervisor bound to ``host`` (a wildcard means loopback)."""
+def _reachable(host: str) -> str:  # the address workers use (a wildcard means loopback)
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.heartbeat import IO_PHASES, Heartbeat
+from service.heartbeat import IO_PHASES, REFUSED, REFUSED_STORAGE, Heartbeat
 
 # A rank that sent no heartbeat for this many intervals is silent (stopped or wedged); one that
 # heartbeats without progress is only waiting (most often on a silent peer, in a collective).
@@ -88,7 +88,7 @@ class JobMonitor:
             if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
-            if hb.phase == "refused":  # left with an error no restart can fix
+            if hb.phase in (REFUSED, REFUSED_STORAGE):  # left with an error no restart can fix
                 self.refused = hb
                 self.ranks.pop(hb.rank, None)
                 return False

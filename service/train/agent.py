@@ -74,6 +74,31 @@ def shorten_rendezvous_polls(poll_s: float) -> bool:
     return True
 
 
+def stop_restarts_on_refusal() -> bool:
+    """Make torchrun give up at once, instead of restarting its workers up to --max-restarts
+    times, when a worker exited with a code in NO_RETRY: a restart only repeats a refusal of the
+    configuration or the storage (and a superseded worker must not come back). Wraps one
+    private method of torch's agent; False, leaving torchrun as it is, where it is missing."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if monitor is None or getattr(monitor, "ftdiff_no_retry", False):
+        return monitor is not None
+
+    def monitor_workers(self: Any, worker_group: Any) -> Any:
+        result = monitor(self, worker_group)
+        codes = [f.exitcode for f in (getattr(result, "failures", None) or {}).values()]
+        if result.state == WorkerState.FAILED and any(c in NO_RETRY for c in codes):
+            log.error("workers exited %s: a restart cannot fix that, not restarting them", sorted(set(codes)))
+            self._remaining_restarts = 0
+        return result
+
+    monitor_workers.ftdiff_no_retry = True  # type: ignore[attr-defined]
+    LocalElasticAgent._monitor_workers = monitor_workers  # type: ignore[method-assign]
+    return True
+
+
 def _poll_from_env() -> None:
     value = os.environ.get(POLL_ENV)
     if not value:
@@ -93,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     _poll_from_env()
+    if not stop_restarts_on_refusal():
+        log.warning("this torch's agent has no _monitor_workers: workers that refuse are restarted")
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     settings = watch_settings(list(args.training_script_args))
     watch = StuckWatch(settings).start() if settings is not None else None

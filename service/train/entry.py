@@ -16,7 +16,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from service.checkpoint.ownership import FencedError
 from service.config import Config, load_config, overrides_from_env
-from service.errors import EXIT_SUPERSEDED, UserError, exit_code_of
+from service.errors import EXIT_SUPERSEDED, StorageError, UserError, exit_code_of
+from service.heartbeat import REFUSED, REFUSED_STORAGE
 from service.train.args import add_worker_args
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,11 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         return code
     except UserError as e:
         log.error("%s", e)
-        _refuse(trainer)
+        _refuse(trainer, REFUSED_STORAGE if isinstance(e, StorageError) else REFUSED)
         return exit_code_of(e)  # 2, or 3 when the storage is unreachable or refuses access
     except FencedError as e:
         log.error("stopping: %s", e)
-        _refuse(trainer)
+        _refuse(trainer, REFUSED)
         return EXIT_SUPERSEDED
     finally:
         if trainer is not None:
@@ -89,11 +90,11 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         cleanup_distributed()
 
 
-def _refuse(trainer: object | None) -> None:
+def _refuse(trainer: object | None, phase: str) -> None:
     """Tell the supervisor (in the goodbye heartbeat) that restarting cannot help: the error is
     the configuration's, the storage's, or another start now owns the checkpoint root."""
     if trainer is not None:
-        trainer.phase = "refused"  # type: ignore[attr-defined]
+        trainer.phase = phase  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from service.checkpoint.identity import fingerprint
 from service.checkpoint.manager import Checkpointer
 from service.checkpoint.memory_tier import default_dir
 from service.checkpoint.storage import check_shared
-from service.checkpoint.storage_check import check_reachable
+from service.checkpoint.storage_health import wait_until_reachable
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
@@ -111,7 +111,8 @@ class Trainer:
             can_read_state=lambda: bool(self.optimizer.state),
             fingerprint=fingerprint(cfg, data_length=len(self.source)),
         )
-        check_reachable(self.checkpointer.storage, single_writer=cfg.checkpoint.single_writer)
+        ck = cfg.checkpoint
+        wait_until_reachable(self.checkpointer.storage, ck.single_writer, ck.storage_retry_s)
         self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry,
                                  should_stop=lambda: self._stop_signal is not None)
         self._stop_signal: int | None = None
