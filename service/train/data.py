@@ -29,6 +29,8 @@ from service.errors import StorageError, UserError
 from service.model import IMAGE_CHANNELS, sample_size
 
 log = logging.getLogger(__name__)
+# Clients a forked DataLoader worker inherited (see FolderSource.fs).
+_INHERITED_CLIENTS: list[Any] = []
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -198,6 +200,8 @@ class FolderSource:
         with an event loop or connection pool) must not be used across a fork: each process
         opens its own on first use."""
         if self._fs is None or self._pid != os.getpid():
+            if self._fs is not None:  # the parent's, inherited by fork: collected here, its finalizer
+                _INHERITED_CLIENTS.append(self._fs)  # would close the parent's session from our loop
             self._fs = fsspec.core.url_to_fs(self.url, **self._fs_kwargs())[0]
             self._pid = os.getpid()
         return self._fs

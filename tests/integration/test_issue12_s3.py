@@ -50,6 +50,25 @@ def test_s3_folder_with_workers_gives_the_same_samples(s3_bucket):
     assert torch.equal(flagged, indices == 5)
 
 
+@pytest.mark.timeout(180)
+def test_loader_workers_on_s3_leave_no_asyncio_noise(s3_bucket, s3_server, tmp_path):
+    """A forked loader worker replaced the s3fs client it inherited; collected there, the client's
+    finalizer closed the parent's session from the worker's loop: "Task exception was never
+    retrieved ... attached to a different loop" in every run (SeaweedFS, issue 21)."""
+    import s3fs
+    from PIL import Image
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for i in range(16):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (15 * i, 9 * i, 200 - 9 * i)).save(buf, format="PNG")
+        fs.pipe_file(f"{s3_bucket[5:]}/set/{'ab'[i % 2]}/{i:02d}.png", buf.getvalue())
+    res = run(single_cmd(["train.max_steps=6", 'data.kind="folder"', f'data.url="{s3_bucket}/set"',
+                          "data.num_workers=2", f'checkpoint.url="{tmp_path / "ckpt"}"']), env=s3_server, timeout=150)
+    assert res.returncode == EXIT_OK, res.stderr[-2000:]
+    assert "Task exception" not in res.stderr and "different loop" not in res.stderr, res.stderr[-2000:]
+
+
 # -- exit codes of the read commands ------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_dead_endpoint_is_exit_3_inone_line(tmp_path):
