@@ -29,8 +29,7 @@ from service.errors import StorageError, UserError
 from service.model import IMAGE_CHANNELS, sample_size
 
 log = logging.getLogger(__name__)
-# Clients a forked DataLoader worker inherited (see FolderSource.fs).
-_INHERITED_CLIENTS: list[Any] = []
+_INHERITED_CLIENTS: list[Any] = []  # a forked DataLoader worker's, from its parent (FolderSource.fs)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
