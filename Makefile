@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PYTEST := -m pytest -q -n 2 --dist worksteal
 
-.PHONY: run test test-latest lock install install-test clean
+.PHONY: run test test-latest lock install install-test image image-smoke stack-smoke clean
 
 # An isolated venv, unless the system Python already has torch (GPU images): then the venv
 # sees it, and the project keeps that CUDA build.
@@ -61,6 +61,18 @@ lock:
 	.venv-lock/bin/python -m pip install -q -e ".[test,digits]"
 	.venv-lock/bin/python -m tests.lockfile write $(CONSTRAINTS)
 	rm -rf .venv-lock
+
+# Container images, built and run for real (podman, or docker with a daemon; opt-in, not in CI:
+# they take minutes and several GB). docs/deploy.md says what they need.
+IMAGE ?= localhost/ftdiff:cpu
+image: install
+	PYTHON=$(BIN)/python docker/image.sh $(IMAGE)
+
+image-smoke: image
+	docker/smoke.sh $(IMAGE)
+
+stack-smoke: image
+	PYTHON=$(BIN)/python docker/stack_smoke.sh $(IMAGE)
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache

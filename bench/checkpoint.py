@@ -24,6 +24,12 @@ s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as
   memcpy_s         one in-memory copy of the state
   rss_first_mb / rss_last_mb / rss_growth_mb   peak RSS after the first and the last of N saves
   ratios: stall_vs_dcp_sync, stall_vs_memcpy, commit_vs_dcp_sync, load_vs_dcp_load
+  raw_upload_s / raw_download_s   S3 targets only, same run: the same number of bytes as one
+                   object through boto3's multipart transfer at its best concurrency (1, 4, 8,
+                   16 threads tried), what the store itself can take; the ratios
+                   commit_throughput_vs_raw_upload, async_save_throughput_vs_raw_upload,
+                   dcp_sync_throughput_vs_raw_upload and load_throughput_vs_raw_download are
+                   raw time / our time (1.0 = as fast as the raw transfer)
 
 Usage: python bench/checkpoint.py --target /tmp/ckbench [--mb 400] [--repeats 4] [--rss-saves 20]
 """
@@ -257,6 +263,40 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     dist.destroy_process_group()
 
 
+RAW_CONCURRENCY = (1, 4, 8, 16)
+
+
+def raw_s3_transfer(target: str, mb: float) -> dict[str, float]:
+    """Best-of upload and download of ``mb`` random megabytes as one object under ``target``,
+    through boto3's multipart transfer at each concurrency of RAW_CONCURRENCY."""
+    import io
+
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, _, prefix = target[len("s3://"):].partition("/")
+    key = f"{prefix.rstrip('/')}/raw-{uuid.uuid4().hex[:8]}".lstrip("/")
+    client = boto3.client("s3")
+    data = os.urandom(int(mb * 1e6))
+    best: dict[str, float] = {}
+    for threads in RAW_CONCURRENCY:
+        config = TransferConfig(multipart_chunksize=8 * 2**20, max_concurrency=threads)
+        t0 = time.perf_counter()
+        client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+        up = time.perf_counter() - t0
+        sink = io.BytesIO()
+        t0 = time.perf_counter()
+        client.download_fileobj(bucket, key, sink, Config=config)
+        down = time.perf_counter() - t0
+        assert sink.getbuffer().nbytes == len(data)
+        if up < best.get("raw_upload_s", float("inf")):
+            best["raw_upload_s"], best["raw_upload_concurrency"] = up, threads
+        if down < best.get("raw_download_s", float("inf")):
+            best["raw_download_s"], best["raw_download_concurrency"] = down, threads
+    client.delete_object(Bucket=bucket, Key=key)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=None, help="directory or s3://bucket/prefix (default: a temp dir)")
@@ -287,6 +327,14 @@ def main() -> None:
         "commit_vs_dcp_sync": round(r["commit_s"] / r["dcp_sync_s"], 3),
         "load_vs_dcp_load": round(r["load_s"] / r["dcp_load_s"], 3),
     }
+    if args.target.startswith("s3://"):
+        r.update(raw_s3_transfer(args.target, r["state_mb"]))
+        r["ratios"].update({
+            "commit_throughput_vs_raw_upload": round(r["raw_upload_s"] / r["commit_s"], 3),
+            "async_save_throughput_vs_raw_upload": round(r["raw_upload_s"] / r["commit_overlapped_s"], 3),
+            "dcp_sync_throughput_vs_raw_upload": round(r["raw_upload_s"] / r["dcp_sync_s"], 3),
+            "load_throughput_vs_raw_download": round(r["raw_download_s"] / r["load_s"], 3),
+        })
     for k, v in list(r.items()):
         if isinstance(v, float):
             r[k] = round(v, 4)

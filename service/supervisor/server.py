@@ -77,8 +77,11 @@ class SupervisorServer:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # e.g. a health probe that took
+                    log.debug("client left before the answer")  # the status and hung up
 
             def _refuse(self, code: int, why: str) -> None:
                 server.metrics.rejected.inc()
