@@ -16,13 +16,22 @@ S3_IMAGE=localhost/ftdiff-s3:4.48
 say() { echo "stack-smoke: $*"; }
 fail() { echo "stack-smoke: FAILED: $*" >&2; $COMPOSE logs --tail 30 trainer >&2 || true; exit 1; }
 
+# The demo job ends after 2000 steps (about two minutes here): the smoke needs one that is still
+# training when it is stopped, so an override file gives the trainer a long, slower job.
+OVERRIDE=$(mktemp --suffix=.yaml)
+cat > "$OVERRIDE" <<'YAML'
+services:
+  trainer:
+    command: ["train", "--config", "/etc/ftdiff/compose.toml", "--nproc-per-node", "2", "--log-format", "json",
+              "--set", "train.max_steps=100000", "--set", "train.step_sleep_s=0.05"]
+YAML
 if [ "$ENGINE" = podman ]; then
   command -v podman-compose >/dev/null || [ -x "$(dirname "$PYTHON")/podman-compose" ] ||
     "$PYTHON" -m pip install --quiet "podman-compose==1.6.0"
   PC=$(command -v podman-compose || echo "$(dirname "$PYTHON")/podman-compose")
-  COMPOSE="$PC -p ftdiff-smoke -f docker/compose.yaml"
+  COMPOSE="$PC -p ftdiff-smoke -f docker/compose.yaml -f $OVERRIDE"
 else
-  COMPOSE="docker compose -p ftdiff-smoke -f docker/compose.yaml"
+  COMPOSE="docker compose -p ftdiff-smoke -f docker/compose.yaml -f $OVERRIDE"
 fi
 BASE=$(resolve_base "${BASE:-python:3.11.11-slim-bookworm}")
 
@@ -41,9 +50,9 @@ if ! have_image "$PROM_IMAGE" && ! timeout 90 "$ENGINE" pull -q "$PROM_IMAGE" >/
   say "Prometheus: a stand-in $PROM_IMAGE from $(prometheus --version 2>&1 | head -1)"
 fi
 
-cleanup() { $COMPOSE down -v >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-cleanup
+down() { $COMPOSE down -v >/dev/null 2>&1 || true; }
+trap 'down; rm -f "$OVERRIDE"' EXIT
+down  # leftovers of an interrupted run
 $COMPOSE up -d s3 trainer prometheus >/dev/null 2>&1 || fail "compose up"
 query() {  # query PROMQL -> the first sample's value, or nothing
   curl -fsS --get "http://127.0.0.1:9090/api/v1/query" --data-urlencode "query=$1" 2>/dev/null |
@@ -51,7 +60,7 @@ query() {  # query PROMQL -> the first sample's value, or nothing
 }
 step=""
 for _ in $(seq 1 120); do
-  up=$(query 'up{job="ftdiff"}'); step=$(query 'ftdiff_last_committed_step')
+  up=$(query 'up{job="ftdiff"}'); step=$(query 'max(ftdiff_checkpoint_last_committed_step)')
   if [ "$up" = 1 ] && [ -n "$step" ] && [ "${step%.*}" -gt 0 ]; then break; fi
   sleep 3
 done
@@ -77,7 +86,7 @@ for _ in $(seq 1 60); do
 done
 [ -n "$resumed" ] || fail "the restarted trainer did not resume"
 for _ in $(seq 1 60); do
-  now=$(query 'ftdiff_last_committed_step'); [ -n "$now" ] && [ "${now%.*}" -gt "$emergency" ] && break; sleep 3
+  now=$(query 'max(ftdiff_checkpoint_last_committed_step)'); [ -n "$now" ] && [ "${now%.*}" -gt "$emergency" ] && break; sleep 3
 done
 [ -n "$now" ] && [ "${now%.*}" -gt "$emergency" ] || fail "no commit after the resume (Prometheus: '${now}')"
 say "restart resumed from step $emergency and committed step ${now%.*}"
