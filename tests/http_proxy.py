@@ -21,8 +21,10 @@ class ProxyControl:
     """What the proxy does; tests change it while clients talk through it."""
 
     drop_headers: frozenset[str] = frozenset()
-    # (status, S3 error code): every request is answered with it instead of being forwarded.
+    # (status, S3 error code): every request (of fail_methods, if set) is answered with it
+    # instead of being forwarded.
     fail_with: tuple[int, str] | None = None
+    fail_methods: frozenset[str] | None = None
     requests: int = 0
     failed: int = 0
     seen: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every request
@@ -45,6 +47,8 @@ def _handler(upstream: str, control: ProxyControl) -> type[BaseHTTPRequestHandle
                 control.requests += 1
                 control.seen.append((self.command, self.path))
                 failing = control.fail_with
+                if control.fail_methods is not None and self.command not in control.fail_methods:
+                    failing = None
             if failing is not None:
                 with control.lock:
                     control.failed += 1

@@ -12,6 +12,7 @@ rank writes: it never writes into a committed folder and clears debris of a fail
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,11 @@ class CommitProtocol:
         self.unloadable_steps: set[int] = set()
         # Steps this process committed itself: the only folders it may take as already done.
         self.committed_here: set[int] = set()
+        # Set on SIGTERM: probing a refusing store stops at once (see storage_health).
+        self.stop_probing = threading.Event()
+        # Rank 0: why the store must be given up on, found outside a save (retention could not
+        # delete and the store kept refusing); every rank learns it at the next save.
+        self.refusal: str | None = None
 
     def writer_threads(self) -> int:
         configured = self.cfg.checkpoint.writer_threads
@@ -80,6 +86,9 @@ class CommitProtocol:
         """Every rank: write ``state`` as ``step`` and commit it. Whether ``step`` is committed.
         ``state`` is None on a rank whose snapshot failed: then nobody writes. A failed write
         whose store then keeps refusing raises StorageError on every rank (the job stops)."""
+        refusal = self.group.from_main(lambda: self.refusal)
+        if refusal is not None:
+            raise StorageError(refusal, permanent=True)
         if not all(self.group.gather_to_all(state is not None)):
             return False
         assert state is not None
@@ -94,7 +103,7 @@ class CommitProtocol:
         every rank raises StorageError (exit code 3)."""
         ck = self.cfg.checkpoint
         reason = self.group.from_main(
-            lambda: storage_verdict(self.storage, ck.single_writer, ck.storage_retry_s))
+            lambda: storage_verdict(self.storage, ck.single_writer, ck.storage_retry_s, self.stop_probing))
         if reason is not None:
             raise StorageError(reason, permanent=True)
 

@@ -40,6 +40,7 @@ from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
 from service.checkpoint.snapshot import Staging
 from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_health import storage_verdict
 from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
 from service.dist import DistInfo
@@ -386,3 +387,11 @@ class Checkpointer:
             self.telemetry.retention_failures(len(failed))
         except CHECKPOINT_ERRORS as e:
             self.telemetry.failure("retention", None, e)
+            failed = [e]
+        if failed and self.commits.refusal is None:  # deletes refused for good: stop at the next save
+            self.commits.refusal = storage_verdict(self.storage, ck.single_writer, ck.storage_retry_s,
+                                                   self.commits.stop_probing)
+
+    def stop_probing(self) -> None:
+        """A stop signal arrived: a store that refuses is not probed any longer (signal-safe)."""
+        self.commits.stop_probing.set()

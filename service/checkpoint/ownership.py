@@ -42,6 +42,12 @@ class Incarnation:
     time: float
 
 
+def is_number(stem: str) -> bool:
+    """ASCII digits only: "²".isdigit() is True, and int("²") raises (a stray key in the
+    bucket must not break every save)."""
+    return stem.isascii() and stem.isdigit()
+
+
 def record_name(number: int) -> str:
     return f"{INCARNATIONS}/{number:09d}.json"
 
@@ -56,7 +62,7 @@ class Ownership:
         found = []
         for name in self.storage.list_dir(INCARNATIONS):
             stem = name.removesuffix(".json")
-            if not stem.isdigit():
+            if not is_number(stem):
                 continue
             try:
                 body = json.loads(self.storage.read_bytes(f"{INCARNATIONS}/{name}"))
@@ -96,4 +102,4 @@ class Ownership:
 
     def _numbers(self) -> list[int]:
         names = (name.removesuffix(".json") for name in self.storage.list_dir(INCARNATIONS))
-        return [int(stem) for stem in names if stem.isdigit()]
+        return [int(stem) for stem in names if is_number(stem)]

@@ -240,11 +240,12 @@ class Storage:
         return self.protocol in ("s3", "s3a")
 
     def _has_objects(self, path: str) -> bool:
-        """Whether any object's key starts with ``path/`` (one flat listing of at most 1 key)."""
+        """Whether any object's key starts with ``path/`` (one flat listing of a few keys).
+        Zero-byte ``folder/`` keys (folder markers, as the AWS console makes) do not count."""
         bucket, key, _ = self.fs.split_path(path)
         prefix = f"{key.rstrip('/')}/" if key else ""
-        answer = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        return bool(answer.get("KeyCount") or answer.get("Contents"))
+        answer = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=50)
+        return any(not (o["Key"].endswith("/") and not o.get("Size")) for o in answer.get("Contents", []))
 
     def _is_object(self, path: str) -> bool:
         try:

@@ -91,7 +91,7 @@ def _probe_write(storage: Storage, single_writer: bool) -> None:
     """Create and delete ``.ftdiff-probe-<uuid>`` under the root (a unique name per process,
     so ranks starting together never collide); errors become UserError/StorageError. The
     object is written with a plain PUT, which never creates a bucket (unlike s3fs's mkdir)."""
-    name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    name = _probe_name()
     probe = storage.path(name)
     try:
         storage.fs.pipe_file(probe, b"")
@@ -122,6 +122,19 @@ def _probe_write(storage: Storage, single_writer: bool) -> None:
                     "checkpoint.single_writer = true", storage.display_url, "; ".join(unhonoured))
 
 
+_PROBE_NAMES: dict[int, str] = {}
+
+
+def _probe_name() -> str:
+    """One probe name per process (a process forked from another gets its own): probes that
+    cannot be deleted (deletes denied) then leave one object behind per process, not one per
+    probe, and ranks probing at the same moment never share one."""
+    pid = os.getpid()
+    if pid not in _PROBE_NAMES:
+        _PROBE_NAMES[pid] = f"{PROBE_PREFIX}{pid}-{uuid.uuid4().hex[:12]}"
+    return _PROBE_NAMES[pid]
+
+
 _STALE_ETAG = '"00000000000000000000000000000000"'
 
 
@@ -147,20 +160,27 @@ def _unhonoured_conditions(storage: Storage, name: str) -> list[str]:
 
 
 # An S3 bucket name: 3-63 lower-case letters, digits, dots and hyphens, starting and ending with a
-# letter or digit (the rules every S3-compatible store shares; AWS adds more, left to it).
+# letter or digit, not shaped like an IP address, without AWS's reserved prefixes and suffixes.
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
+_RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"))
 
 
 def _check_bucket_name(storage: Storage) -> None:
-    """A bucket name no S3 store accepts is a wrong URL (exit 2), not an unreachable store."""
+    """A bucket name no S3 store accepts, or a key with '.'/'..' segments, is a wrong URL (exit 2),
+    not an unreachable store."""
     if storage.protocol not in ("s3", "s3a"):
         return
-    bucket = storage.root.split("/", 1)[0]
-    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+    bucket, _, key = storage.root.partition("/")
+    if (not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket or _IP_LIKE.fullmatch(bucket)
+            or bucket.startswith(_RESERVED[0]) or bucket.endswith(_RESERVED[1])):
         raise UserError(
             f"storage URL {storage.display_url!r}: {bucket!r} is not a valid S3 bucket name (3-63 "
             "characters: lower-case letters, digits, dots and hyphens, starting and ending with a "
-            "letter or digit); fix checkpoint.url")
+            "letter or digit, not an IP address); fix checkpoint.url")
+    if any(part in (".", "..") for part in key.split("/")):
+        raise UserError(f"storage URL {storage.display_url!r}: '.' and '..' are not folders on S3 (keys "
+                        "are plain names); fix checkpoint.url")
 
 
 def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None = None) -> UserError:

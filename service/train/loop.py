@@ -154,6 +154,7 @@ class Trainer:
     def _request_stop(self, signum: int) -> None:
         if self._stop_signal is None:
             self._stop_signal = signum
+        self.checkpointer.stop_probing()
 
     def _heartbeat(self) -> Heartbeat:
         info = self.info

@@ -103,7 +103,8 @@ def test_a_missing_bucket_is_found_before_anything_is_written(s3, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("bucket", ["Upper_Case", "ab", "-leading-hyphen", "a..b", "x" * 64])
+@pytest.mark.parametrize("bucket", ["Upper_Case", "ab", "-leading-hyphen", "a..b", "x" * 64, "192.168.1.1",
+                                    "xn--abc", "abc-s3alias"])
 def test_an_invalid_bucket_name_is_a_wrong_url_exit_2(s3_server, bucket):
     with pytest.raises(UserError, match="not a valid S3 bucket name") as refused:
         check_reachable(open_storage(f"s3://{bucket}/run"))
@@ -111,3 +112,11 @@ def test_an_invalid_bucket_name_is_a_wrong_url_exit_2(s3_server, bucket):
     res = ftdiff("train", "--dry-run", "--set", f'checkpoint.url="s3://{bucket}/run"', "--set", "supervisor.port=0",
                  "--set", "metrics.port=0")
     assert res.returncode == EXIT_USAGE and "not a valid S3 bucket name" in one_line(res.stderr)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("url", ["s3://a-bucket/run/../x", "s3://a-bucket/./run"])
+def test_dot_segments_in_an_s3_url_are_a_wrong_url_exit_2(s3_server, url):
+    with pytest.raises(UserError, match="not folders on S3") as refused:
+        check_reachable(open_storage(url))
+    assert not isinstance(refused.value, StorageError)

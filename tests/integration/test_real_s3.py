@@ -86,3 +86,21 @@ def test_a_lost_create_race_is_file_exists_though_the_412_names_no_condition(s3_
     storage.create_exclusive("incarnations/000000001.json", b"{}")
     with pytest.raises(FileExistsError):
         storage.create_exclusive("incarnations/000000001.json", b"{}")
+
+
+@pytest.mark.timeout(60)
+def test_a_console_folder_marker_is_not_a_partial_checkpoint(s3_server, s3_bucket):
+    """The AWS console makes a folder as a zero-byte ``folder/`` key."""
+    _client(s3_server).put_object(Bucket=s3_bucket[len("s3://"):], Key=f"run/{step_dir(99)}/", Body=b"")
+    storage = open_storage(f"{s3_bucket}/run")
+    assert storage.list_dir() == [] and not storage.exists(step_dir(99))
+
+
+@pytest.mark.timeout(60)
+def test_a_stray_incarnation_name_breaks_nothing(s3_server, s3_bucket):
+    """'²'.isdigit() is True but int('²') raises: such a key made every save fail."""
+    _client(s3_server).put_object(Bucket=s3_bucket[len("s3://"):], Key="run/incarnations/\u00b2.json", Body=b"{}")
+    job = Job(f"{s3_bucket}/run", "checkpoint.async=false")
+    job.ckpt.resume()
+    _train(job, 2)
+    assert Catalog(open_storage(f"{s3_bucket}/run")).committed_steps() == [1, 2]

@@ -7,6 +7,7 @@ answers every request with the injected S3 error."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,8 +53,25 @@ def test_a_refusing_store_is_probed_backed_off_then_named(proxied, failure):
     control.fail_with = failure
     clock = FakeClock()
     reason = storage_verdict(open_storage(url), False, 10.0, sleep=clock.sleep, clock=clock)
-    assert reason is not None and "kept refusing for 10 s" in reason and url in reason
-    assert clock.sleeps == [1.0, 2.0, 4.0]  # backed off, and bounded by the 10 s
+    assert reason is not None and "kept refusing 10 s after" in reason and url in reason
+    assert clock.sleeps == [1.0, 2.0, 4.0, 3.0]  # backed off, the last wait cut to end at 10 s
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_signal_ends_the_probing_at_once(proxied):
+    """A preempted job must not sit out storage_retry_s (its grace period is shorter)."""
+    import threading
+
+    url, control = proxied
+    control.fail_with = DENIED
+    stop, clock = threading.Event(), FakeClock()
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        stop.set()  # SIGTERM arrives during the first wait
+
+    reason = storage_verdict(open_storage(url), False, 300.0, stop=stop, sleep=sleep, clock=clock)
+    assert reason is not None and "a stop signal came 1 s after" in reason and clock.sleeps == [1.0]
 
 
 @pytest.mark.timeout(60)
@@ -93,7 +111,7 @@ def test_an_unreachable_store_is_transient_and_waited_out_at_start_up(s3_server)
     assert storage_verdict(dead, False, 30.0, sleep=clock.sleep, clock=clock) is None  # training goes on
     with pytest.raises(StorageError, match="unreachable") as failed:
         wait_until_reachable(dead, False, 5.0, sleep=clock.sleep, clock=clock)
-    assert not failed.value.permanent and clock.sleeps == [1.0, 2.0]
+    assert not failed.value.permanent and clock.sleeps == [1.0, 2.0, 2.0]
 
 
 @pytest.mark.timeout(240)
@@ -126,7 +144,7 @@ def test_access_denied_mid_run_ends_the_job_with_exit_3_and_a_later_start_resume
             proc.communicate(timeout=30)
     assert proc.returncode == EXIT_STORAGE, err[-3000:]
     assert time.monotonic() - denied_at < 90
-    assert "kept refusing" in err and "AccessDenied" in err
+    assert re.search(r"kept refusing \d+ s after", err) and "AccessDenied" in err
     assert "relaunch" not in err.lower()
     assert committed()[-1] >= before[-1]  # nothing committed was lost
     # Access restored: the next start resumes from the last commit and finishes.
@@ -134,3 +152,25 @@ def test_access_denied_mid_run_ends_the_job_with_exit_3_and_a_later_start_resume
     res = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=200)
     assert res.returncode == EXIT_OK, res.stderr[-3000:]
     assert committed()[-1] == 60
+
+
+@pytest.mark.timeout(120)
+def test_deletes_refused_for_good_stop_the_job_at_its_next_save(proxied):
+    """Retention that cannot delete would keep every checkpoint and grow the bucket without
+    bound: the store is probed (the probe deletes too) and the next save stops the job."""
+    from tests.helpers import CheckpointJob as Job
+
+    url, control = proxied
+    job = Job(url, "checkpoint.keep_last=2", "checkpoint.async=false", "checkpoint.storage_retry_s=1")
+    job.ckpt.resume()
+    for _ in range(2):
+        job.step()
+        assert job.ckpt.save_at(job.train.step, 0, blocking=True)
+    control.fail_with, control.fail_methods = DENIED, frozenset({"DELETE", "POST"})  # POST: bulk delete
+    with pytest.raises(StorageError, match="delete access denied.*kept refusing"):
+        for step in (3, 4):  # the save itself, or retention after it, meets the refusal
+            job.step()
+            job.ckpt.save_at(step, 0, blocking=True)
+            job.ckpt.drain()
+    control.fail_with = None
+    assert Catalog(open_storage(url)).committed_steps()[-1] >= 2  # nothing committed was lost

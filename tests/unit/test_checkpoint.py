@@ -137,7 +137,8 @@ def test_latest_costs_at_most_three_requests_with_1000_checkpoints(mem_url):
     assert len(counter.calls) <= 3, counter.calls
 
 
-@pytest.mark.parametrize("pointer", [None, b"garbage", pointer_json(20), pointer_json(50)])
+@pytest.mark.parametrize("pointer", [None, b"garbage", pointer_json(20), pointer_json(50),
+                                     b'{"step": 1e999}', b'{"step": NaN}'])
 def test_missing_stale_or_bad_pointer_falls_back_to_scan(mem_url, pointer):
     catalog = Catalog(open_storage(mem_url))
     for step in (10, 20, 30):
