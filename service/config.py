@@ -118,7 +118,7 @@ class CheckpointConfig(_Section):
     grace_s: float = Field(default=30.0, gt=0)
     """Time allowed for the emergency checkpoint after SIGTERM."""
     endpoint_url: str | None = None
-    """S3 endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL or AWS's own."""
+    """S3 endpoint (SeaweedFS, MinIO, Ceph, ...); default: AWS_ENDPOINT_URL or AWS's own."""
     region: str | None = None
     memory_tier: bool = True
     """When a worker dies, the survivors leave the state of their last completed step in

@@ -1,5 +1,5 @@
-"""Shared helpers for tests: real torchrun jobs, a moto S3 server, checkpoint weights, the CLI
-and the supervisor's test doubles."""
+"""Shared helpers for tests: real torchrun jobs, a moto S3 server (where an unsigned store is
+needed), checkpoint weights, the CLI and the supervisor's test doubles."""
 
 from __future__ import annotations
 

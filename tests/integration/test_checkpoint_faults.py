@@ -1,6 +1,6 @@
 """Checkpoints under real failures: kill -9, SIGTERM, crashes between commit stages, corrupt
-files, world-size changes, and an S3 endpoint that goes away — on real S3 protocol (moto
-server) and local files, with real torchrun processes."""
+files, world-size changes, and an S3 endpoint that goes away — on a real S3 server
+(SeaweedFS) and local files, with real torchrun processes."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def url(request, tmp_path) -> str:
 
 @pytest.fixture(params=ALL_STORES)
 def any_url(request, tmp_path) -> str:
-    """The same rules on every kind of store; on S3 through the real protocol (moto on
+    """The same rules on every kind of store; on S3 through the real protocol (SeaweedFS on
     loopback), where incarnations and the pointer use conditional writes."""
     return _url(request, tmp_path)
 
