@@ -24,9 +24,10 @@ s3://bucket/prefix; for S3 set AWS_ENDPOINT_URL etc.). Prints one JSON object as
   memcpy_s         one in-memory copy of the state
   rss_first_mb / rss_last_mb / rss_growth_mb   peak RSS after the first and the last of N saves
   ratios: stall_vs_dcp_sync, stall_vs_memcpy, commit_vs_dcp_sync, load_vs_dcp_load
-  raw_upload_s / raw_download_s   S3 targets only, same run: the same number of bytes as one
-                   object through boto3's multipart transfer at its best concurrency (1, 4, 8,
-                   16 threads tried), what the store itself can take; the ratios
+  raw_upload_s / raw_download_s   S3 targets only, same run: the state's bytes as one object
+                   through boto3's multipart transfer at its best concurrency (1, 4, 8, 16
+                   threads tried), uploaded once and downloaded by 2 readers at once (as the
+                   2 ranks each read the whole state on resume): what the store can take; the ratios
                    commit_throughput_vs_raw_upload, async_save_throughput_vs_raw_upload,
                    dcp_sync_throughput_vs_raw_upload and load_throughput_vs_raw_download are
                    raw time / our time (1.0 = as fast as the raw transfer)
@@ -266,10 +267,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 RAW_CONCURRENCY = (1, 4, 8, 16)
 
 
-def raw_s3_transfer(target: str, mb: float) -> dict[str, float]:
-    """Best-of upload and download of ``mb`` random megabytes as one object under ``target``,
-    through boto3's multipart transfer at each concurrency of RAW_CONCURRENCY."""
+def raw_s3_transfer(target: str, mb: float, readers: int) -> dict[str, float]:
+    """Best-of upload of ``mb`` random megabytes as one object under ``target``, and download of
+    it by ``readers`` concurrent readers (a resume reads the whole state on every rank: the job's
+    bytes), through boto3's multipart transfer at each concurrency of RAW_CONCURRENCY."""
     import io
+    from concurrent.futures import ThreadPoolExecutor
 
     import boto3
     from boto3.s3.transfer import TransferConfig
@@ -284,11 +287,16 @@ def raw_s3_transfer(target: str, mb: float) -> dict[str, float]:
         t0 = time.perf_counter()
         client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
         up = time.perf_counter() - t0
-        sink = io.BytesIO()
+        def download(_: int) -> int:
+            sink = io.BytesIO()
+            client.download_fileobj(bucket, key, sink, Config=config)
+            return sink.getbuffer().nbytes
+
         t0 = time.perf_counter()
-        client.download_fileobj(bucket, key, sink, Config=config)
+        with ThreadPoolExecutor(readers) as pool:
+            sizes = list(pool.map(download, range(readers)))
         down = time.perf_counter() - t0
-        assert sink.getbuffer().nbytes == len(data)
+        assert sizes == [len(data)] * readers
         if up < best.get("raw_upload_s", float("inf")):
             best["raw_upload_s"], best["raw_upload_concurrency"] = up, threads
         if down < best.get("raw_download_s", float("inf")):
@@ -328,7 +336,7 @@ def main() -> None:
         "load_vs_dcp_load": round(r["load_s"] / r["dcp_load_s"], 3),
     }
     if args.target.startswith("s3://"):
-        r.update(raw_s3_transfer(args.target, r["state_mb"]))
+        r.update(raw_s3_transfer(args.target, r["state_mb"], readers=2))
         r["ratios"].update({
             "commit_throughput_vs_raw_upload": round(r["raw_upload_s"] / r["commit_s"], 3),
             "async_save_throughput_vs_raw_upload": round(r["raw_upload_s"] / r["commit_overlapped_s"], 3),
