@@ -47,10 +47,13 @@ test: install-test
 
 # The suite against the newest release of every dependency, in a venv of its own: drift is
 # seen on purpose. FTDIFF_UNPINNED tells the lock test that versions may differ from the lock.
+# torch stays the one the venv got (the CPU build here): the newest torch on an index is a
+# multi-GB CUDA build; LATEST_TORCH=1 lets it float too.
 test-latest:
 	rm -rf .venv-latest
 	$(MAKE) --no-print-directory VENV=.venv-latest .venv-latest/.torch
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	keep=$$( [ -n "$(LATEST_TORCH)" ] || .venv-latest/bin/python -c "import torch; print('torch==' + torch.__version__)"); \
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" $$keep
 	FTDIFF_UNPINNED=1 .venv-latest/bin/python $(PYTEST)
 
 # Rewrite the lock from a fresh resolution of pyproject.toml (runtime, test and digits extras);
