@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.helpers import free_port, stop
 
 START_TIMEOUT_S = 60.0
 
@@ -115,13 +114,7 @@ def seaweed_server(workdir: Path) -> Iterator[S3Endpoint]:
             time.sleep(0.2)
         yield S3Endpoint(url, rw[0], rw[1], ro[0], ro[1])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc)  # SIGTERM, then SIGKILL after 10 s
         log.close()
 
 
