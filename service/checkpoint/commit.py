@@ -86,10 +86,11 @@ class CommitProtocol:
         """Every rank: write ``state`` as ``step`` and commit it. Whether ``step`` is committed.
         ``state`` is None on a rank whose snapshot failed: then nobody writes. A failed write
         whose store then keeps refusing raises StorageError on every rank (the job stops)."""
-        refusal = self.group.from_main(lambda: self.refusal)
-        if refusal is not None:
-            raise StorageError(refusal, permanent=True)
-        if not all(self.group.gather_to_all(state is not None)):
+        # One collective tells every rank whether all have a snapshot, and rank 0's refusal.
+        ready = self.group.gather_to_all((state is not None, self.refusal))
+        if ready[0][1] is not None:
+            raise StorageError(ready[0][1], permanent=True)
+        if not all(has_state for has_state, _ in ready):
             return False
         assert state is not None
         committed = self._write(step, samples_seen, state, since)

@@ -73,6 +73,7 @@ class Storage:
         self.protocol = protocol
         self.is_object_store = protocol in OBJECT_STORE_PROTOCOLS
         self.is_local = protocol in ("file", "local")
+        self.is_s3 = protocol in ("s3", "s3a")  # conditional writes, ETags, folder entries
 
     def __repr__(self) -> str:
         return f"Storage({redact_url(self.url)!r})"
@@ -103,7 +104,7 @@ class Storage:
         """
         target = self.path(rel)
         if self.is_object_store:
-            if if_version and self.protocol in ("s3", "s3a"):
+            if if_version and self.is_s3:
                 self.fs.pipe_file(target, data, IfMatch=if_version)
             else:
                 self.fs.pipe_file(target, data)
@@ -149,13 +150,13 @@ class Storage:
                 raise
             os.close(fd)
             _fsync_dir(os.path.dirname(target))
-        elif self._is_s3:
+        elif self.is_s3:
             try:
                 self.fs.pipe_file(target, data, mode="create")
             except OSError as e:
                 # s3fs maps a 412 to FileExistsError only when the answer names the condition
                 # (<Condition>If-None-Match</Condition>); SeaweedFS and others omit it.
-                if isinstance(e, FileExistsError) or error_code(e) in ("PreconditionFailed", "412"):
+                if isinstance(e, FileExistsError) or precondition_failed(e):
                     raise FileExistsError(errno.EEXIST, "already exists", target) from None
                 raise
         else:
@@ -166,7 +167,7 @@ class Storage:
     def version(self, rel: str) -> str | None:
         """An object store's ETag for ``rel`` (None if missing, or on file systems), for a
         conditional replace with ``write_bytes_atomic(..., if_version=...)``."""
-        if self.protocol not in ("s3", "s3a"):
+        if not self.is_s3:
             return None
         try:
             etag = self.fs.info(self.path(rel)).get("ETag")
@@ -190,7 +191,7 @@ class Storage:
         names = []
         for entry in entries:
             path = str(entry["name"]).rstrip("/")
-            if self._is_s3 and entry.get("type") == "directory" and not self._has_objects(path):
+            if self.is_s3 and entry.get("type") == "directory" and not self._has_objects(path):
                 continue
             names.append(posixpath.basename(path))
         return sorted(names)
@@ -200,8 +201,7 @@ class Storage:
         if the store kept it (S3's bulk delete reports refusals per key, which s3fs drops)."""
         self.fs.rm_file(self.path(rel))
         if self.is_object_store and self._is_object(self.path(rel)):
-            raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
-                                  "(the credentials may not delete)")
+            raise self._still_there(rel)
 
     def tree_bytes(self, rel: str) -> int:
         """Total size of everything under ``rel`` (0 if it does not exist)."""
@@ -214,7 +214,7 @@ class Storage:
         """Whether ``rel`` is a file or a folder with something in it (an empty directory entry
         that an S3 server kept after its objects were deleted does not count)."""
         target = self.path(rel)
-        if self._is_s3:
+        if self.is_s3:
             return self._is_object(target) or self._has_objects(target)
         return self.fs.exists(target)
 
@@ -223,22 +223,22 @@ class Storage:
         target = self.path(rel)
         if not self.fs.exists(target):
             return
-        if not self._is_s3 or self._has_objects(target):
+        if not self.is_s3 or self._has_objects(target):
             self.fs.rm(target, recursive=True)
-        if self._is_s3:
+        if self.is_s3:
             self._remove_directory_entries(target)
             if self._has_objects(target):
-                raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
-                                      "(the credentials may not delete)")
+                raise self._still_there(rel)
         elif self.is_object_store and self.fs.exists(target):
-            raise PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
-                                  "(the credentials may not delete)")
+            raise self._still_there(rel)
+
+    def _still_there(self, rel: str) -> PermissionError:
+        """A delete the store accepted but did not do: S3's bulk delete reports refusals per
+        key, which s3fs drops."""
+        return PermissionError(f"{self.display_url}/{rel} is still there after deleting it "
+                               "(the credentials may not delete)")
 
     # -- S3 without folders: what is an object, what has objects under it --------------------
-    @property
-    def _is_s3(self) -> bool:
-        return self.protocol in ("s3", "s3a")
-
     def _has_objects(self, path: str) -> bool:
         """Whether any object's key starts with ``path/`` (one flat listing of a few keys).
         Zero-byte ``folder/`` keys (folder markers, as the AWS console makes) do not count."""
@@ -294,6 +294,11 @@ def check_shared(url: str, processes: int) -> None:
             f"checkpoint.url = {redact_url(url)!r} is one process's memory, but this job has {processes} "
             "processes: each would write to its own store and nothing would last; use a local path "
             "or s3://bucket/prefix")
+
+
+def precondition_failed(e: BaseException) -> bool:
+    """An S3 412: a conditional write (If-None-Match / If-Match) whose condition did not hold."""
+    return error_code(e) in ("PreconditionFailed", "412")
 
 
 def error_code(e: BaseException) -> str | None:

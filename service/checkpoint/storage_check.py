@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Any
 
-from service.checkpoint.storage import Storage, error_code
+from service.checkpoint.storage import Storage, error_code, precondition_failed
 from service.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,10 @@ def _probe_write(storage: Storage, single_writer: bool) -> None:
     except Exception as e:
         raise _unusable(storage, e, "write") from None
     try:
-        unhonoured = _unhonoured_conditions(storage, name) if storage.protocol in ("s3", "s3a") else []
+        unhonoured = _unhonoured_conditions(storage, name) if storage.is_s3 else []
     finally:
         try:
-            storage.fs.rm_file(probe)
-            if storage.fs.exists(probe):  # a bulk delete that the store refused per key
-                raise PermissionError("the probe object is still there after deleting it")
+            storage.remove(name)
         except Exception as e:
             raise _unusable(storage, e, "delete", left=probe) from None
     if unhonoured and not single_writer:
@@ -154,7 +152,7 @@ def _unhonoured_conditions(storage: Storage, name: str) -> list[str]:
         storage.fs.pipe_file(storage.path(name), b"third", IfMatch=_STALE_ETAG)
         found.append("a replace with a stale ETag (If-Match) succeeded")
     except OSError as e:
-        if error_code(e) not in ("PreconditionFailed", "412"):
+        if not precondition_failed(e):
             found.append(f"a replace with a stale ETag (If-Match) failed with {type(e).__name__}: {_first_line(e)}")
     return found
 
@@ -169,7 +167,7 @@ _RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", ".mra
 def _check_bucket_name(storage: Storage) -> None:
     """A bucket name no S3 store accepts, or a key with '.'/'..' segments, is a wrong URL (exit 2),
     not an unreachable store."""
-    if storage.protocol not in ("s3", "s3a"):
+    if not storage.is_s3:
         return
     bucket, _, key = storage.root.partition("/")
     if (not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket or _IP_LIKE.fullmatch(bucket)
