@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     warnings.filterwarnings("ignore")
     from service.config import load_config
+    from service.data.stream import build_loader
     from service.dist import cleanup_distributed, init_distributed
-    from service.train.data import build_loader
     from service.train.loop import Trainer
 
     steps, warmup = 60, 10

@@ -42,8 +42,8 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
     import warnings
 
     warnings.filterwarnings("ignore")
+    from service.data.stream import build_loader
     from service.dist import cleanup_distributed, init_distributed
-    from service.train.data import build_loader
     from service.train.loop import Trainer
 
     info = init_distributed()
@@ -64,11 +64,11 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
 
 def plain_loop(preset: str, batch: int, steps: int) -> float:
     """Model + AdamW + MSE on a fixed batch, one thread: the yardstick for DDP efficiency."""
-    from service.model import build_unet, sample_size
+    from service.models.build import build_model, sample_size
 
     torch.set_num_threads(1)
     cfg = _config(preset, batch, 1, steps)
-    model = build_unet(cfg.model, 0)
+    model = build_model(cfg.model, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size = sample_size(cfg.model)
     x, noise = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)

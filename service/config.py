@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.data.registry import SOURCES
 from service.errors import UserError
+from service.models.registry import DEFAULT_FAMILY, FAMILIES
 from service.redact import (  # noqa: F401  (also importable from here, where callers look first)
     REDACTED,
     SECRET_KEYS,
@@ -44,19 +44,32 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "small", "base"] = "tiny"
-    """UNet size: tiny (CPU tests), small, base (GPU, 64x64)."""
+    family: str = DEFAULT_FAMILY
+    """The denoiser's family (service/models/registry.py): unet (diffusers' UNet2DModel,
+    unconditional, pixel space)."""
+    preset: str = "tiny"
+    """The family's size. unet: tiny (CPU tests), small, base (GPU, 64x64)."""
     sample_size: int | None = Field(default=None, ge=8, le=1024)
     """Image side in pixels; defaults to the preset's size. Must be divisible by the UNet's
     total downsampling factor."""
     num_train_timesteps: int = Field(default=1000, ge=10)
 
+    @model_validator(mode="after")
+    def _known_family_and_preset(self) -> "ModelConfig":
+        family = FAMILIES.get(self.family)
+        if family is None:
+            raise ValueError(f"model.family = {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.preset not in family.presets:
+            raise ValueError(f"model.preset = {self.preset!r} is not a preset of family {self.family!r} "
+                             f"({', '.join(family.presets)})")
+        return self
+
 
 class DataConfig(_Section):
-    kind: Literal["shapes", "synthetic", "folder", "digits"] = "shapes"
-    """shapes: large flat circles, squares and triangles in four colours (the quick demo);
-    synthetic: the harder original shapes (smaller, five colours, varied grey backgrounds);
-    folder: PNG/JPEG files under data.url; digits: scikit-learn's 8x8 handwritten digits."""
+    kind: str = "shapes"
+    """Where the images come from (service/data/registry.py): shapes (large flat circles,
+    squares and triangles in four colours: the quick demo); synthetic (the harder original
+    shapes); folder (PNG/JPEG files under data.url); digits (scikit-learn's 8x8 digits)."""
     url: str | None = None
     """Image folder (local path or fsspec URL such as s3://bucket/images) for kind=folder."""
     epoch_size: int = Field(default=50_000, ge=1)
@@ -71,9 +84,12 @@ class DataConfig(_Section):
     size; counted). kind=folder only."""
 
     @model_validator(mode="after")
-    def _folder_needs_url(self) -> "DataConfig":
-        if self.kind == "folder" and not self.url:
-            raise ValueError("data.kind = 'folder' needs data.url (a local path or fsspec URL)")
+    def _known_kind_with_its_url(self) -> "DataConfig":
+        kind = SOURCES.get(self.kind)
+        if kind is None:
+            raise ValueError(f"data.kind = {self.kind!r} is not one of {', '.join(SOURCES)}")
+        if kind.needs_url and not self.url:
+            raise ValueError(f"data.kind = {self.kind!r} needs data.url (a local path or fsspec URL)")
         return self
 
 
@@ -224,61 +240,38 @@ class Config(_Section):
         Computed over the settings as the manifest records them (``redacted_dict``), so the
         digest never carries a secret (a 64-bit digest of a short token could be brute-forced)
         and a secret only counts as set or unset. Keys added later are left out while they
-        hold their default (a section left empty too): a config keeps its hash on upgrades.
+        hold their default (a section left empty too): a config keeps its hash on upgrades
+        (``_HASHED_FROM_THE_START``).
         """
         body = self.redacted_dict()
-        for (section, key), default in _ADDED_LATER.items():
-            if body.get(section, {}).get(key, default) == default:
-                body.get(section, {}).pop(key, None)
+        defaults = Config().redacted_dict()
+        for section, values in body.items():
+            for key in list(values):
+                added_later = key not in _HASHED_FROM_THE_START.get(section, frozenset())
+                if (added_later or (section, key) in _DEFAULT_CHANGED) and values[key] == defaults[section][key]:
+                    del values[key]
         blob = json.dumps({s: values for s, values in body.items() if values != {}}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Keys introduced after config hashes were first recorded, with their defaults (see hash()).
-_ADDED_LATER: dict[tuple[str, str], Any] = {("data", "on_bad_image"): "error",
-                                            ("checkpoint", "memory_tier"): True,
-                                            ("checkpoint", "memory_tier_dir"): None,
-                                            ("checkpoint", "memory_every_steps"): 0,
-                                            ("checkpoint", "single_writer"): False,
-                                            ("checkpoint", "storage_retry_s"): 30.0}
-_ADDED_LATER.update({("logging", key): value for key, value in LoggingConfig().model_dump().items()})
-# Its default became true later; a config that leaves it at the default keeps its hash.
-_ADDED_LATER[("supervisor", "prestart_workers")] = True
-
-# Worker overrides travel in the environment, not on the command line: /proc/<pid>/cmdline is
-# readable by every user of the machine, /proc/<pid>/environ only by the process's owner.
-OVERRIDES_ENV = "FTDIFF_OVERRIDES"
-
-
-def overrides_to_env(items: list[str]) -> str:
-    """The value of FTDIFF_OVERRIDES for these ``section.key=value`` items (a JSON list)."""
-    return json.dumps(list(items))
-
-
-def overrides_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The ``section.key=value`` items in FTDIFF_OVERRIDES ([] if unset or empty).
-
-    Errors name the variable and the item's position (and its key), never a value: the
-    variable exists to carry secrets.
-    """
-    raw = (os.environ if environ is None else environ).get(OVERRIDES_ENV)
-    if raw is None or not raw.strip():
-        return []
-    expected = 'expected a JSON list of "section.key=value" strings, e.g. ["train.max_steps=30"]'
-    try:
-        items = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{OVERRIDES_ENV} is not valid JSON ({e.msg} at character {e.pos}); {expected}") from None
-    if not isinstance(items, list):
-        raise UserError(f"{OVERRIDES_ENV} holds a JSON {type(items).__name__}; {expected}")
-    for n, item in enumerate(items):
-        if not isinstance(item, str):
-            raise UserError(f"{OVERRIDES_ENV} item {n} is a JSON {type(item).__name__}, not a string; {expected}")
-        key = item.split("=", 1)[0].strip()
-        parts = key.split(".")
-        if "=" not in item or len(parts) != 2 or not all(parts):
-            raise UserError(f"{OVERRIDES_ENV} item {n}: not section.key=value; {expected}")
-    return items
+# The keys config hashes were first recorded with. A key added since is left out of the hash
+# while it holds its default (hash()), so adding a setting never changes an old config's hash:
+# add keys freely, never add one here.
+_HASHED_FROM_THE_START: dict[str, frozenset[str]] = {section: frozenset(keys.split()) for section, keys in {
+    "run": "name seed",
+    "model": "preset sample_size num_train_timesteps",
+    "data": "kind url epoch_size num_workers hflip",
+    "train": "max_steps global_batch_size lr warmup_steps min_lr_ratio weight_decay grad_clip ema_decay "
+             "precision log_every step_sleep_s",
+    "checkpoint": "url every_steps keep_last keep_every async when_busy writer_threads resume grace_s "
+                  "endpoint_url region",
+    "supervisor": "hang_timeout_s io_timeout_s startup_timeout_s max_restarts min_nodes heartbeat_interval_s "
+                  "host port url token crash_loop_failures prestart_workers",
+    "metrics": "host port",
+}.items()}
+# Recorded from the start, but their default changed later: a config that leaves one at today's
+# default keeps the hash it had when it spelled out the value (see hash()).
+_DEFAULT_CHANGED: dict[tuple[str, str], Any] = {("supervisor", "prestart_workers"): True}
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

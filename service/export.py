@@ -33,9 +33,9 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         return target
     from diffusers import DDPMPipeline
 
-    from service.model import build_noise_scheduler
-    from service.sample import unet_from_state
+    from service.models.build import build_noise_scheduler
+    from service.sample import model_from_state
 
-    pipeline = DDPMPipeline(unet=unet_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))
+    pipeline = DDPMPipeline(unet=model_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))
     pipeline.save_pretrained(str(target))
     return target

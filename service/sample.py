@@ -12,7 +12,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 
 from service.config import Config
 from service.errors import UserError
-from service.model import build_noise_scheduler, unet_kwargs
+from service.models.build import build_noise_scheduler, family_of, model_kwargs
 
 
 def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50,
@@ -67,7 +67,7 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:
     return out
 
 
-def unet_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> UNet2DModel:
-    unet = UNet2DModel(**unet_kwargs(cfg.model))
-    unet.load_state_dict(state)
-    return unet.eval()
+def model_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = family_of(cfg.model).build(model_kwargs(cfg.model))
+    model.load_state_dict(state)
+    return model.eval()

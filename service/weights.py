@@ -17,7 +17,7 @@ from service.checkpoint.dcp_io import VerifyingReader
 from service.checkpoint.manifest import step_dir
 from service.checkpoint.refs import CheckpointRef
 from service.config import Config
-from service.model import build_unet
+from service.models.build import build_model
 
 Weights = Literal["ema", "model"]
 
@@ -25,7 +25,7 @@ Weights = Literal["ema", "model"]
 def load_weights(ref: CheckpointRef, which: Weights = "ema") -> tuple[Config, dict[str, torch.Tensor]]:
     """The UNet state dict (EMA or raw weights) of a committed checkpoint, verified."""
     cfg = ref.config
-    model = build_unet(cfg.model, cfg.run.seed)
+    model = build_model(cfg.model, cfg.run.seed)
     target = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
     if which == "model":
         request = {keys.MODEL: target}

@@ -69,7 +69,7 @@ class Report:
 def real_images(cfg, held: int, bank: int = BANK) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
     """(bank, held out): up to ``bank`` images of the configured data set and ``held`` others,
     in [0, 1]. shapes and synthetic are drawn per index (unbounded); finite sets are split."""
-    from service.train.data import build_source
+    from service.data.stream import build_source
 
     source = build_source(cfg)
     if _unbounded(cfg):
@@ -149,7 +149,7 @@ def _unbounded(cfg) -> bool:  # type: ignore[no-untyped-def]
 
 def _other_draw(cfg, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """``n`` images of the same distribution, none of them in the bank or held out."""
-    from service.train.data import build_source
+    from service.data.stream import build_source
 
     source = build_source(cfg)
     other = type(source)(source.size, n, cfg.run.seed + 1)
@@ -158,7 +158,7 @@ def _other_draw(cfg, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     from service.checkpoint.refs import resolve
-    from service.sample import generate, unet_from_state
+    from service.sample import generate, model_from_state
     from service.weights import load_weights
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     args = p.parse_args()
     cfg, state = load_weights(resolve(args.url), args.weights)
-    images = generate(unet_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps)
+    images = generate(model_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps)
     print(json.dumps(report(images, cfg).as_dict()))
 
 

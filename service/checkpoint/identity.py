@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from service.config import Config, redact_url
+from service.data import registry as data_registry
 
-# section -> keys whose values define the math of a run.
+# section -> keys whose values define the math of a run. The data keys are the ones the source
+# kinds declare (service/data/registry.py).
 MATH_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("seed",),
-    "model": ("preset", "sample_size", "num_train_timesteps"),
-    "data": ("kind", "url", "epoch_size", "hflip"),
+    "model": ("family", "preset", "sample_size", "num_train_timesteps"),
+    "data": data_registry.math_keys(),
     "train": ("global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
               "ema_decay", "precision"),
 }

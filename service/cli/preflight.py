@@ -20,7 +20,7 @@ from service.errors import EXIT_OK, UserError
 def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     """Check config, geometry, data, storage, ports and what a start would resume; 0 if all pass."""
     world = nnodes * nproc_per_node
-    _say("config", f"ok: run {cfg.run.name!r}, preset {cfg.model.preset}, "
+    _say("config", f"ok: run {cfg.run.name!r}, {cfg.model.family} preset {cfg.model.preset}, "
                    f"{cfg.train.max_steps} steps, checkpoint every {cfg.checkpoint.every_steps}")
     _say("geometry", _check_geometry(cfg, nnodes, nproc_per_node))
     length, data_line = _check_data(cfg)
@@ -39,9 +39,9 @@ def _say(check: str, line: str) -> None:
 
 
 def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
-    from service.model import check_geometry, sample_size
+    from service.data.stream import check_batch_geometry
+    from service.models.build import check_geometry, sample_size
     from service.supervisor.torchrun import check_job_geometry
-    from service.train.data import check_batch_geometry
 
     check_job_geometry(cfg, nnodes, nproc_per_node)  # the launcher's (every node count it may run)
     world = nnodes * nproc_per_node
@@ -57,16 +57,10 @@ def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
 
 def _check_data(cfg: Config) -> tuple[int, str]:
     """Build the data source as a worker does (a folder is listed and its first image decoded)."""
-    from service.config import redact_url
-    from service.train.data import build_source
+    from service.data.stream import build_source
 
     source = build_source(cfg)
-    length = len(source)
-    if cfg.data.kind in ("shapes", "synthetic"):
-        return length, f"ok: {cfg.data.kind} (generated), {length} samples per epoch"
-    if cfg.data.kind == "folder":
-        return length, f"ok: {length} images under {redact_url(cfg.data.url or '')}"
-    return length, f"ok: {cfg.data.kind}, {length} images"
+    return len(source), f"ok: {cfg.data.kind}, {source.describe()}"
 
 
 def _check_storage(cfg: Config) -> Any:

@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from service.sample import check_grid_path, generate, save_grid, unet_from_state
+    from service.sample import check_grid_path, generate, model_from_state, save_grid
     from service.weights import load_weights
 
     if args.n < 1:
@@ -51,7 +51,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with byte_progress("load", ref.manifest.total_bytes):
         cfg, state = load_weights(ref, args.weights)
     with step_progress("sample", args.steps) as on_step:
-        images = generate(unet_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps,
+        images = generate(model_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps,
                           on_step=on_step)
     try:
         out = save_grid(images, args.out)

@@ -12,7 +12,7 @@ from service.errors import EXIT_OK
 def job_overrides(overrides: list[str]) -> list[str]:
     """The overrides of a job started here: the caller's FTDIFF_OVERRIDES, then ``--set`` (typed
     by hand, so it wins) — what the supervisor uses itself and hands its workers, whole."""
-    from service.config import overrides_from_env
+    from service.launch_env import overrides_from_env
 
     return overrides_from_env() + list(overrides)
 

@@ -7,8 +7,9 @@ import socket
 import sys
 
 from service.checkpoint.storage import check_shared
-from service.config import OVERRIDES_ENV, Config, overrides_to_env
+from service.config import Config
 from service.errors import UserError
+from service.launch_env import OVERRIDES_ENV, overrides_to_env
 
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
 # (see service.dist._restart_safe_store).

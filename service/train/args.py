@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.config import OVERRIDES_ENV
+from service.launch_env import OVERRIDES_ENV
 
 
 def override_item(item: str) -> str:

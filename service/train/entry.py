@@ -15,9 +15,10 @@ from typing import NoReturn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from service.checkpoint.ownership import FencedError
-from service.config import Config, load_config, overrides_from_env
+from service.config import Config, load_config
 from service.errors import EXIT_SUPERSEDED, StorageError, UserError, exit_code_of
 from service.heartbeat import REFUSED, REFUSED_STORAGE
+from service.launch_env import overrides_from_env
 from service.train.args import add_worker_args
 
 log = logging.getLogger(__name__)

@@ -22,18 +22,14 @@ from service.checkpoint.memory_tier import default_dir
 from service.checkpoint.storage import check_shared
 from service.checkpoint.storage_health import wait_until_reachable
 from service.config import Config
+from service.data.stream import TrainingSamples, build_loader, build_source, check_batch_geometry
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, exit_for_restart, shared_token
 from service.metrics import WorkerMetrics, snapshot
-from service.model import EMAState, build_ema, build_noise_scheduler, build_unet
+from service.models.build import build_model, build_noise_scheduler
+from service.models.ema import EMAState, build_ema
 from service.train import state as keys
-from service.train.data import (
-    TrainingSamples,
-    build_loader,
-    build_source,
-    check_batch_geometry,
-)
 from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
 from service.train.recovery import ORDERED, STOPPED, ProgressRecord, RecoveryTracker
@@ -75,7 +71,7 @@ class Trainer:
         self.samples = TrainingSamples(
             self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip
         )
-        self.model = build_unet(cfg.model, cfg.run.seed).to(info.device)
+        self.model = build_model(cfg.model, cfg.run.seed).to(info.device)
         self.net: torch.nn.Module = self.model
         if dist.is_initialized():
             ids = [info.device.index] if info.device.type == "cuda" else None

@@ -9,7 +9,7 @@ rendering is skipped (counted). The last step's grid is the exception: the train
 
 Rendering never touches training state: the copy is the only read of the EMA, the noise comes
 from a local ``torch.Generator`` (``generate``), and building the private UNet does not consume
-the global RNG (``build_unet`` forks it) — a run with grids is bitwise the same as one without.
+the global RNG (``build_model`` forks it) — a run with grids is bitwise the same as one without.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from service.config import Config
-from service.model import build_unet
+from service.models.build import build_model
 from service.sample import generate, save_grid
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ class SampleRenderer:
 
     def _copy_ema(self) -> tuple[UNet2DModel, torch.cuda.Event | None]:
         if self._unet is None:
-            # Built once, on first use; build_unet forks the RNG, so the training RNG is untouched.
-            self._unet = build_unet(self.cfg.model, self.cfg.run.seed).to(self.device).requires_grad_(False)
+            # Built once, on first use; build_model forks the RNG, so the training RNG is untouched.
+            self._unet = build_model(self.cfg.model, self.cfg.run.seed).to(self.device).requires_grad_(False)
         unet = self._unet
         with torch.no_grad():
             buffers = dict(self.model.named_buffers())

@@ -119,7 +119,7 @@ class TrainState(Stateful):
 
 @dataclass
 class DataState(Stateful):
-    """Position in the global sample stream (see service.train.data)."""
+    """Position in the global sample stream (see service.data.stream)."""
 
     position: int = 0
 

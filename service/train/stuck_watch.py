@@ -24,8 +24,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import load_config, overrides_from_env
+from service.config import load_config
 from service.heartbeat import shared_token
+from service.launch_env import overrides_from_env
 from service.proctree import descendants, started_at
 from service.train.args import add_worker_args
 

@@ -55,7 +55,7 @@ WARM_MODULES = (
     "torch", "torch.distributed", "torch.distributed.checkpoint", "torch.nn.parallel",
     "torch.distributed.elastic.multiprocessing.errors", "torch.utils.serialization", "diffusers",
     "diffusers.training_utils", "fsspec.implementations.local", "service.dist", "service.logs",
-    "service.heartbeat", "service.model", "service.train.loop", "service.train.entry",
+    "service.heartbeat", "service.models.build", "service.train.loop", "service.train.entry",
 )
 # Blocked around fork: a signal forwarded by the shim between the fork and the child's reset of
 # the zygote's handlers stays pending and is then delivered to the worker, not to a copy of

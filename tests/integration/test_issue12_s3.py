@@ -26,7 +26,8 @@ def test_s3_folder_with_workers_gives_the_same_samples(s3_bucket):
     import s3fs
     from PIL import Image
 
-    from service.train.data import FolderSource, TrainingSamples, build_loader
+    from service.data.folder import FolderSource
+    from service.data.stream import TrainingSamples, build_loader
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     for i in range(10):

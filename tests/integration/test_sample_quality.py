@@ -66,10 +66,10 @@ def trained(tmp_path_factory) -> tuple[object, dict[str, torch.Tensor]]:
 
 @pytest.mark.timeout(240)
 def test_briefly_trained_samples_are_closer_to_the_data_than_to_noise(trained):
-    from service.sample import unet_from_state
+    from service.sample import model_from_state
 
     cfg, ema = trained
-    r = report(samples_of(unet_from_state(cfg, ema), cfg), cfg)
+    r = report(samples_of(model_from_state(cfg, ema), cfg), cfg)
     assert not check(r), f"{check(r)}: {r.as_dict()}"
     # The references the numbers are read against: real data passes, noise fails.
     assert r.real.near >= 0.9 and r.real.flat >= 0.99
@@ -79,8 +79,8 @@ def test_briefly_trained_samples_are_closer_to_the_data_than_to_noise(trained):
 @pytest.mark.timeout(120)
 def test_the_check_fails_for_an_untrained_model():
     from service.config import load_config
-    from service.model import build_unet
+    from service.models.build import build_model
 
     cfg = load_config(None, RUN)
-    r = report(samples_of(build_unet(cfg.model, cfg.run.seed), cfg), cfg)
+    r = report(samples_of(build_model(cfg.model, cfg.run.seed), cfg), cfg)
     assert check(r), f"an untrained model passed: {r.as_dict()}"

@@ -70,7 +70,7 @@ def test_tensorboard_events_hold_the_scalars_and_the_sample_grids(logged_run):
 def test_sample_grids_are_pngs_of_the_expected_size(logged_run):
     from PIL import Image
 
-    from service.model import PRESETS
+    from service.models.unet import PRESETS
 
     pngs = sorted(p.name for p in (logged_run / "samples").glob("*.png"))
     assert {"step-000002.png", f"step-{STEPS:06d}.png"} <= set(pngs), pngs

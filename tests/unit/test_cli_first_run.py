@@ -14,8 +14,9 @@ from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import PROBE_PREFIX
 from service.cli.toml_out import dumps
-from service.config import OVERRIDES_ENV, load_config
+from service.config import load_config
 from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
+from service.launch_env import OVERRIDES_ENV
 from tests.helpers import committed_root, free_port, one_line
 from tests.helpers import ftdiff_inprocess as ftdiff
 

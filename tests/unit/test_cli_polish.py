@@ -156,12 +156,12 @@ def test_verify_draws_a_bar_on_a_terminal(committed, monkeypatch, capsys):
 def test_step_bar_and_sampling_callback(monkeypatch):
     from service.cli.progress import step_progress
     from service.config import load_config
-    from service.model import build_unet
+    from service.models.build import build_model
     from service.sample import generate
 
     cfg = load_config(None, [])
     done: list[int] = []
-    images = generate(build_unet(cfg.model, 0), cfg, 1, steps=3, on_step=done.append)
+    images = generate(build_model(cfg.model, 0), cfg, 1, steps=3, on_step=done.append)
     assert done == [1, 2, 3] and images.shape[0] == 1
     with step_progress("sample", 3) as on_step:  # not a terminal: a no-op callback
         on_step(1)

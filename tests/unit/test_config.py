@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from service.config import Config, load_config
@@ -84,3 +86,38 @@ def test_bad_set_syntax_and_missing_file(tmp_path):
 def test_config_hash_changes_with_settings():
     assert load_config(None).hash() == load_config(None).hash()
     assert load_config(None).hash() != load_config(None, ["run.seed=1"]).hash()
+
+
+# Hashes recorded by the release before the registries (b8568d2): a config keeps its hash
+# across upgrades, whichever keys were added since.
+RECORDED_HASHES = [
+    ([], "410ac2e76f943f71"),
+    (["run.seed=5"], "b308fe91bf53e36f"),
+    (['data.kind="folder"', 'data.url="s3://b/imgs"'], "4e7da5be54edffcd"),
+    (["checkpoint.memory_tier=false"], "9ff702ea2558d2fb"),
+    (["supervisor.prestart_workers=false"], "4c5f7ff6d4e3b88b"),
+    (["supervisor.prestart_workers=true"], "410ac2e76f943f71"),
+    (["checkpoint.single_writer=true", "train.lr=0.001"], "a02d8afda3ef1ad7"),
+    (['model.preset="small"', 'supervisor.token="abc"'], "6d075568f7b1e4a7"),
+    (['model.family="unet"'], "410ac2e76f943f71"),  # added later, at its default
+]
+
+
+@pytest.mark.parametrize("overrides,recorded", RECORDED_HASHES)
+def test_config_hashes_stay_what_older_releases_recorded(overrides, recorded):
+    assert load_config(None, overrides).hash() == recorded
+
+
+def test_an_added_key_changes_the_hash_only_off_its_default():
+    assert load_config(None, ["data.on_bad_image=\"skip\""]).hash() != load_config(None, []).hash()
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (['data.kind="webdataset-typo"'], "data.kind = 'webdataset-typo' is not one of shapes, synthetic"),
+    (['data.kind="folder"'], "data.kind = 'folder' needs data.url"),
+    (['model.family="dit-typo"'], "model.family = 'dit-typo' is not one of unet"),
+    (['model.preset="huge"'], "model.preset = 'huge' is not a preset of family 'unet' (tiny, small, base)"),
+])
+def test_kinds_and_families_are_checked_against_their_registries(overrides, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_config(None, overrides)

@@ -3,18 +3,20 @@ from collections import Counter
 import pytest
 import torch
 
+from service.checkpoint.identity import MATH_KEYS
 from service.config import load_config
-from service.errors import UserError
-from service.train.data import (
-    DigitsSource,
-    FolderSource,
+from service.data.digits import DigitsSource
+from service.data.folder import FolderSource
+from service.data.generated import SyntheticSource
+from service.data.registry import SOURCES
+from service.data.stream import (
     GlobalOrder,
-    SyntheticSource,
     TrainingSamples,
     build_loader,
     check_batch_geometry,
     rank_positions,
 )
+from service.errors import UserError
 
 N = 60  # samples per epoch in these tests; not a multiple of the batch on purpose
 GB = 12
@@ -147,7 +149,26 @@ def test_digits_source():
 
 
 def test_build_source_from_config():
-    from service.train.data import build_source
+    from service.data.stream import build_source
 
     cfg = load_config(None, ["data.kind=\"digits\""])
     assert len(build_source(cfg)) == 1797
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_every_source_kind_in_the_registry_builds_and_describes_itself(kind, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    extra = [f'data.url="{tmp_path}"'] if SOURCES[kind].needs_url else []
+    if kind == "digits":
+        pytest.importorskip("sklearn")
+    from service.data.stream import build_source
+
+    cfg = load_config(None, [f'data.kind="{kind}"', "data.epoch_size=7", *extra])
+    source = build_source(cfg)
+    assert len(source) > 0 and source.image(0).shape == (3, 16, 16)
+    assert isinstance(source.describe(), str) and source.describe()
+    for key in SOURCES[kind].math_keys:  # what the kind declares is part of the run's identity
+        assert key in MATH_KEYS["data"]

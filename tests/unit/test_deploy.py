@@ -145,7 +145,8 @@ def test_commands_are_real_subcommands_with_valid_flags():
         assert targs.module and targs.training_script == "service.train"
         worker_parser().parse_args(targs.training_script_args)
         if "FTDIFF_OVERRIDES" in env:  # overrides travel in the environment; they must validate
-            from service.config import load_config, overrides_from_env
+            from service.config import load_config
+            from service.launch_env import overrides_from_env
 
             load_config(K8S / "base" / "ftdiff.toml", overrides_from_env({"FTDIFF_OVERRIDES": env["FTDIFF_OVERRIDES"]}))
 

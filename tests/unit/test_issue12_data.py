@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.data.folder import BadImageError, FolderSource
+from service.data.stream import TrainingSamples, build_loader
 from service.errors import UserError
-from service.train.data import BadImageError, FolderSource, TrainingSamples, build_loader
 
 
 def _pixel(src: FolderSource, index: int) -> list[float]:

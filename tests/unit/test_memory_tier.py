@@ -37,7 +37,7 @@ from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import TrainConfig, load_config
 from service.dist import DistInfo
 from service.metrics import MEMORY_REJECT_REASONS, CheckpointMetrics
-from service.model import EMAState, build_ema
+from service.models.ema import EMAState, build_ema
 from service.state_keys import PER_RANK_KEYS
 from service.train.state import (
     DataState,

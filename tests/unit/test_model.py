@@ -2,14 +2,16 @@ import pytest
 import torch
 
 from service.config import load_config
-from service.model import EMAState, build_ema, build_unet, check_geometry, sample_size
+from service.models.build import build_model, check_geometry, sample_size
+from service.models.ema import EMAState, build_ema
+from service.models.registry import FAMILIES
 from service.train.state import LRSchedulerState, TrainState, warmup_cosine
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_unet_shapes_per_preset(preset):
     cfg = load_config(None, [f"model.preset=\"{preset}\""])
-    model = build_unet(cfg.model, seed=0)
+    model = build_model(cfg.model, seed=0)
     size = sample_size(cfg.model)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
@@ -19,12 +21,12 @@ def test_unet_shapes_per_preset(preset):
 
 def test_init_depends_only_on_seed():
     cfg = load_config(None)
-    a, b = build_unet(cfg.model, 0), build_unet(cfg.model, 0)
+    a, b = build_model(cfg.model, 0), build_model(cfg.model, 0)
     torch.manual_seed(123)  # global RNG must not matter
-    c = build_unet(cfg.model, 0)
+    c = build_model(cfg.model, 0)
     for (k, v), w, u in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(v, w) and torch.equal(v, u), k
-    d = build_unet(cfg.model, 1)
+    d = build_model(cfg.model, 1)
     assert not all(torch.equal(v, w) for v, w in zip(a.state_dict().values(), d.state_dict().values()))
 
 
@@ -36,14 +38,14 @@ def test_bad_sample_size_is_rejected():
 
 def test_ema_state_round_trip():
     cfg = load_config(None)
-    model = build_unet(cfg.model, 0)
+    model = build_model(cfg.model, 0)
     ema = build_ema(model, cfg.train)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     ema.step(model.parameters())
     state = EMAState(ema, model).state_dict()
-    other_model = build_unet(cfg.model, 5)
+    other_model = build_model(cfg.model, 5)
     other = build_ema(other_model, cfg.train)
     EMAState(other, other_model).load_state_dict(state)
     assert other.optimization_step == 1
@@ -80,3 +82,16 @@ def test_train_state_round_trip():
     t = TrainState()
     t.load_state_dict(s.state_dict())
     assert t == s
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_in_the_registry_builds_each_of_its_presets(name):
+    family = FAMILIES[name]
+    module = family.implementation()
+    assert tuple(module.PRESETS) == family.presets  # the registry repeats them for config validation
+    for attr in ("model_kwargs", "check_geometry", "build"):
+        assert callable(getattr(module, attr)), f"{family.module} lacks {attr}"
+    cfg = load_config(None, [f'model.family="{name}"', f'model.preset="{family.presets[0]}"'])
+    model = build_model(cfg.model, 0)
+    side = sample_size(cfg.model)
+    assert model(torch.zeros(1, 3, side, side), torch.tensor([1])).sample.shape == (1, 3, side, side)

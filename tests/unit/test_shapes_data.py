@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from service.config import load_config
-from service.train.data import ShapesSource, SyntheticSource, TrainingSamples, build_source
+from service.data.generated import ShapesSource, SyntheticSource
+from service.data.stream import TrainingSamples, build_source
 
 
 @pytest.mark.timeout(30)

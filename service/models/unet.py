@@ -1,17 +1,16 @@
-"""The diffusion model: diffusers' UNet2DModel + DDPMScheduler, sized by preset, and its EMA."""
+"""The ``unet`` family: diffusers' UNet2DModel, unconditional, in pixel space, in three sizes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 
-from service.config import ModelConfig, TrainConfig
+from service.models.build import IMAGE_CHANNELS
 
-IMAGE_CHANNELS = 3
+if TYPE_CHECKING:
+    from service.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,15 @@ PRESETS: dict[str, UNetPreset] = {
 }
 
 
-def sample_size(cfg: ModelConfig) -> int:
+def _side(cfg: ModelConfig) -> int:
     return cfg.sample_size or PRESETS[cfg.preset].sample_size
 
 
-def unet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Arguments of UNet2DModel for this config (also stored with exported models)."""
     p = PRESETS[cfg.preset]
     return dict(
-        sample_size=sample_size(cfg),
+        sample_size=_side(cfg),
         in_channels=IMAGE_CHANNELS,
         out_channels=IMAGE_CHANNELS,
         block_out_channels=p.block_out_channels,
@@ -75,49 +74,15 @@ def unet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def check_geometry(cfg: ModelConfig) -> None:
     """Raise ValueError if the image side does not survive the UNet's downsampling."""
-    p = PRESETS[cfg.preset]
-    factor = 2 ** (len(p.block_out_channels) - 1)
-    size = sample_size(cfg)
+    factor = 2 ** (len(PRESETS[cfg.preset].block_out_channels) - 1)
+    size = _side(cfg)
     if size % factor:
         raise ValueError(
             f"model.sample_size = {size} must be divisible by {factor} for preset {cfg.preset!r}"
         )
 
 
-def build_unet(cfg: ModelConfig, seed: int) -> UNet2DModel:
-    """A freshly initialised UNet; the init depends only on the seed (same on every rank)."""
-    check_geometry(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(**unet_kwargs(cfg))
+def build(kwargs: dict[str, Any]) -> torch.nn.Module:
+    from diffusers import UNet2DModel
 
-
-def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)
-
-
-def build_ema(model: torch.nn.Module, cfg: TrainConfig) -> EMAModel:
-    # EMA warm-up lets short runs show their progress in EMA samples too.
-    return EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
-
-
-class EMAState:
-    """Stateful view of the EMA: shadow weights by parameter name, plus its step counter."""
-
-    def __init__(self, ema: EMAModel, model: torch.nn.Module):
-        self.ema = ema
-        self.names = [n for n, _ in model.named_parameters()]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "shadow": dict(zip(self.names, self.ema.shadow_params)),
-            "step": torch.tensor(self.ema.optimization_step, dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        shadow = state["shadow"]
-        with torch.no_grad():
-            for name, param in zip(self.names, self.ema.shadow_params):
-                param.copy_(shadow[name])
-        self.ema.optimization_step = int(state["step"])
-
+    return UNet2DModel(**kwargs)

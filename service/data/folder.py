@@ -1,0 +1,191 @@
+"""An image folder: PNG/JPEG files under a local path or any fsspec URL (``data.kind = "folder"``)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import torch
+
+from service.errors import StorageError, UserError
+from service.redact import redact_text, redact_url
+
+if TYPE_CHECKING:
+    from service.config import Config
+
+log = logging.getLogger(__name__)
+_INHERITED_CLIENTS: list[Any] = []  # a forked DataLoader worker's, from its parent (FolderSource.fs)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _to_rgb(img: Any) -> Any:
+    """Any PNG/JPEG mode as 8-bit RGB, without the surprises of ``convert("RGB")``.
+
+    16-bit grey ("I;16", "I") keeps its top 8 bits (>> 8): convert() would clip every value
+    above 255 to white. Transparency (RGBA, LA, PA, palette or colour-key tRNS) is composited
+    on white — the usual background of cut-out images — instead of being dropped, which would
+    expose whatever colour the transparent pixels happen to store.
+    """
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_tensor(pil_image: Any, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size``, centre-crop, scale to [-1, 1]."""
+    from PIL import Image
+
+    img = _to_rgb(pil_image)
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class BadImageError(UserError):
+    """A file of the image folder cannot be decoded; the message names its index and URL."""
+
+
+class FolderSource:
+    """PNG/JPEG files under a local path or any fsspec URL, in sorted path order.
+
+    Each file is checked when it is read (a start-up pass over a large bucket would cost
+    hours). A file that does not decode stops training with an error naming it, or, with
+    ``on_bad_image="skip"``, is replaced by the next decodable file in folder order (wrapping):
+    a pure function of the index and the folder, so the sample stream stays the same on
+    every restart and world size. Replacements are counted in ``bad_images`` (this process)
+    and flagged per sample by ``TrainingSamples`` (``"bad_image"``), which reaches the training
+    process whatever the number of DataLoader workers. Read errors (network, permissions) are
+    never skipped: skipping them would make the stream depend on luck.
+    """
+
+    def __init__(self, url: str, size: int, on_bad_image: str = "error",
+                 storage_options: dict[str, Any] | None = None):
+        self.url, self.size, self.on_bad_image = url, size, on_bad_image
+        self.display_url = redact_url(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs: Any = None
+        self._pid: int | None = None
+        self.bad_images = 0
+        self._bad: dict[int, str] = {}  # index -> why it does not decode (this process)
+        try:
+            self._fs, root = fsspec.core.url_to_fs(url, **self._fs_kwargs())
+            self._pid = os.getpid()
+            files = [p for p in self._fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+        except (ValueError, ImportError) as e:
+            raise UserError(f"data.url {self.display_url!r} is not usable: {_gist(e)}") from None
+        except FileNotFoundError:
+            raise UserError(f"data.url {self.display_url!r} does not exist") from None
+        except Exception as e:  # denied, endpoint down, DNS: the storage, not the URL
+            raise StorageError(f"data.url {self.display_url!r} cannot be read: {_gist(e)}") from None
+        if not files and not self.fs.exists(root):
+            raise UserError(f"data.url {self.display_url!r} does not exist")
+        if not files:
+            raise UserError(
+                f"data.url {self.display_url!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "point it at a folder of PNG/JPEG files"
+            )
+        self.files = sorted(files)
+        self.load(0)  # fail at start-up, not hours into the run, if the files are not images
+        self.bad_images = 0  # count served samples only, not this check
+
+    def _fs_kwargs(self) -> dict[str, Any]:
+        return {**self.storage_options, "skip_instance_cache": True}
+
+    @property
+    def fs(self) -> Any:
+        """This process's filesystem. DataLoader workers are forked, and s3fs (like any client
+        with an event loop or connection pool) must not be used across a fork: each process
+        opens its own on first use."""
+        if self._fs is None or self._pid != os.getpid():
+            if self._fs is not None:  # the parent's, inherited by fork: collected here, its finalizer
+                _INHERITED_CLIENTS.append(self._fs)  # would close the parent's session from our loop
+            self._fs = fsspec.core.url_to_fs(self.url, **self._fs_kwargs())[0]
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers: reopen, never pickle a client
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    def describe(self) -> str:
+        return f"{len(self)} images under {self.display_url}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def file_url(self, index: int) -> str:
+        """The URL of file ``index``, without credentials (for messages)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        path = self.files[index]
+        return path if protocol in ("file", "local") else redact_url(f"{protocol}://{path}")
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.load(index)[0]
+
+    def load(self, index: int) -> tuple[torch.Tensor, bool]:
+        """(image, whether it is the replacement of a file that does not decode)."""
+        try:
+            return self._decode(index), False
+        except BadImageError:
+            if self.on_bad_image != "skip":
+                raise
+        for offset in range(1, len(self.files)):
+            candidate = (index + offset) % len(self.files)
+            try:
+                image = self._decode(candidate)
+            except BadImageError:
+                continue
+            self.bad_images += 1
+            return image, True
+        raise BadImageError(f"data.url {self.display_url!r}: cannot decode any of its {len(self.files)} "
+                            "images (data.on_bad_image = \"skip\" needs at least one that decodes)")
+
+    def _decode(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        if index in self._bad:
+            raise BadImageError(self._bad[index])
+        try:
+            with self.fs.open(self.files[index], "rb") as f:
+                data = f.read()
+        except Exception as e:  # not a bad image: the storage failed; never skipped
+            raise OSError(f"data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                return _to_tensor(img, self.size)
+        except Exception as e:  # UnidentifiedImageError, truncated data, SyntaxError, bombs
+            why = (f"data.url {self.display_url!r}: cannot decode image #{index} ({self.file_url(index)}): "
+                   f"{_gist(e)}; fix or remove the file, or set data.on_bad_image = \"skip\"")
+            self._bad[index] = why
+            if self.on_bad_image == "skip":
+                log.warning("%s — skipped: training on the next image that decodes", why.split("; fix")[0])
+            raise BadImageError(why) from None
+
+
+def _gist(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return redact_text(f"{type(e).__name__}: {lines[0][:200] if lines else ''}")
+
+
+def build(cfg: Config, size: int) -> FolderSource:
+    assert cfg.data.url is not None  # guaranteed by config validation (the kind needs_url)
+    return FolderSource(cfg.data.url, size, on_bad_image=cfg.data.on_bad_image)

@@ -1,0 +1,56 @@
+"""The data source kinds: one line each. Config validation (``data.kind``), the run's identity
+(which ``data.*`` keys define its math), the dry run and the builder all read this table, so a
+new source is its module plus one line here.
+
+Pure data on purpose (no torch, no config import): ``service.config`` validates against it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    """The value of ``data.kind``."""
+    builder: str
+    """``module:function`` that builds the source: ``function(cfg: Config, size: int)``."""
+    summary: str
+    """One line for the config reference."""
+    needs_url: bool = False
+    """``data.url`` is required."""
+    math_keys: tuple[str, ...] = ()
+    """The ``data.*`` keys that decide which images this source yields (besides ``kind``):
+    part of the run's identity, so a resume with other values is refused."""
+
+    def build_function(self) -> Callable[..., Any]:
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
+    SourceKind("shapes", "service.data.generated:build_shapes",
+               "large flat circles, squares and triangles in four colours (the quick demo)",
+               math_keys=("epoch_size",)),
+    SourceKind("synthetic", "service.data.generated:build_synthetic",
+               "the harder original shapes (smaller, five colours, varied grey backgrounds)",
+               math_keys=("epoch_size",)),
+    SourceKind("folder", "service.data.folder:build", "PNG/JPEG files under data.url",
+               needs_url=True, math_keys=("url",)),
+    SourceKind("digits", "service.data.digits:build", "scikit-learn's 8x8 handwritten digits"),
+)}
+
+# data.* keys that shape every source's stream (augmentation), whatever its kind.
+COMMON_MATH_KEYS = ("hflip",)
+
+
+def math_keys() -> tuple[str, ...]:
+    """Every ``data.*`` key that defines a run's math, in a stable order."""
+    keys = ["kind"]
+    for kind in SOURCES.values():
+        keys += [k for k in kind.math_keys if k not in keys]
+    return (*keys, *COMMON_MATH_KEYS)

@@ -1,0 +1,155 @@
+"""The global sample stream: every rank's batches, augmentation, noise and timesteps.
+
+The order of training is one global stream of samples: epoch ``e`` is a seeded permutation of the
+source, and stream position ``p`` is sample ``p % N`` of epoch ``p // N``. Step ``s`` consumes
+positions ``[s*B, (s+1)*B)`` (B = global batch) and rank ``r`` of ``W`` takes the r-th slice of
+``B/W``. A checkpoint stores one integer (the position), so a job resumed at any world size
+continues exactly where it stopped, and because augmentation, noise and timestep are pure
+functions of (seed, epoch, index), the math of a global batch does not depend on the world size
+or on the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from service.data.registry import SOURCES
+from service.errors import UserError
+
+if TYPE_CHECKING:
+    from service.config import Config
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (stable across processes)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ImageSource(Protocol):
+    """A finite, indexable set of images as float tensors (3, H, W) in [-1, 1].
+
+    A source may also offer ``load(index) -> (image, replaced)`` when it can stand in another
+    image for one that does not decode (see ``FolderSource``)."""
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> torch.Tensor: ...
+
+    def describe(self) -> str:
+        """What the dry run says about it, e.g. "1797 images (scikit-learn)"."""
+        ...
+
+
+def build_source(cfg: Config) -> ImageSource:
+    """The source ``data.kind`` names, at the model's input size."""
+    from service.models.build import sample_size
+
+    return SOURCES[cfg.data.kind].build_function()(cfg, sample_size(cfg.model))
+
+
+class GlobalOrder:
+    """Maps a global stream position to (epoch, index in epoch, source index)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+
+    @functools.lru_cache(maxsize=4)
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        epoch, index = divmod(position, self.num_samples)
+        return epoch, index, int(self.permutation(epoch)[index])
+
+
+class TrainingSamples(Dataset):
+    """Indexed by global stream position: the augmented image, its noise and its timestep."""
+
+    def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool):
+        self.source, self.seed = source, seed
+        self.num_timesteps, self.hflip = num_timesteps, hflip
+        self.order = GlobalOrder(len(source), seed)
+
+    def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
+        return 2**62
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        epoch, index, source_index = self.order.locate(position)
+        load = getattr(self.source, "load", None)  # sources that can replace a bad file
+        image, replaced = load(source_index) if load is not None else (self.source.image(source_index), False)
+        g = torch.Generator().manual_seed(derive_seed("sample", self.seed, epoch, index))
+        flip = bool(torch.rand(1, generator=g) < 0.5) and self.hflip
+        timestep = torch.randint(0, self.num_timesteps, (), generator=g)
+        noise = torch.randn(image.shape, generator=g)
+        if flip:
+            image = image.flip(-1)
+        return {
+            "image": image,
+            "noise": noise,
+            "timestep": timestep,
+            "position": torch.tensor(position),
+            "source_index": torch.tensor(source_index),
+            "bad_image": torch.tensor(replaced),  # sum per batch -> ftdiff_data_bad_images_total
+        }
+
+
+def rank_positions(start: int, global_batch: int, rank: int, world_size: int) -> list[int]:
+    """The positions ``rank`` trains on in the global batch that begins at ``start``."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} not divisible by world size {world_size}")
+    local = global_batch // world_size
+    first = start + rank * local
+    return list(range(first, first + local))
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """Yields this rank's slice of ``num_steps`` global batches from ``start_position`` on."""
+
+    def __init__(self, start_position: int, num_steps: int, global_batch: int, rank: int, world: int):
+        self.start_position, self.num_steps = start_position, num_steps
+        self.global_batch, self.rank, self.world = global_batch, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.num_steps):
+            start = self.start_position + k * self.global_batch
+            yield rank_positions(start, self.global_batch, self.rank, self.world)
+
+
+def check_batch_geometry(global_batch: int, world_size: int) -> None:
+    if global_batch % world_size:
+        raise UserError(
+            f"train.global_batch_size = {global_batch} is not divisible by the world size "
+            f"{world_size}; choose a multiple of {world_size} (e.g. "
+            f"{max(world_size, global_batch - global_batch % world_size)})"
+        )
+
+
+def build_loader(
+    samples: TrainingSamples,
+    start_position: int,
+    num_steps: int,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """A loader over this rank's slices of the global stream, from ``start_position`` on."""
+    sampler = RankBatchSampler(start_position, num_steps, global_batch, rank, world_size)
+    return DataLoader(
+        samples,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+    )

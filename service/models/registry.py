@@ -1,0 +1,37 @@
+"""The model families: one line each. Config validation (``model.family``, ``model.preset``),
+the run's identity, the dry run and the builders all read this table, so a new family is its
+module plus one line here.
+
+Pure data on purpose (no torch, no config import): ``service.config`` validates against it.
+The preset names are repeated here so that validating a config does not import diffusers;
+tests/unit/test_model.py checks that they match the family module's ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    """The value of ``model.family``."""
+    module: str
+    """The module that builds it. It provides ``PRESETS`` (name -> preset with a
+    ``sample_size``), ``model_kwargs(cfg) -> dict`` (the diffusers constructor's arguments,
+    also stored with exports), ``check_geometry(cfg)`` (ValueError naming what does not fit)
+    and ``build(kwargs) -> torch.nn.Module``."""
+    presets: tuple[str, ...]
+    summary: str
+
+    def implementation(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
+    ModelFamily("unet", "service.models.unet", ("tiny", "small", "base"),
+                "diffusers' UNet2DModel, unconditional, in pixel space"),
+)}
+DEFAULT_FAMILY = "unet"
