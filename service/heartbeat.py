@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from service.proctree import children
+from service.vocabulary import RecoveryKind, StateSource
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 
 # What a restart cost, as rank 0 measures it (service.train.recovery): fault kinds and where
 # the state came from.
-RECOVERY_KINDS = ("crash", "hang", "preemption", "rescale", "ordered")
-RECOVERY_SOURCES = ("memory", "object_store", "fresh")
+RECOVERY_KINDS = frozenset(kind.value for kind in RecoveryKind)
+RECOVERY_SOURCES = frozenset(source.value for source in StateSource)
 
 
 @dataclass(frozen=True)

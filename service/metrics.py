@@ -8,18 +8,16 @@ step never does network I/O for metrics (Prometheus pulls).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
-from service.heartbeat import RECOVERY_KINDS
+from service.vocabulary import FailureKind, RecoveryKind, RestartReason, StateSource
 
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RECOVERY_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 CHECKPOINT_FAILURE_STAGES = ("snapshot", "write", "manifest", "pointer", "retention", "load")
-RECOVERY_SOURCES = ("fresh", "object_store", "memory")
 MEMORY_REJECT_REASONS = ("corrupt", "foreign", "stale")
 
 
@@ -64,7 +62,7 @@ class CheckpointMetrics:
         # crash), "object_store": the newest loadable commit, "fresh": nothing to resume.
         self.recovery_source = Enum(
             "ftdiff_checkpoint_recovery_source", "Where this start's state came from",
-            states=list(RECOVERY_SOURCES), registry=registry,
+            states=[source.value for source in StateSource], registry=registry,
         )
         self.memory_steps_recovered = Counter(
             "ftdiff_checkpoint_memory_steps_recovered_total",
@@ -116,25 +114,6 @@ class WorkerMetrics:
 JOB_STATES = ("starting", "running", "restarting", "backoff", "stopping", "succeeded", "failed")
 
 
-class FailureKind(StrEnum):
-    """What the supervisor detected (label ``kind`` of ftdiff_job_failures_detected_total)."""
-
-    WORKER_CRASH = "worker_crash"
-    HANG = "hang"
-    LOST_NODE = "lost_node"
-    AGENT_FAILED = "agent_failed"
-
-
-class RestartReason(StrEnum):
-    """Why the job restarts (label ``reason`` of ftdiff_job_restarts_total)."""
-
-    WORKER_CRASH = "worker_crash"
-    HANG = "hang"
-    LOST_NODE = "lost_node"
-    ORDERED = "ordered"
-    JOB_FAILED = "job_failed"
-
-
 class SupervisorMetrics:
     """What the supervisor serves on /metrics: job health, plus checkpoint and training
     progress relayed from the workers' heartbeats (one scrape target for the whole job)."""
@@ -174,10 +153,10 @@ class SupervisorMetrics:
             registry=r,
         )
         self.goodput.set(float("nan"))
-        for kind in RECOVERY_KINDS:  # every series from the start: rate() sees the first one
-            self.steps_lost.labels(kind=kind)
-            for source in RECOVERY_SOURCES:
-                self.recovery_seconds.labels(kind=kind, source=source)
+        for kind in RecoveryKind:  # every series from the start: rate() sees the first one
+            self.steps_lost.labels(kind=kind.value)
+            for source in StateSource:
+                self.recovery_seconds.labels(kind=kind.value, source=source.value)
         # Worker metrics arrive with the heartbeats and are re-exported with a rank label, so
         # one scrape of the supervisor covers the whole job.
         self.relay = WorkerRelay()

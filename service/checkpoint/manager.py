@@ -46,6 +46,7 @@ from service.config import Config
 from service.dist import DistInfo
 from service.errors import UserError
 from service.metrics import CheckpointMetrics
+from service.vocabulary import StateSource
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Checkpointer:
                 MemoryTier(info.run_id, ck.memory_tier_dir), info, state, per_rank_keys, self.group,
                 fingerprint, lambda: self.ownership.number, can_read_state, self.telemetry)
         self.last_committed_step: int | None = None
-        self.resume_source = "fresh"
+        self.resume_source = StateSource.FRESH
         self.is_restart = False
         """Whether this start continues a run that already started (same run id and root)."""
         """Where this start's state came from: memory, object_store or fresh."""
@@ -141,7 +142,7 @@ class Checkpointer:
             step = self.resumer.resume(restart=restart)
             if step is not None:
                 self.last_committed_step = step
-            self.resume_source = "object_store" if step is not None else "fresh"
+            self.resume_source = StateSource.OBJECT_STORE if step is not None else StateSource.FRESH
             self.telemetry.resumed_from(self.resume_source)
         if self.memory is not None:
             self.memory.committed(self.last_committed_step)  # older snapshots are of no more use
@@ -333,8 +334,8 @@ class Checkpointer:
         step = self.memory.resume(newest)
         if step is not None:
             self.last_committed_step = newest[0] if newest is not None else None
-            self.resume_source = "memory"
-            self.telemetry.resumed_from("memory")
+            self.resume_source = StateSource.MEMORY
+            self.telemetry.resumed_from(StateSource.MEMORY)
         return step
 
     def _newest_commit(self) -> tuple[int, int | None] | None:

@@ -10,6 +10,7 @@ import time
 
 from service.checkpoint.collectives import describe_error
 from service.metrics import CheckpointMetrics
+from service.vocabulary import StateSource
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,10 @@ class CheckpointTelemetry:
             self.metrics.failures.labels(stage="load").inc()
 
     # -- the memory tier and where a start's state came from ------------------------------------
-    def resumed_from(self, source: str) -> None:
-        """``source``: memory, object_store or fresh (ftdiff_checkpoint_recovery_source)."""
+    def resumed_from(self, source: StateSource) -> None:
+        """ftdiff_checkpoint_recovery_source."""
         if self.metrics:
-            self.metrics.recovery_source.state(source)
+            self.metrics.recovery_source.state(source.value)
 
     def recovered_from_memory(self, steps: int, since: float) -> None:
         """A resume took the state from the memory tier, ``steps`` newer than the newest commit."""

@@ -20,9 +20,9 @@ from typing import Any
 from service.config import Config
 from service.errors import EXIT_OK, UserError
 from service.heartbeat import Heartbeat, shared_token
-from service.metrics import FailureKind, RestartReason
 from service.supervisor.core import Supervisor
 from service.supervisor.monitor import RankState
+from service.vocabulary import FailureKind, RestartReason
 
 log = logging.getLogger(__name__)
 

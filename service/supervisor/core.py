@@ -16,11 +16,12 @@ import time
 from service.config import Config
 from service.errors import EXIT_OK
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat
-from service.metrics import FailureKind, RestartReason, SupervisorMetrics
+from service.metrics import SupervisorMetrics
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor, RankState
 from service.supervisor.recovery import RecoveryBook
 from service.supervisor.server import SupervisorEndpoints
+from service.vocabulary import FailureKind, RestartReason
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Supervisor:
                 if self._restart_request:
                     self._restart_request = False
                     self.metrics.restarts.labels(reason=RestartReason.ORDERED.value).inc()
-                    self.recoveries.diagnosed("ordered")
+                    self.recoveries.diagnosed(RestartReason.ORDERED)
                     self.monitor.order_restart()
                 hung = self.monitor.hung()
                 if hung:

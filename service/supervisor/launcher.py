@@ -26,7 +26,6 @@ from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
 from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, die_with_parent, shared_token
-from service.metrics import FailureKind, RestartReason
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
 from service.supervisor.ending import emergency_commit_problem, remove_run_files
@@ -42,6 +41,7 @@ from service.supervisor.torchrun import (
     worker_args,
     worker_env,
 )
+from service.vocabulary import FailureKind, RestartReason
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ publication of heartbeat-derived metrics."""
 
 from __future__ import annotations
 
-from service.metrics import FailureKind, RestartReason, SupervisorMetrics
+from service.metrics import SupervisorMetrics
 from service.supervisor.monitor import JobMonitor
+from service.vocabulary import FailureKind, RestartReason
 
 MAX_BACKOFF_S = 30.0
 

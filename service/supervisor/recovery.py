@@ -21,7 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from service.heartbeat import Heartbeat
-from service.metrics import FailureKind, SupervisorMetrics
+from service.metrics import SupervisorMetrics
+from service.vocabulary import FailureKind, RestartReason, recovery_kind_of
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class RecoveryBook:
         self._diagnosis: str | None = None
         self.started_at = time.time()
 
-    def diagnosed(self, kind: str) -> None:
-        """The supervisor's own diagnosis of the failure the next recovery comes from: a
-        ``FailureKind`` value, or "ordered" (an operator's restart). It wins over the workers'
-        view: after a hang the stuck process is SIGKILLed and its peers see a crash; an
-        operator's restart and a lost node in attach mode order processes out like a hang."""
+    def diagnosed(self, diagnosis: FailureKind | RestartReason) -> None:
+        """The supervisor's own diagnosis of the failure the next recovery comes from (a
+        ``FailureKind``, or ``RestartReason.ORDERED`` for an operator's restart). It wins over
+        the workers' view: after a hang the stuck process is SIGKILLed and its peers see a
+        crash; an operator's restart and a lost node in attach mode order processes out like
+        a hang."""
         with self._lock:
-            self._diagnosis = "hang" if kind == FailureKind.HANG.value else (
-                "ordered" if kind == "ordered" else "crash")
+            self._diagnosis = recovery_kind_of(diagnosis).value
 
     def reset(self) -> None:
         """A new job under the same supervisor (attach mode): its steps start again."""

@@ -37,6 +37,7 @@ import crc32c
 
 from service.checkpoint.memory_tier import run_key
 from service.heartbeat import Recovery
+from service.vocabulary import RecoveryKind
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,16 @@ class Progress:
     world_size: int = 0
     """The world the records were written in (the largest, if they differ)."""
 
-    def kind(self, world_size: int) -> str:
+    def kind(self, world_size: int) -> RecoveryKind:
         """What the restart into ``world_size`` ranks recovered from (the supervisor may know
         better: service.supervisor.recovery relabels by its own diagnosis)."""
         # torchrun stops every worker (SIGTERM: an emergency commit) when a node joins: a larger
         # world is a rescale whatever the records say. A lost node's restart is a crash.
         if self.world_size and world_size > self.world_size:
-            return "rescale"
+            return RecoveryKind.RESCALE
         if self.ordered:
-            return "hang"
-        return "preemption" if self.all_stopped else "crash"
+            return RecoveryKind.HANG
+        return RecoveryKind.PREEMPTION if self.all_stopped else RecoveryKind.CRASH
 
 
 def combine(found: list[Progress | None]) -> Progress | None:

@@ -10,7 +10,7 @@ import pytest
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 # Layers, lowest first: a module may import from its own layer and the ones below it.
 LAYERS = [
-    {"errors", "redact", "config", "logs", "metrics", "dist", "heartbeat", "faults", "models", "data", "launch_env", "state_keys",
+    {"errors", "redact", "config", "logs", "metrics", "dist", "heartbeat", "faults", "models", "data", "launch_env", "vocabulary", "state_keys",
      "proctree"},
     {"checkpoint"},
     {"supervisor", "train", "weights", "sample", "export"},
