@@ -1,4 +1,4 @@
-# Two commands: `make run` (the embedded default job) and `make test`.
+# Two commands: `make run` (the embedded default job) and `make test` (`make test-fast`: its quick part).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PYTEST := -m pytest -q -n 2 --dist worksteal
 
-.PHONY: run test test-latest lock install install-test image image-smoke stack-smoke clean
+.PHONY: run test test-fast test-latest lock install install-test image image-smoke stack-smoke clean
 
 # An isolated venv, unless the system Python already has torch (GPU images): then the venv
 # sees it, and the project keeps that CUDA build.
@@ -44,6 +44,11 @@ run: install
 # so two run side by side in about half the time; worksteal evens out the long fault tests.
 test: install-test
 	$(BIN)/python $(PYTEST)
+
+# The suite without the tests marked multiprocess (every integration test, and unit tests that
+# start processes): quick feedback while editing; `make test` stays the full check.
+test-fast: install-test
+	$(BIN)/python $(PYTEST) -m "not multiprocess"
 
 # The suite against the newest release of every dependency, in a venv of its own: drift is
 # seen on purpose. FTDIFF_UNPINNED tells the lock test that versions may differ from the lock.

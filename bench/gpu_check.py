@@ -23,6 +23,7 @@ def main() -> None:
     from service.config import load_config
     from service.data.stream import build_loader
     from service.dist import cleanup_distributed, init_distributed
+    from service.launch_env import LaunchEnv
     from service.train.loop import Trainer
 
     steps, warmup = 60, 10
@@ -31,7 +32,7 @@ def main() -> None:
         f"train.max_steps={steps}", "train.global_batch_size=64", "data.num_workers=4",
         f'checkpoint.url="{ckpt_dir}"', "checkpoint.every_steps=100000", 'checkpoint.resume="never"',
     ])
-    info = init_distributed()
+    info = init_distributed(LaunchEnv.read(), 300.0)
     trainer = Trainer(cfg, info)
     loader = build_loader(trainer.samples, 0, steps, 64, info.rank, info.world_size, 4)
     torch.cuda.reset_peak_memory_stats()

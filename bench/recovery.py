@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service import faults  # noqa: E402
-from service.proctree import started_at  # noqa: E402
+from service.node.proc import started_at  # noqa: E402
 from service.supervisor import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def _is_agent(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"torch.distributed.run" in cmdline or b"service.train.agent" in cmdline
+    return b"torch.distributed.run" in cmdline or b"service.node.agent" in cmdline
 
 
 def summarize(samples: list[dict[str, float]]) -> dict[str, float]:

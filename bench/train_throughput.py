@@ -44,9 +44,10 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
     warnings.filterwarnings("ignore")
     from service.data.stream import build_loader
     from service.dist import cleanup_distributed, init_distributed
+    from service.launch_env import LaunchEnv
     from service.train.loop import Trainer
 
-    info = init_distributed()
+    info = init_distributed(LaunchEnv.read(), 300.0)
     trainer = Trainer(_config(preset, batch, world, steps), info)
     loader = iter(build_loader(trainer.samples, 0, steps, batch * world, rank, world, 0))
     warmup = 3

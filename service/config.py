@@ -109,6 +109,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU. fp16 enables the grad scaler."""
     log_every: int = Field(default=10, ge=1)
+    collective_timeout_s: float = Field(default=300.0, gt=0, lt=1e7)
+    """How long a collective waits for a peer: long enough for a slow checkpoint load, short
+    enough that a peer gone without a broken connection becomes an error, not a silent hang."""
     step_sleep_s: float = Field(default=0.0, ge=0, le=10)
     """Artificial delay per step, for fault-injection tests and demos only."""
 

@@ -11,16 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from service.launch_env import LaunchEnv
+from service.node.proc import start_ticks
+
 log = logging.getLogger(__name__)
-
-
-def _timeout(env_name: str, default_s: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get(env_name, default_s)))
-
-
-# Collective timeout: long enough for a slow checkpoint load, short enough that a dead peer
-# turns into an error instead of a silent hang (the supervisor's hang detector covers the rest).
-COLLECTIVE_TIMEOUT = _timeout("FTDIFF_COLLECTIVE_TIMEOUT_S", 300)
 
 
 @dataclass(frozen=True)
@@ -35,18 +29,24 @@ class DistInfo:
     deploy manifests), else torchrun's --rdzv-id; None when neither names the run."""
     restart_count: int = 0
     """torchrun's restart count of this worker group (TORCHELASTIC_RESTART_COUNT)."""
+    collective_timeout_s: float = 300.0
+    """train.collective_timeout_s: how long a collective waits for a peer."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group (nccl on CUDA, gloo otherwise), or run alone."""
+def init_distributed(launch: LaunchEnv, collective_timeout_s: float) -> DistInfo:
+    """Join the torchrun process group (nccl on CUDA, gloo otherwise), or run alone.
+
+    ``collective_timeout_s`` (train.collective_timeout_s): long enough for a slow checkpoint
+    load, short enough that a dead peer turns into an error instead of a silent hang (the
+    supervisor's hang detector covers the rest)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    node = os.environ.get("FTDIFF_NODE", os.environ.get("GROUP_RANK", "0"))
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -57,44 +57,36 @@ def init_distributed() -> DistInfo:
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
-            timeout=COLLECTIVE_TIMEOUT,
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
-            store=_restart_safe_store(rank, world_size),
+            store=_restart_safe_store(rank, world_size, timeout),
             rank=rank,
             world_size=world_size,
         )
         log.debug("joined process group: rank %d/%d backend %s", rank, world_size, backend)
-    return DistInfo(rank, world_size, local_rank, device, node, run_id_from_env(),
-                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    return DistInfo(rank, world_size, local_rank, device, launch.node, run_id_of(launch),
+                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), collective_timeout_s)
 
 
-def run_id_from_env() -> str | None:
+def run_id_of(launch: LaunchEnv) -> str | None:
     """The id that names this run across restarts: FTDIFF_RUN_ID, else torchrun's --rdzv-id,
     else (torchrun's default id "none" names nothing) the torchrun agent itself — host, pid and
     start time of the parent process, the same for every restart it makes. None outside
     torchrun: every start by hand is a run of its own."""
-    explicit = os.environ.get("FTDIFF_RUN_ID")
-    if explicit:
-        return explicit
-    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if launch.run_id:
+        return launch.run_id
+    rdzv = launch.rendezvous_id
     if rdzv is None:
         return None
     if rdzv and rdzv != "none":
         return rdzv
-    return _agent_identity()
-
-
-def _agent_identity() -> str | None:
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/stat") as f:
-            started = f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time in ticks
-    except (OSError, IndexError):
+    started = start_ticks(launch.agent_pid)
+    if started is None:
         return None
-    return f"torchrun-{socket.gethostname()}-{parent}-{started}"
+    return f"torchrun-{socket.gethostname()}-{launch.agent_pid}-{started}"
 
 
-def _restart_safe_store(rank: int, world_size: int) -> dist.Store:
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
     """The rendezvous store, namespaced per torchrun restart.
 
     With c10d rendezvous, torchrun shares one agent TCPStore with the workers of *every*
@@ -109,7 +101,7 @@ def _restart_safe_store(rank: int, world_size: int) -> dist.Store:
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         host, port, world_size=world_size, is_master=not shared and rank == 0,
-        timeout=COLLECTIVE_TIMEOUT, multi_tenant=not shared,
+        timeout=timeout, multi_tenant=not shared,
     )
     if not shared:
         return store
@@ -120,11 +112,11 @@ def _restart_safe_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"ftdiff/restart-{restart}", store)
 
 
-def new_gloo_group() -> dist.ProcessGroup | None:
+def new_gloo_group(timeout_s: float) -> dist.ProcessGroup | None:
     """A CPU group for background checkpoint collectives, apart from the training group."""
     if not dist.is_initialized():
         return None
-    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def cleanup_distributed() -> None:

@@ -10,6 +10,8 @@ EXIT_USAGE = 2  # bad arguments, config, URL, impossible geometry: nothing was w
 EXIT_SUPERSEDED = 46  # worker: another start of the job now owns the checkpoint root (fenced)
 EXIT_STORAGE = 3  # storage unreachable, or access denied (credentials, read-only, policy)
 EXIT_PREEMPTED = 43  # SIGTERM handled, emergency checkpoint committed
+EXIT_RESTART_ORDERED = 44  # worker: left on the supervisor's restart order (torchrun restarts it)
+EXIT_ORPHANED = 45  # worker: its local supervisor or agent died; it must not outlive its job
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, quietly
 
 

@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import urllib.error
@@ -20,19 +19,17 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from service.proctree import children
+from service.launch_env import LaunchEnv
+from service.node.exits import exit_for_restart, exit_orphaned, safe_to_kill
+from service.node.proc import pid_alive
 from service.vocabulary import RecoveryKind, StateSource
 
 log = logging.getLogger(__name__)
 
-# Exit code of a worker that leaves because the supervisor ordered a restart.
-EXIT_RESTART_ORDERED = 44
-# The same order by signal, from a supervisor on the worker's own machine (it knows the pid):
+# A restart order by signal, from a supervisor on the worker's own machine (it knows the pid):
 # the worker leaves its last completed step in the memory tier and exits at once, instead of
 # at its next heartbeat.
 LEAVE_SIGNAL = signal.SIGUSR1
-# Exit code of a worker whose local supervisor or agent died (it must not outlive its job).
-EXIT_ORPHANED = 45
 # "refused": the worker left with an error a restart cannot fix (config, superseded);
 # "refused-storage": the same, the storage's (denied, bucket gone): the job ends with exit 3.
 REFUSED, REFUSED_STORAGE = "refused", "refused-storage"
@@ -193,10 +190,10 @@ def _str(body: dict, key: str) -> str:
     return value
 
 
-def shared_token(configured: str | None) -> str | None:
+def shared_token(configured: str | None, launch: LaunchEnv) -> str | None:
     """The job's shared secret: ``supervisor.token``, else FTDIFF_TOKEN (how the local launcher
     and the deploy manifests hand it over). One rule for workers and supervisors alike."""
-    return configured or os.environ.get("FTDIFF_TOKEN") or None
+    return configured or launch.token
 
 
 def token_ok(header: str | None, token: str) -> bool:
@@ -217,13 +214,16 @@ class HeartbeatSender:
         status: Callable[[], Heartbeat],
         on_exit_order: Callable[[int, list[int]], None] | None = None,
         watch_pids: list[int] | None = None,
+        protected_pids: tuple[int, ...] = (),
     ):
         """``watch_pids``: processes this worker must not outlive (the local supervisor and
-        its torchrun agent): when one is gone, the worker exits at its next interval."""
+        its torchrun agent): when one is gone, the worker exits at its next interval.
+        ``protected_pids``: never ended as a stuck peer whatever the answer says (its agent)."""
         self.url = url.rstrip("/") + "/heartbeat"
         self.token, self.interval_s, self.status = token, interval_s, status
         self.on_exit_order = on_exit_order or exit_for_restart
         self.watch_pids = list(watch_pids or [])
+        self.protected_pids = (*protected_pids, *self.watch_pids)
         self.sent = 0
         self.failed = 0
         self._stop = threading.Event()
@@ -252,7 +252,7 @@ class HeartbeatSender:
         action = answer.get("action") if obey else None
         if action == "exit":  # addressed to this very process (by pid)
             named = answer.get("kill")
-            kill = [p for p in named if safe_to_kill(p)] if isinstance(named, list) else []
+            kill = [p for p in named if safe_to_kill(p, self.protected_pids)] if isinstance(named, list) else []
             if named and len(kill) != len(named):
                 log.error("ignoring pids %s named as stuck peers: not single other processes",
                           [p for p in named if p not in kill])
@@ -261,9 +261,9 @@ class HeartbeatSender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            gone = [pid for pid in self.watch_pids if not _alive(pid)]
+            gone = [pid for pid in self.watch_pids if not pid_alive(pid)]
             if gone:
-                _exit_orphaned(gone)
+                exit_orphaned(gone)
             try:
                 self.send_once()
             except (OSError, ValueError, urllib.error.URLError) as e:
@@ -275,72 +275,3 @@ class HeartbeatSender:
             self.send_once(obey=False)  # the worker is leaving anyway; no order applies now
         except (OSError, ValueError, urllib.error.URLError):
             pass
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies — also when this process is
-    stopped or stuck, where no thread of its own could notice. Not Linux: no-op."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _exit_orphaned(gone: list[int]) -> None:
-    log.error("the job's supervisor or agent (pid %s) is gone: exiting, so no worker outlives its job",
-              ", ".join(map(str, gone)))
-    logging.shutdown()
-    os._exit(EXIT_ORPHANED)
-
-
-def safe_to_kill(pid: object) -> bool:
-    """Whether ``pid`` names one other process this worker may end as a stuck peer. Never pid
-    0, -1 or any negative number (a process group, or every process the user may signal), never
-    init (1), nor this process, its parent (the torchrun agent) or its process group's leader,
-    whatever the supervisor's answer says."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
-        return False
-    return pid not in {os.getpid(), os.getppid(), os.getpgrp()}
-
-
-def exit_for_restart(generation: int | None, kill: list[int]) -> None:
-    """Leave on the supervisor's restart order (``generation``; None: by ``LEAVE_SIGNAL``)."""
-    how = "by signal" if generation is None else f"generation {generation}"
-    log.error("supervisor ordered a restart (%s): exiting so torchrun restarts us", how)
-    # Stuck peers on this node (named by the authenticated supervisor) cannot leave by
-    # themselves; without this, torchrun would wait out its grace period before killing them.
-    for pid in kill:
-        if not safe_to_kill(pid):
-            log.error("refusing to signal pid %r named as a stuck peer: not a single other process", pid)
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-            log.error("ended stuck peer process %d on this node", pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    # This process's own children (data-loader workers) would linger for seconds after the
-    # hard exit below, until their watchdog notices: end them first.
-    for pid in children(os.getpid()):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    logging.shutdown()
-    # os._exit: the main thread may be stuck in a collective; only a hard exit gets out.
-    os._exit(EXIT_RESTART_ORDERED)
-

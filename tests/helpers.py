@@ -87,7 +87,7 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def torchrun_cmd(overrides: list[str], nproc: int = 2, max_restarts: int = 0,
                  launcher: str = "torch.distributed.run") -> list[str]:
-    """A plain torchrun job (``launcher``: or the agent wrapper, ``service.train.agent``)."""
+    """A plain torchrun job (``launcher``: or the agent wrapper, ``service.node.agent``)."""
     return [
         sys.executable, "-m", launcher,
         "--nnodes=1", f"--nproc-per-node={nproc}",

@@ -1,4 +1,4 @@
-"""A tiny worker for the zygote/shim tests (``python -m service.train.zygote --entry
+"""A tiny worker for the zygote/shim tests (``python -m service.node.zygote --entry
 tests.zygote_entry:main``): behaves as its argv says, so each test checks one semantic."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ def main(argv: list[str]) -> int:
     if what == "exit":  # exit N
         return int(rest[0])
     if what == "describe":  # describe FILE: who am I (env, cwd, argv, parent, path)
-        body = {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "argv": sys.argv,
+        from service.launch_env import LaunchEnv
+
+        body = {"pid": os.getpid(), "agent": LaunchEnv.read().agent_pid, "cwd": os.getcwd(), "argv": sys.argv,
                 "env": dict(os.environ), "path": sys.path, "sid": os.getsid(0)}
         with open(rest[0], "w") as f:
             json.dump(body, f)

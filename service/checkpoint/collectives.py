@@ -29,7 +29,7 @@ class CheckpointGroup:
 
     def __init__(self, info: DistInfo):
         self.info = info
-        self.pg = new_gloo_group() if dist.is_initialized() else None
+        self.pg = new_gloo_group(info.collective_timeout_s) if dist.is_initialized() else None
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` (rank 0's by default) on every rank."""

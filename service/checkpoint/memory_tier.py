@@ -41,6 +41,7 @@ import crc32c
 import torch
 
 from service.checkpoint.identity import differences
+from service.node.proc import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ class MemoryTier:
             if not name.startswith(self.prefix) or ".mem.tmp-" not in name:
                 continue
             pid = name.rsplit("-", 1)[1]
-            if everything or not (pid.isdigit() and _alive(int(pid))):
+            if everything or not (pid.isdigit() and pid_alive(int(pid))):
                 removed += self._unlink(self.dir / name)
         return removed
 
@@ -386,13 +387,3 @@ class MemoryTier:
             return 1
         except FileNotFoundError:
             return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

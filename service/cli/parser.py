@@ -10,7 +10,7 @@ from service.cli.env_cmd import cmd_env, ftdiff_version
 from service.cli.store_cmd import cmd_rdzv_store
 from service.cli.tools_cmds import cmd_export, cmd_sample
 from service.cli.train_cmds import cmd_supervise, cmd_train, cmd_worker
-from service.train.args import add_worker_args
+from service.launch_env import add_worker_args
 
 DESCRIPTION = "ftdiff: train, supervise, inspect/verify/prune checkpoints, export, sample."
 EPILOG = ("exit codes: 0 ok, 1 corrupt/missing checkpoint or failed run, 2 usage/config, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from service.errors import EXIT_OK
@@ -56,13 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     from service.config import load_config
+    from service.launch_env import LaunchEnv
     from service.logs import setup_logging
     from service.supervisor.attach import run_attached
 
     cfg = load_config(args.config, job_overrides(args.set))
-    setup_logging("supervisor", args.log_format, args.verbose,
-                  secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
-    return run_attached(cfg)
+    launch = LaunchEnv.read()
+    setup_logging("supervisor", args.log_format, args.verbose, secrets=[cfg.supervisor.token, launch.token])
+    return run_attached(cfg, launch)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

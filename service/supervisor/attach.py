@@ -6,7 +6,7 @@ at that moment is answered ``exit`` on its next heartbeat and leaves with code 4
 heartbeat thread, so a worker stuck in a collective gets out too — and its torchrun agent
 restarts the group, which reloads the latest committed checkpoint. A process that cannot
 heartbeat (SIGSTOPped) is ended by a peer on its node on that peer's way out, or by its node's
-agent when that runs as ``python -m service.train.agent`` (it asks ``POST /stuck``; the only
+agent when that runs as ``python -m service.node.agent`` (it asks ``POST /stuck``; the only
 way out when every worker of a node is stuck). On SIGTERM the
 supervisor simply leaves: the job trains on, and a restarted supervisor picks it up from the
 next heartbeats (exit orders name one process — node, pid, start time — and expire).
@@ -20,6 +20,7 @@ from typing import Any
 from service.config import Config
 from service.errors import EXIT_OK, UserError
 from service.heartbeat import Heartbeat, shared_token
+from service.launch_env import LaunchEnv
 from service.supervisor.core import Supervisor
 from service.supervisor.monitor import RankState
 from service.vocabulary import FailureKind, RestartReason
@@ -112,8 +113,8 @@ class AttachedSupervisor(Supervisor):
         return EXIT_OK
 
 
-def run_attached(cfg: Config) -> int:
-    token = shared_token(cfg.supervisor.token)
+def run_attached(cfg: Config, launch: LaunchEnv) -> int:
+    token = shared_token(cfg.supervisor.token, launch)
     if not token:
         raise UserError("ftdiff supervise needs a shared token: set supervisor.token or FTDIFF_TOKEN")
     try:

@@ -25,7 +25,9 @@ from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
 from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
-from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, die_with_parent, shared_token
+from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, shared_token
+from service.launch_env import ZYGOTE_SOCKET_ENV, LaunchEnv, launcher_env
+from service.node.proc import die_with_parent
 from service.supervisor import procs
 from service.supervisor.core import Supervisor
 from service.supervisor.ending import emergency_commit_problem, remove_run_files
@@ -55,8 +57,8 @@ class Agent:
 
 class LocalSupervisor(Supervisor):
     def __init__(self, cfg: Config, config: str | None, overrides: list[str], nnodes: int,
-                 nproc_per_node: int, log_format: str = "text"):
-        token = shared_token(cfg.supervisor.token) or secrets.token_urlsafe(24)
+                 nproc_per_node: int, log_format: str = "text", launch: LaunchEnv | None = None):
+        token = shared_token(cfg.supervisor.token, launch or LaunchEnv.read()) or secrets.token_urlsafe(24)
         super().__init__(cfg, token, known_nodes={str(n) for n in range(nnodes)})
         self.nnodes, self.nproc = nnodes, nproc_per_node
         self.log_dir = tempfile.mkdtemp(prefix="ftdiff-torchelastic-")
@@ -82,20 +84,17 @@ class LocalSupervisor(Supervisor):
     def _launch(self, node: int) -> None:
         env = {
             **os.environ, **AGENT_ENV, **worker_env(self.overrides),
-            "FTDIFF_NODE": str(node),
-            "FTDIFF_SUPERVISOR_URL": f"http://{_reachable(self.cfg.supervisor.host)}:{self.server.port}",
-            "FTDIFF_TOKEN": self.token,
-            # One run across every torchrun restart and relaunch (checkpoint.resume = never or
-            # a pinned step applies to its first start only; see service.checkpoint.resume).
-            "FTDIFF_RUN_ID": self.run_id,
-            # Workers stop when this process is gone (see service.heartbeat).
-            "FTDIFF_SUPERVISOR_PID": str(os.getpid()),
+            # One run id across every torchrun restart and relaunch (checkpoint.resume = never
+            # or a pinned step applies to its first start only; see service.checkpoint.resume);
+            # workers stop when this process is gone (see service.heartbeat).
+            **launcher_env(node=node, supervisor_url=f"http://{_reachable(self.cfg.supervisor.host)}:{self.server.port}",
+                           token=self.token, run_id=self.run_id, supervisor_pid=os.getpid()),
             # torchrun SIGKILLs workers this long after forwarding SIGTERM (default 30 s):
             # the emergency checkpoint gets checkpoint.grace_s plus a margin.
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout_s(self.cfg)),
         }
         if self.zygotes is not None:
-            env[procs.ZYGOTE_SOCKET_ENV] = self.zygotes.ensure(node, {**os.environ, **AGENT_ENV})
+            env[ZYGOTE_SOCKET_ENV] = self.zygotes.ensure(node, {**os.environ, **AGENT_ENV})
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
             self.cfg.supervisor.min_nodes, f"{self.run_id}-r{self.round}",
@@ -382,14 +381,15 @@ def run_local_job(
     from service.logs import setup_logging
 
     cfg = load_config(config, overrides)  # validate before starting anything
+    launch = LaunchEnv.read()
     # The token never reaches a log line, whichever way it came in.
-    setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, os.environ.get("FTDIFF_TOKEN")])
+    setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, launch.token])
     check_job_geometry(cfg, nnodes, nproc_per_node)
     # Storage mistakes fail here, once, instead of in every worker of every restart.
     ck = cfg.checkpoint
     check_reachable(open_storage(ck.url, ck.endpoint_url, ck.region), single_writer=ck.single_writer)
     try:
-        supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format)
+        supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format, launch)
     except OSError as e:
         sup, met = cfg.supervisor, cfg.metrics
         raise UserError(

@@ -11,8 +11,7 @@ import subprocess
 import sys
 import time
 
-from service.heartbeat import die_with_parent
-from service.proctree import children, descendants, pid_alive, stopped
+from service.node.proc import children, descendants, die_with_parent, pid_alive, stopped
 
 log = logging.getLogger(__name__)
 __all__ = ["children", "descendants", "end_tree", "ending_signal", "kill", "pid_alive", "signal_pid", "stopped", "Zygotes"]
@@ -20,7 +19,7 @@ __all__ = ["children", "descendants", "end_tree", "ending_signal", "kill", "pid_
 
 def ending_signal(exit_code: int) -> int | None:
     """The signal an agent ended by: killed by it (negative code), or, through
-    service.train.agent, ended by it (128 + signal); None for a program's own exit."""
+    service.node.agent, ended by it (128 + signal); None for a program's own exit."""
     if exit_code < 0:
         return -exit_code
     return exit_code - 128 if exit_code > 128 else None
@@ -50,13 +49,12 @@ def end_tree(proc: subprocess.Popen) -> None:
 
 # -- pre-started workers ------------------------------------------------------------------------
 # By name, not by import: the supervisor never imports the worker (tests/unit/test_structure.py).
-ZYGOTE_MODULE = "service.train.zygote"
-SHIM_MODULE = "service.train.shim"
-ZYGOTE_SOCKET_ENV = "FTDIFF_ZYGOTE_SOCKET"  # read by service.train.shim
+ZYGOTE_MODULE = "service.node.zygote"
+SHIM_MODULE = "service.node.shim"
 
 
 class Zygotes:
-    """One warm process per node (``python -m service.train.zygote``), each forking that node's
+    """One warm process per node (``python -m service.node.zygote``), each forking that node's
     workers for the shims torchrun starts. Started with the agents' environment so the start-up
     settings match (a shim whose settings differ starts its worker the slow way instead)."""
 

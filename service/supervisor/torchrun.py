@@ -9,16 +9,16 @@ import sys
 from service.checkpoint.storage import check_shared
 from service.config import Config
 from service.errors import UserError
-from service.launch_env import OVERRIDES_ENV, overrides_to_env
+from service.launch_env import OVERRIDES_ENV, RDZV_POLL_ENV, overrides_to_env
 
 # A fresh rendezvous store per round, so restarted workers never read a dead peer's address
 # (see service.dist._restart_safe_store).
 # Agents on one machine look at the rendezvous store every 0.1 s while they wait for one
-# another, not every second (see service.train.agent).
-AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "FTDIFF_RDZV_POLL_S": "0.1"}
+# another, not every second (see service.node.torch_patches).
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", RDZV_POLL_ENV: "0.1"}
 # torchrun, run through the wrapper that gives its exit codes meaning (by name: the supervisor
 # never imports the worker package).
-AGENT_MODULE = "service.train.agent"
+AGENT_MODULE = "service.node.agent"
 # Beyond checkpoint.grace_s: time for the last step in flight before the emergency save starts.
 SHUTDOWN_MARGIN_S = 15
 

@@ -1,3 +1,4 @@
-from service.train.entry import exit_process, main
+from service.node.exits import exit_process
+from service.train.entry import main
 
 exit_process(main)

@@ -25,10 +25,12 @@ from service.config import Config
 from service.data.stream import TrainingSamples, build_loader, build_source, check_batch_geometry
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, exit_for_restart, shared_token
+from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, shared_token
+from service.launch_env import LaunchEnv
 from service.metrics import WorkerMetrics, snapshot
 from service.models.build import build_model, build_noise_scheduler
 from service.models.ema import EMAState, build_ema
+from service.node.exits import exit_for_restart
 from service.train import state as keys
 from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
@@ -59,8 +61,10 @@ def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """Builds every component from the config and runs the loop to ``train.max_steps``."""
 
-    def __init__(self, cfg: Config, info: DistInfo, metrics: WorkerMetrics | None = None):
+    def __init__(self, cfg: Config, info: DistInfo, metrics: WorkerMetrics | None = None, *,
+                 launch: LaunchEnv | None = None):
         self.cfg, self.info = cfg, info
+        self.launch = launch if launch is not None else LaunchEnv.read()
         self.metrics = metrics or WorkerMetrics()
         check_batch_geometry(cfg.train.global_batch_size, info.world_size)
         check_shared(cfg.checkpoint.url, info.world_size)
@@ -123,18 +127,18 @@ class Trainer:
 
     # -- heartbeats to the supervisor -----------------------------------------------------------
     def _start_heartbeats(self) -> HeartbeatSender | None:
-        url = os.environ.get("FTDIFF_SUPERVISOR_URL") or self.cfg.supervisor.url
+        url = self.launch.supervisor_url or self.cfg.supervisor.url
         if not url:
             return None
-        token = shared_token(self.cfg.supervisor.token)
+        token = shared_token(self.cfg.supervisor.token, self.launch)
         if not token:
             raise UserError("a supervisor URL is set but no token: set supervisor.token or FTDIFF_TOKEN")
         # Under `ftdiff train`, a worker must not outlive its supervisor or its agent.
-        supervisor_pid = os.environ.get("FTDIFF_SUPERVISOR_PID")
-        watch = [int(supervisor_pid), os.getppid()] if supervisor_pid else []
+        launch = self.launch
+        watch = [launch.supervisor_pid, launch.agent_pid] if launch.supervisor_pid is not None else []
         return HeartbeatSender(
             url, token, self.cfg.supervisor.heartbeat_interval_s, self._heartbeat,
-            on_exit_order=self._leave_for_restart, watch_pids=watch,
+            on_exit_order=self._leave_for_restart, watch_pids=watch, protected_pids=(launch.agent_pid,),
         ).start()
 
     def _leave_for_restart(self, generation: int | None, kill: list[int]) -> None:
@@ -145,7 +149,7 @@ class Trainer:
         at that step instead of the newest commit (a hang loses no step but the one in flight)."""
         self.recovery.left(ORDERED)
         self.checkpointer.leave_in_memory("restart ordered")
-        exit_for_restart(generation, kill)
+        exit_for_restart(generation, kill, protected=(self.launch.agent_pid,))
 
     def _request_stop(self, signum: int) -> None:
         if self._stop_signal is None:

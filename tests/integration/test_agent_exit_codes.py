@@ -1,4 +1,4 @@
-"""`python -m service.train.agent` (the pods' torchrun): a worker error no restart can fix
+"""`python -m service.node.agent` (the pods' torchrun): a worker error no restart can fix
 ends the pod with that error's code, so the Job's podFailurePolicy can fail the Job at once."""
 
 from __future__ import annotations
@@ -8,10 +8,8 @@ import sys
 
 import pytest
 
-from service.train.agent import exit_code_for
+from service.node.agent import exit_code_for
 from tests.helpers import REPO, base_env
-
-pytestmark = pytest.mark.multiprocess
 
 
 def test_no_retry_codes_win_over_crashes():
@@ -26,7 +24,16 @@ def test_no_retry_codes_win_over_crashes():
 def test_the_agent_exits_with_the_workers_no_retry_code(tmp_path, worker, agent):
     script = tmp_path / "exit.py"
     script.write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
-    res = subprocess.run([sys.executable, "-m", "service.train.agent", "--nnodes=1", "--nproc-per-node=1",
+    res = subprocess.run([sys.executable, "-m", "service.node.agent", "--nnodes=1", "--nproc-per-node=1",
                           "--max-restarts=1", str(script), str(worker)],
                          env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=110)
     assert res.returncode == agent, res.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("old", ["service.train.agent", "service.train.zygote"])
+def test_the_old_module_names_still_run(old):
+    """Manifests written before the node package start `python -m service.train.agent`."""
+    res = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage" in res.stdout.lower()

@@ -35,7 +35,6 @@ from tests.helpers import (
     worker_pids,
 )
 
-pytestmark = pytest.mark.multiprocess
 TOKEN = "attach-test-token"
 
 
@@ -119,13 +118,13 @@ def test_hang_is_cleared_through_the_workers_and_the_run_ends_bitwise_equal(base
 @pytest.mark.timeout(300)
 def test_when_every_worker_is_stuck_the_agent_ends_them_and_the_run_ends_bitwise_equal(baseline, tmp_path):
     """Both workers SIGSTOPped: no peer is left to end them on its way out, so the torchrun
-    agent (`python -m service.train.agent`) does, on the supervisor's word; torchrun restarts
+    agent (`python -m service.node.agent`) does, on the supervisor's word; torchrun restarts
     the group, which resumes from the newest commit, and the run ends bitwise equal. Under
     plain torchrun this job would wait forever."""
     ref_url, _ = baseline
     with attached_job(tmp_path, [
         f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", "train.step_sleep_s=0.3",
-        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2, launcher="service.train.agent",
+        "supervisor.heartbeat_interval_s=0.5"], max_restarts=2, launcher="service.node.agent",
     ) as (_, job, trace, url, metrics_port):
         wait_for_step(trace, 5, job)
         first = worker_pids(trace)

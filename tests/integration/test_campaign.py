@@ -28,7 +28,6 @@ from tests.helpers import (
 from tests.helpers import SupervisedJob as Job
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.multiprocess
 STEPS = 24
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=3", "checkpoint.keep_last=100",
           "supervisor.startup_timeout_s=45"]  # a stuck restart recovers within the waits below

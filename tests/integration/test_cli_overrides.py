@@ -13,8 +13,6 @@ from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from tests.helpers import REPO, TINY, base_env
 
-pytestmark = pytest.mark.multiprocess
-
 
 @pytest.mark.timeout(180)
 def test_ftdiff_train_takes_token_and_root_from_ftdiff_overrides(tmp_path):

@@ -1,5 +1,5 @@
-"""Fencing rests on conditional writes, so start-up proves the store honours them (issue 21),
-and a wrong bucket is a wrong URL found before anything is written.
+"""Fencing rests on conditional writes, so start-up proves the store honours them, and a
+wrong bucket is a wrong URL found before anything is written.
 
 The store that ignores them is moto behind tests/http_proxy.py dropping ``If-None-Match`` and
 ``If-Match``: moto answers unsigned-checked requests, and a proxy can only drop headers that

@@ -39,8 +39,6 @@ from tests.helpers import (
     worker_pids,
 )
 
-pytestmark = pytest.mark.multiprocess
-
 
 def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=subprocess.PIPE,

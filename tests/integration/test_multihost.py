@@ -19,7 +19,6 @@ from service.checkpoint.storage import open_storage
 from tests.helpers import BASELINE_STEPS, TINY, set_args, stop, traced_run, wait_for_step, weights
 from tests.netns import SUBNET, in_host, ip, metric, two_hosts
 
-pytestmark = pytest.mark.multiprocess
 TOKEN = "multihost-token"
 
 

@@ -21,7 +21,6 @@ from service.checkpoint.storage import open_storage
 from tests.helpers import TINY, set_args, stop, trace_lines, traced_run, wait_for_step
 from tests.netns import Host, host_pid, in_host, in_pod, kill_pod, metric, ready, two_hosts
 
-pytestmark = pytest.mark.multiprocess
 TOKEN = "pods-token"
 SUP_PORT, METRICS_PORT, RDZV_PORT = 29450, 9400, 29400  # fresh namespaces: nothing else there
 STEPS = 40

@@ -21,8 +21,6 @@ from tests.helpers import (
     worker_pids,
 )
 
-pytestmark = pytest.mark.multiprocess
-
 
 def parent(pid: int) -> int | None:
     """The kernel's parent of ``pid`` (a forked worker reports the torchrun agent to itself);
@@ -34,7 +32,7 @@ def parent(pid: int) -> int | None:
 
 
 def is_zygote(pid: int) -> bool:
-    return b"service.train.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b"service.node.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 @pytest.mark.timeout(200)

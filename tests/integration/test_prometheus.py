@@ -99,7 +99,6 @@ def _wait_value(port: int, expr: str, ok, timeout: float = 90) -> float:  # type
     raise AssertionError(f"{expr} never satisfied the condition (last value {value})")
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_real_prometheus_scrapes_a_supervised_job(tmp_path):
     prometheus = need("prometheus")

@@ -1,5 +1,5 @@
-"""What a real S3 server does that an emulator did not (issue 21), on SeaweedFS: folders that
-outlive their objects, a 412 without a <Condition>, ghosts in listings."""
+"""What a real S3 server does that an emulator does not, on SeaweedFS: folders that outlive
+their objects, a 412 without a <Condition>, ghosts in listings."""
 
 from __future__ import annotations
 

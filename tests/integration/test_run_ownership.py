@@ -27,8 +27,6 @@ from tests.helpers import (
     worker_pids,
 )
 
-pytestmark = pytest.mark.multiprocess
-
 
 def _stopped(pid: int) -> bool:
     try:

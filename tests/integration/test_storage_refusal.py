@@ -1,7 +1,7 @@
-"""A store that starts refusing mid-run (issue 21): credentials revoked, a policy changed, the
-bucket deleted. Before, the job restarted 38 times in 200 s and never gave up; now a refusal
-that outlasts checkpoint.storage_retry_s ends it with exit code 3, while a store that fails only
-for a moment (5xx, timeouts) is waited out. Real SeaweedFS behind tests/http_proxy.py, which
+"""A store that starts refusing mid-run: credentials revoked, a policy changed, the bucket
+deleted. Restarts cannot cure that (a job that only restarted did so 38 times in 200 s and never
+gave up): a refusal that outlasts checkpoint.storage_retry_s ends the job with exit code 3, while
+a store that fails only for a moment (5xx, timeouts) is waited out. Real SeaweedFS behind tests/http_proxy.py, which
 answers every request with the injected S3 error."""
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from tests.helpers import (
     trace_lines,
 )
 
-pytestmark = pytest.mark.multiprocess
-
 
 @pytest.mark.timeout(300)
 def test_crash_loop_gives_up_with_a_report(tmp_path):
@@ -124,14 +122,14 @@ def _workers(pid: int) -> list[int]:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"service.train.zygote" in cmdline:
+        if b"service.node.zygote" in cmdline:
             try:
                 found += [int(c) for c in Path(f"/proc/{child}/task/{child}/children").read_text().split()]
             except OSError:
                 pass
         # not the agent, nor the thin shim that gets its worker from the warm process
         elif b"service.train" in cmdline and not any(
-                other in cmdline for other in (b"torch.distributed.run", b"service.train.agent", b"service.train.shim")):
+                other in cmdline for other in (b"torch.distributed.run", b"service.node.agent", b"service.node.shim")):
             found.append(child)
     return found
 

@@ -1,4 +1,4 @@
-"""Checkpoints cross Python versions (issue 21): a job on Debian's own Python (3.11.2, which
+"""Checkpoints cross Python versions: a job on Debian's own Python (3.11.2, which
 pickles Enum members in DCP's .metadata as getattr(cls, name)) resumes, and what it writes
 resumes, verifies and exports on the suite's Python, and the other way round.
 

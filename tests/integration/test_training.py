@@ -16,7 +16,6 @@ from tests.helpers import (
     why,
 )
 
-pytestmark = pytest.mark.multiprocess
 STEPS = 12  # = conftest.BASELINE_STEPS
 
 
@@ -55,7 +54,6 @@ def test_world_size_one_matches_two_within_float_tolerance(baseline, tmp_path):
         assert one[step] == pytest.approx(loss[step], rel=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_loss_falls_on_the_default_data(tmp_path):
     res = run(single_cmd([

@@ -22,11 +22,10 @@ import pytest
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
+from service.launch_env import ZYGOTE_SOCKET_ENV as SOCKET_ENV
+from service.launch_env import worker_agent_env
 from service.supervisor.procs import pid_alive
-from service.train.shim import SOCKET_ENV
 from tests.helpers import REPO, TINY, base_env, set_args, stop, trace_lines, traced_run, wait_for_step
-
-pytestmark = pytest.mark.multiprocess
 
 TEST_ENTRY = "tests.zygote_entry:main"
 
@@ -44,7 +43,7 @@ class Zygote:
 
     def shim(self, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-u", "-m", "service.train.shim", *args], env=self.shim_env(env), cwd=cwd,
+            [sys.executable, "-u", "-m", "service.node.shim", *args], env=self.shim_env(env), cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 
@@ -52,7 +51,7 @@ class Zygote:
 def start_zygote(tmp: Path, entry: str | None = None, env: dict[str, str] | None = None) -> Zygote:
     sock, log = tmp / "zygote.sock", tmp / "zygote.log"
     env = base_env() if env is None else env
-    cmd = [sys.executable, "-m", "service.train.zygote", "--socket", str(sock)]
+    cmd = [sys.executable, "-m", "service.node.zygote", "--socket", str(sock)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd + (["--entry", entry] if entry else []), env=env, cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -109,10 +108,12 @@ def test_forked_worker_has_the_shims_env_cwd_argv_and_stdio(zygote, tmp_path):
     assert shim.returncode == 0, stderr
     who = json.loads(out.read_text())
     assert who["pid"] != shim.pid  # forked by the zygote, not the shim's own process
-    assert who["env"] == zygote.shim_env({"FTDIFF_TEST_MARK": "x y"})
+    # The shim's environment, and which agent this worker belongs to (for it alone, see
+    # service.launch_env.WORKER_AGENT_ENV): its kernel parent is the zygote.
+    assert who["env"] == {**zygote.shim_env({"FTDIFF_TEST_MARK": "x y"}), **worker_agent_env(who["pid"], os.getpid())}
     assert who["cwd"] == str(tmp_path)
     assert who["argv"][1:] == ["describe", str(out)]
-    assert who["ppid"] == os.getpid()  # the shim's parent (torchrun's agent, in a job)
+    assert who["agent"] == os.getpid()  # the shim's parent (torchrun's agent, in a job)
     assert who["sid"] == who["pid"]  # a session of its own, as torchrun gives its workers
     assert who["path"][0] == str(tmp_path)  # `python -m` puts the start directory first
     assert stdout == "to stdout\n" and "to stderr" in stderr  # the shim's descriptors
@@ -218,7 +219,7 @@ def test_sigterm_through_the_shim_commits_the_real_workers_emergency_checkpoint(
 
 @pytest.mark.timeout(60)
 def test_the_shim_imports_nothing_heavy():
-    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import service.train.shim"], check=False,
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import service.node.shim"], check=False,
                          env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=50)
     assert res.returncode == 0, res.stderr
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}

@@ -22,7 +22,8 @@ def root(tmp_path_factory) -> str:
     return committed_root(str(tmp_path_factory.mktemp("errors") / "run"), 2)
 
 
-# -- 1: a torch that does not import -------------------------------------------------------------
+# -- a torch that does not import ----------------------------------------------------------------
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_env_and_version_report_a_broken_torch_instead_of_crashing(tmp_path):
     fake = tmp_path / "fake" / "torch"
@@ -48,7 +49,8 @@ def test_worker_parser_still_builds_from_the_entry_module():
     assert p.parse_args(["--set", "train.max_steps=3"]).set == ["train.max_steps=3"]
 
 
-# -- 2: closed stdout, storage vs local errors, output paths, flag ranges ------------------------
+# -- closed stdout, storage vs local errors, output paths, flag ranges ---------------------------
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_a_closed_stdout_pipe_ends_quietly_with_141(root):
     for args in (["ckpt", "ls", root], ["ckpt", "ls", root, "--json"]):
@@ -102,7 +104,7 @@ def test_sample_flags_are_checked_before_sampling(root, tmp_path):
     assert not Path(out).exists()
 
 
-# -- 3, 4: --set items --------------------------------------------------------------------------
+# -- --set items ---------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_a_bad_set_item_is_blamed_on_set(monkeypatch):
     monkeypatch.delenv("FTDIFF_OVERRIDES", raising=False)
@@ -127,7 +129,7 @@ def test_non_utf8_values_are_refused_not_written_as_invalid_toml(monkeypatch):
     assert res.returncode == EXIT_OK and 'url = "/tmp/x/latén/ck"' in res.stdout
 
 
-# -- 5: cosmetics -------------------------------------------------------------------------------
+# -- cosmetics -----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_ls_of_a_file_and_a_negative_keep_every_are_usage_errors(root, tmp_path):
     afile = tmp_path / "afile"

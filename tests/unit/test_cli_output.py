@@ -1,4 +1,4 @@
-"""The CLI's everyday polish: --version, help texts, ``env``, ``ckpt ls`` tables, ``ckpt prune
+"""The CLI's everyday output: --version, help texts, ``env``, ``ckpt ls`` tables, ``ckpt prune
 --dry-run`` and the progress bars (drawn on a terminal only)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.helpers import ftdiff_inprocess as ftdiff
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory) -> str:
     """A local root with committed steps 1..4 (a small model, in this process)."""
-    return committed_root(str(tmp_path_factory.mktemp("polish") / "run"), 4)
+    return committed_root(str(tmp_path_factory.mktemp("output") / "run"), 4)
 
 
 # -- --version, help, env ------------------------------------------------------------------------
@@ -36,6 +36,7 @@ def test_version_matches_the_package_metadata():
     assert res.returncode == EXIT_OK and res.stdout.strip() == f"ftdiff {metadata.version('ftdiff')}"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_console_script_and_module_entry_both_work():
     for entry in ((FTDIFF,), (sys.executable, "-m", "service.cli")):

@@ -1,5 +1,5 @@
 """Exit codes and one-line messages of the read commands, and the start-up storage check,
-on local and in-memory storage (the S3 cases are in tests/integration/test_issue12_s3.py)."""
+on local and in-memory storage (the S3 cases are in tests/integration/test_bad_storage.py)."""
 
 from __future__ import annotations
 

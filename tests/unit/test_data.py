@@ -79,6 +79,7 @@ def test_per_sample_noise_is_a_pure_function():
     assert not torch.equal(s1[0]["noise"], TrainingSamples(src, seed=1, num_timesteps=1000, hflip=True)[0]["noise"])
 
 
+@pytest.mark.multiprocess
 def test_loader_worker_count_does_not_change_batches():
     src = SyntheticSource(16, N, seed=0)
     samples = TrainingSamples(src, seed=0, num_timesteps=1000, hflip=True)

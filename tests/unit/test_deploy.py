@@ -157,8 +157,8 @@ def _torchrun_part(command: list[str]) -> list[str]:
 
     if command[:2] == ["/bin/sh", "-c"]:
         command = shlex.split(command[2].split("exec ", 1)[1])
-    # service.train.agent is torchrun with the workers' no-retry exit codes: same arguments.
-    if command[:3] == ["python", "-m", "service.train.agent"]:
+    # service.node.agent is torchrun with the workers' no-retry exit codes: same arguments.
+    if command[:3] == ["python", "-m", "service.node.agent"]:
         return ["torchrun", *command[3:]]
     return command
 
@@ -232,10 +232,10 @@ def test_the_job_fails_fast_on_user_errors_and_ignores_preemptions():
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     fail = next(r for r in rules if r["action"] == "FailJob")
     # config, storage, superseded: retrying cannot help. The pod ends with the worker's code
-    # only through service.train.agent (plain torchrun exits 1 for every worker failure).
+    # only through service.node.agent (plain torchrun exits 1 for every worker failure).
     assert set(fail["onExitCodes"]["values"]) == {2, 3, 46}
     container = spec["template"]["spec"]["containers"][0]
-    assert container["command"][:3] == ["python", "-m", "service.train.agent"]
+    assert container["command"][:3] == ["python", "-m", "service.node.agent"]
     # No worker pod hosts the rendezvous store: it runs on its own (`ftdiff rdzv-store`), so a
     # drain of any worker's node shrinks the job (tests/integration/test_pods.py).
     env = {e["name"]: e.get("value") for e in container["env"]}

@@ -114,6 +114,7 @@ def test_read_errors_are_not_skipped(tmp_path):
     assert src.bad_images == 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_each_process_opens_its_own_filesystem(tmp_path):
     src = FolderSource(_folder(tmp_path, bad={2}), 8, on_bad_image="skip")

@@ -30,6 +30,7 @@ except StorageError as e:
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sub", ["runs/ftdiff/checkpoints", ""])
 def test_unwritable_local_folder_names_the_uid_and_the_fix(sub):

@@ -1,4 +1,5 @@
-"""Manifest hardening (untrusted bytes) and checkpoint names in URLs (step-150 = step-000000150)."""
+"""Manifest validation (its bytes are untrusted) and checkpoint names in URLs (step-150 =
+step-000000150)."""
 
 from __future__ import annotations
 

@@ -438,6 +438,7 @@ def _assert_a_restart_takes_back_step_2(tmp_path: Path) -> None:
     assert_bitwise(other.snapshot(), job.snapshot())
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_sigterm_leaves_the_state_from_the_watcher_thread(tmp_path):
     proc = _stuck_process(WATCHER, tmp_path)
@@ -453,6 +454,7 @@ def test_sigterm_leaves_the_state_from_the_watcher_thread(tmp_path):
     _assert_a_restart_takes_back_step_2(tmp_path)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_the_leave_order_signal_leaves_the_state_then_exits(tmp_path):
     proc = _stuck_process(ORDERED_OUT, tmp_path)

@@ -1,5 +1,5 @@
 """DCP ``.metadata`` written by every supported Python loads through the restricted unpickler
-(issue 21: Python 3.11.0-3.11.4 pickle Enum members as ``getattr(cls, name)``), and nothing
+(Python 3.11.0-3.11.4 pickle Enum members as ``getattr(cls, name)``), and nothing
 else of ``getattr`` does.
 
 Fixtures (tests/fixtures/dcp_metadata/): py3.11.2 (Debian's /usr/bin/python3.11) and py3.11.7

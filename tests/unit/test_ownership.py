@@ -19,8 +19,8 @@ from tests.helpers import CheckpointJob as Job
 from tests.helpers import shard_name
 
 STORES = ["memory", "file"]
-# Where the store's own semantics matter (conditional writes, listings), S3 too.
-ALL_STORES = [*STORES, "s3"]
+# Where the store's own semantics matter (conditional writes, listings), S3 too: a real server.
+ALL_STORES = [*STORES, pytest.param("s3", marks=pytest.mark.multiprocess)]
 
 
 @pytest.fixture(params=STORES)

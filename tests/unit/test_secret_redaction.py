@@ -107,7 +107,7 @@ def test_logs_mask_url_credentials_and_the_token(capsys):
     try:
         for fmt in ("text", "json"):
             setup_logging(0, fmt, secrets=[TOKEN, None])
-            log = logging.getLogger("test_issue12")
+            log = logging.getLogger("test_secret_redaction")
             log.info("root %s token %s", f"s3://AKIAKEY:{SECRET}@bucket/run", TOKEN)
             try:
                 raise OSError(f"could not reach https://u:{SECRET}@host/x")

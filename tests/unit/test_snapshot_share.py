@@ -54,6 +54,7 @@ def _rank(rank: int, port: int, url: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_each_rank_stages_only_its_share(tmp_path):
     url, out = str(tmp_path / "ckpt"), str(tmp_path / "report")

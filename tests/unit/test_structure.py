@@ -10,8 +10,9 @@ import pytest
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 # Layers, lowest first: a module may import from its own layer and the ones below it.
 LAYERS = [
-    {"errors", "redact", "config", "logs", "metrics", "dist", "heartbeat", "faults", "models", "data", "launch_env", "vocabulary", "state_keys",
-     "proctree"},
+    {"errors", "redact", "config", "logs", "metrics", "faults", "models", "data", "launch_env", "vocabulary",
+     "state_keys"},
+    {"node", "heartbeat", "dist"},  # per-node process plumbing, the heartbeat wire, the process group
     {"checkpoint"},
     {"supervisor", "train", "weights", "sample", "export"},
     {"cli"},

@@ -178,7 +178,7 @@ def test_torchrun_command_shape():
     cmd = torchrun_command(["--config", "x"], 2, 1, "127.0.0.1:5", 3, min_nodes=1, log_dir="/tmp/l")
     assert "--nnodes=1:2" in cmd and "--max-restarts=3" in cmd and "--rdzv-backend=c10d" in cmd
     assert cmd[-4:] == ["-m", "service.train", "--config", "x"]
-    assert cmd[1:3] == ["-m", "service.train.agent"]  # torchrun, with exit codes that mean something
+    assert cmd[1:3] == ["-m", "service.node.agent"]  # torchrun, with exit codes that mean something
 
 
 def test_failure_report_names_rank_node_and_traceback(tmp_path):
@@ -275,6 +275,7 @@ def test_a_finished_worker_is_not_a_hang():
     assert m.hung() == [] and m.last_committed_step == 40
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_silent_agents_are_ended_for_a_relaunch():
     """Agents that run while no worker reports (stuck in rendezvous or start-up) are ended,
@@ -400,6 +401,7 @@ def test_preemption_exits_43_only_for_this_runs_own_emergency_commit(tmp_path):
     assert "no emergency checkpoint" in emergency_commit_problem(cfg, "mine", time.time() + 60)
 
 
+@pytest.mark.multiprocess
 def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after_a_relaunch():
     import os
     import subprocess
@@ -440,6 +442,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("lost_code", [-9, 128 + 15])  # killed; or ended by SIGTERM through the agent wrapper
 def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_left(tmp_path, lost_code):
@@ -479,6 +482,7 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
         sup.shutdown()
 
 
+@pytest.mark.multiprocess
 def test_an_agent_learns_its_nodes_stuck_processes_and_ends_only_its_own(server, monkeypatch):
     """POST /stuck answers the stuck processes of the node asked about (pid and start time,
     until their order expires); the agent's watch SIGKILLs those that are its descendants
@@ -487,8 +491,8 @@ def test_an_agent_learns_its_nodes_stuck_processes_and_ends_only_its_own(server,
     import sys
     import time
 
-    from service.proctree import started_at
-    from service.train.stuck_watch import StuckWatch, WatchSettings
+    from service.node.proc import started_at
+    from service.node.stuck_watch import StuckWatch, WatchSettings
 
     url = f"http://127.0.0.1:{server.port}"
     for body in (b"not json", b'{"node": 3}', b"{}", b'{"node": ""}'):
@@ -514,7 +518,7 @@ def test_an_agent_learns_its_nodes_stuck_processes_and_ends_only_its_own(server,
         assert sorted(p for p, _ in answer["stuck"]) == sorted([mine.pid, peer.pid, newer.pid])
         assert _post(url + "/stuck", b'{"node": "9"}', "tok")[1] == {"stuck": []}
         # The agent's view: `mine` and `newer` are its descendants (the test stands in for it).
-        monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [mine.pid, newer.pid])
+        monkeypatch.setattr("service.node.stuck_watch.descendants", lambda pid: [mine.pid, newer.pid])
         watch = StuckWatch(WatchSettings(url, "tok", 0.5))
         assert watch.check_once() == [mine.pid]
         assert mine.wait(10) == -9
@@ -539,7 +543,7 @@ def test_the_agent_watch_outlives_any_bad_answer(reply, monkeypatch):
     import threading
     import time
 
-    from service.train.stuck_watch import StuckWatch, WatchSettings
+    from service.node.stuck_watch import StuckWatch, WatchSettings
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -558,8 +562,8 @@ def test_the_agent_watch_outlives_any_bad_answer(reply, monkeypatch):
                 conn.sendall(reply)
 
     threading.Thread(target=serve, daemon=True).start()
-    monkeypatch.setattr("service.train.stuck_watch.descendants", lambda pid: [12345])  # one worker,
-    monkeypatch.setattr("service.train.stuck_watch.node_of", lambda pid: "0")  # on node 0
+    monkeypatch.setattr("service.node.stuck_watch.descendants", lambda pid: [12345])  # one worker,
+    monkeypatch.setattr("service.node.stuck_watch.node_of", lambda pid: "0")  # on node 0
     watch = StuckWatch(WatchSettings(f"http://127.0.0.1:{listener.getsockname()[1]}", "tok", 0.05)).start()
     try:
         deadline = time.monotonic() + 15
@@ -574,20 +578,21 @@ def test_the_agent_watch_outlives_any_bad_answer(reply, monkeypatch):
 
 
 def test_the_agent_watch_follows_the_workers_config(monkeypatch, tmp_path):
-    from service.train.stuck_watch import watch_settings
+    from service.launch_env import LaunchEnv
+    from service.node.stuck_watch import watch_settings
 
-    monkeypatch.delenv("FTDIFF_SUPERVISOR_URL", raising=False)
-    monkeypatch.delenv("FTDIFF_SUPERVISOR_PID", raising=False)
     monkeypatch.delenv("FTDIFF_OVERRIDES", raising=False)
-    monkeypatch.setenv("FTDIFF_TOKEN", "tok")
-    assert watch_settings(["--log-format", "json"]) is None  # no supervisor: nothing to ask
-    got = watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"', "--set", "supervisor.heartbeat_interval_s=2"])
+    launch = LaunchEnv.read({"FTDIFF_TOKEN": "tok"})
+    assert watch_settings(["--log-format", "json"], launch) is None  # no supervisor: nothing to ask
+    got = watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"', "--set", "supervisor.heartbeat_interval_s=2"],
+                         launch)
     assert got is not None and (got.url, got.token, got.interval_s) == ("http://127.0.0.1:9", "tok", 2.0)
-    assert watch_settings(["--set", "train.max_steps=oops"]) is None  # the workers report that error
-    monkeypatch.setenv("FTDIFF_SUPERVISOR_PID", "1")  # ftdiff train: its supervisor kills by itself
-    assert watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"']) is None
+    assert watch_settings(["--set", "train.max_steps=oops"], launch) is None  # the workers report that error
+    local = LaunchEnv.read({"FTDIFF_TOKEN": "tok", "FTDIFF_SUPERVISOR_PID": "1"})  # its supervisor kills by itself
+    assert watch_settings(["--set", 'supervisor.url="http://127.0.0.1:9/"'], local) is None
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_a_stopped_agent_is_treated_as_lost():
     """A SIGSTOPped agent can neither restart its workers nor end when they finish: after the

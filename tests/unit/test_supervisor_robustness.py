@@ -12,10 +12,10 @@ import urllib.request
 
 import pytest
 
-from service import heartbeat as hb_mod
 from service.config import load_config
-from service.heartbeat import Heartbeat, HeartbeatSender, safe_to_kill
+from service.heartbeat import Heartbeat, HeartbeatSender
 from service.metrics import SupervisorMetrics, WorkerRelay
+from service.node.exits import safe_to_kill
 from service.supervisor import server as server_mod
 from service.supervisor.attach import AttachedSupervisor
 from service.supervisor.monitor import JobMonitor
@@ -67,7 +67,7 @@ def state(sup) -> str:
                 if s.value == 1)
 
 
-# -- 1, 7: one restart of the job is one restart, whatever the number of ranks -------------------
+# -- one restart of the job is one restart, whatever the number of ranks --------------------------
 def test_one_crash_of_a_2x2_job_is_one_restart_and_each_later_crash_one_more():
     m = JobMonitor(10, Clock())
     assert generation(m, [31, 32], 1000.0) == 0
@@ -103,7 +103,7 @@ def test_the_supervisor_counts_one_crash_once(attached):
     assert reg.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "worker_crash"}) == 1
 
 
-# -- 2: no silent, permanent give-up --------------------------------------------------------------
+# -- no silent, permanent give-up -----------------------------------------------------------------
 def test_a_new_commit_resets_the_failure_count_before_the_next_failure(attached):
     m, clock = attached.monitor, attached.monitor.clock
     m.observe(hb(0, 10, step=100, committed=100))
@@ -156,7 +156,7 @@ def test_a_refusal_holds_only_until_a_new_run_trains(attached):
     assert m.generation == 1
 
 
-# -- 3: a finished job is no job whose workers do not report --------------------------------------
+# -- a finished job is no job whose workers do not report -----------------------------------------
 def test_a_finished_job_succeeded_until_workers_report_again(attached):
     m = attached.monitor
     for r in range(2):
@@ -172,7 +172,7 @@ def test_a_finished_job_succeeded_until_workers_report_again(attached):
     assert state(attached) == "running"
 
 
-# -- 4: no heartbeat names a process that is not a worker -----------------------------------------
+# -- no heartbeat names a process that is not a worker --------------------------------------------
 BASE = {"rank": 0, "local_rank": 0, "node": "0", "pid": 31, "world_size": 2, "step": 5, "phase": "training",
         "last_committed_step": None, "restart_count": 0, "time": 1.0}
 
@@ -212,14 +212,18 @@ def test_kill_lists_never_name_a_group_or_init():
 
 def test_a_worker_never_signals_a_group_init_or_itself(monkeypatch):
     signalled, exited = [], []
-    monkeypatch.setattr(hb_mod.os, "kill", lambda pid, sig: signalled.append(pid))
-    monkeypatch.setattr(hb_mod.os, "_exit", lambda code: exited.append(code))
-    monkeypatch.setattr(hb_mod.logging, "shutdown", lambda: None)
-    monkeypatch.setattr(hb_mod, "children", lambda pid: [777] if pid == os.getpid() else [])
-    hb_mod.exit_for_restart(1, [-1, 0, 1, os.getpid(), os.getppid(), os.getpgrp(), 424242])
+    from service.errors import EXIT_RESTART_ORDERED
+    from service.node import exits
+
+    monkeypatch.setattr(exits.os, "kill", lambda pid, sig: signalled.append(pid))
+    monkeypatch.setattr(exits.os, "_exit", lambda code: exited.append(code))
+    monkeypatch.setattr(exits.logging, "shutdown", lambda: None)
+    monkeypatch.setattr(exits, "children", lambda pid: [777] if pid == os.getpid() else [])
+    exits.exit_for_restart(1, [-1, 0, 1, os.getpid(), os.getppid(), os.getpgrp(), 424242, 5555], protected=(5555,))
     # The named stuck peer, then its own children (data-loader workers), then the hard exit.
-    assert signalled == [424242, 777] and exited == [hb_mod.EXIT_RESTART_ORDERED]
+    assert signalled == [424242, 777] and exited == [EXIT_RESTART_ORDERED]
     assert not any(safe_to_kill(p) for p in (-1, 0, 1, True, "12", os.getpid()))
+    assert not safe_to_kill(5555, protected=(5555,))  # the worker's agent
 
 
 def test_the_sender_passes_on_only_safe_pids(server, monkeypatch):
@@ -239,7 +243,7 @@ def test_a_stray_negative_rank_never_reaches_the_monitor(server):
     assert server.metrics.rejected._value.get() == 1
 
 
-# -- 5: HTTP ---------------------------------------------------------------------------------------
+# -- HTTP -----------------------------------------------------------------------------------------
 def _head(length: str) -> bytes:
     return (f"POST /heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
@@ -278,7 +282,7 @@ def test_idle_connections_are_closed(monkeypatch):
         srv.stop()
 
 
-# -- 6: one rank's metrics never break the scrape -------------------------------------------------
+# -- one rank's metrics never break the scrape ----------------------------------------------------
 GOOD = [["ftdiff_train_step", "gauge", "d", [["ftdiff_train_step", {}, 2.0]]]]
 
 

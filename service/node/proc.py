@@ -1,12 +1,25 @@
-"""Processes as Linux shows them in /proc: liveness, state, start time, children, descendants. Shared by the
-local supervisor (which ends its agents' trees) and the torchrun agent wrapper (which ends its
-own stuck workers in attach mode)."""
+"""Processes as Linux shows them in /proc: liveness, state, start time, children, descendants;
+and the one parent-death request. Standard library only (the shim imports it)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies — also when this process is
+    stopped or stuck, where no thread of its own could notice. Not Linux: no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -21,6 +34,14 @@ def _stat(pid: int) -> list[str] | None:
 def pid_alive(pid: int) -> bool:
     """True for a live process (a zombie awaiting its parent counts as gone)."""
     fields = _stat(pid)
+    if fields is None and not os.path.exists("/proc/self/stat"):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            return True
+        return True
     return bool(fields) and fields[0] not in ("Z", "X")
 
 
@@ -56,11 +77,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def started_at(pid: int) -> float | None:
-    """When a live process started (Unix time, to the clock tick: 10 ms), or None."""
+def start_ticks(pid: int) -> int | None:
+    """When a live process started, in clock ticks since boot (field 22 of its stat): with the
+    pid, it names the process uniquely while the machine is up."""
     fields = _stat(pid)
     try:
-        ticks = int(fields[19]) if fields else None
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def started_at(pid: int) -> float | None:
+    """When a live process started (Unix time, to the clock tick: 10 ms), or None."""
+    ticks = start_ticks(pid)
+    try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, IndexError, ValueError):
         return None

@@ -4,7 +4,7 @@ supervisor's word.
 `ftdiff supervise` cannot signal workers (other pods, other machines). It orders restarts
 through their heartbeats, and a process that cannot heartbeat (SIGSTOPped, wedged) is ended by
 a peer on its node on that peer's way out. When every worker of a node is stuck, no peer is
-left to do that and the job waits forever. So the agent (``python -m service.train.agent``),
+left to do that and the job waits forever. So the agent (``python -m service.node.agent``),
 the ancestor of every worker of its node, asks the supervisor every heartbeat interval which
 processes of its node are stuck (``POST /stuck``) and SIGKILLs those that are its own
 descendants; torchrun then restarts its group as after any crash.
@@ -26,9 +26,8 @@ from pathlib import Path
 
 from service.config import load_config
 from service.heartbeat import shared_token
-from service.launch_env import overrides_from_env
-from service.proctree import descendants, started_at
-from service.train.args import add_worker_args
+from service.launch_env import NODE_ENV, LaunchEnv, add_worker_args, overrides_from_env
+from service.node.proc import descendants, started_at
 
 log = logging.getLogger(__name__)
 # A worker reports its start time from its own clock, after its imports; /proc's is the fork.
@@ -42,11 +41,11 @@ class WatchSettings:
     interval_s: float
 
 
-def watch_settings(training_args: list[str]) -> WatchSettings | None:
+def watch_settings(training_args: list[str], launch: LaunchEnv) -> WatchSettings | None:
     """Where the workers report, from their own command line and environment (their config,
     FTDIFF_OVERRIDES, FTDIFF_SUPERVISOR_URL, FTDIFF_TOKEN); None when they report to no
     supervisor, under ``ftdiff train``, or when their config does not load (they say why)."""
-    if os.environ.get("FTDIFF_SUPERVISOR_PID"):  # local mode: the supervisor kills by itself
+    if launch.under_local_supervisor:  # the supervisor kills by itself
         return None
     parser = argparse.ArgumentParser(add_help=False)
     add_worker_args(parser)
@@ -56,8 +55,8 @@ def watch_settings(training_args: list[str]) -> WatchSettings | None:
     except (SystemExit, Exception) as e:  # noqa: BLE001 — the workers report their config errors
         log.debug("agent: no stuck-worker watch (the workers' config: %s)", type(e).__name__)
         return None
-    url = os.environ.get("FTDIFF_SUPERVISOR_URL") or cfg.supervisor.url
-    token = shared_token(cfg.supervisor.token)
+    url = launch.supervisor_url or cfg.supervisor.url
+    token = shared_token(cfg.supervisor.token, launch)
     if not url or not token:
         return None
     return WatchSettings(url.rstrip("/"), token, cfg.supervisor.heartbeat_interval_s)
@@ -71,7 +70,7 @@ def node_of(pid: int) -> str | None:
     except OSError:
         return None
     env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    value = env.get(b"FTDIFF_NODE") or env.get(b"GROUP_RANK")
+    value = env.get(NODE_ENV.encode()) or env.get(b"GROUP_RANK")
     return value.decode(errors="replace") if value else None
 
 
