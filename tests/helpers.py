@@ -165,6 +165,21 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
             proc.wait(timeout=timeout)
 
 
+def stop_tree(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """``stop``, then SIGKILL whatever of its process tree outlived it: a worker cut off from its
+    peers can sit in a collective for minutes after its agent is gone."""
+    from service.node.proc import descendants, pid_alive
+
+    below = descendants(proc.pid)
+    stop(proc, timeout)
+    for pid in below:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def trace_lines(trace_dir: Path) -> list[dict]:
     lines = []
     for f in sorted(Path(trace_dir).glob("*.jsonl")):

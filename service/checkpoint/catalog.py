@@ -11,12 +11,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.checkpoint.dcp_io import CorruptCheckpointError, read_verified_file
+from service.checkpoint.dcp_io import read_verified_file
+from service.checkpoint.errors import CorruptCheckpointError, ManifestError
 from service.checkpoint.manifest import (
     MANIFEST,
     POINTER,
     Manifest,
-    ManifestError,
     parse_pointer,
     parse_step_dir,
     pointer_json,

@@ -15,8 +15,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from service.checkpoint.ownership import FencedError
-from service.checkpoint.safe_pickle import CorruptCheckpointError
+from service.checkpoint.errors import CorruptCheckpointError, FencedError
 from service.dist import DistInfo, new_gloo_group
 from service.errors import StorageError, UserError
 

@@ -22,22 +22,17 @@ import torch.distributed.checkpoint as dcp
 
 import service
 from service import faults
-from service.checkpoint.catalog import Catalog
-from service.checkpoint.collectives import CHECKPOINT_ERRORS, CheckpointGroup, fenced_cause
+from service.checkpoint.collectives import CHECKPOINT_ERRORS, fenced_cause
+from service.checkpoint.context import CheckpointContext
 from service.checkpoint.dcp_io import ChecksummingWriter
-from service.checkpoint.manifest import Manifest, ManifestError, step_dir
-from service.checkpoint.ownership import FencedError, Ownership
-from service.checkpoint.snapshot import Staging
+from service.checkpoint.errors import FencedError, ManifestError
+from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.storage_health import storage_verdict
-from service.checkpoint.telemetry import CheckpointTelemetry
-from service.config import Config
-from service.dist import DistInfo
 from service.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 # checkpoint.writer_threads = 0 (automatic) on object stores: parallel upload streams per rank.
-OBJECT_STORE_WRITER_THREADS = 4
 
 
 class _FencedWriter(ChecksummingWriter):
@@ -55,17 +50,11 @@ class _FencedWriter(ChecksummingWriter):
 
 
 class CommitProtocol:
-    def __init__(self, cfg: Config, info: DistInfo, catalog: Catalog, group: CheckpointGroup,
-                 staging: Staging, telemetry: CheckpointTelemetry, ownership: Ownership,
-                 run_id: str | None, fingerprint: dict[str, Any]):
-        self.cfg, self.info, self.catalog, self.group = cfg, info, catalog, group
-        self.ownership, self.run_id, self.fingerprint = ownership, run_id, fingerprint
-        self.storage = catalog.storage
-        self.staging, self.telemetry = staging, telemetry
-        # Committed steps this run failed to load (it fell back past them). When training
-        # reaches such a step again, its save replaces the unusable folder instead of taking
-        # "already committed" for an answer.
-        self.unloadable_steps: set[int] = set()
+    def __init__(self, ctx: CheckpointContext):
+        self.ctx = ctx
+        self.cfg, self.info, self.catalog, self.group = ctx.cfg, ctx.info, ctx.catalog, ctx.group
+        self.ownership, self.run_id, self.fingerprint = ctx.ownership, ctx.run_id, ctx.fingerprint
+        self.storage, self.staging, self.telemetry = ctx.storage, ctx.staging, ctx.telemetry
         # Steps this process committed itself: the only folders it may take as already done.
         self.committed_here: set[int] = set()
         # Set on SIGTERM: probing a refusing store stops at once (see storage_health).
@@ -78,9 +67,7 @@ class CommitProtocol:
         configured = self.cfg.checkpoint.writer_threads
         if configured:
             return configured
-        # Measured on S3 (bench/checkpoint.py): 4 parallel uploads per rank commit in 0.6x the
-        # time of one; on file systems one stream per rank is as fast as several.
-        return OBJECT_STORE_WRITER_THREADS if self.storage.is_object_store else 1
+        return self.storage.backend.default_writer_threads
 
     def write(self, step: int, samples_seen: int, state: dict[str, Any] | None, since: float) -> bool:
         """Every rank: write ``state`` as ``step`` and commit it. Whether ``step`` is committed.
@@ -158,9 +145,9 @@ class CommitProtocol:
         except ManifestError:
             self.catalog.remove_debris(step)
         else:
-            if step in self.committed_here and step not in self.unloadable_steps:
+            if step in self.committed_here and step not in self.ctx.unloadable_steps:
                 return True
-            why = "could not be loaded" if step in self.unloadable_steps else "was written by an earlier start"
+            why = "could not be loaded" if step in self.ctx.unloadable_steps else "was written by an earlier start"
             log.warning("checkpoint: replacing %s, which %s", step_dir(step), why)
             self.catalog.delete(step)
         self.storage.makedirs(step_dir(step))

@@ -24,11 +24,9 @@ import crc32c
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from service.checkpoint.errors import CorruptCheckpointError
 from service.checkpoint.manifest import FileEntry
-
-# CorruptCheckpointError is defined next to the safe loaders (so that UnsafeCheckpointError can
-# derive from it without an import cycle) and is still imported from here by its users.
-from service.checkpoint.safe_pickle import CorruptCheckpointError, SafeFileSystemReader, is_plain_name
+from service.checkpoint.safe_pickle import SafeFileSystemReader, is_plain_name
 from service.checkpoint.storage import Storage
 
 
@@ -156,7 +154,7 @@ class ChecksummingWriter(FsspecWriter):
     def for_folder(cls, storage: Storage, rel: str, *, thread_count: int = 1,
                    file_tag: str = "") -> "ChecksummingWriter":
         """A writer for the folder ``rel`` of ``storage`` (fsync on file systems only)."""
-        return cls(storage.fs, storage.path(rel), object_store=storage.is_object_store,
+        return cls(storage.fs, storage.path(rel), object_store=storage.backend.object_store,
                    thread_count=thread_count, file_tag=file_tag)
 
     def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1, file_tag: str = ""):

@@ -25,23 +25,19 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from service.checkpoint import dcp_io, identity
-from service.checkpoint.catalog import Catalog
+from service.checkpoint import dcp_io
 from service.checkpoint.collectives import (
     CHECKPOINT_ERRORS,
-    CheckpointGroup,
     describe_error,
 )
 from service.checkpoint.commit import CommitProtocol
+from service.checkpoint.context import CheckpointContext
+from service.checkpoint.errors import CheckpointNotCommitted, FencedError
 from service.checkpoint.memory_recovery import MemoryRecovery
 from service.checkpoint.memory_tier import MemoryTier
-from service.checkpoint.ownership import FencedError, Ownership
 from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
-from service.checkpoint.snapshot import Staging
-from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_health import storage_verdict
-from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import Config
 from service.dist import DistInfo
 from service.errors import UserError
@@ -51,8 +47,6 @@ from service.vocabulary import StateSource
 log = logging.getLogger(__name__)
 
 
-class CheckpointNotCommitted(RuntimeError):
-    """The final or emergency checkpoint could not be committed."""
 
 
 class Checkpointer:
@@ -72,26 +66,19 @@ class Checkpointer:
         now (DCP gives an optimizer without state one by running a zero-lr step, which would
         change the run), checked before staging buffers are allocated ahead of time.
         ``fingerprint``: the settings that define the run's math (``identity.fingerprint``)."""
+        self.ctx = ctx = CheckpointContext.open(cfg, info, state, metrics, per_rank_keys, fingerprint)
         self.cfg, self.info, self.state = cfg, info, state
-        ck = cfg.checkpoint
-        self.storage = open_storage(ck.url, ck.endpoint_url, ck.region)
-        self.ownership = Ownership(self.storage)
-        self.catalog = Catalog(self.storage, fence=self.ownership.check_current)
-        self.telemetry = CheckpointTelemetry(metrics)
-        self.staging = Staging(pin_memory=info.device.type == "cuda")
-        self.group = CheckpointGroup(info)
-        fingerprint = fingerprint if fingerprint is not None else identity.fingerprint(cfg)
-        self.commits = CommitProtocol(cfg, info, self.catalog, self.group, self.staging, self.telemetry,
-                                      self.ownership, info.run_id, fingerprint)
-        self.resumer = Resumer(cfg, info, state, per_rank_keys, self.catalog, self.group, self.telemetry,
-                               self.commits.unloadable_steps, fingerprint)
+        self.storage, self.ownership, self.catalog = ctx.storage, ctx.ownership, ctx.catalog
+        self.telemetry, self.staging, self.group = ctx.telemetry, ctx.staging, ctx.group
+        self.commits = CommitProtocol(ctx)
+        self.resumer = Resumer(ctx)
         # The memory tier needs a run id: without one, no restart could tell its own state from
         # another run's.
         self.memory: MemoryRecovery | None = None
+        ck = cfg.checkpoint
         if ck.memory_tier and info.run_id:
-            self.memory = MemoryRecovery(
-                MemoryTier(info.run_id, ck.memory_tier_dir), info, state, per_rank_keys, self.group,
-                fingerprint, lambda: self.ownership.number, can_read_state, self.telemetry)
+            self.memory = MemoryRecovery(ctx, MemoryTier(info.run_id, ck.memory_tier_dir),
+                                         lambda: self.ownership.number, can_read_state)
         self.last_committed_step: int | None = None
         self.resume_source = StateSource.FRESH
         self.is_restart = False

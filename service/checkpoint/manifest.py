@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from service.checkpoint.errors import ManifestError
 from service.config import redact_config_dict
 
 MANIFEST = "manifest.json"
@@ -52,8 +53,6 @@ class FileEntry:
     crc32c: str
 
 
-class ManifestError(ValueError):
-    """The manifest is missing, unparsable or inconsistent with its folder."""
 
 
 @dataclass

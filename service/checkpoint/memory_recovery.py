@@ -37,14 +37,15 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.stateful import Stateful
 
-from service.checkpoint.collectives import CHECKPOINT_ERRORS, CheckpointGroup, describe_error
+from service.checkpoint.collectives import CHECKPOINT_ERRORS, describe_error
+from service.checkpoint.context import CheckpointContext
+from service.checkpoint.errors import MemoryRecoveryError
 from service.checkpoint.memory_tier import (
     CORRUPT,
     Expected,
@@ -55,8 +56,6 @@ from service.checkpoint.memory_tier import (
     decode_payload,
     read_payload,
 )
-from service.checkpoint.telemetry import CheckpointTelemetry
-from service.dist import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +69,15 @@ class _GiveUp(Exception):
     would not change: every rank resumes from the object store."""
 
 
-class MemoryRecoveryError(RuntimeError):
-    """Loading an agreed snapshot failed after the registry was partly changed; the snapshot
-    was removed, so the next start resumes from the object store."""
 
 
 class MemoryRecovery:
-    def __init__(self, tier: MemoryTier, info: DistInfo, state: dict[str, Stateful],
-                 per_rank_keys: Collection[str], group: CheckpointGroup, fingerprint: dict[str, Any],
-                 incarnation: Callable[[], int | None], can_read_state: Callable[[], bool],
-                 telemetry: CheckpointTelemetry):
-        self.tier, self.info, self.group, self.telemetry = tier, info, group, telemetry
-        self.shared_keys = [k for k in state if k not in per_rank_keys]
-        self.state = state
-        self.fingerprint = fingerprint
+    def __init__(self, ctx: CheckpointContext, tier: MemoryTier, incarnation: Callable[[], int | None],
+                 can_read_state: Callable[[], bool]):
+        self.tier, self.info, self.group, self.telemetry = tier, ctx.info, ctx.group, ctx.telemetry
+        self.shared_keys = [k for k in ctx.state if k not in ctx.per_rank_keys]
+        self.state = ctx.state
+        self.fingerprint = ctx.fingerprint
         self._incarnation, self._can_read_state = incarnation, can_read_state
         self._lock = threading.Lock()
         self._consistent: int | None = None  # the step the state is at, None while updating

@@ -23,6 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from service.checkpoint.errors import FencedError
 from service.checkpoint.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ INCARNATIONS = "incarnations"
 MAX_CLAIM_ATTEMPTS = 20
 
 
-class FencedError(RuntimeError):
-    """A newer incarnation owns the root: this writer must not change anything in it."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.checkpoint.catalog import Catalog, split_checkpoint_url
-from service.checkpoint.manifest import Manifest, ManifestError, step_dir
+from service.checkpoint.errors import ManifestError
+from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.storage import open_storage
 from service.config import Config, config_from_dict
 from service.errors import UserError

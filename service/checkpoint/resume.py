@@ -12,44 +12,34 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.stateful import Stateful
 
 from service.checkpoint.catalog import Catalog, split_checkpoint_url
 from service.checkpoint.collectives import (
     CHECKPOINT_ERRORS,
-    CheckpointGroup,
     describe_error,
 )
-from service.checkpoint.dcp_io import (
-    CorruptCheckpointError,
-    VerifyingReader,
-    verify_local_file,
-)
+from service.checkpoint.context import CheckpointContext
+from service.checkpoint.dcp_io import VerifyingReader, verify_local_file
 from service.checkpoint.direct_read import DirectFileReader
+from service.checkpoint.errors import CorruptCheckpointError, ManifestError
 from service.checkpoint.identity import differences, fingerprint_of_config
-from service.checkpoint.manifest import Manifest, ManifestError, step_dir
+from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
-from service.checkpoint.telemetry import CheckpointTelemetry
-from service.config import Config
-from service.dist import DistInfo
 from service.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 class Resumer:
-    def __init__(self, cfg: Config, info: DistInfo, state: dict[str, Stateful], per_rank_keys: Collection[str],
-                 catalog: Catalog, group: CheckpointGroup, telemetry: CheckpointTelemetry,
-                 unloadable_steps: set[int], fingerprint: dict[str, Any]):
-        self.cfg, self.info, self.state, self.per_rank_keys = cfg, info, state, frozenset(per_rank_keys)
-        self.catalog, self.group, self.telemetry = catalog, group, telemetry
-        self.unloadable_steps = unloadable_steps  # shared with the commit protocol
-        self.fingerprint = fingerprint
+    def __init__(self, ctx: CheckpointContext):
+        self.ctx = ctx
+        self.cfg, self.info, self.state, self.per_rank_keys = ctx.cfg, ctx.info, ctx.state, ctx.per_rank_keys
+        self.catalog, self.group, self.telemetry = ctx.catalog, ctx.group, ctx.telemetry
+        self.fingerprint = ctx.fingerprint
 
     def resume(self, restart: bool) -> int | None:
         """Load the checkpoint the config asks for into the state; the loaded step or None.
@@ -160,7 +150,7 @@ class Resumer:
                 reason = describe_error(e)
                 log.error("checkpoint %s is unusable: %s", catalog.storage.url_of(step_dir(step)), reason)
                 tried.append(f"{step_dir(step)}: {reason}")
-                self.unloadable_steps.add(step)
+                self.ctx.unloadable_steps.add(step)
                 self.telemetry.unloadable()
                 if pinned is not None:
                     break
@@ -202,7 +192,7 @@ class Resumer:
         same_world = manifest.world_size == self.info.world_size
         state = {k: v for k, v in self.state.items() if same_world or k not in self.per_rank_keys}
         folder = storage.path(step_dir(step))
-        if storage.is_local:
+        if storage.backend.on_local_disk:
             self._load_local(state, folder, manifest)
         else:
             reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files)

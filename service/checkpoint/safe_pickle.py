@@ -46,23 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint file does not match its manifest entry (or cannot be what DCP wrote)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-class UnsafeCheckpointError(CorruptCheckpointError):
-    """A checkpoint file holds a pickle that loading would have to run code for.
-
-    A subclass of ``CorruptCheckpointError`` so that the callers treat it as they treat any
-    other bad checkpoint (report it, fall back to an older one), never as a reason to retry
-    with a more permissive load.
-    """
-
+from service.checkpoint.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 _METADATA = "torch.distributed.checkpoint.metadata"
 # Every global a DCP .metadata pickle refers to, found by recording find_class while

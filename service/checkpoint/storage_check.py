@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import re
 import uuid
 from typing import Any
 
+from service.checkpoint.backends.base import HTTP_PRECONDITIONS
 from service.checkpoint.storage import Storage, error_code, precondition_failed
 from service.errors import UserError
 
@@ -33,7 +33,7 @@ def check_reachable(storage: Storage, write: bool = True, single_writer: bool = 
     """
     _check_bucket_name(storage)
     try:
-        if storage.is_object_store:
+        if storage.backend.object_store:
             # ls, not exists(): s3fs's exists() answers False for a dead endpoint, a
             # refused credential, or a bucket the credentials may list but not HEAD.
             exists = _list_or_missing(storage.fs, storage.root, bucket_must_exist=write)
@@ -97,12 +97,13 @@ def _probe_write(storage: Storage, single_writer: bool) -> None:
         storage.fs.pipe_file(probe, b"")
     except FileNotFoundError:
         bucket = storage.root.split("/", 1)[0]
-        what = f"bucket {bucket!r} does not exist" if storage.is_object_store else "its folder cannot be created"
+        what = f"bucket {bucket!r} does not exist" if storage.backend.object_store else "its folder cannot be created"
         raise UserError(f"storage URL {storage.display_url!r}: {what} (create it, or fix checkpoint.url)") from None
     except Exception as e:
         raise _unusable(storage, e, "write") from None
     try:
-        unhonoured = _unhonoured_conditions(storage, name) if storage.is_s3 else []
+        unhonoured = (_unhonoured_conditions(storage, name)
+                      if storage.backend.conditional_writes == HTTP_PRECONDITIONS else [])
     finally:
         try:
             storage.remove(name)
@@ -159,26 +160,14 @@ def _unhonoured_conditions(storage: Storage, name: str) -> list[str]:
 
 # An S3 bucket name: 3-63 lower-case letters, digits, dots and hyphens, starting and ending with a
 # letter or digit, not shaped like an IP address, without AWS's reserved prefixes and suffixes.
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
-_RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"))
 
 
 def _check_bucket_name(storage: Storage) -> None:
-    """A bucket name no S3 store accepts, or a key with '.'/'..' segments, is a wrong URL (exit 2),
-    not an unreachable store."""
-    if not storage.is_s3:
-        return
-    bucket, _, key = storage.root.partition("/")
-    if (not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket or _IP_LIKE.fullmatch(bucket)
-            or bucket.startswith(_RESERVED[0]) or bucket.endswith(_RESERVED[1])):
-        raise UserError(
-            f"storage URL {storage.display_url!r}: {bucket!r} is not a valid S3 bucket name (3-63 "
-            "characters: lower-case letters, digits, dots and hyphens, starting and ending with a "
-            "letter or digit, not an IP address); fix checkpoint.url")
-    if any(part in (".", "..") for part in key.split("/")):
-        raise UserError(f"storage URL {storage.display_url!r}: '.' and '..' are not folders on S3 (keys "
-                        "are plain names); fix checkpoint.url")
+    """A root no such store accepts (an invalid S3 bucket name, '.'/'..' segments in a key) is
+    a wrong URL (exit 2), not an unreachable store."""
+    why = storage.backend.check_root(storage.root)
+    if why:
+        raise UserError(f"storage URL {storage.display_url!r}: {why}; fix checkpoint.url")
 
 
 def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None = None) -> UserError:
@@ -191,9 +180,9 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
 
     url = storage.display_url
     detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
-    local_errno = errno.errorcode.get(e.errno or 0) if storage.is_local and isinstance(e, OSError) else None
+    local_errno = errno.errorcode.get(e.errno or 0) if storage.backend.on_local_disk and isinstance(e, OSError) else None
     denied = isinstance(e, PermissionError) or error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
-    if denied and storage.is_local:
+    if denied and storage.backend.on_local_disk:
         # A folder, not credentials: typically an image's non-root user under a root-owned
         # working directory, or a read-only mount.
         return StorageError(
@@ -204,7 +193,7 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
     if denied:
         if stage == "read":
             hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
-                    if storage.is_object_store else "check the folder's permissions")
+                    if storage.backend.object_store else "check the folder's permissions")
             return StorageError(f"storage URL {url!r}: access denied ({detail}); {hint}", permanent=True)
         extra = f"; the probe {posixpath.basename(left)!r} was left behind" if left else ""
         return StorageError(
@@ -214,5 +203,4 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
         return UserError(f"storage URL {url!r} cannot be used as a folder: {detail}")
     if isinstance(e, FileNotFoundError):
         return UserError(f"storage URL {url!r} does not exist ({detail})")
-    where = "checkpoint.endpoint_url / --endpoint-url / AWS_ENDPOINT_URL" if storage.is_object_store else "the mount"
-    return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {where})")
+    return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {storage.backend.where_to_fix_access})")

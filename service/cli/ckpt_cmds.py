@@ -76,7 +76,7 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
 def _total_bytes(catalog: object, step: int) -> int:
     """The bar's total: the manifest's byte count (0, no bar, if it has none to give)."""
-    from service.checkpoint.manifest import ManifestError
+    from service.checkpoint.errors import ManifestError
 
     try:
         return int(catalog.manifest(step).total_bytes)  # type: ignore[attr-defined]

@@ -37,7 +37,7 @@ def open_catalog(url: str, args: argparse.Namespace) -> Any:
     storage = open_storage(url, args.endpoint_url, args.region)
     if not check_reachable(storage, write=False):
         raise BadCheckpointError(f"no such checkpoint root {storage.display_url}")
-    if not storage.is_object_store and storage.fs.isfile(storage.root):
+    if not storage.backend.object_store and storage.fs.isfile(storage.root):
         raise UserError(f"{storage.display_url} is a file, not a checkpoint root "
                         "(a folder of step-N folders)")
     return Catalog(storage)
@@ -46,7 +46,8 @@ def open_catalog(url: str, args: argparse.Namespace) -> Any:
 def resolve_ref(args: argparse.Namespace) -> Any:
     """``URL`` (the root's latest committed checkpoint) or ``URL/step-N`` (N in any padding)."""
     from service.checkpoint.catalog import split_checkpoint_url
-    from service.checkpoint.manifest import ManifestError, step_dir
+    from service.checkpoint.errors import ManifestError
+    from service.checkpoint.manifest import step_dir
     from service.checkpoint.refs import CheckpointRef
 
     root, step = split_checkpoint_url(args.url)

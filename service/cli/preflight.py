@@ -70,7 +70,7 @@ def _check_storage(cfg: Config) -> Any:
 
     ck = cfg.checkpoint
     storage = open_storage(ck.url, ck.endpoint_url, ck.region)
-    created = _missing_folders(storage.root) if storage.is_local else []
+    created = _missing_folders(storage.root) if storage.backend.on_local_disk else []
     try:
         check_reachable(storage, write=True, single_writer=ck.single_writer)
     finally:
@@ -155,7 +155,8 @@ def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_leng
 def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None) -> str:
     """``checkpoint.resume = URL[/step-N]``: the source exists; the own root has no newer history."""
     from service.checkpoint.catalog import Catalog, split_checkpoint_url
-    from service.checkpoint.manifest import ManifestError, step_dir
+    from service.checkpoint.errors import ManifestError
+    from service.checkpoint.manifest import step_dir
     from service.checkpoint.storage import open_storage
 
     ck = cfg.checkpoint

@@ -10,7 +10,7 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from service.checkpoint.ownership import FencedError
+from service.checkpoint.errors import FencedError
 from service.config import Config, load_config
 from service.errors import EXIT_SUPERSEDED, StorageError, UserError, exit_code_of
 from service.heartbeat import REFUSED, REFUSED_STORAGE

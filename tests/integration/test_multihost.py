@@ -16,7 +16,7 @@ import torch
 
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.storage import open_storage
-from tests.helpers import BASELINE_STEPS, TINY, set_args, stop, traced_run, wait_for_step, weights
+from tests.helpers import BASELINE_STEPS, TINY, set_args, stop_tree, traced_run, wait_for_step, weights
 from tests.netns import SUBNET, in_host, ip, metric, two_hosts
 
 TOKEN = "multihost-token"
@@ -76,6 +76,6 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts_fixture, ba
         assert metric(host_a, metrics_port, 'ftdiff_job_failures_detected_total{kind="hang"}') == 0
     finally:
         for proc in (*agents, sup):
-            stop(proc)
+            stop_tree(proc)
         for log in logs.values():
             log.close()

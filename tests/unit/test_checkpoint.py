@@ -420,7 +420,7 @@ def test_a_failing_writer_thread_fails_the_save_instead_of_committing_a_partial_
 
 def test_the_last_step_is_committed_once_or_fails_loudly(mem_url, monkeypatch):
     import service.checkpoint.commit as commit
-    from service.checkpoint.manager import CheckpointNotCommitted
+    from service.checkpoint.errors import CheckpointNotCommitted
 
     job = Job(mem_url, "checkpoint.every_steps=10")
     job.ckpt.resume()

@@ -203,8 +203,7 @@ def test_failure_table():
     from botocore.exceptions import EndpointConnectionError
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from service.checkpoint.manifest import ManifestError
-    from service.checkpoint.safe_pickle import CorruptCheckpointError, UnsafeCheckpointError
+    from service.checkpoint.errors import CorruptCheckpointError, ManifestError, UnsafeCheckpointError
     from service.cli import _failure
     from service.errors import BadCheckpointError
 

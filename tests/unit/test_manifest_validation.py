@@ -8,7 +8,8 @@ import json
 import pytest
 
 from service.checkpoint.catalog import split_checkpoint_url
-from service.checkpoint.manifest import FileEntry, Manifest, ManifestError, parse_step_dir, step_dir
+from service.checkpoint.errors import ManifestError
+from service.checkpoint.manifest import FileEntry, Manifest, parse_step_dir, step_dir
 
 
 def _body(**files: object) -> dict:

@@ -21,7 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from service.checkpoint.collectives import CheckpointGroup
+from service.checkpoint.context import CheckpointContext
 from service.checkpoint.memory_recovery import MemoryRecovery
 from service.checkpoint.memory_tier import (
     KEEP,
@@ -33,7 +33,6 @@ from service.checkpoint.memory_tier import (
     default_dir,
     encode_file,
 )
-from service.checkpoint.telemetry import CheckpointTelemetry
 from service.config import TrainConfig, load_config
 from service.dist import DistInfo
 from service.metrics import MEMORY_REJECT_REASONS, CheckpointMetrics
@@ -97,9 +96,9 @@ def recovery(job: Job, directory: Path, *, run_id: str = RUN, fp: dict | None = 
              incarnation: int | None = 1, metrics: CheckpointMetrics | None = None, rank: int = 0
              ) -> MemoryRecovery:
     info = DistInfo(rank, world_size, rank, CPU, str(rank), run_id)
-    return MemoryRecovery(MemoryTier(run_id, directory), info, job.registry, PER_RANK_KEYS,
-                          CheckpointGroup(info), fp if fp is not None else FP, lambda: incarnation,
-                          lambda: bool(job.opt.state), CheckpointTelemetry(metrics))
+    cfg = load_config(None, [f'checkpoint.url="memory://memory-tier-tests-{run_id}"'])
+    ctx = CheckpointContext.open(cfg, info, job.registry, metrics, PER_RANK_KEYS, fp if fp is not None else FP)
+    return MemoryRecovery(ctx, MemoryTier(run_id, directory), lambda: incarnation, lambda: bool(job.opt.state))
 
 
 def left_at(tmp_path: Path, steps: int = 3, **kw: Any) -> tuple[Job, Path]:

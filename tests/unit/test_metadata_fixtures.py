@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata, TensorStorageMetadata
 
-from service.checkpoint.safe_pickle import UnsafeCheckpointError, load_metadata
+from service.checkpoint.errors import UnsafeCheckpointError
+from service.checkpoint.safe_pickle import load_metadata
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dcp_metadata"
 PYTHONS = ["3.11.2", "3.11.7", "3.12.1", "3.13.0"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from service.checkpoint.catalog import Catalog
+from service.checkpoint.errors import FencedError
 from service.checkpoint.manifest import POINTER, step_dir
-from service.checkpoint.ownership import FencedError, Ownership
+from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import open_storage
 from service.errors import UserError
 from tests.helpers import CheckpointJob as Job
@@ -419,7 +420,7 @@ def test_a_claim_that_hits_a_full_disk_leaves_no_empty_record(tmp_path, monkeypa
     newer owner of the root and stop as superseded."""
     import errno
 
-    from service.checkpoint import storage as storage_mod
+    from service.checkpoint.backends import local as storage_mod
 
     root = open_storage(str(tmp_path / "root"))
     real_write = os.write

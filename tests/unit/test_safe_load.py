@@ -25,10 +25,11 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from service.checkpoint import safe_pickle
-from service.checkpoint.dcp_io import CorruptCheckpointError, VerifyingReader, crc32c_hex, read_verified
+from service.checkpoint.dcp_io import VerifyingReader, crc32c_hex, read_verified
 from service.checkpoint.direct_read import DirectFileReader
+from service.checkpoint.errors import CorruptCheckpointError, UnsafeCheckpointError
 from service.checkpoint.manifest import FileEntry
-from service.checkpoint.safe_pickle import ALLOWED_GLOBALS, UnsafeCheckpointError, load_metadata
+from service.checkpoint.safe_pickle import ALLOWED_GLOBALS, load_metadata
 
 EXTRA = {"step": 7, "name": "run-1", "values": [1, 2.5], "pair": (3, "x")}
 
