@@ -38,7 +38,7 @@ PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done"
 IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
 
 
-# What a restart cost, as rank 0 measures it (service.train.recovery): fault kinds and where
+# What a restart cost, as rank 0 measures it (service.train.restart_cost): fault kinds and where
 # the state came from.
 RECOVERY_KINDS = frozenset(kind.value for kind in RecoveryKind)
 RECOVERY_SOURCES = frozenset(source.value for source in StateSource)
@@ -90,7 +90,7 @@ class Heartbeat:
     restart_count: int
     time: float
     metrics: list = field(default_factory=list)
-    """The worker's metric samples (service.metrics.snapshot), relayed to /metrics. Checked
+    """The worker's metric samples (service.metrics.metric_samples), relayed to /metrics. Checked
     by the relay, not here: a malformed snapshot costs its metrics, never the heartbeat."""
     io_bytes: int = 0
     """Checkpoint bytes this process has read and written so far: progress inside a long
@@ -99,7 +99,7 @@ class Heartbeat:
     """When this worker process started (Unix time). With node and pid it names one process:
     pods have PID namespaces of their own, so pids repeat across pods and container restarts."""
     recovery: dict | None = None
-    """Rank 0 after a restart: what it cost (service.train.recovery.Recovery.as_dict())."""
+    """Rank 0 after a restart: what it cost (service.train.restart_cost.Recovery.as_dict())."""
 
     @property
     def process(self) -> tuple[str, int, float]:

@@ -139,7 +139,7 @@ class SupervisorMetrics:
             "ftdiff_supervisor_rejected_requests_total", "Requests refused (bad or missing token, bad body)",
             registry=r,
         )
-        # What failures cost (service.supervisor.recovery): measured by the restarted rank 0.
+        # What failures cost (service.supervisor.failure_cost): measured by the restarted rank 0.
         self.recovery_seconds = Histogram(
             "ftdiff_recovery_seconds",
             "Seconds from the job's last completed step before a fault to the first step after the restart",
@@ -168,12 +168,12 @@ class SupervisorMetrics:
         self.state.state("starting")
 
 
-Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+MetricSamples = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 
 
-def snapshot(registry: CollectorRegistry) -> Snapshot:
+def metric_samples(registry: CollectorRegistry) -> MetricSamples:
     """A registry's current samples as plain data (family, type, help, samples) for a heartbeat."""
-    out: Snapshot = []
+    out: MetricSamples = []
     for family in registry.collect():
         samples = [(s.name, dict(s.labels), float(s.value)) for s in family.samples
                    if not s.name.endswith("_created")]
@@ -193,14 +193,14 @@ class WorkerRelay:
     RESERVED = ("ftdiff_job_", "ftdiff_worker_heartbeat_", "ftdiff_supervisor_")
 
     def __init__(self) -> None:
-        self._by_rank: dict[int, Snapshot] = {}
+        self._by_rank: dict[int, MetricSamples] = {}
 
-    def update(self, rank: int, snap: Snapshot) -> None:
+    def update(self, rank: int, snap: MetricSamples) -> None:
         """Keep ``rank``'s snapshot; ValueError (and the previous one kept) if it is malformed."""
         self._by_rank[rank] = self.check(snap)
 
     @classmethod
-    def check(cls, snap: object) -> Snapshot:
+    def check(cls, snap: object) -> MetricSamples:
         """A snapshot as relayed, or ValueError: every family [name, type, help, samples] and
         sample [name, labels, value] well formed, so one rank can never break a scrape."""
         import re
@@ -209,7 +209,7 @@ class WorkerRelay:
         label_ok = re.compile(r"(?!__)[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
         if not isinstance(snap, list):
             raise ValueError("metrics: not a list of families")
-        out: Snapshot = []
+        out: MetricSamples = []
         seen: set[str] = set()
         for family in snap:
             if not (isinstance(family, (list, tuple)) and len(family) == 4):

@@ -338,7 +338,7 @@ class MemoryTier:
 
     def remove_run(self) -> int:
         """Remove every file of this run here — snapshots, half-written ones, and the progress
-        records kept beside them (``service.train.recovery``) — once no process of the run is
+        records kept beside them (``service.train.restart_cost``) — once no process of the run is
         left; how many were removed."""
         run_prefix = f"ftdiff-{run_key(self.run_id)}-"
         try:

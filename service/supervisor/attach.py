@@ -99,7 +99,7 @@ class AttachedSupervisor(Supervisor):
                          self.monitor.last_committed_step)
             else:
                 log.info("workers report again: a new job")
-                self.recoveries.reset()  # its steps start again: goodput is measured afresh
+                self.failure_costs.reset()  # its steps start again: goodput is measured afresh
         self._finished = finished
         self.metrics.state.state("failed" if self._failed_mark else "succeeded" if finished else "running")
 

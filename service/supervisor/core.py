@@ -17,9 +17,9 @@ from service.config import Config
 from service.errors import EXIT_OK
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat
 from service.metrics import SupervisorMetrics
+from service.supervisor.failure_cost import FailureCostBook
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor, RankState
-from service.supervisor.recovery import RecoveryBook
 from service.supervisor.server import SupervisorEndpoints
 from service.vocabulary import FailureKind, RestartReason
 
@@ -34,12 +34,12 @@ class Supervisor:
         self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s,
                                   heartbeat_interval_s=sup.heartbeat_interval_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
-        self.recoveries = RecoveryBook(self.metrics)
+        self.failure_costs = FailureCostBook(self.metrics)
         self.endpoints = SupervisorEndpoints(
             cfg, token, self.monitor, self.metrics,
             ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),
             on_restart_observed=self._restart_observed, on_restart_requested=self._restart_requested,
-            on_heartbeat=self.recoveries.observe,
+            on_heartbeat=self.failure_costs.observe,
             known_nodes=known_nodes,
         )
         self.server = self.endpoints.control
@@ -77,7 +77,7 @@ class Supervisor:
     # -- shared ------------------------------------------------------------------------------------
     def record(self, kind: FailureKind, restart: RestartReason | None = None) -> None:
         self.ledger.record(kind, restart)
-        self.recoveries.diagnosed(kind)
+        self.failure_costs.diagnosed(kind)
 
     def _restart_observed(self, hb: Heartbeat) -> None:
         if self.stop_signal is not None:
@@ -140,14 +140,14 @@ class Supervisor:
                 if self._restart_request:
                     self._restart_request = False
                     self.metrics.restarts.labels(reason=RestartReason.ORDERED.value).inc()
-                    self.recoveries.diagnosed(RestartReason.ORDERED)
+                    self.failure_costs.diagnosed(RestartReason.ORDERED)
                     self.monitor.order_restart()
                 hung = self.monitor.hung()
                 if hung:
                     self.on_hung(hung)
                 self.after_tick()
                 publish(self.monitor, self.metrics)
-                self.recoveries.publish()
+                self.failure_costs.publish()
                 time.sleep(self.tick_s)
         finally:
             for s, handler in previous.items():

@@ -24,11 +24,23 @@ from dataclasses import dataclass, field
 from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
-from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
+from service.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
 from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, shared_token
 from service.launch_env import ZYGOTE_SOCKET_ENV, LaunchEnv, launcher_env
 from service.node.proc import die_with_parent
 from service.supervisor import procs
+from service.supervisor.agent_policy import (
+    Finish,
+    GiveUp,
+    LauncherState,
+    Phase,
+    Refuse,
+    Relaunch,
+    budget_renewed,
+    failure_kind,
+    on_agent_codes,
+    on_ranks_fresh,
+)
 from service.supervisor.core import Supervisor
 from service.supervisor.ending import emergency_commit_problem, remove_run_files
 from service.supervisor.monitor import RankState
@@ -70,12 +82,7 @@ class LocalSupervisor(Supervisor):
         self.cmd_args = worker_args(config, log_format)
         self.overrides = overrides
         self.agents: dict[int, Agent] = {}
-        self.relaunches = 0
-        self._recovering = False  # a relaunch is under way: "running" again once all report
-        self._commit_at_relaunch: int | None = None
-        # Rendezvous round: torchrun closes a run id's rendezvous for good when an agent gives
-        # up, so agents relaunched after that join a fresh one (``<run id>-r<round>``).
-        self.round = 0
+        self.state = LauncherState()  # decided by service.supervisor.agent_policy, carried out here
         # supervisor.prestart_workers: a warm process per node forks the workers (see procs.Zygotes).
         self.zygotes = (procs.Zygotes(self.log_dir, nproc_per_node, log_format)
                         if cfg.supervisor.prestart_workers else None)
@@ -97,7 +104,7 @@ class LocalSupervisor(Supervisor):
             env[ZYGOTE_SOCKET_ENV] = self.zygotes.ensure(node, {**os.environ, **AGENT_ENV})
         cmd = torchrun_command(
             self.cmd_args, self.nnodes, self.nproc, self.rdzv, self.cfg.supervisor.max_restarts,
-            self.cfg.supervisor.min_nodes, f"{self.run_id}-r{self.round}",
+            self.cfg.supervisor.min_nodes, f"{self.run_id}-r{self.state.round}",
             os.path.join(self.log_dir, f"node{node}"),
             # Agents are store clients; a lost agent is noticed after 3 missed 1 s keep-alives;
             # with a node range, a round closes 2 s after the minimum has joined.
@@ -181,8 +188,8 @@ class LocalSupervisor(Supervisor):
                 self.monitor.drop_order((node, pid, started))
         # Back to "running" once every rank of the relaunched job reports again.
         world = self.monitor.world_size()
-        if self._recovering and world and self.monitor.all_fresh(world):
-            self._recovering = False
+        if self.state.phase is Phase.RELAUNCHING and world and self.monitor.all_fresh(world):
+            self.state = on_ranks_fresh(self.state)
             self.metrics.state.state("running")
 
     def on_refused(self, hb: Heartbeat) -> int | None:
@@ -218,7 +225,7 @@ class LocalSupervisor(Supervisor):
         with this run (another `ftdiff train` is another run). So first wait, up to
         ``SHUTDOWN_MARGIN_S``, until every rank of the new round trains: then the emergency
         checkpoint commits those steps."""
-        if not self._recovering:
+        if self.state.phase is not Phase.RELAUNCHING:
             return
         log.warning("stop requested during a relaunch: letting it finish first (up to %ds), so the "
                     "emergency checkpoint keeps the steps the survivors left in memory", SHUTDOWN_MARGIN_S)
@@ -266,44 +273,42 @@ class LocalSupervisor(Supervisor):
             procs.end_tree(agent.proc)
 
     def _handle_agents(self) -> int | None:
-        """Exit code when the job is over, else None. Relaunches lost or failed agents."""
+        """Exit code when the job is over, else None. Carries out ``agent_policy``'s decision
+        about the agents' exit codes (relaunch, give up, refuse, finish)."""
         self._end_stopped_agents()
         codes = {n: a.proc.poll() for n, a in self.agents.items()}
-        if all(c == 0 for c in codes.values()):
-            return EXIT_OK
-        if self.monitor.last_committed_step != self._commit_at_relaunch and self.relaunches:
+        last_commit = self.monitor.last_committed_step
+        if budget_renewed(self.state, last_commit):
             log.info("new commit since the last relaunch: the relaunch budget is full again")
-            self.relaunches = 0
-        failed = {n: c for n, c in codes.items() if c is not None and c != 0}
-        if not failed:
-            return None
-        for node, code in failed.items():
-            log.error("node %d: torchrun agent exited with %s (%s)", node, code, _failure_kind(code))
-        node, code = next(iter(failed.items()))
-        kind = _failure_kind(code)
-        refused = next((c for c in (EXIT_USAGE, EXIT_STORAGE) if c in failed.values()), None)
-        if refused is not None:  # workers refused (config; storage denied or gone) before a heartbeat could
-            self.record(kind)    # say so, e.g. at start-up: a relaunch would only repeat it
-            log.error("workers exited %d (see the worker log): not relaunching", refused)
+        self.state, action = on_agent_codes(self.state, codes, last_commit, self.cfg.supervisor.max_restarts)
+        if action is None or isinstance(action, Finish):
+            return action.code if action is not None else None
+        for node, code in codes.items():
+            if code:
+                log.error("node %d: torchrun agent exited with %s (%s)", node, code, failure_kind(code))
+        if isinstance(action, Refuse):  # workers refused (config; storage denied or gone) before a
+            self.record(action.kind)    # heartbeat could say so, e.g. at start-up
+            log.error("workers exited %d (see the worker log): not relaunching", action.code)
             self._stop_agents(signal.SIGTERM, timeout=30)
-            return refused
-        for other, other_code in list(failed.items())[1:]:  # gone in the same tick: one restart
-            self.metrics.failures_detected.labels(kind=_failure_kind(other_code).value).inc()
-        if self.relaunches >= self.cfg.supervisor.max_restarts:
-            self.record(kind)
-            return self._give_up(node, code)
-        self.relaunches += 1
-        self._commit_at_relaunch = self.monitor.last_committed_step
-        self.record(kind, RestartReason.LOST_NODE if kind is FailureKind.LOST_NODE else RestartReason.JOB_FAILED)
+            return action.code
+        if isinstance(action, GiveUp):
+            self.record(action.kind)
+            return self._give_up(action.node, action.code)
+        self._relaunch(action)
+        return None
+
+    def _relaunch(self, action: Relaunch) -> None:
+        for kind in action.also_failed:  # gone in the same check: one restart
+            self.metrics.failures_detected.labels(kind=kind.value).inc()
+        self.record(action.kind, action.reason)
         # Orphaned workers of a lost agent would hold the old rendezvous: end them. The
         # survivors must restart too (their group is broken): order them out now, which also
         # keeps their disappearance from being counted as separate crashes.
-        gone = {str(n) for n in failed}
+        gone = {str(n) for n in action.failed}
         self._kill_workers(lambda s: s.hb.node in gone)
         survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node not in gone]
         self.monitor.order_restart()
         delay = self.ledger.backoff_s()
-        self._recovering = True
         if delay:
             self.metrics.state.state("backoff")
             log.warning("crash loop (%d failures without a new commit): waiting %.0fs",
@@ -311,7 +316,6 @@ class LocalSupervisor(Supervisor):
             self.sleep(delay)  # a stop meanwhile still relaunches: stop() lets that finish first
         self.metrics.state.state("restarting")
         self._new_round(survivors)
-        return None
 
     def _end_stopped_agents(self) -> None:
         """An agent stopped (SIGSTOP, a frozen node) for longer than the silence limit cannot
@@ -342,8 +346,7 @@ class LocalSupervisor(Supervisor):
         for agent in self.agents.values():  # their workers go with them (and the zygote's
             if agent.proc.poll() is None:     # forked ones when their shim does)
                 procs.end_tree(agent.proc)
-        self.round += 1
-        log.warning("relaunching every agent in rendezvous round %d", self.round)
+        log.warning("relaunching every agent in rendezvous round %d", self.state.round)
         for node in range(self.nnodes):
             self._launch(node)
 
@@ -359,15 +362,10 @@ class LocalSupervisor(Supervisor):
     def _give_up(self, node: int, code: int) -> int:
         self.metrics.state.state("failed")
         report = failure_report(self.log_dir, self.monitor, node, code)
-        log.error("giving up after %d relaunches:\n%s", self.relaunches, report)
+        log.error("giving up after %d relaunches:\n%s", self.state.relaunches, report)
         print(report, file=sys.stderr)
         self._stop_agents()
         return EXIT_FAILURE
-
-
-def _failure_kind(code: int) -> FailureKind:
-    """Ended by a signal: the node is gone, not the program."""
-    return FailureKind.LOST_NODE if procs.ending_signal(code) is not None else FailureKind.AGENT_FAILED
 
 
 def _reachable(host: str) -> str:  # the address workers use (a wildcard means loopback)

@@ -27,14 +27,14 @@ from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, shared_token
 from service.launch_env import LaunchEnv
-from service.metrics import WorkerMetrics, snapshot
+from service.metrics import WorkerMetrics, metric_samples
 from service.models.build import build_model, build_noise_scheduler
 from service.models.ema import EMAState, build_ema
 from service.node.exits import exit_for_restart
 from service.train import state as keys
 from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
-from service.train.recovery import ORDERED, STOPPED, ProgressRecord, RecoveryTracker
+from service.train.restart_cost import ORDERED, STOPPED, RestartCostMeter, StepRecord
 from service.train.state import (
     DataState,
     GradScalerState,
@@ -118,8 +118,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._started = time.time()
         self.phase = "starting"
-        self.recovery = RecoveryTracker(
-            ProgressRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
+        self.restart_cost = RestartCostMeter(
+            StepRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
                            info.world_size)
             if info.run_id else None, info.rank, info.local_rank, self.checkpointer.group.gather_to_all)
         self.heartbeats = self._start_heartbeats()
@@ -147,7 +147,7 @@ class Trainer:
         step every rank completed in the memory tier — the main thread waits in a collective
         with the hung peer, so the state is consistent there — then exit: the restart resumes
         at that step instead of the newest commit (a hang loses no step but the one in flight)."""
-        self.recovery.left(ORDERED)
+        self.restart_cost.left(ORDERED)
         self.checkpointer.leave_in_memory("restart ordered")
         exit_for_restart(generation, kill, protected=(self.launch.agent_pid,))
 
@@ -163,9 +163,9 @@ class Trainer:
             world_size=info.world_size, step=self.train_state.step, phase=self.phase,
             last_committed_step=self.checkpointer.last_committed_step,
             restart_count=info.restart_count, time=time.time(),
-            metrics=snapshot(self.metrics.registry), started=self._started,
+            metrics=metric_samples(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes,
-            recovery=self.recovery.report.as_dict() if self.recovery.report is not None else None,
+            recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 
     # -- signals -----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class Trainer:
     def run(self) -> int:
         self.phase = "loading"
         self.checkpointer.resume()
-        self.recovery.resumed(self.train_state.step, self.checkpointer.resume_source,
+        self.restart_cost.resumed(self.train_state.step, self.checkpointer.resume_source,
                               self.checkpointer.is_restart)
         self.phase = "training"
         start = self.train_state.step
@@ -217,7 +217,7 @@ class Trainer:
                 # began in before_update): it may be left in the memory tier. After the probe,
                 # so an injected failure at a step is never skipped by resuming past it.
                 self.checkpointer.update_done(self.train_state.step)
-                self.recovery.step_done(self.train_state.step)
+                self.restart_cost.step_done(self.train_state.step)
                 if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
                     self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
                 global_loss, stop, busy = self._agree(loss)
@@ -301,7 +301,7 @@ class Trainer:
         self.phase = "checkpointing"
         self.checkpointer.save(step, self.train_state.samples_seen, last_step=True)
         log.info("done: step %d committed", step)
-        self.recovery.finished()
+        self.restart_cost.finished()
         # "done" before the last grid: the work is committed, so neither a slow render nor a
         # SIGTERM now (which ends the wait for it) can cost the run anything.
         self.phase = "done"
@@ -313,7 +313,7 @@ class Trainer:
         self.phase = "stopping"
         log.warning("stop requested (signal %s): emergency checkpoint at step %d", self._stop_signal, step)
         self.checkpointer.save(step, self.train_state.samples_seen, emergency=True)
-        self.recovery.left(STOPPED)
+        self.restart_cost.left(STOPPED)
         elapsed = time.monotonic() - t0
         if elapsed > self.cfg.checkpoint.grace_s:
             log.warning("emergency checkpoint took %.1fs, over checkpoint.grace_s", elapsed)

@@ -635,7 +635,7 @@ def test_the_local_supervisor_removes_its_runs_snapshots_at_the_end(tmp_path):
 
     left_at(tmp_path)
     other, _ = left_at(tmp_path, run_id="other-run")
-    for run in (RUN, "other-run"):  # the progress records kept beside them (service.train.recovery)
+    for run in (RUN, "other-run"):  # the progress records kept beside them (service.train.restart_cost)
         (tmp_path / f"ftdiff-{run_key(run)}-progress-000000.mem").write_bytes(b"x" * 28)
     assert MemoryTier(RUN, tmp_path).steps() == [3] and MemoryTier("other-run", tmp_path).steps() == [3]
     remove_run_files(load_config(None, [f'checkpoint.memory_tier_dir="{tmp_path}"']), RUN)

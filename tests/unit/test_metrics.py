@@ -87,13 +87,13 @@ def test_served_series_carry_the_run_label_and_the_registry_stays_plain():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.metrics import SupervisorMetrics, WorkerMetrics, snapshot
+    from service.metrics import SupervisorMetrics, WorkerMetrics, metric_samples
 
     m = SupervisorMetrics(run="run-a")
     m.heartbeat_age.labels(rank="0").set(1.5)
     worker = WorkerMetrics()
     worker.train.step.set(7)
-    m.relay.update(0, snapshot(worker.registry))
+    m.relay.update(0, metric_samples(worker.registry))
     served = list(text_string_to_metric_families(generate_latest(m.exported).decode()))
     samples = [s for f in served for s in f.samples]
     assert samples and all(s.labels.get("run") == "run-a" for s in samples)

@@ -203,14 +203,14 @@ def test_failure_report_names_rank_node_and_traceback(tmp_path):
 def test_worker_metrics_are_relayed_with_a_rank_label(server):
     from prometheus_client import CollectorRegistry
 
-    from service.metrics import WorkerMetrics, snapshot
+    from service.metrics import WorkerMetrics, metric_samples
 
     worker = WorkerMetrics(CollectorRegistry())
     worker.checkpoint.failures.labels(stage="write").inc(2)
     worker.checkpoint.save_duration.labels(phase="stall").observe(0.01)
     worker.train.step.set(17)
     beat = hb(rank=1, pid=9)
-    beat.metrics = snapshot(worker.registry)
+    beat.metrics = metric_samples(worker.registry)
     url = f"http://127.0.0.1:{server.port}"
     _post(url + "/heartbeat", beat.to_json(), "tok")
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
@@ -420,7 +420,11 @@ def test_local_mode_counts_ranks_gone_together_as_one_crash_and_runs_again_after
     crashes = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "worker_crash"})
     assert crashes == 1 and sup.monitor.ranks == {}
 
-    sup._recovering = True  # as after a relaunch (state "restarting")
+    from dataclasses import replace
+
+    from service.supervisor.agent_policy import Phase
+
+    sup.state = replace(sup.state, phase=Phase.RELAUNCHING)  # as after a relaunch (state "restarting")
     sup.metrics.state.state("restarting")
     sup.monitor.observe(hb(rank=0, pid=os.getpid()))
     sup.after_tick()
@@ -469,7 +473,7 @@ def test_a_lost_agent_starts_every_agent_in_a_fresh_round_once_the_survivors_lef
         sup.monitor.observe(hb(rank=0, pid=worker.pid, node="0"))
         sup.monitor.observe(hb(rank=1, pid=lost.pid, node="1"))
         assert sup._handle_agents() is None
-        assert sup.round == 1 and launched == [(0, True), (1, True)]  # after the survivor left
+        assert sup.state.round == 1 and launched == [(0, True), (1, True)]  # after the survivor left
         assert worker.wait(10) == 44 and marker.read_text() == "left"  # left on the order, not killed
         assert survivor.wait(10) == -9  # the old round's agent is gone
         lost_nodes = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "lost_node"})
@@ -619,7 +623,7 @@ def test_a_stopped_agent_is_treated_as_lost():
             assert sup._handle_agents() is None
             time.sleep(0.05)
         assert agents[1].poll() == -9 and agents[0].poll() == -9  # a new round for both
-        assert sup.round == 1 and launched == [0, 1]
+        assert sup.state.round == 1 and launched == [0, 1]
         lost = sup.metrics.registry.get_sample_value("ftdiff_job_failures_detected_total", {"kind": "lost_node"})
         assert lost == 1
     finally:

@@ -13,8 +13,8 @@ from prometheus_client import generate_latest
 
 from service.heartbeat import Heartbeat
 from service.metrics import SupervisorMetrics
-from service.supervisor.recovery import RecoveryBook
-from service.train.recovery import ORDERED, STOPPED, Progress, ProgressRecord, RecoveryTracker, combine
+from service.supervisor.failure_cost import FailureCostBook
+from service.train.restart_cost import ORDERED, STOPPED, LastStep, RestartCostMeter, StepRecord, combine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,43 +25,43 @@ def hb(rank: int = 0, step: int = 1, phase: str = "training", pid: int = 100, re
 
 
 def test_records_survive_the_process_and_a_torn_or_foreign_record_is_skipped(tmp_path):
-    a, b = ProgressRecord(tmp_path, "run-1", 0), ProgressRecord(tmp_path, "run-1", 1)
+    a, b = StepRecord(tmp_path, "run-1", 0), StepRecord(tmp_path, "run-1", 1)
     a.mark(7)
     b.mark(8)
     b.left(ORDERED)
-    ProgressRecord(tmp_path, "another-run", 0).mark(99)  # never read for run-1
+    StepRecord(tmp_path, "another-run", 0).mark(99)  # never read for run-1
     a.close()
     b.close()  # as after kill -9: the file keeps the last write
-    newest = ProgressRecord(tmp_path, "run-1", 5).read_node()
+    newest = StepRecord(tmp_path, "run-1", 5).read_node()
     assert newest is not None and newest.step == 8 and newest.ordered and newest.kind(2) == "hang"
     data = bytearray(b.path.read_bytes())
     data[0] ^= 1  # torn or tampered: its checksum no longer matches
     b.path.write_bytes(bytes(data))
-    newest = ProgressRecord(tmp_path, "run-1", 5).read_node()
+    newest = StepRecord(tmp_path, "run-1", 5).read_node()
     assert newest is not None and newest.step == 7 and not newest.ordered and newest.kind(2) == "crash"
-    ProgressRecord(tmp_path, "run-1", 0).clear_node()
-    assert ProgressRecord(tmp_path, "run-1", 0).read_node() is None
-    assert ProgressRecord(tmp_path, "another-run", 0).read_node().step == 99
+    StepRecord(tmp_path, "run-1", 0).clear_node()
+    assert StepRecord(tmp_path, "run-1", 0).read_node() is None
+    assert StepRecord(tmp_path, "another-run", 0).read_node().step == 99
 
 
 def test_kinds_from_how_processes_left():
-    crash = combine([Progress(5, 1.0), None, Progress(6, 2.0, all_stopped=True)])
+    crash = combine([LastStep(5, 1.0), None, LastStep(6, 2.0, all_stopped=True)])
     assert (crash.step, crash.time, crash.kind(2)) == (6, 2.0, "crash")
-    assert combine([Progress(5, 1.0, all_stopped=True), Progress(5, 1.5, all_stopped=True)]).kind(2) == "preemption"
-    assert combine([Progress(5, 1.0, ordered=True), Progress(5, 1.0)]).kind(2) == "hang"
-    grown = combine([Progress(5, 1.0, world_size=2), Progress(5, 1.0, world_size=2)])
+    assert combine([LastStep(5, 1.0, all_stopped=True), LastStep(5, 1.5, all_stopped=True)]).kind(2) == "preemption"
+    assert combine([LastStep(5, 1.0, ordered=True), LastStep(5, 1.0)]).kind(2) == "hang"
+    grown = combine([LastStep(5, 1.0, world_size=2), LastStep(5, 1.0, world_size=2)])
     assert (grown.kind(4), grown.kind(2), grown.kind(1)) == ("rescale", "crash", "crash")
     # torchrun SIGTERMs every worker when a node joins: they commit and leave "stopped".
-    assert combine([Progress(5, 1.0, all_stopped=True, world_size=1)]).kind(2) == "rescale"
+    assert combine([LastStep(5, 1.0, all_stopped=True, world_size=1)]).kind(2) == "rescale"
     assert combine([None, None]) is None
 
 
 def test_a_restart_reports_its_cost_once_its_first_step_is_done(tmp_path):
-    before = ProgressRecord(tmp_path, "run", 0)
+    before = StepRecord(tmp_path, "run", 0)
     before.mark(12)
     before.left(STOPPED)
     before.close()
-    tracker = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
+    tracker = RestartCostMeter(StepRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
     tracker.resumed(10, "object_store", restart=True)  # two completed steps were not in the checkpoint
     assert tracker.report is None
     tracker.step_done(11)
@@ -71,8 +71,8 @@ def test_a_restart_reports_its_cost_once_its_first_step_is_done(tmp_path):
     tracker.step_done(12)
     assert tracker.report is r  # reported once
     tracker.finished()
-    assert ProgressRecord(tmp_path, "run", 0).read_node() is None
-    first = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
+    assert StepRecord(tmp_path, "run", 0).read_node() is None
+    first = RestartCostMeter(StepRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
     first.resumed(0, "fresh", restart=True)
     first.step_done(1)
     assert first.report is None  # no records: no recovery
@@ -96,7 +96,7 @@ def test_a_heartbeat_with_a_malformed_recovery_is_refused(bad):
 
 def test_the_supervisor_counts_each_recovery_once():
     metrics = SupervisorMetrics(run="r")
-    book = RecoveryBook(metrics)
+    book = FailureCostBook(metrics)
     rec = {"kind": "crash", "source": "memory", "seconds": 1.2, "steps_lost": 0, "at": time.time()}
     for _ in range(5):  # rank 0 repeats it in every heartbeat
         book.observe(hb(step=9, pid=200, recovery=rec))
@@ -112,7 +112,7 @@ def test_the_supervisor_counts_each_recovery_once():
 
 def test_goodput_is_nan_at_first_one_when_undisturbed_and_falls_with_an_outage():
     now = [0.0]
-    book = RecoveryBook(SupervisorMetrics(), window_s=100, clock=lambda: now[0])
+    book = FailureCostBook(SupervisorMetrics(), window_s=100, clock=lambda: now[0])
     assert math.isnan(book.goodput())
     step = 0
     for _ in range(100):  # one step per second, a heartbeat per second
@@ -135,7 +135,7 @@ def test_a_hang_the_supervisor_detected_is_counted_as_a_hang():
     """In local mode the stuck process is SIGKILLed and its peers fail in a collective: the
     workers report a crash, the supervisor knows better."""
     metrics = SupervisorMetrics(run="r")
-    book = RecoveryBook(metrics)
+    book = FailureCostBook(metrics)
     book.diagnosed("hang")
     rec = {"kind": "crash", "source": "memory", "seconds": 5.0, "steps_lost": 0, "at": time.time()}
     book.observe(hb(step=9, pid=200, recovery=rec))
@@ -147,7 +147,7 @@ def test_a_hang_the_supervisor_detected_is_counted_as_a_hang():
 
 def test_an_operators_restart_is_ordered_and_a_predecessors_count_is_not_repeated():
     metrics = SupervisorMetrics(run="r")
-    book = RecoveryBook(metrics)
+    book = FailureCostBook(metrics)
     rec = {"kind": "hang", "source": "memory", "seconds": 2.0, "steps_lost": 0, "at": time.time()}
     book.diagnosed("ordered")
     book.observe(hb(step=9, pid=200, recovery=rec))
@@ -160,7 +160,7 @@ def test_an_operators_restart_is_ordered_and_a_predecessors_count_is_not_repeate
 
 def test_goodput_of_slow_steps_and_checkpoint_stalls_is_one_and_a_new_job_starts_afresh():
     now = [0.0]
-    book = RecoveryBook(SupervisorMetrics(), window_s=100, clock=lambda: now[0])
+    book = FailureCostBook(SupervisorMetrics(), window_s=100, clock=lambda: now[0])
     step = 0
     for t in range(1, 121):  # a step every 2.5 s, a heartbeat every second; a 5 s save every 10 steps
         now[0] = float(t)
@@ -177,23 +177,23 @@ def test_goodput_of_slow_steps_and_checkpoint_stalls_is_one_and_a_new_job_starts
 def test_records_in_a_folder_others_can_write_are_ignored_and_a_planted_fifo_never_blocks(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
-    ProgressRecord(shared, "run", 0).mark(5)
+    StepRecord(shared, "run", 0).mark(5)
     os.chmod(shared, 0o777)
-    assert ProgressRecord(shared, "run", 1).read_node() is None
+    assert StepRecord(shared, "run", 1).read_node() is None
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
-    os.mkfifo(mine / ProgressRecord(mine, "run", 3).path.name)
-    ProgressRecord(mine, "run", 0).mark(5)
+    os.mkfifo(mine / StepRecord(mine, "run", 3).path.name)
+    StepRecord(mine, "run", 0).mark(5)
     t0 = time.monotonic()
-    newest = ProgressRecord(mine, "run", 1).read_node()
+    newest = StepRecord(mine, "run", 1).read_node()
     assert time.monotonic() - t0 < 1 and newest is not None and newest.step == 5
 
 
 def test_a_first_start_reports_nothing_and_clears_what_an_earlier_run_left(tmp_path):
-    old = ProgressRecord(tmp_path, "run", 0)
+    old = StepRecord(tmp_path, "run", 0)
     old.mark(8)
     old.close()
-    tracker = RecoveryTracker(ProgressRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
+    tracker = RestartCostMeter(StepRecord(tmp_path, "run", 0), 0, 0, gather=lambda obj: [obj])
     tracker.resumed(0, "fresh", restart=False)  # the same run id, a new root
     tracker.step_done(1)
     assert tracker.report is None

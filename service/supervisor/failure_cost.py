@@ -1,5 +1,5 @@
 """What failures cost the job, as the supervisor serves it: each restart's recovery time and
-lost steps (measured by the restarted rank 0, service.train.recovery, and counted here once per
+lost steps (measured by the restarted rank 0, service.train.restart_cost, and counted here once per
 process), and the goodput over a sliding window.
 
 Goodput = useful training time / wall time. Useful time is new progress: the job's *watermark*
@@ -32,7 +32,7 @@ TRAINING = frozenset({"training", "checkpointing"})
 _REMEMBERED = 256  # processes whose recovery was counted (a restarted rank 0 reports for ever)
 
 
-class RecoveryBook:
+class FailureCostBook:
     def __init__(self, metrics: SupervisorMetrics, window_s: float = WINDOW_S,
                  clock: Callable[[], float] = time.monotonic):
         self.metrics, self.window_s, self.clock = metrics, window_s, clock

@@ -48,7 +48,7 @@ SIZE = _RECORD.size + _CRC.size
 
 
 @dataclass(frozen=True)
-class Progress:
+class LastStep:
     """The newest progress of a job: its last completed step, when, and how processes left."""
 
     step: int
@@ -60,7 +60,7 @@ class Progress:
 
     def kind(self, world_size: int) -> RecoveryKind:
         """What the restart into ``world_size`` ranks recovered from (the supervisor may know
-        better: service.supervisor.recovery relabels by its own diagnosis)."""
+        better: service.supervisor.failure_cost relabels by its own diagnosis)."""
         # torchrun stops every worker (SIGTERM: an emergency commit) when a node joins: a larger
         # world is a rescale whatever the records say. A lost node's restart is a crash.
         if self.world_size and world_size > self.world_size:
@@ -70,17 +70,17 @@ class Progress:
         return RecoveryKind.PREEMPTION if self.all_stopped else RecoveryKind.CRASH
 
 
-def combine(found: list[Progress | None]) -> Progress | None:
+def combine(found: list[LastStep | None]) -> LastStep | None:
     """The job's newest progress from every rank's view of its node (None: a first start)."""
     known = [p for p in found if p is not None]
     if not known:
         return None
-    return Progress(step=max(p.step for p in known), time=max(p.time for p in known),
+    return LastStep(step=max(p.step for p in known), time=max(p.time for p in known),
                     ordered=any(p.ordered for p in known), all_stopped=all(p.all_stopped for p in known),
                     world_size=max(p.world_size for p in known))
 
 
-class ProgressRecord:
+class StepRecord:
     """This rank's record, and the node's records of the run, in the memory-tier folder."""
 
     def __init__(self, directory: Path, run_id: str, rank: int, world_size: int = 0):
@@ -125,7 +125,7 @@ class ProgressRecord:
         except OSError as e:  # the metric is lost, never the training
             log.debug("progress record %s: %s", self.path, e)
 
-    def read_node(self) -> Progress | None:
+    def read_node(self) -> LastStep | None:
         """The newest progress any record of this run on this node holds (torn ones skipped)."""
         records = []
         if not _private(self.dir):  # whoever can write the folder could plant records
@@ -145,7 +145,7 @@ class ProgressRecord:
                 continue
             step, when, flags, world = _RECORD.unpack(data[:_RECORD.size])
             if step >= 0 and math.isfinite(when):
-                records.append(Progress(step, when, bool(flags & ORDERED), bool(flags & STOPPED), world))
+                records.append(LastStep(step, when, bool(flags & ORDERED), bool(flags & STOPPED), world))
         return combine(records)  # type: ignore[arg-type]
 
     def clear_node(self) -> None:
@@ -182,15 +182,15 @@ class ProgressRecord:
         return [self.dir / n for n in names if n.startswith(self.prefix) and n.endswith(".mem")]
 
 
-class RecoveryTracker:
+class RestartCostMeter:
     """The trainer's side: mark each completed step, and after a restart's resume, report what
     the restart cost once the first step is done (rank 0; ``report`` goes into heartbeats)."""
 
-    def __init__(self, record: ProgressRecord | None, rank: int, local_rank: int,
+    def __init__(self, record: StepRecord | None, rank: int, local_rank: int,
                  gather: Callable[[object], list[object]]):
         self.record, self.rank, self.local_rank, self.gather = record, rank, local_rank, gather
         self.report: Recovery | None = None
-        self._pending: tuple[Progress, int, str] | None = None
+        self._pending: tuple[LastStep, int, str] | None = None
 
     def resumed(self, step: int, source: str, restart: bool) -> None:
         """Every rank, after the resume (a collective when ``restart``): what the job had done
@@ -205,7 +205,7 @@ class RecoveryTracker:
         mine = self.record.read_node()
         views = self.gather(None if mine is None else
                             (mine.step, mine.time, mine.ordered, mine.all_stopped, mine.world_size))
-        newest = combine([None if v is None else Progress(*v) for v in views])  # type: ignore[misc]
+        newest = combine([None if v is None else LastStep(*v) for v in views])  # type: ignore[misc]
         if self.local_rank == 0:  # every rank of the node has read them (the gather)
             self.record.clear_node()
         if newest is not None:
