@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from service.checkpoint.dcp_io import ByteCounter
 from service.checkpoint.refs import CheckpointRef
 from service.config import redact_config_dict, redact_url
 from service.errors import UserError
 from service.weights import Weights, load_weights
 
 
-def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema") -> Path:
+def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema",
+           counter: ByteCounter | None = None) -> Path:
     target = Path(out)
     # Usage errors first: reading every byte of a large checkpoint before saying "bad --out"
     # wastes minutes.
@@ -20,7 +22,7 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
     if fmt == "diffusers" and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
-    cfg, state = load_weights(ref, which)
+    cfg, state = load_weights(ref, which, counter)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.checkpoint.dcp_io import read_verified_file
+from service.checkpoint.dcp_io import ByteCounter, read_verified_file
 from service.checkpoint.errors import CorruptCheckpointError, ManifestError
 from service.checkpoint.manifest import (
     MANIFEST,
@@ -152,8 +152,9 @@ class Catalog:
     def _folder_bytes(self, step: int) -> int:
         return self.storage.tree_bytes(step_dir(step))
 
-    def verify(self, step: int) -> list[str]:
-        """Every problem with ``step`` (empty list: committed and intact). Reads every byte."""
+    def verify(self, step: int, counter: ByteCounter | None = None) -> list[str]:
+        """Every problem with ``step`` (empty list: committed and intact). Reads every byte
+        (counted in ``counter``)."""
         try:
             manifest = self.manifest(step)
         except ManifestError as e:
@@ -162,7 +163,7 @@ class Catalog:
         folder = step_dir(step)
         for name in sorted(manifest.files):
             try:
-                data = read_verified_file(self.storage, f"{folder}/{name}", manifest.files)
+                data = read_verified_file(self.storage, f"{folder}/{name}", manifest.files, counter)
                 if name == ".metadata":  # intact bytes can still be a hostile pickle
                     check_metadata_files(data, f"{folder}/{name}", set(manifest.files))
             except CorruptCheckpointError as e:

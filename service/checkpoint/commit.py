@@ -102,6 +102,7 @@ class CommitProtocol:
             writer = _FencedWriter.for_folder(
                 self.storage, step_dir(step), thread_count=self.writer_threads(),
                 file_tag=f"i{self.ownership.number}" if self.ownership.number else "",
+                counter=self.ctx.bytes_moved,
             )
             writer.step, writer.fence = step, self.catalog.fence
             writer.fs.fence = self.catalog.fence  # and every file operation of the writer

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from service.checkpoint import identity
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.collectives import CheckpointGroup
+from service.checkpoint.dcp_io import ByteCounter
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.snapshot import Staging
 from service.checkpoint.storage import Storage, open_storage
@@ -37,6 +38,8 @@ class CheckpointContext:
     group: CheckpointGroup
     telemetry: CheckpointTelemetry
     staging: Staging
+    bytes_moved: ByteCounter = field(default_factory=ByteCounter)
+    """Checkpoint bytes this process's saves and loads moved (heartbeats carry it)."""
     unloadable_steps: set[int] = field(default_factory=set)
     """Committed steps this run failed to load (the resume fell back past them): when training
     reaches one again, its save replaces the unusable folder instead of taking "already

@@ -30,18 +30,16 @@ from service.checkpoint.safe_pickle import SafeFileSystemReader, is_plain_name
 from service.checkpoint.storage import Storage
 
 
-class IOProgress:
-    """Checkpoint bytes read and written by this process so far (only ever grows): the
-    supervisor takes a change as progress inside a long load or save."""
+class ByteCounter:
+    """Checkpoint bytes the readers and writers given it have moved (only ever grows): the
+    Checkpointer's is in the worker's heartbeats, where the supervisor takes a change as
+    progress inside a long load or save; a command's drives its byte bar."""
 
     def __init__(self) -> None:
         self.total = 0
 
     def add(self, count: int) -> None:
         self.total += count  # a lost update between threads only delays a heartbeat's news
-
-
-io_progress = IOProgress()
 
 
 def crc32c_hex(data: Any) -> str:
@@ -51,8 +49,8 @@ def crc32c_hex(data: Any) -> str:
 class _HashingStream(io.RawIOBase):
     """Write-through stream that keeps a running CRC-32C and byte count."""
 
-    def __init__(self, inner: Any):
-        self.inner, self.size = inner, 0
+    def __init__(self, inner: Any, counter: ByteCounter):
+        self.inner, self.size, self.counter = inner, 0, counter
         self.crc = 0
 
     def writable(self) -> bool:
@@ -63,7 +61,7 @@ class _HashingStream(io.RawIOBase):
         self.crc = crc32c.crc32c(view, self.crc)
         self.size += len(view)
         self.inner.write(view)
-        io_progress.add(len(view))
+        self.counter.add(len(view))
         return len(view)
 
     def tell(self) -> int:
@@ -91,8 +89,9 @@ class _SharedFs(FileSystem):
 
 
 class _HashingFs(_SharedFs):
-    def __init__(self, fs: Any):
+    def __init__(self, fs: Any, counter: ByteCounter):
         super().__init__(fs)
+        self.counter = counter
         self.entries: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
         # Runs before every change this writer makes to storage (see ownership): a writer of an
@@ -107,7 +106,7 @@ class _HashingFs(_SharedFs):
             return
         self.fence(f"writing {os.path.basename(os.fspath(path))}")
         with super().create_stream(path, mode) as stream:
-            hashing = _HashingStream(stream)
+            hashing = _HashingStream(stream, self.counter)
             yield hashing  # type: ignore[misc]
         with self._lock:
             self.entries[os.path.basename(os.fspath(path))] = FileEntry(
@@ -151,13 +150,14 @@ class ChecksummingWriter(FsspecWriter):
     """FsspecWriter that records (size, crc32c) of every file it writes, by file name."""
 
     @classmethod
-    def for_folder(cls, storage: Storage, rel: str, *, thread_count: int = 1,
-                   file_tag: str = "") -> "ChecksummingWriter":
+    def for_folder(cls, storage: Storage, rel: str, *, thread_count: int = 1, file_tag: str = "",
+                   counter: ByteCounter | None = None) -> "ChecksummingWriter":
         """A writer for the folder ``rel`` of ``storage`` (fsync on file systems only)."""
         return cls(storage.fs, storage.path(rel), object_store=storage.backend.object_store,
-                   thread_count=thread_count, file_tag=file_tag)
+                   thread_count=thread_count, file_tag=file_tag, counter=counter)
 
-    def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1, file_tag: str = ""):
+    def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1, file_tag: str = "",
+                 counter: ByteCounter | None = None):
         # No fsync on object stores: a finished PUT is durable, and fsync is meaningless there.
         super().__init__(
             path,
@@ -166,7 +166,7 @@ class ChecksummingWriter(FsspecWriter):
             thread_count=thread_count,
             overwrite=False,
         )
-        self.fs = _HashingFs(fs)
+        self.fs = _HashingFs(fs, counter or ByteCounter())
         self.path = path
         # Part of every shard file name (e.g. the writer's incarnation), so a leftover writer of
         # an older start can never overwrite the files of a newer one.
@@ -203,13 +203,13 @@ class ChecksummingWriter(FsspecWriter):
 
 
 class _VerifyingFs(_SharedFs):
-    def __init__(self, fs: Any, expected: dict[str, FileEntry]):
+    def __init__(self, fs: Any, expected: dict[str, FileEntry], counter: ByteCounter):
         super().__init__(fs)
-        self.expected = expected
+        self.expected, self.counter = expected, counter
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
-        yield io.BytesIO(read_verified(self.fs, os.fspath(path), self.expected))
+        yield io.BytesIO(read_verified(self.fs, os.fspath(path), self.expected, self.counter))
 
 
 def _check(path: str, entry: FileEntry, size: int, data: Any) -> None:
@@ -237,24 +237,26 @@ def _entry(path: str, expected: dict[str, FileEntry]) -> FileEntry:
     return entry
 
 
-def read_verified(fs: Any, path: str, expected: dict[str, FileEntry]) -> bytes:
+def read_verified(fs: Any, path: str, expected: dict[str, FileEntry], counter: ByteCounter | None = None) -> bytes:
     """The whole file, after checking its size and CRC-32C against the manifest entry."""
     entry = _entry(path, expected)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "file is missing") from None
-    io_progress.add(len(data))
+    if counter is not None:
+        counter.add(len(data))
     _check(path, entry, len(data), data)
     return data
 
 
-def read_verified_file(storage: Storage, rel: str, expected: dict[str, FileEntry]) -> bytes:
+def read_verified_file(storage: Storage, rel: str, expected: dict[str, FileEntry],
+                       counter: ByteCounter | None = None) -> bytes:
     """``read_verified`` for the file ``rel`` of ``storage``."""
-    return read_verified(storage.fs, storage.path(rel), expected)
+    return read_verified(storage.fs, storage.path(rel), expected, counter)
 
 
-def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
+def verify_local_file(path: str, expected: dict[str, FileEntry], counter: ByteCounter | None = None) -> None:
     """Check a local file without copying it: CRC-32C over an mmap of the page cache."""
     entry = _entry(path, expected)
     try:
@@ -265,7 +267,8 @@ def verify_local_file(path: str, expected: dict[str, FileEntry]) -> None:
                 return
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 _check(path, entry, size, mm)
-            io_progress.add(size)
+            if counter is not None:
+                counter.add(size)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "file is missing") from None
 
@@ -279,10 +282,11 @@ class VerifyingReader(SafeFileSystemReader, FsspecReader):
     """
 
     @classmethod
-    def for_folder(cls, storage: Storage, rel: str, expected: dict[str, FileEntry]) -> "VerifyingReader":
-        return cls(storage.fs, storage.path(rel), expected)
+    def for_folder(cls, storage: Storage, rel: str, expected: dict[str, FileEntry],
+                   counter: ByteCounter | None = None) -> "VerifyingReader":
+        return cls(storage.fs, storage.path(rel), expected, counter)
 
-    def __init__(self, fs: Any, path: str, expected: dict[str, FileEntry]):
+    def __init__(self, fs: Any, path: str, expected: dict[str, FileEntry], counter: ByteCounter | None = None):
         super().__init__(path)
-        self.fs = _VerifyingFs(fs, expected)
+        self.fs = _VerifyingFs(fs, expected, counter or ByteCounter())
         self.path = path

@@ -25,7 +25,6 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from service.checkpoint import dcp_io
 from service.checkpoint.collectives import (
     CHECKPOINT_ERRORS,
     describe_error,
@@ -107,7 +106,7 @@ class Checkpointer:
     @property
     def io_bytes(self) -> int:
         """Checkpoint bytes this process has read and written so far (progress in a long I/O)."""
-        return dcp_io.io_progress.total
+        return self.ctx.bytes_moved.total
 
     @property
     def busy(self) -> bool:

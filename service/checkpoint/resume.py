@@ -195,7 +195,7 @@ class Resumer:
         if storage.backend.on_local_disk:
             self._load_local(state, folder, manifest)
         else:
-            reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files)
+            reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files, self.ctx.bytes_moved)
             dcp.load(state, storage_reader=reader, process_group=self.group.pg)
 
     def _load_local(self, state: dict[str, Any], folder: str, manifest: Manifest) -> None:
@@ -208,7 +208,7 @@ class Resumer:
         def verify() -> None:
             for name in names:
                 try:
-                    verify_local_file(os.path.join(folder, name), manifest.files)
+                    verify_local_file(os.path.join(folder, name), manifest.files, self.ctx.bytes_moved)
                 except CorruptCheckpointError as e:
                     problems.append(str(e))
 

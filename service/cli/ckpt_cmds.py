@@ -62,8 +62,8 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
         pointer = catalog.pointer_step()
         if pointer != step:
             problems.append(f"latest pointer names {pointer!r}, but the newest committed step is {step}")
-    with byte_progress("verify", _total_bytes(catalog, step) if bars_enabled() else 0):
-        problems += catalog.verify(step)
+    with byte_progress("verify", _total_bytes(catalog, step) if bars_enabled() else 0) as counter:
+        problems += catalog.verify(step, counter)
     where = f"{catalog.storage.display_url}/{step_dir(step)}"
     if problems:
         print(f"CORRUPT {where}", file=sys.stderr)

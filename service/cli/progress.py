@@ -4,8 +4,9 @@ Shown only when stderr is a terminal: piped output, CI logs and tests stay exact
 were (one result line on stdout, at most one error line on stderr). Bars are transient, so
 the terminal keeps only the result line once a command is done.
 
-The layers below know nothing of rich: byte bars follow ``dcp_io.io_progress`` (the counter of
-checkpoint bytes read that heartbeats already report), step bars take a plain callback.
+The layers below know nothing of rich: a byte bar hands the command a ``dcp_io.ByteCounter``
+to pass to the readers (the kind of counter a worker's heartbeats report), step bars take a
+plain callback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # dcp_io imports torch; `ftdiff env` must run where torch does not
+    from service.checkpoint.dcp_io import ByteCounter
 
 # How often a byte bar reads the counter; rich redraws at its own pace.
 _POLL_S = 0.1
@@ -35,32 +39,32 @@ def _bar(label: str, *columns: Any) -> Any:
 
 
 @contextlib.contextmanager
-def byte_progress(label: str, total: int) -> Iterator[None]:
-    """A bar of the checkpoint bytes this process reads while the body runs (of ``total``)."""
+def byte_progress(label: str, total: int) -> Iterator[ByteCounter]:
+    """A bar of the checkpoint bytes the readers given the yielded counter read (of ``total``)."""
+    from service.checkpoint.dcp_io import ByteCounter
+
+    counter = ByteCounter()
     if not bars_enabled() or total <= 0:
-        yield
+        yield counter
         return
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    from service.checkpoint.dcp_io import io_progress
-
-    start = io_progress.total
     stop = threading.Event()
     with _bar(label, DownloadColumn(binary_units=True), TransferSpeedColumn()) as bar:
         task = bar.add_task(label, total=total)
 
         def poll() -> None:
             while not stop.wait(_POLL_S):
-                bar.update(task, completed=min(total, io_progress.total - start))
+                bar.update(task, completed=min(total, counter.total))
 
         poller = threading.Thread(target=poll, name="ftdiff-progress", daemon=True)
         poller.start()
         try:
-            yield
+            yield counter
         finally:
             stop.set()
             poller.join()
-            bar.update(task, completed=min(total, io_progress.total - start))
+            bar.update(task, completed=min(total, counter.total))
 
 
 @contextlib.contextmanager

@@ -20,9 +20,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_out_path(args.out, folder=args.format == "diffusers")
     ref = resolve_ref(args)
     check_metadata(ref)
-    with byte_progress("export", ref.manifest.total_bytes):
+    with byte_progress("export", ref.manifest.total_bytes) as counter:
         try:
-            out = export(ref, args.format, args.out, args.weights)
+            out = export(ref, args.format, args.out, args.weights, counter)
         except Exception as e:
             # safetensors reports a failed write of --out as its own error type.
             if type(e).__name__ == "SafetensorError":
@@ -48,8 +48,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {args.steps}: at most {limit} "
                         "(this checkpoint's model.num_train_timesteps)")
     check_metadata(ref)
-    with byte_progress("load", ref.manifest.total_bytes):
-        cfg, state = load_weights(ref, args.weights)
+    with byte_progress("load", ref.manifest.total_bytes) as counter:
+        cfg, state = load_weights(ref, args.weights, counter)
     with step_progress("sample", args.steps) as on_step:
         images = generate(model_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps,
                           on_step=on_step)
