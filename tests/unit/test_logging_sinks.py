@@ -72,7 +72,7 @@ def test_logging_defaults_keep_the_config_hash_and_are_not_math():
 
     cfg = load_config(None, ["run.seed=5"])
     # The hash of the release before [logging] existed: the same keys, without the section.
-    from service.config import _DEFAULT_CHANGED, _HASHED_FROM_THE_START
+    from service.config.hashing import _DEFAULT_CHANGED, _HASHED_FROM_THE_START
 
     old_body = {section: {key: value for key, value in values.items()
                           if key in _HASHED_FROM_THE_START.get(section, ()) and (section, key) not in _DEFAULT_CHANGED}

@@ -1,34 +1,17 @@
-"""One typed configuration for the whole job: TOML file + ``--set a.b=c`` overrides.
-
-The config is validated (pydantic, unknown keys forbidden) before any process group, file or
-bucket is touched, so a typo costs a clear error instead of a half-started cluster job.
-"""
+"""The config's sections and keys (pydantic, strict, unknown keys forbidden): the contract of
+``[run]``, ``[model]``, ``[data]``, ``[train]``, ``[checkpoint]``, ``[supervisor]``,
+``[metrics]`` and ``[logging]``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tomllib
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.config.hashing import stable_hash
 from service.data.registry import SOURCES
-from service.errors import UserError
 from service.models.registry import DEFAULT_FAMILY, FAMILIES
-from service.redact import (  # noqa: F401  (also importable from here, where callers look first)
-    REDACTED,
-    SECRET_KEYS,
-    redact_config_dict,
-    redact_text,
-    redact_url,
-)
-
-# Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
-# below are the embedded default job: tiny preset, the shapes data set, local storage under ./runs.
-# service/configs links to the repository's configs/; wheels (and so the images) carry the files.
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+from service.redact import redact_config_dict, redact_url
 
 
 class _Section(BaseModel):
@@ -244,126 +227,6 @@ class Config(_Section):
         digest never carries a secret (a 64-bit digest of a short token could be brute-forced)
         and a secret only counts as set or unset. Keys added later are left out while they
         hold their default (a section left empty too): a config keeps its hash on upgrades
-        (``_HASHED_FROM_THE_START``).
+        (``service.config.hashing``).
         """
-        body = self.redacted_dict()
-        defaults = Config().redacted_dict()
-        for section, values in body.items():
-            for key in list(values):
-                added_later = key not in _HASHED_FROM_THE_START.get(section, frozenset())
-                if (added_later or (section, key) in _DEFAULT_CHANGED) and values[key] == defaults[section][key]:
-                    del values[key]
-        blob = json.dumps({s: values for s, values in body.items() if values != {}}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-# The keys config hashes were first recorded with. A key added since is left out of the hash
-# while it holds its default (hash()), so adding a setting never changes an old config's hash:
-# add keys freely, never add one here.
-_HASHED_FROM_THE_START: dict[str, frozenset[str]] = {section: frozenset(keys.split()) for section, keys in {
-    "run": "name seed",
-    "model": "preset sample_size num_train_timesteps",
-    "data": "kind url epoch_size num_workers hflip",
-    "train": "max_steps global_batch_size lr warmup_steps min_lr_ratio weight_decay grad_clip ema_decay "
-             "precision log_every step_sleep_s",
-    "checkpoint": "url every_steps keep_last keep_every async when_busy writer_threads resume grace_s "
-                  "endpoint_url region",
-    "supervisor": "hang_timeout_s io_timeout_s startup_timeout_s max_restarts min_nodes heartbeat_interval_s "
-                  "host port url token crash_loop_failures prestart_workers",
-    "metrics": "host port",
-}.items()}
-# Recorded from the start, but their default changed later: a config that leaves one at today's
-# default keeps the hash it had when it spelled out the value (see hash()).
-_DEFAULT_CHANGED: dict[tuple[str, str], Any] = {("supervisor", "prestart_workers"): True}
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        # Name the key only: the value may be a secret (supervisor.token).
-        raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps")
-    try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return parts, value
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            section = e["loc"][0] if len(e["loc"]) > 1 else None
-            allowed = _allowed_keys(str(section)) if section else sorted(Config.model_fields)
-            lines.append(f"  {key}: unknown key; allowed: {', '.join(allowed)}")
-        else:
-            lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def _allowed_keys(section: str) -> list[str]:
-    field = Config.model_fields.get(section)
-    if field is None or field.annotation is None:
-        return sorted(Config.model_fields)
-    model = field.annotation
-    return sorted((f.alias or name) for name, f in model.model_fields.items())
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A file path, or the name of a preset in configs/ (tiny, small, base)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    bundled = CONFIGS_DIR / f"{path}.toml"
-    if bundled.is_file():
-        return bundled
-    names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.toml")))
-    raise UserError(f"config file {str(path)!r} not found (bundled presets: {names})")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (or bundled preset), apply ``--set`` overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "embedded default"
-    if path is not None:
-        cfg_path = resolve_config_path(path)
-        source = str(cfg_path)
-        try:
-            data = tomllib.loads(cfg_path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
-    for item in overrides or []:
-        (section, key), value = _parse_override(item)
-        sect = data.setdefault(section, {})
-        if not isinstance(sect, dict):
-            raise UserError(f"--set {section}.{key}=...: {section!r} is not a section")
-        sect[key] = value
-    cfg = config_from_dict(data, source=source)
-    _check_usable(cfg, source)
-    return cfg
-
-
-def _check_usable(cfg: Config, source: str) -> None:
-    """What a job's own config (not a recorded one) must also satisfy: no placeholder where a
-    secret goes (a saved --print-config output would otherwise run with "***" as its token),
-    and sample grids the noise schedule can render."""
-    placeholders = [f"{section}.{key}" for section, values in cfg.to_dict().items() for key, value in values.items()
-                    if isinstance(value, str) and (value == REDACTED or f"://{REDACTED}@" in value)]
-    if placeholders:
-        raise UserError(f"invalid configuration ({source}): {', '.join(placeholders)} holds the redaction "
-                        f"placeholder {REDACTED!r} (from --print-config or a manifest); put the real value "
-                        "there, or leave it out (the token can come from FTDIFF_TOKEN)")
-    if cfg.logging.sample_every and cfg.logging.sample_steps > cfg.model.num_train_timesteps:
-        raise UserError(f"invalid configuration ({source}): logging.sample_steps = {cfg.logging.sample_steps} "
-                        f"is more than model.num_train_timesteps = {cfg.model.num_train_timesteps}")
-
-
-def config_from_dict(data: dict[str, Any], source: str = "dict") -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise UserError(_format_errors(e, source)) from None
+        return stable_hash(self.redacted_dict(), Config().redacted_dict())

@@ -1,0 +1,111 @@
+"""Reading a config: a TOML file or a bundled preset, ``--set section.key=value`` overrides,
+validation with errors that name each bad key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.config.schema import Config
+from service.errors import UserError
+from service.redact import REDACTED
+
+# Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
+# are the embedded default job: tiny preset, the shapes data set, local storage under ./runs.
+# service/configs links to the repository's configs/; wheels (and so the images) carry the files.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        # Name the key only: the value may be a secret (supervisor.token).
+        raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps")
+    try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            allowed = _allowed_keys(str(section)) if section else sorted(Config.model_fields)
+            lines.append(f"  {key}: unknown key; allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section: str) -> list[str]:
+    field = Config.model_fields.get(section)
+    if field is None or field.annotation is None:
+        return sorted(Config.model_fields)
+    model = field.annotation
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a preset in configs/ (tiny, small, base)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = CONFIGS_DIR / f"{path}.toml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.toml")))
+    raise UserError(f"config file {str(path)!r} not found (bundled presets: {names})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or bundled preset), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        cfg_path = resolve_config_path(path)
+        source = str(cfg_path)
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        (section, key), value = _parse_override(item)
+        sect = data.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise UserError(f"--set {section}.{key}=...: {section!r} is not a section")
+        sect[key] = value
+    cfg = config_from_dict(data, source=source)
+    _check_usable(cfg, source)
+    return cfg
+
+
+def _check_usable(cfg: Config, source: str) -> None:
+    """What a job's own config (not a recorded one) must also satisfy: no placeholder where a
+    secret goes (a saved --print-config output would otherwise run with "***" as its token),
+    and sample grids the noise schedule can render."""
+    placeholders = [f"{section}.{key}" for section, values in cfg.to_dict().items() for key, value in values.items()
+                    if isinstance(value, str) and (value == REDACTED or f"://{REDACTED}@" in value)]
+    if placeholders:
+        raise UserError(f"invalid configuration ({source}): {', '.join(placeholders)} holds the redaction "
+                        f"placeholder {REDACTED!r} (from --print-config or a manifest); put the real value "
+                        "there, or leave it out (the token can come from FTDIFF_TOKEN)")
+    if cfg.logging.sample_every and cfg.logging.sample_steps > cfg.model.num_train_timesteps:
+        raise UserError(f"invalid configuration ({source}): logging.sample_steps = {cfg.logging.sample_steps} "
+                        f"is more than model.num_train_timesteps = {cfg.model.num_train_timesteps}")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "dict") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, source)) from None
