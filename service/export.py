@@ -22,6 +22,13 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
     if fmt == "diffusers" and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
+    model = ref.config.model
+    if fmt == "diffusers" and (model.family, model.conditioning) != ("unet", "none"):
+        # DDPMPipeline takes no class labels and DiTPipeline decodes through a VAE: a pixel-space
+        # class-conditional model has no diffusers pipeline to be loaded as.
+        raise UserError(f"--format diffusers: no diffusers pipeline loads a pixel-space {model.conditioning}-"
+                        f"conditional {model.family!r} model; use --format safetensors (its weights), or "
+                        "ftdiff sample to draw from it")
     cfg, state = load_weights(ref, which, counter)
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -35,7 +42,7 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         return target
     from diffusers import DDPMPipeline
 
-    from service.models.build import build_noise_scheduler
+    from service.models.objective import build_noise_scheduler
     from service.sample import model_from_state
 
     pipeline = DDPMPipeline(unet=model_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))

@@ -117,6 +117,18 @@ def _agent_pid(raw: str | None) -> int:
 OVERRIDES_ENV = "FTDIFF_OVERRIDES"
 
 
+# Config tables whose keys are free (a model family's constructor keywords): ``--set
+# model.arch.layers_per_block=2`` sets one of them.
+NESTED_TABLES = frozenset({("model", "arch")})
+
+
+def is_config_key(parts: list[str]) -> bool:
+    """``section.key``, or ``section.table.key`` for a table in NESTED_TABLES."""
+    if not all(parts):
+        return False
+    return len(parts) == 2 or (len(parts) == 3 and tuple(parts[:2]) in NESTED_TABLES)
+
+
 def overrides_to_env(items: list[str]) -> str:
     """The value of FTDIFF_OVERRIDES for these ``section.key=value`` items (a JSON list)."""
     return json.dumps(list(items))
@@ -143,7 +155,7 @@ def overrides_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
             raise UserError(f"{OVERRIDES_ENV} item {n} is a JSON {type(item).__name__}, not a string; {expected}")
         key = item.split("=", 1)[0].strip()
         parts = key.split(".")
-        if "=" not in item or len(parts) != 2 or not all(parts):
+        if "=" not in item or not is_config_key(parts):
             raise UserError(f"{OVERRIDES_ENV} item {n}: not section.key=value; {expected}")
     return items
 
@@ -153,7 +165,7 @@ def override_item(item: str) -> str:
     --set) when it cannot be one. Messages name the key, never the value (it may be a secret)."""
     key, eq, _ = item.partition("=")
     parts = key.strip().split(".")
-    if not eq or len(parts) != 2 or not all(p.strip() for p in parts):
+    if not eq or not is_config_key([p.strip() for p in parts]):
         shown = f"{key.strip()!r}" if eq else "an item without '='"
         raise argparse.ArgumentTypeError(
             f"{shown}: expected section.key=value, e.g. train.max_steps=30")

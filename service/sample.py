@@ -1,4 +1,5 @@
-"""Render a grid of samples from a UNet (EMA weights by default) as a PNG."""
+"""Render a grid of samples from a denoiser (EMA weights by default) as a PNG: unconditional
+through diffusers' DDPMPipeline, class-conditional with classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -8,21 +9,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline
 
 from service.config import Config
 from service.errors import UserError
-from service.models.build import build_noise_scheduler, family_of, model_kwargs
+from service.models.build import family_of, forward, model_kwargs, null_label, sample_size
+from service.models.objective import build_noise_scheduler
+
+# Classifier-free guidance of class-conditional samples unless --guidance-scale says otherwise.
+DEFAULT_GUIDANCE = 3.0
 
 
-def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int = 50,
-             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+def generate(model: torch.nn.Module, cfg: Config, n: int, seed: int = 0, steps: int = 50,
+             on_step: Callable[[int], None] | None = None, class_label: int | None = None,
+             guidance_scale: float | None = None) -> torch.Tensor:
     """``n`` images in [0, 1], shape (n, 3, H, W), by ``steps`` strided ancestral (DDPM) steps
     instead of 1000 — the training scheduler itself, as in an exported pipeline. Deterministic
     DDIM (eta 0) at the same cost leaves an under-trained model's errors in the image (grainy,
     mis-tinted backgrounds); the fresh noise of each ancestral step washes them out.
-    ``on_step(done)`` is called after each denoising step (the CLI's progress bar)."""
-    pipeline = DDPMPipeline(unet=unet.eval(), scheduler=build_noise_scheduler(cfg.model))
+    ``on_step(done)`` is called after each denoising step (the CLI's progress bar).
+
+    A class-conditional model draws ``class_label`` (default: the classes in turn) with
+    classifier-free guidance ``guidance_scale`` (default ``DEFAULT_GUIDANCE``; 1: none)."""
+    if cfg.model.conditioning == "class":
+        scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        return _generate_with_labels(model, cfg, n, seed, steps, on_step, class_label, scale)
+    if class_label is not None:
+        raise UserError("--class: this model is unconditional (model.conditioning = 'none')")
+    pipeline = DDPMPipeline(unet=model.eval(), scheduler=build_noise_scheduler(cfg.model))
     pipeline.set_progress_bar_config(disable=True)
     if on_step is not None:  # the pipeline's own progress hook: it wraps the denoising loop
         pipeline.progress_bar = lambda iterable=None, total=None: _counting(iterable, on_step)
@@ -30,6 +44,40 @@ def generate(unet: UNet2DModel, cfg: Config, n: int, seed: int = 0, steps: int =
     with torch.no_grad():
         out = pipeline(batch_size=n, generator=generator, num_inference_steps=steps, output_type="np")
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+
+def _generate_with_labels(model: torch.nn.Module, cfg: Config, n: int, seed: int, steps: int,
+                          on_step: Callable[[int], None] | None, class_label: int | None,
+                          scale: float) -> torch.Tensor:
+    """DDPMPipeline's loop, with class labels and classifier-free guidance: the prediction is
+    uncond + scale * (cond - uncond), the unconditional half with the "null" class."""
+    classes = cfg.model.num_classes
+    if class_label is not None and not 0 <= class_label < classes:
+        raise UserError(f"--class {class_label}: this model has classes 0..{classes - 1}")
+    if scale < 1:
+        raise UserError(f"--guidance-scale {scale}: at least 1 (1: no guidance)")
+    scheduler = build_noise_scheduler(cfg.model)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    side = sample_size(cfg.model)
+    x = torch.randn((n, 3, side, side), generator=generator)
+    labels = torch.full((n,), class_label) if class_label is not None else torch.arange(n) % classes
+    null = torch.full((n,), null_label(cfg.model))
+    model.eval()
+    with torch.no_grad():
+        for done, t in enumerate(scheduler.timesteps, start=1):
+            timesteps = torch.full((n,), int(t))
+            if scale > 1:
+                both = forward(cfg.model, model, torch.cat([x, x]), torch.cat([timesteps, timesteps]),
+                               torch.cat([labels, null]))
+                cond, uncond = both.chunk(2)
+                prediction = uncond + scale * (cond - uncond)
+            else:
+                prediction = forward(cfg.model, model, x, timesteps, labels)
+            x = scheduler.step(prediction, t, x, generator=generator).prev_sample
+            if on_step is not None:
+                on_step(done)
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def _counting(steps: Iterable[Any], on_step: Callable[[int], None]) -> Iterator[Any]:

@@ -180,6 +180,20 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 10) -> None:
                 pass
 
 
+def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return proc.returncode, err
+
+
 def trace_lines(trace_dir: Path) -> list[dict]:
     lines = []
     for f in sorted(Path(trace_dir).glob("*.jsonl")):

@@ -10,19 +10,22 @@ schedule is stretched to the new end.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from service.config import Config, redact_url
 from service.data import registry as data_registry
+from service.models.build import model_kwargs
 
 # section -> keys whose values define the math of a run. The data keys are the ones the source
 # kinds declare (service/data/registry.py).
 MATH_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("seed",),
-    "model": ("family", "preset", "sample_size", "num_train_timesteps"),
+    "model": ("family", "preset", "sample_size", "num_train_timesteps", "conditioning", "num_classes",
+              "cond_dropout", "beta_schedule", "prediction_type"),
     "data": data_registry.math_keys(),
     "train": ("global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "ema_decay", "precision"),
+              "ema_decay", "precision", "snr_gamma"),
 }
 # May change between starts, with a warning.
 SOFT_KEYS = ("train.max_steps",)
@@ -41,6 +44,11 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
         out[dotted] = body[section][key]
     if data_length is not None:
         out["data.length"] = data_length  # a folder whose contents changed changes the stream
+    # The model's every constructor argument (preset and model.arch resolved), one entry each,
+    # so a changed architecture is refused naming the keyword. As JSON has it (tuples are
+    # lists there): the checkpoint's copy went through a manifest.
+    for key, value in model_kwargs(cfg.model).items():
+        out[f"model.architecture.{key}"] = json.loads(json.dumps(value))
     return out
 
 

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (strided DDPM)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+                   help="class-conditional models: draw class K (default: the classes in turn)")
+    p.add_argument("--guidance-scale", type=float, default=None, metavar="S",
+                   help="class-conditional models: classifier-free guidance (default 3; 1: none)")
     add_storage_args(p)
     p.set_defaults(func=cmd_sample, quiet=True)
 

@@ -45,7 +45,7 @@ def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
 
     check_job_geometry(cfg, nnodes, nproc_per_node)  # the launcher's (every node count it may run)
     world = nnodes * nproc_per_node
-    check_batch_geometry(cfg.train.global_batch_size, world)  # the worker's own
+    check_batch_geometry(cfg.train.global_batch_size, world, cfg.train.grad_accum_steps)  # the worker's own
     try:
         check_geometry(cfg.model)
     except ValueError as e:  # the model's check is shared with export/sample, hence not a UserError
@@ -57,10 +57,11 @@ def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
 
 def _check_data(cfg: Config) -> tuple[int, str]:
     """Build the data source as a worker does (a folder is listed and its first image decoded)."""
-    from service.data.stream import build_source
+    from service.data.stream import build_source, training_labels
 
     source = build_source(cfg)
-    return len(source), f"ok: {cfg.data.kind}, {source.describe()}"
+    classes = f", {source.num_classes} classes" if training_labels(cfg, source) is not None else ""  # type: ignore[attr-defined]
+    return len(source), f"ok: {cfg.data.kind}, {source.describe()}{classes}"
 
 
 def _check_storage(cfg: Config) -> Any:

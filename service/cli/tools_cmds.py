@@ -52,7 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cfg, state = load_weights(ref, args.weights, counter)
     with step_progress("sample", args.steps) as on_step:
         images = generate(model_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps,
-                          on_step=on_step)
+                          on_step=on_step, class_label=args.class_label, guidance_scale=args.guidance_scale)
     try:
         out = save_grid(images, args.out)
     except OSError as e:  # a local file the user named: a usage error, not the storage's

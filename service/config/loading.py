@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from service.config.schema import Config
 from service.errors import UserError
+from service.launch_env import is_config_key
 from service.redact import REDACTED
 
 # Presets shipped in the repository (configs/*.toml). With no --config at all, the defaults
@@ -24,9 +25,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if not is_config_key(parts):
         # Name the key only: the value may be a secret (supervisor.token).
-        raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps")
+        raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps "
+                        "(or model.arch.<keyword>)")
     try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -79,11 +81,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
     for item in overrides or []:
-        (section, key), value = _parse_override(item)
-        sect = data.setdefault(section, {})
-        if not isinstance(sect, dict):
-            raise UserError(f"--set {section}.{key}=...: {section!r} is not a section")
-        sect[key] = value
+        parts, value = _parse_override(item)
+        table = data
+        for depth, name in enumerate(parts[:-1]):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                what = "a section" if depth == 0 else "a table"
+                raise UserError(f"--set {'.'.join(parts)}=...: {'.'.join(parts[:depth + 1])!r} is not {what}")
+        table[parts[-1]] = value
     cfg = config_from_dict(data, source=source)
     _check_usable(cfg, source)
     return cfg

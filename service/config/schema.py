@@ -29,13 +29,30 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     family: str = DEFAULT_FAMILY
     """The denoiser's family (service/models/registry.py): unet (diffusers' UNet2DModel,
-    unconditional, pixel space)."""
+    unconditional or class-conditional), dit (DiTTransformer2DModel, class-conditional)."""
     preset: str = "tiny"
-    """The family's size. unet: tiny (CPU tests), small, base (GPU, 64x64)."""
+    """The family's size. unet: tiny (CPU tests), small, base (GPU, 64x64); dit: tiny, S/2, B/2."""
+    arch: dict[str, Any] = {}
+    """Any constructor keyword of the family's diffusers class, over the preset's
+    (``[model.arch]`` or ``--set model.arch.layers_per_block=2``); checked by building the
+    model on the meta device before anything starts."""
     sample_size: int | None = Field(default=None, ge=8, le=1024)
-    """Image side in pixels; defaults to the preset's size. Must be divisible by the UNet's
-    total downsampling factor."""
+    """The denoiser's input side in pixels; defaults to the preset's. Must suit the model's
+    downsampling (UNet) or patch size (DiT)."""
     num_train_timesteps: int = Field(default=1000, ge=10)
+    conditioning: Literal["none", "class", "text"] = "none"
+    """class: the data's labels (a folder's first-level subfolders; the shape of ``shapes``
+    and ``synthetic``; the digit of ``digits``) condition the model, with classifier-free
+    guidance at sampling (``ftdiff sample --class K --guidance-scale S``)."""
+    num_classes: int = Field(default=0, ge=0, le=1000)
+    """Classes of a class-conditional model (at least the data's; a label of the data at or
+    above it is an error at start-up)."""
+    cond_dropout: float = Field(default=0.1, ge=0, lt=1)
+    """Share of samples trained with the label dropped (the "null" class), which classifier-free
+    guidance needs; which ones is a pure function of (seed, epoch, index)."""
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    """What the model predicts: the noise, the velocity v, or the clean sample."""
 
     @model_validator(mode="after")
     def _known_family_and_preset(self) -> "ModelConfig":
@@ -45,6 +62,11 @@ class ModelConfig(_Section):
         if self.preset not in family.presets:
             raise ValueError(f"model.preset = {self.preset!r} is not a preset of family {self.family!r} "
                              f"({', '.join(family.presets)})")
+        if self.conditioning not in family.conditionings:
+            raise ValueError(f"model.conditioning = {self.conditioning!r}: family {self.family!r} supports "
+                             f"{', '.join(family.conditionings)}")
+        if self.conditioning == "class" and self.num_classes < 1:
+            raise ValueError("model.conditioning = 'class' needs model.num_classes (at least the data's classes)")
         return self
 
 
@@ -91,6 +113,11 @@ class TrainConfig(_Section):
     ema_decay: float = Field(default=0.999, gt=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU. fp16 enables the grad scaler."""
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
+    """Micro-batches per optimizer step on each rank: the global batch (and so the math) stays
+    train.global_batch_size whatever the world size, in smaller pieces of memory."""
+    snr_gamma: float | None = Field(default=None, gt=0)
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the usual value); unset: plain MSE."""
     log_every: int = Field(default=10, ge=1)
     collective_timeout_s: float = Field(default=300.0, gt=0, lt=1e7)
     """How long a collective waits for a peer: long enough for a slow checkpoint load, short

@@ -24,12 +24,19 @@ class DigitsSource:
             raise UserError(
                 "data.kind = 'digits' needs scikit-learn: pip install 'ftdiff[digits]'"
             ) from None
-        images = torch.from_numpy(load_digits().images).float() / 16.0  # (N, 8, 8) in [0, 1]
+        digits = load_digits()
+        self.labels = [int(t) for t in digits.target]
+        images = torch.from_numpy(digits.images).float() / 16.0  # (N, 8, 8) in [0, 1]
         images = torch.nn.functional.interpolate(images[:, None], size=(size, size), mode="bilinear")
         self.images = (images.expand(-1, IMAGE_CHANNELS, -1, -1) * 2.0 - 1.0).contiguous()
 
     def describe(self) -> str:
         return f"{len(self)} images (scikit-learn)"
+
+    num_classes = 10
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
 
     def __len__(self) -> int:
         return len(self.images)

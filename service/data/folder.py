@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -88,6 +89,7 @@ class FolderSource:
         self._bad: dict[int, str] = {}  # index -> why it does not decode (this process)
         try:
             self._fs, root = fsspec.core.url_to_fs(url, **self._fs_kwargs())
+            self._root = root.rstrip("/")
             self._pid = os.getpid()
             files = [p for p in self._fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
         except (ValueError, ImportError) as e:
@@ -128,6 +130,32 @@ class FolderSource:
     def describe(self) -> str:
         return f"{len(self)} images under {self.display_url}"
 
+    @functools.cached_property
+    def classes(self) -> list[str]:
+        """The class names: the first-level subfolders, sorted (a file of the root itself has
+        none, which a class-conditional run refuses)."""
+        return sorted({self._subfolder(path) for path in self.files} - {None})  # type: ignore[arg-type]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label(self, index: int) -> int:
+        folder = self._subfolder(self.files[index])
+        if folder is None:
+            raise UserError(f"data.url {self.display_url!r}: {self.file_url(index)} is not in a subfolder; a "
+                            "class-conditional run takes each image's class from its first-level subfolder")
+        return self._class_ids[folder]
+
+    @functools.cached_property
+    def _class_ids(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def _subfolder(self, path: str) -> str | None:
+        relative = path[len(self._root):].lstrip("/") if path.startswith(self._root) else path
+        first, sep, _ = relative.partition("/")
+        return first if sep else None
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -142,8 +170,14 @@ class FolderSource:
 
     def load(self, index: int) -> tuple[torch.Tensor, bool]:
         """(image, whether it is the replacement of a file that does not decode)."""
+        image, used = self.fetch(index)
+        return image, used != index
+
+    def fetch(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, the index of the file it came from: ``index``, or the replacement of a file
+        that does not decode)."""
         try:
-            return self._decode(index), False
+            return self._decode(index), index
         except BadImageError:
             if self.on_bad_image != "skip":
                 raise
@@ -154,7 +188,7 @@ class FolderSource:
             except BadImageError:
                 continue
             self.bad_images += 1
-            return image, True
+            return image, candidate
         raise BadImageError(f"data.url {self.display_url!r}: cannot decode any of its {len(self.files)} "
                             "images (data.on_bad_image = \"skip\" needs at least one that decodes)")
 

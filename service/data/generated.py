@@ -33,12 +33,25 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.epoch_size
 
+    CLASSES = ("circle", "square", "diamond")
+    """The label of an image is the kind of its shape."""
+
     def describe(self) -> str:
         return f"generated, {self.epoch_size} samples per epoch"
 
-    def image(self, index: int) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int:
+        return len(self.CLASSES)
+
+    def label(self, index: int) -> int:
+        return int(self._draw(index)[0] * 3)
+
+    def _draw(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed("synthetic", self.seed, index))
-        u = torch.rand(8, generator=g)
+        return torch.rand(8, generator=g)
+
+    def image(self, index: int) -> torch.Tensor:
+        u = self._draw(index)
         kind = int(u[0] * 3)
         colour = self.PALETTE[int(u[1] * len(self.PALETTE))]
         background = 0.15 + 0.2 * u[2]
@@ -63,9 +76,14 @@ class ShapesSource(SyntheticSource):
 
     PALETTE = torch.tensor([[0.9, 0.15, 0.15], [0.15, 0.75, 0.25], [0.2, 0.35, 0.95], [0.95, 0.85, 0.15]])
 
-    def image(self, index: int) -> torch.Tensor:
+    CLASSES = ("circle", "square", "triangle")
+
+    def _draw(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed("shapes", self.seed, index))
-        kind, colour, r, x, y = torch.rand(5, generator=g).tolist()
+        return torch.rand(5, generator=g)
+
+    def image(self, index: int) -> torch.Tensor:
+        kind, colour, r, x, y = self._draw(index).tolist()
         r = 0.45 + 0.3 * r  # in [-1, 1] units: a radius of 3.4 to 5.6 pixels at 16x16
         dx, dy = self.xx - (2 * x - 1) * (0.9 - r), self.yy - (2 * y - 1) * (0.9 - r)
         masks = (dx**2 + dy**2 <= r**2, torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -35,8 +36,9 @@ def derive_seed(*parts: int | str) -> int:
 class ImageSource(Protocol):
     """A finite, indexable set of images as float tensors (3, H, W) in [-1, 1].
 
-    A source may also offer ``load(index) -> (image, replaced)`` when it can stand in another
-    image for one that does not decode (see ``FolderSource``)."""
+    A source may also offer ``fetch(index) -> (image, index used)`` when it can stand in another
+    image for one that does not decode (see ``FolderSource``), and ``num_classes`` with
+    ``label(index)`` when its images have classes (class-conditional training)."""
 
     def __len__(self) -> int: ...
 
@@ -52,6 +54,23 @@ def build_source(cfg: Config) -> ImageSource:
     from service.models.build import sample_size
 
     return SOURCES[cfg.data.kind].build_function()(cfg, sample_size(cfg.model))
+
+
+def training_labels(cfg: Config, source: ImageSource) -> Labels | None:
+    """The labels a class-conditional model trains on (None for an unconditional one), after
+    checking that the data has classes and that ``model.num_classes`` holds them all."""
+    if cfg.model.conditioning != "class":
+        return None
+    from service.models.build import null_label
+
+    classes = getattr(source, "num_classes", None)
+    if not classes:
+        raise UserError(f"model.conditioning = 'class' needs labelled data; data.kind = {cfg.data.kind!r} has none "
+                        "(a folder needs one subfolder per class)")
+    if classes > cfg.model.num_classes:
+        raise UserError(f"the data has {classes} classes but model.num_classes = {cfg.model.num_classes}; "
+                        f"set model.num_classes = {classes} (or more)")
+    return Labels(null=null_label(cfg.model), dropout=cfg.model.cond_dropout)
 
 
 class GlobalOrder:
@@ -70,12 +89,24 @@ class GlobalOrder:
         return epoch, index, int(self.permutation(epoch)[index])
 
 
-class TrainingSamples(Dataset):
-    """Indexed by global stream position: the augmented image, its noise and its timestep."""
+@dataclass(frozen=True)
+class Labels:
+    """Class labels for a class-conditional model: ``dropout`` of the samples get ``null``
+    instead (the class of "no class" that classifier-free guidance needs)."""
 
-    def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool):
+    null: int
+    dropout: float
+
+
+class TrainingSamples(Dataset):
+    """Indexed by global stream position: the augmented image, its noise and its timestep (and
+    its class label, with ``labels``)."""
+
+    def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool,
+                 labels: Labels | None = None):
         self.source, self.seed = source, seed
         self.num_timesteps, self.hflip = num_timesteps, hflip
+        self.labels = labels
         self.order = GlobalOrder(len(source), seed)
 
     def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
@@ -83,8 +114,9 @@ class TrainingSamples(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         epoch, index, source_index = self.order.locate(position)
-        load = getattr(self.source, "load", None)  # sources that can replace a bad file
-        image, replaced = load(source_index) if load is not None else (self.source.image(source_index), False)
+        fetch = getattr(self.source, "fetch", None)  # sources that can replace a bad file
+        image, used = fetch(source_index) if fetch is not None else (self.source.image(source_index), source_index)
+        replaced = used != source_index
         g = torch.Generator().manual_seed(derive_seed("sample", self.seed, epoch, index))
         flip = bool(torch.rand(1, generator=g) < 0.5) and self.hflip
         timestep = torch.randint(0, self.num_timesteps, (), generator=g)
@@ -98,7 +130,15 @@ class TrainingSamples(Dataset):
             "position": torch.tensor(position),
             "source_index": torch.tensor(source_index),
             "bad_image": torch.tensor(replaced),  # sum per batch -> ftdiff_data_bad_images_total
-        }
+        } | self._label(epoch, index, used)
+
+    def _label(self, epoch: int, index: int, used: int) -> dict[str, torch.Tensor]:
+        if self.labels is None:
+            return {}
+        # A generator of its own: the image's noise, timestep and flip stay what they were.
+        g = torch.Generator().manual_seed(derive_seed("label-dropout", self.seed, epoch, index))
+        dropped = bool(torch.rand(1, generator=g) < self.labels.dropout)
+        return {"label": torch.tensor(self.labels.null if dropped else self.source.label(used))}
 
 
 def rank_positions(start: int, global_batch: int, rank: int, world_size: int) -> list[int]:
@@ -126,12 +166,14 @@ class RankBatchSampler(Sampler[list[int]]):
             yield rank_positions(start, self.global_batch, self.rank, self.world)
 
 
-def check_batch_geometry(global_batch: int, world_size: int) -> None:
-    if global_batch % world_size:
+def check_batch_geometry(global_batch: int, world_size: int, accum_steps: int = 1) -> None:
+    pieces = world_size * accum_steps
+    if global_batch % pieces:
+        of = f"the world size {world_size}" if accum_steps == 1 else (
+            f"world size x train.grad_accum_steps = {world_size} x {accum_steps} = {pieces}")
         raise UserError(
-            f"train.global_batch_size = {global_batch} is not divisible by the world size "
-            f"{world_size}; choose a multiple of {world_size} (e.g. "
-            f"{max(world_size, global_batch - global_batch % world_size)})"
+            f"train.global_batch_size = {global_batch} is not divisible by {of}; choose a multiple of "
+            f"{pieces} (e.g. {max(pieces, global_batch - global_batch % pieces)})"
         )
 
 

@@ -1,13 +1,13 @@
 """What every model family shares: building the denoiser the config names (through the family
-registry), its input size and geometry check, and the noise scheduler."""
+registry), its input size and geometry check, and calling it."""
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
 from service.config import ModelConfig
 from service.models.registry import FAMILIES
@@ -21,8 +21,9 @@ def family_of(cfg: ModelConfig) -> ModuleType:
 
 
 def sample_size(cfg: ModelConfig) -> int:
-    """The denoiser's input side: ``model.sample_size``, else the preset's."""
-    return cfg.sample_size or family_of(cfg).PRESETS[cfg.preset].sample_size
+    """The denoiser's input side: ``model.sample_size``, else the preset's (``model.arch``
+    may set it too)."""
+    return int(family_of(cfg).model_kwargs(cfg)["sample_size"])
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -30,9 +31,19 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return family_of(cfg).model_kwargs(cfg)
 
 
+def null_label(cfg: ModelConfig) -> int:
+    """The class id of "no class" (classifier-free guidance) for a class-conditional model."""
+    return int(family_of(cfg).null_label(cfg))
+
+
 def check_geometry(cfg: ModelConfig) -> None:
-    """Raise ValueError naming what does not fit (e.g. a side the model cannot downsample)."""
-    family_of(cfg).check_geometry(cfg)
+    """Raise ValueError naming what does not fit (e.g. a side the model cannot downsample), or
+    a ``model.arch`` keyword the family's class does not take (built on the meta device: no
+    memory, no time)."""
+    family = family_of(cfg)
+    family.check_geometry(cfg)
+    with torch.device("meta"):
+        _construct(cfg, family)
 
 
 def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -41,8 +52,23 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     family.check_geometry(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return _construct(cfg, family)
+
+
+def forward(cfg: ModelConfig, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's prediction for ``noisy`` at ``timesteps`` (class ``labels``, or None)."""
+    return family_of(cfg).forward(model, noisy, timesteps, labels)
+
+
+def _construct(cfg: ModelConfig, family: ModuleType) -> torch.nn.Module:
+    try:
         return family.build(family.model_kwargs(cfg))
-
-
-def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown is None:
+            raise ValueError(f"model.arch does not fit family {cfg.family!r}: {e}") from None
+        raise ValueError(f"model.arch.{unknown.group(1)} is not an argument of the {cfg.family!r} family's "
+                         "diffusers model; see that class for the keywords it takes") from None
+    except (ValueError, AssertionError, RuntimeError) as e:  # diffusers' own checks of arguments
+        raise ValueError(f"model.arch does not fit family {cfg.family!r}: {e}") from None

@@ -21,10 +21,13 @@ class ModelFamily:
     module: str
     """The module that builds it. It provides ``PRESETS`` (name -> preset with a
     ``sample_size``), ``model_kwargs(cfg) -> dict`` (the diffusers constructor's arguments,
-    also stored with exports), ``check_geometry(cfg)`` (ValueError naming what does not fit)
-    and ``build(kwargs) -> torch.nn.Module``."""
+    ``model.arch`` applied; also stored with exports), ``check_geometry(kwargs)`` (ValueError
+    naming what does not fit), ``build(kwargs) -> torch.nn.Module`` and ``forward(model,
+    noisy, timesteps, labels) -> prediction`` (``labels``: class ids, or None)."""
     presets: tuple[str, ...]
     summary: str
+    conditionings: tuple[str, ...] = ("none",)
+    """The values of ``model.conditioning`` it supports."""
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -32,6 +35,9 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     ModelFamily("unet", "service.models.unet", ("tiny", "small", "base"),
-                "diffusers' UNet2DModel, unconditional, in pixel space"),
+                "diffusers' UNet2DModel in pixel space, unconditional or class-conditional",
+                conditionings=("none", "class")),
+    ModelFamily("dit", "service.models.dit", ("tiny", "S/2", "B/2"),
+                "diffusers' DiTTransformer2DModel in pixel space, class-conditional", conditionings=("class",)),
 )}
 DEFAULT_FAMILY = "unet"

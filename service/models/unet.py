@@ -1,4 +1,5 @@
-"""The ``unet`` family: diffusers' UNet2DModel, unconditional, in pixel space, in three sizes."""
+"""The ``unet`` family: diffusers' UNet2DModel in pixel space, in three sizes; unconditional, or
+class-conditional through its class embedding (``num_class_embeds``)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,11 @@ PRESETS: dict[str, UNetPreset] = {
 }
 
 
-def _side(cfg: ModelConfig) -> int:
-    return cfg.sample_size or PRESETS[cfg.preset].sample_size
-
-
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Arguments of UNet2DModel for this config (also stored with exported models)."""
     p = PRESETS[cfg.preset]
-    return dict(
-        sample_size=_side(cfg),
+    kwargs: dict[str, Any] = dict(
+        sample_size=cfg.sample_size or p.sample_size,
         in_channels=IMAGE_CHANNELS,
         out_channels=IMAGE_CHANNELS,
         block_out_channels=p.block_out_channels,
@@ -70,12 +67,21 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         layers_per_block=p.layers_per_block,
         norm_num_groups=p.norm_num_groups,
     )
+    if cfg.conditioning == "class":  # one more embedding: the "null" class of guidance
+        kwargs["num_class_embeds"] = cfg.num_classes + 1
+    return {**kwargs, **cfg.arch}
+
+
+def null_label(cfg: ModelConfig) -> int:
+    """The class id trained (and sampled) as "no class": the last embedding."""
+    return cfg.num_classes
 
 
 def check_geometry(cfg: ModelConfig) -> None:
     """Raise ValueError if the image side does not survive the UNet's downsampling."""
-    factor = 2 ** (len(PRESETS[cfg.preset].block_out_channels) - 1)
-    size = _side(cfg)
+    kwargs = model_kwargs(cfg)
+    factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
+    size = kwargs["sample_size"]
     if size % factor:
         raise ValueError(
             f"model.sample_size = {size} must be divisible by {factor} for preset {cfg.preset!r}"
@@ -86,3 +92,8 @@ def build(kwargs: dict[str, Any]) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     return UNet2DModel(**kwargs)
+
+
+def forward(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+            labels: torch.Tensor | None) -> torch.Tensor:
+    return model(noisy, timesteps, class_labels=labels).sample

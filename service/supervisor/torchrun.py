@@ -76,12 +76,14 @@ def check_job_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> None:
     if min_nodes is not None and min_nodes > nnodes:
         raise UserError(f"supervisor.min_nodes = {min_nodes} is more than --nnodes = {nnodes}")
     check_shared(cfg.checkpoint.url, nnodes * nproc_per_node)
+    accum = cfg.train.grad_accum_steps
     for nodes in range(min_nodes or nnodes, nnodes + 1):
         world = nodes * nproc_per_node
-        if cfg.train.global_batch_size % world:
+        if cfg.train.global_batch_size % (world * accum):
+            pieces = f" x train.grad_accum_steps = {accum}" if accum > 1 else ""
             raise UserError(
                 f"train.global_batch_size = {cfg.train.global_batch_size} is not divisible by the "
-                f"world size {world} ({nodes} nodes x {nproc_per_node} processes)"
+                f"world size {world} ({nodes} nodes x {nproc_per_node} processes){pieces}"
             )
 
 

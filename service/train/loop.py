@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from service import faults
@@ -22,14 +21,23 @@ from service.checkpoint.memory_tier import default_dir
 from service.checkpoint.storage import check_shared
 from service.checkpoint.storage_health import wait_until_reachable
 from service.config import Config
-from service.data.stream import TrainingSamples, build_loader, build_source, check_batch_geometry
+from service.data.stream import (
+    TrainingSamples,
+    build_loader,
+    build_source,
+    check_batch_geometry,
+    training_labels,
+)
 from service.dist import DistInfo
 from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, shared_token
 from service.launch_env import LaunchEnv
 from service.metrics import WorkerMetrics, metric_samples
-from service.models.build import build_model, build_noise_scheduler
+from service.models.build import build_model, forward
 from service.models.ema import EMAState, build_ema
+from service.models.objective import build_noise_scheduler
+from service.models.objective import loss as objective_loss
+from service.models.objective import target as objective_target
 from service.node.exits import exit_for_restart
 from service.train import state as keys
 from service.train.logging_sinks import TrainingLogs
@@ -66,16 +74,20 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.launch = launch if launch is not None else LaunchEnv.read()
         self.metrics = metrics or WorkerMetrics()
-        check_batch_geometry(cfg.train.global_batch_size, info.world_size)
+        check_batch_geometry(cfg.train.global_batch_size, info.world_size, cfg.train.grad_accum_steps)
         check_shared(cfg.checkpoint.url, info.world_size)
         self.local_batch = cfg.train.global_batch_size // info.world_size
 
         self.source = build_source(cfg)
         self.noise_scheduler = build_noise_scheduler(cfg.model)
         self.samples = TrainingSamples(
-            self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip
+            self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip,
+            training_labels(cfg, self.source),
         )
-        self.model = build_model(cfg.model, cfg.run.seed).to(info.device)
+        try:
+            self.model = build_model(cfg.model, cfg.run.seed).to(info.device)
+        except ValueError as e:  # model.arch or the geometry: the config's fault
+            raise UserError(str(e)) from None
         self.net: torch.nn.Module = self.model
         if dist.is_initialized():
             ids = [info.device.index] if info.device.type == "cuda" else None
@@ -244,20 +256,17 @@ class Trainer:
         return self._finish()
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = self.info.device
-        images = batch["image"].to(device, non_blocking=True)
-        noise = batch["noise"].to(device, non_blocking=True)
-        timesteps = batch["timestep"].to(device, non_blocking=True)
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
-        autocast = (
-            torch.autocast(device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            prediction = self.net(noisy, timesteps).sample
-        loss = F.mse_loss(prediction.float(), noise)
-        self.scaler.scale(loss).backward()
+        """One optimizer step on this rank's share of the global batch, in
+        ``train.grad_accum_steps`` micro-batches (gradients synchronised after the last)."""
+        accum = self.cfg.train.grad_accum_steps
+        total = torch.zeros((), device=self.info.device)
+        for i, micro in enumerate(_split(batch, accum)):
+            last = i == accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                loss = self._micro_loss(micro) / accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.checkpointer.before_update()  # an async snapshot may still be copying the weights
@@ -266,7 +275,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.ema.step(self.model.parameters())
-        return loss.detach()
+        return total
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.info.device
+        images = batch["image"].to(device, non_blocking=True)
+        noise = batch["noise"].to(device, non_blocking=True)
+        timesteps = batch["timestep"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        autocast = (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            prediction = forward(self.cfg.model, self.net, noisy, timesteps, labels)
+        wanted = objective_target(self.noise_scheduler, images, noise, timesteps)
+        return objective_loss(self.noise_scheduler, prediction.float(), wanted, timesteps, self.cfg.train.snr_gamma)
 
     def _advance(self, global_batch: int) -> None:
         self.train_state.step += 1
@@ -327,3 +353,11 @@ class Trainer:
             self.logs.close()  # waits (bounded) for the last step's grid; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()
+
+
+def _split(batch: dict[str, torch.Tensor], pieces: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` in ``pieces`` equal micro-batches (the geometry check makes them equal)."""
+    if pieces == 1:
+        return [batch]
+    chunks = {key: value.chunk(pieces) for key, value in batch.items()}
+    return [{key: chunks[key][i] for key in batch} for i in range(pieces)]

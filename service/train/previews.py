@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from service.config import Config
@@ -69,7 +68,7 @@ class SampleRenderer:
         self.rendered = 0
         self.skipped = 0
         self.disabled = False
-        self._unet: UNet2DModel | None = None
+        self._unet: torch.nn.Module | None = None
         self._thread: threading.Thread | None = None
         self._final = False
         self._stream: torch.cuda.Stream | None = None
@@ -120,7 +119,7 @@ class SampleRenderer:
     def _busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _copy_ema(self) -> tuple[UNet2DModel, torch.cuda.Event | None]:
+    def _copy_ema(self) -> tuple[torch.nn.Module, torch.cuda.Event | None]:
         if self._unet is None:
             # Built once, on first use; build_model forks the RNG, so the training RNG is untouched.
             self._unet = build_model(self.cfg.model, self.cfg.run.seed).to(self.device).requires_grad_(False)
@@ -137,7 +136,7 @@ class SampleRenderer:
             ready.record()
         return unet, ready
 
-    def _run(self, step: int, unet: UNet2DModel, ready: torch.cuda.Event | None) -> None:
+    def _run(self, step: int, unet: torch.nn.Module, ready: torch.cuda.Event | None) -> None:
         try:
             with self._render_stream(ready):
                 images = self.render(unet, self.cfg, self.cfg.logging.sample_n, seed=self.cfg.run.seed,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -18,15 +17,14 @@ from service.checkpoint.storage import open_storage
 from service.errors import EXIT_PREEMPTED
 from tests.helpers import (
     BASELINE_STEPS,
-    REPO,
     assert_bitwise_equal,
-    base_env,
+    finish,
     ftdiff_inprocess,
     losses,
+    popen,
     run,
     shard_name,
     single_cmd,
-    stop,
     torchrun_cmd,
     trace_lines,
     traced_run,
@@ -34,20 +32,6 @@ from tests.helpers import (
     weights,
     worker_pids,
 )
-
-
-def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        raise
-    return proc.returncode, err
 
 
 # -- crash between each pair of commit stages --------------------------------------------------

@@ -28,9 +28,10 @@ from tests.helpers import (
     SupervisedJob,
     assert_bitwise_equal,
     base_env,
+    finish,
     free_port,
     losses,
-    stop,
+    popen,
     torchrun_cmd,
     trace_lines,
     traced_run,
@@ -38,20 +39,6 @@ from tests.helpers import (
     weights,
     worker_pids,
 )
-
-
-def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        raise
-    return proc.returncode, err
 
 
 def assert_same_result_as(baseline: tuple[str, dict[int, float]], url: Path, err: str) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from service.config import load_config
-from service.models.build import build_model, check_geometry, sample_size
+from service.models.build import build_model, check_geometry, forward, null_label, sample_size
 from service.models.ema import EMAState, build_ema
 from service.models.registry import FAMILIES
 from service.train.state import LRSchedulerState, TrainState, warmup_cosine
@@ -89,9 +89,36 @@ def test_every_family_in_the_registry_builds_each_of_its_presets(name):
     family = FAMILIES[name]
     module = family.implementation()
     assert tuple(module.PRESETS) == family.presets  # the registry repeats them for config validation
-    for attr in ("model_kwargs", "check_geometry", "build"):
+    for attr in ("model_kwargs", "check_geometry", "build", "forward", "null_label"):
         assert callable(getattr(module, attr)), f"{family.module} lacks {attr}"
-    cfg = load_config(None, [f'model.family="{name}"', f'model.preset="{family.presets[0]}"'])
+    for conditioning in family.conditionings:
+        extra = ["model.num_classes=3"] if conditioning == "class" else []
+        for preset in family.presets:  # every preset's arguments fit its class (meta device: free)
+            cfg = load_config(None, [f'model.family="{name}"', f'model.preset="{preset}"',
+                                     f'model.conditioning="{conditioning}"', *extra])
+            check_geometry(cfg.model)
+        cfg = load_config(None, [f'model.family="{name}"', f'model.preset="{family.presets[0]}"',
+                                 f'model.conditioning="{conditioning}"', *extra])
+        model = build_model(cfg.model, 0)
+        side = sample_size(cfg.model)
+        labels = torch.tensor([null_label(cfg.model)]) if conditioning == "class" else None
+        out = forward(cfg.model, model, torch.zeros(1, 3, side, side), torch.tensor([1]), labels)
+        assert out.shape == (1, 3, side, side)
+
+
+@pytest.mark.parametrize("family, arch, needle", [
+    ("unet", 'model.arch.no_such_keyword=3', "model.arch.no_such_keyword is not an argument"),
+    ("unet", 'model.arch.block_out_channels=[32, 64, 64]', "does not fit"),  # 2 block types, 3 widths
+    ("dit", 'model.arch.patch_size=3', "divisible by the patch size 3"),
+])
+def test_a_wrong_architecture_is_named_before_anything_is_built(family, arch, needle):
+    cfg = load_config(None, [f'model.family="{family}"', 'model.conditioning="class"', "model.num_classes=3", arch])
+    with pytest.raises(ValueError, match=needle):
+        check_geometry(cfg.model)
+
+
+def test_arch_keywords_reach_the_model_and_override_the_preset():
+    cfg = load_config(None, ["model.arch.layers_per_block=2", 'model.arch.norm_num_groups=16'])
     model = build_model(cfg.model, 0)
-    side = sample_size(cfg.model)
-    assert model(torch.zeros(1, 3, side, side), torch.tensor([1])).sample.shape == (1, 3, side, side)
+    assert model.config.layers_per_block == 2 and model.config.norm_num_groups == 16
+    assert build_model(load_config(None, []).model, 0).config.layers_per_block == 1  # the preset's

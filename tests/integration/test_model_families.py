@@ -1,0 +1,124 @@
+"""Every guarantee for every model family: a class-conditional DiT and a class-conditional UNet
+(v-prediction, Min-SNR) under real torchrun jobs — kill -9 resumes bitwise equal (object store
+and memory tier), a resume at another world size with accumulation continues at the exact sample,
+a changed architecture is refused naming the keyword, and the checkpoints sample per class."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from tests.helpers import (
+    BASELINE_STEPS,
+    assert_bitwise_equal,
+    finish,
+    losses,
+    popen,
+    run,
+    single_cmd,
+    torchrun_cmd,
+    trace_lines,
+    traced_run,
+    wait_for_step,
+    weights,
+    why,
+    worker_pids,
+)
+
+FAMILIES = {
+    "dit": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3"],
+    "unet": ['model.conditioning="class"', "model.num_classes=3", 'model.prediction_type="v_prediction"',
+             "train.snr_gamma=5.0", 'model.beta_schedule="squaredcos_cap_v2"'],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_baseline(request, tmp_path_factory):
+    """An uninterrupted 2-rank run of the family (12 steps, checkpoint every 4)."""
+    url = str(tmp_path_factory.mktemp(f"baseline-{request.param}"))
+    res = run(torchrun_cmd(FAMILIES[request.param] + [f"train.max_steps={BASELINE_STEPS}",
+                                                        "checkpoint.every_steps=4", f'checkpoint.url="{url}"']))
+    assert res.returncode == 0, why(res)
+    return request.param, url, losses(res.stderr)
+
+
+@pytest.mark.timeout(300)
+def test_kill9_resumes_bitwise_equal(family_baseline, tmp_path):
+    """One family resumes from the object store, the other from the memory tier (both paths
+    are family-independent; each family takes one to keep the suite short)."""
+    family, ref_url, ref_loss = family_baseline
+    memory_tier = family == "unet"
+    dirs = traced_run(tmp_path)
+    proc = popen(torchrun_cmd(FAMILIES[family] + [
+        f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg, "train.step_sleep_s=0.25",
+        f"checkpoint.memory_tier={'true' if memory_tier else 'false'}"], max_restarts=2),
+        env={**dirs.env, "FTDIFF_RUN_ID": f"families-{family}-{memory_tier}-{os.getpid()}"})
+    wait_for_step(dirs.trace, 6, proc)
+    os.kill(worker_pids(dirs.trace)[1], signal.SIGKILL)
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert_bitwise_equal(weights(ref_url, "model"), weights(str(dirs.url), "model"))
+    assert_bitwise_equal(weights(ref_url, "ema"), weights(str(dirs.url), "ema"))
+    got = losses(err)
+    assert all(got[step] == ref_loss[step] for step in got)
+
+
+@pytest.mark.timeout(300)
+def test_another_world_size_with_accumulation_continues_at_the_exact_sample(family_baseline, tmp_path):
+    """Preempted (SIGTERM: an emergency commit) after half the run at 2 ranks, then finished at
+    1 rank x 2 micro-batches: the same global batches, sample for sample, each exactly once, and
+    the same weights within float tolerance."""
+    family, ref_url, _ = family_baseline
+    dirs = traced_run(tmp_path)
+    common = FAMILIES[family] + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg]
+    proc = popen(torchrun_cmd(common + ["train.step_sleep_s=0.2"]), env=dirs.env)
+    wait_for_step(dirs.trace, BASELINE_STEPS // 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code != 0, "the first half should have been preempted"
+    rest = run(single_cmd(common + ["train.grad_accum_steps=2"]), env=dirs.env)
+    assert rest.returncode == 0, why(rest)
+    lines = trace_lines(dirs.trace)
+    seen = sorted((line["step"], line["rank"]) for line in lines)
+    assert len(seen) == len(set(seen)), "a step was trained twice"
+    positions = sorted(p for line in lines for p in line["positions"])
+    assert positions == list(range(BASELINE_STEPS * 8)), "every sample exactly once"
+    assert {line["world_size"] for line in lines} == {1, 2}
+    a, b = weights(ref_url, "model"), weights(str(dirs.url), "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.timeout(120)
+def test_a_changed_architecture_is_refused_naming_the_keyword(family_baseline, tmp_path):
+    family, ref_url, _ = family_baseline
+    change = "model.arch.num_layers=3" if family == "dit" else "model.arch.layers_per_block=2"
+    res = run(single_cmd(FAMILIES[family] + [f"train.max_steps={BASELINE_STEPS + 2}", f'checkpoint.url="{ref_url}"',
+                                              change, "checkpoint.memory_tier=false"]))
+    assert res.returncode == 2, why(res)
+    assert f"model.architecture.{change.split('.')[2].split('=')[0]}" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_checkpoint_samples_per_class_and_exports_its_weights(family_baseline, tmp_path):
+    from tests.helpers import ftdiff_subprocess
+
+    family, ref_url, _ = family_baseline
+    grid = tmp_path / "grid.png"
+    res = ftdiff_subprocess("sample", ref_url, "--out", str(grid), "--n", "4", "--steps", "3",
+                            "--class", "1", "--guidance-scale", "2")
+    assert res.returncode == 0, res.stderr
+    assert grid.stat().st_size > 0
+    bad = ftdiff_subprocess("sample", ref_url, "--out", str(grid), "--n", "1", "--steps", "2", "--class", "7")
+    assert bad.returncode == 2 and "classes 0..2" in bad.stderr
+    out = tmp_path / "w.safetensors"
+    assert ftdiff_subprocess("export", ref_url, "--format", "safetensors", "--out", str(out)).returncode == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(out))) == set(weights(ref_url, "model"))
+    refused = ftdiff_subprocess("export", ref_url, "--format", "diffusers", "--out", str(tmp_path / "pipe"))
+    assert refused.returncode == 2 and "--format safetensors" in refused.stderr
