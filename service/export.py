@@ -23,12 +23,15 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
     if fmt == "diffusers" and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
     model = ref.config.model
-    if fmt == "diffusers" and (model.family, model.conditioning) != ("unet", "none"):
-        # DDPMPipeline takes no class labels and DiTPipeline decodes through a VAE: a pixel-space
-        # class-conditional model has no diffusers pipeline to be loaded as.
-        raise UserError(f"--format diffusers: no diffusers pipeline loads a pixel-space {model.conditioning}-"
-                        f"conditional {model.family!r} model; use --format safetensors (its weights), or "
-                        "ftdiff sample to draw from it")
+    pipeline_of = {("unet", "none", False): "DDPMPipeline", ("dit", "class", True): "DiTPipeline"}
+    if fmt == "diffusers" and (model.family, model.conditioning, bool(model.vae)) not in pipeline_of:
+        # DDPMPipeline takes no class labels or VAE, DiTPipeline decodes through a VAE: no
+        # diffusers pipeline loads this combination as it was trained.
+        space = "latent" if model.vae else "pixel-space"
+        raise UserError(f"--format diffusers: no diffusers pipeline loads a {space} {model.conditioning}-"
+                        f"conditional {model.family!r} model (DDPMPipeline: unconditional pixel-space unet; "
+                        "DiTPipeline: dit with a VAE); use --format safetensors (its weights), or ftdiff "
+                        "sample to draw from it")
     cfg, state = load_weights(ref, which, counter)
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -45,6 +48,13 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
     from service.models.objective import build_noise_scheduler
     from service.sample import model_from_state
 
-    pipeline = DDPMPipeline(unet=model_from_state(cfg, state), scheduler=build_noise_scheduler(cfg.model))
-    pipeline.save_pretrained(str(target))
+    denoiser, scheduler = model_from_state(cfg, state), build_noise_scheduler(cfg.model)
+    if cfg.model.family == "dit":
+        from diffusers import DiTPipeline
+
+        from service.models.latent import load_vae
+
+        DiTPipeline(transformer=denoiser, vae=load_vae(cfg.model.vae), scheduler=scheduler).save_pretrained(str(target))
+    else:
+        DDPMPipeline(unet=denoiser, scheduler=scheduler).save_pretrained(str(target))
     return target

@@ -13,7 +13,8 @@ from diffusers import DDPMPipeline
 
 from service.config import Config
 from service.errors import UserError
-from service.models.build import family_of, forward, model_kwargs, null_label, sample_size
+from service.models.build import family_of, forward, input_channels, model_kwargs, null_label, sample_size
+from service.models.latent import decode, load_vae, vae_geometry
 from service.models.objective import build_noise_scheduler
 
 # Classifier-free guidance of class-conditional samples unless --guidance-scale says otherwise.
@@ -31,11 +32,11 @@ def generate(model: torch.nn.Module, cfg: Config, n: int, seed: int = 0, steps: 
 
     A class-conditional model draws ``class_label`` (default: the classes in turn) with
     classifier-free guidance ``guidance_scale`` (default ``DEFAULT_GUIDANCE``; 1: none)."""
-    if cfg.model.conditioning == "class":
-        scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-        return _generate_with_labels(model, cfg, n, seed, steps, on_step, class_label, scale)
-    if class_label is not None:
+    if cfg.model.conditioning != "class" and class_label is not None:
         raise UserError("--class: this model is unconditional (model.conditioning = 'none')")
+    if cfg.model.conditioning == "class" or cfg.model.vae:
+        scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        return _generate(model, cfg, n, seed, steps, on_step, class_label, scale)
     pipeline = DDPMPipeline(unet=model.eval(), scheduler=build_noise_scheduler(cfg.model))
     pipeline.set_progress_bar_config(disable=True)
     if on_step is not None:  # the pipeline's own progress hook: it wraps the denoising loop
@@ -46,28 +47,30 @@ def generate(model: torch.nn.Module, cfg: Config, n: int, seed: int = 0, steps: 
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
 
-def _generate_with_labels(model: torch.nn.Module, cfg: Config, n: int, seed: int, steps: int,
-                          on_step: Callable[[int], None] | None, class_label: int | None,
-                          scale: float) -> torch.Tensor:
-    """DDPMPipeline's loop, with class labels and classifier-free guidance: the prediction is
-    uncond + scale * (cond - uncond), the unconditional half with the "null" class."""
-    classes = cfg.model.num_classes
-    if class_label is not None and not 0 <= class_label < classes:
-        raise UserError(f"--class {class_label}: this model has classes 0..{classes - 1}")
-    if scale < 1:
-        raise UserError(f"--guidance-scale {scale}: at least 1 (1: no guidance)")
+def _generate(model: torch.nn.Module, cfg: Config, n: int, seed: int, steps: int,
+              on_step: Callable[[int], None] | None, class_label: int | None, scale: float) -> torch.Tensor:
+    """DDPMPipeline's loop, with class labels and classifier-free guidance (the prediction is
+    uncond + scale * (cond - uncond), the unconditional half with the "null" class), and in a
+    VAE's latent space (decoded at the end)."""
+    labels, null = None, None
+    if cfg.model.conditioning == "class":
+        classes = cfg.model.num_classes
+        if class_label is not None and not 0 <= class_label < classes:
+            raise UserError(f"--class {class_label}: this model has classes 0..{classes - 1}")
+        if scale < 1:
+            raise UserError(f"--guidance-scale {scale}: at least 1 (1: no guidance)")
+        labels = torch.full((n,), class_label) if class_label is not None else torch.arange(n) % classes
+        null = torch.full((n,), null_label(cfg.model))
     scheduler = build_noise_scheduler(cfg.model)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     side = sample_size(cfg.model)
-    x = torch.randn((n, 3, side, side), generator=generator)
-    labels = torch.full((n,), class_label) if class_label is not None else torch.arange(n) % classes
-    null = torch.full((n,), null_label(cfg.model))
+    x = torch.randn((n, input_channels(cfg.model), side, side), generator=generator)
     model.eval()
     with torch.no_grad():
         for done, t in enumerate(scheduler.timesteps, start=1):
             timesteps = torch.full((n,), int(t))
-            if scale > 1:
+            if labels is not None and null is not None and scale > 1:
                 both = forward(cfg.model, model, torch.cat([x, x]), torch.cat([timesteps, timesteps]),
                                torch.cat([labels, null]))
                 cond, uncond = both.chunk(2)
@@ -77,6 +80,8 @@ def _generate_with_labels(model: torch.nn.Module, cfg: Config, n: int, seed: int
             x = scheduler.step(prediction, t, x, generator=generator).prev_sample
             if on_step is not None:
                 on_step(done)
+    if cfg.model.vae:
+        x = decode(load_vae(cfg.model.vae), x, vae_geometry(cfg.model.vae))
     return (x / 2 + 0.5).clamp(0, 1)
 
 

@@ -457,3 +457,17 @@ def post_json(url: str, body: bytes, token: str | None = "tok", *, check: bool =
         if check:
             raise
         return e.code, json.loads(e.read() or b"{}")
+
+
+def tiny_vae(path: Path) -> Path:
+    """A tiny AutoencoderKL (2x downsampling, 4 latent channels), initialised from a fixed seed
+    and saved as diffusers does (safetensors): latent diffusion without a download."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                            layers_per_block=1, sample_size=16)
+    vae.save_pretrained(str(path))
+    return path

@@ -22,7 +22,7 @@ from service.models.build import model_kwargs
 MATH_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("seed",),
     "model": ("family", "preset", "sample_size", "num_train_timesteps", "conditioning", "num_classes",
-              "cond_dropout", "beta_schedule", "prediction_type"),
+              "cond_dropout", "beta_schedule", "prediction_type", "init_from", "vae"),
     "data": data_registry.math_keys(),
     "train": ("global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
               "ema_decay", "precision", "snr_gamma"),

@@ -53,6 +53,14 @@ class ModelConfig(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     """What the model predicts: the noise, the velocity v, or the clean sample."""
+    vae: str | None = None
+    """Latent diffusion: a diffusers AutoencoderKL (a local folder, a pipeline folder with vae/,
+    or a hub id already in the local cache), frozen. model.sample_size is then the latent
+    side; images are brought to it times the VAE's downsampling."""
+    init_from: str | None = None
+    """A diffusers model (or pipeline) folder of the same family to start from: weights only
+    (safetensors), a fresh optimizer. Part of the run's identity; resumes come from the run's
+    own checkpoints as always."""
 
     @model_validator(mode="after")
     def _known_family_and_preset(self) -> "ModelConfig":
@@ -118,6 +126,11 @@ class TrainConfig(_Section):
     train.global_batch_size whatever the world size, in smaller pieces of memory."""
     snr_gamma: float | None = Field(default=None, gt=0)
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the usual value); unset: plain MSE."""
+    compile: bool = False
+    """torch.compile the denoiser: faster steps after a warm-up that every (re)start pays unless
+    the inductor cache (TORCHINDUCTOR_CACHE_DIR) survives it."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     log_every: int = Field(default=10, ge=1)
     collective_timeout_s: float = Field(default=300.0, gt=0, lt=1e7)
     """How long a collective waits for a peer: long enough for a slow checkpoint load, short

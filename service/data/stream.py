@@ -51,9 +51,9 @@ class ImageSource(Protocol):
 
 def build_source(cfg: Config) -> ImageSource:
     """The source ``data.kind`` names, at the model's input size."""
-    from service.models.build import sample_size
+    from service.models.build import image_size
 
-    return SOURCES[cfg.data.kind].build_function()(cfg, sample_size(cfg.model))
+    return SOURCES[cfg.data.kind].build_function()(cfg, image_size(cfg.model))
 
 
 def training_labels(cfg: Config, source: ImageSource) -> Labels | None:
@@ -103,10 +103,11 @@ class TrainingSamples(Dataset):
     its class label, with ``labels``)."""
 
     def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool,
-                 labels: Labels | None = None):
+                 labels: Labels | None = None, noise_shape: tuple[int, ...] | None = None):
+        """``noise_shape``: the denoiser's input when it is not the image's (a VAE's latents)."""
         self.source, self.seed = source, seed
         self.num_timesteps, self.hflip = num_timesteps, hflip
-        self.labels = labels
+        self.labels, self.noise_shape = labels, noise_shape
         self.order = GlobalOrder(len(source), seed)
 
     def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
@@ -120,7 +121,7 @@ class TrainingSamples(Dataset):
         g = torch.Generator().manual_seed(derive_seed("sample", self.seed, epoch, index))
         flip = bool(torch.rand(1, generator=g) < 0.5) and self.hflip
         timestep = torch.randint(0, self.num_timesteps, (), generator=g)
-        noise = torch.randn(image.shape, generator=g)
+        noise = torch.randn(self.noise_shape or image.shape, generator=g)
         if flip:
             image = image.flip(-1)
         return {

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from service.config import ModelConfig
+from service.models.latent import vae_geometry
 from service.models.registry import FAMILIES
 
 # Channels of the images the data sources yield (RGB); pixel-space families denoise them.
@@ -22,8 +23,18 @@ def family_of(cfg: ModelConfig) -> ModuleType:
 
 def sample_size(cfg: ModelConfig) -> int:
     """The denoiser's input side: ``model.sample_size``, else the preset's (``model.arch``
-    may set it too)."""
+    may set it too). The latent side when ``model.vae`` is set."""
     return int(family_of(cfg).model_kwargs(cfg)["sample_size"])
+
+
+def image_size(cfg: ModelConfig) -> int:
+    """The side of the images the data yields: the input side, times the VAE's downsampling."""
+    return sample_size(cfg) * (vae_geometry(cfg.vae).factor if cfg.vae else 1)
+
+
+def input_channels(cfg: ModelConfig) -> int:
+    """The denoiser's channels: RGB, or the VAE's latent channels."""
+    return vae_geometry(cfg.vae).latent_channels if cfg.vae else IMAGE_CHANNELS
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.models.build import IMAGE_CHANNELS
+from service.models.build import input_channels
 
 if TYPE_CHECKING:
     from service.config import ModelConfig
@@ -46,8 +46,8 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     p = PRESETS[cfg.preset]
     kwargs: dict[str, Any] = dict(
         sample_size=cfg.sample_size or p.sample_size,
-        in_channels=IMAGE_CHANNELS,
-        out_channels=IMAGE_CHANNELS,
+        in_channels=input_channels(cfg),
+        out_channels=input_channels(cfg),
         num_layers=p.num_layers,
         num_attention_heads=p.num_attention_heads,
         attention_head_dim=p.attention_head_dim,

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from service import faults
 from service.checkpoint.identity import fingerprint
@@ -33,13 +32,15 @@ from service.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from service.heartbeat import LEAVE_SIGNAL, Heartbeat, HeartbeatSender, shared_token
 from service.launch_env import LaunchEnv
 from service.metrics import WorkerMetrics, metric_samples
-from service.models.build import build_model, forward
+from service.models.build import forward, input_channels, sample_size
 from service.models.ema import EMAState, build_ema
+from service.models.latent import encode, load_vae, vae_geometry
 from service.models.objective import build_noise_scheduler
 from service.models.objective import loss as objective_loss
 from service.models.objective import target as objective_target
 from service.node.exits import exit_for_restart
 from service.train import state as keys
+from service.train.denoiser import build_denoiser, build_optimizer
 from service.train.logging_sinks import TrainingLogs
 from service.train.progress import ProgressReporter
 from service.train.restart_cost import ORDERED, STOPPED, RestartCostMeter, StepRecord
@@ -80,21 +81,15 @@ class Trainer:
 
         self.source = build_source(cfg)
         self.noise_scheduler = build_noise_scheduler(cfg.model)
+        self.vae = load_vae(cfg.model.vae, str(info.device)) if cfg.model.vae else None
+        side = sample_size(cfg.model)
         self.samples = TrainingSamples(
             self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip,
             training_labels(cfg, self.source),
+            noise_shape=(input_channels(cfg.model), side, side) if self.vae is not None else None,
         )
-        try:
-            self.model = build_model(cfg.model, cfg.run.seed).to(info.device)
-        except ValueError as e:  # model.arch or the geometry: the config's fault
-            raise UserError(str(e)) from None
-        self.net: torch.nn.Module = self.model
-        if dist.is_initialized():
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        self.model, self.net = build_denoiser(cfg, info)
+        self.optimizer = build_optimizer(cfg, self.model, info.device)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
@@ -283,12 +278,15 @@ class Trainer:
         noise = batch["noise"].to(device, non_blocking=True)
         timesteps = batch["timestep"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
         autocast = (
             torch.autocast(device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        if self.vae is not None:  # latent diffusion: the frozen VAE's latents of the images
+            with autocast:
+                images = encode(self.vae, images, vae_geometry(self.cfg.model.vae))
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
         with autocast:
             prediction = forward(self.cfg.model, self.net, noisy, timesteps, labels)
         wanted = objective_target(self.noise_scheduler, images, noise, timesteps)

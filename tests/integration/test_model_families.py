@@ -19,6 +19,7 @@ from tests.helpers import (
     popen,
     run,
     single_cmd,
+    tiny_vae,
     torchrun_cmd,
     trace_lines,
     traced_run,
@@ -29,30 +30,39 @@ from tests.helpers import (
 )
 
 FAMILIES = {
-    "dit": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3"],
+    # Latent diffusion: 8x8 latents of a tiny VAE (16x16 images).
+    "dit": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3", "model.sample_size=8"],
     "unet": ['model.conditioning="class"', "model.num_classes=3", 'model.prediction_type="v_prediction"',
              "train.snr_gamma=5.0", 'model.beta_schedule="squaredcos_cap_v2"'],
 }
 
 
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> str:
+    return str(tiny_vae(tmp_path_factory.mktemp("vae")))
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_baseline(request, tmp_path_factory):
-    """An uninterrupted 2-rank run of the family (12 steps, checkpoint every 4)."""
-    url = str(tmp_path_factory.mktemp(f"baseline-{request.param}"))
-    res = run(torchrun_cmd(FAMILIES[request.param] + [f"train.max_steps={BASELINE_STEPS}",
-                                                        "checkpoint.every_steps=4", f'checkpoint.url="{url}"']))
+def family_baseline(request, tmp_path_factory, vae):
+    """(family, its settings, the url and losses of an uninterrupted 2-rank run: 12 steps,
+    checkpoint every 4)."""
+    family = request.param
+    settings = FAMILIES[family] + ([f'model.vae="{vae}"'] if family == "dit" else [])
+    url = str(tmp_path_factory.mktemp(f"baseline-{family}"))
+    res = run(torchrun_cmd(settings + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                                       f'checkpoint.url="{url}"']))
     assert res.returncode == 0, why(res)
-    return request.param, url, losses(res.stderr)
+    return family, settings, url, losses(res.stderr)
 
 
 @pytest.mark.timeout(300)
 def test_kill9_resumes_bitwise_equal(family_baseline, tmp_path):
     """One family resumes from the object store, the other from the memory tier (both paths
     are family-independent; each family takes one to keep the suite short)."""
-    family, ref_url, ref_loss = family_baseline
+    family, settings, ref_url, ref_loss = family_baseline
     memory_tier = family == "unet"
     dirs = traced_run(tmp_path)
-    proc = popen(torchrun_cmd(FAMILIES[family] + [
+    proc = popen(torchrun_cmd(settings + [
         f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg, "train.step_sleep_s=0.25",
         f"checkpoint.memory_tier={'true' if memory_tier else 'false'}"], max_restarts=2),
         env={**dirs.env, "FTDIFF_RUN_ID": f"families-{family}-{memory_tier}-{os.getpid()}"})
@@ -71,9 +81,9 @@ def test_another_world_size_with_accumulation_continues_at_the_exact_sample(fami
     """Preempted (SIGTERM: an emergency commit) after half the run at 2 ranks, then finished at
     1 rank x 2 micro-batches: the same global batches, sample for sample, each exactly once, and
     the same weights within float tolerance."""
-    family, ref_url, _ = family_baseline
+    family, settings, ref_url, _ = family_baseline
     dirs = traced_run(tmp_path)
-    common = FAMILIES[family] + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg]
+    common = settings + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg]
     proc = popen(torchrun_cmd(common + ["train.step_sleep_s=0.2"]), env=dirs.env)
     wait_for_step(dirs.trace, BASELINE_STEPS // 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -94,9 +104,9 @@ def test_another_world_size_with_accumulation_continues_at_the_exact_sample(fami
 
 @pytest.mark.timeout(120)
 def test_a_changed_architecture_is_refused_naming_the_keyword(family_baseline, tmp_path):
-    family, ref_url, _ = family_baseline
+    family, settings, ref_url, _ = family_baseline
     change = "model.arch.num_layers=3" if family == "dit" else "model.arch.layers_per_block=2"
-    res = run(single_cmd(FAMILIES[family] + [f"train.max_steps={BASELINE_STEPS + 2}", f'checkpoint.url="{ref_url}"',
+    res = run(single_cmd(settings + [f"train.max_steps={BASELINE_STEPS + 2}", f'checkpoint.url="{ref_url}"',
                                               change, "checkpoint.memory_tier=false"]))
     assert res.returncode == 2, why(res)
     assert f"model.architecture.{change.split('.')[2].split('=')[0]}" in res.stderr
@@ -105,20 +115,31 @@ def test_a_changed_architecture_is_refused_naming_the_keyword(family_baseline, t
 
 @pytest.mark.timeout(120)
 def test_the_checkpoint_samples_per_class_and_exports_its_weights(family_baseline, tmp_path):
-    from tests.helpers import ftdiff_subprocess
+    from tests.helpers import ftdiff_inprocess as ftdiff
 
-    family, ref_url, _ = family_baseline
+    family, settings, ref_url, _ = family_baseline
     grid = tmp_path / "grid.png"
-    res = ftdiff_subprocess("sample", ref_url, "--out", str(grid), "--n", "4", "--steps", "3",
+    res = ftdiff("sample", ref_url, "--out", str(grid), "--n", "4", "--steps", "3",
                             "--class", "1", "--guidance-scale", "2")
     assert res.returncode == 0, res.stderr
     assert grid.stat().st_size > 0
-    bad = ftdiff_subprocess("sample", ref_url, "--out", str(grid), "--n", "1", "--steps", "2", "--class", "7")
+    bad = ftdiff("sample", ref_url, "--out", str(grid), "--n", "1", "--steps", "2", "--class", "7")
     assert bad.returncode == 2 and "classes 0..2" in bad.stderr
     out = tmp_path / "w.safetensors"
-    assert ftdiff_subprocess("export", ref_url, "--format", "safetensors", "--out", str(out)).returncode == 0
+    assert ftdiff("export", ref_url, "--format", "safetensors", "--out", str(out)).returncode == 0
     from safetensors.torch import load_file
 
     assert set(load_file(str(out))) == set(weights(ref_url, "model"))
-    refused = ftdiff_subprocess("export", ref_url, "--format", "diffusers", "--out", str(tmp_path / "pipe"))
-    assert refused.returncode == 2 and "--format safetensors" in refused.stderr
+    pipe_dir = tmp_path / "pipe"
+    exported = ftdiff("export", ref_url, "--format", "diffusers", "--out", str(pipe_dir))
+    if family == "unet":  # class-conditional pixel space: no diffusers pipeline takes it
+        assert exported.returncode == 2 and "--format safetensors" in exported.stderr
+        return
+    assert exported.returncode == 0, exported.stderr
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
+    assert type(pipe).__name__ == "DiTPipeline"
+    images = pipe(class_labels=[0, 2], num_inference_steps=2, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)

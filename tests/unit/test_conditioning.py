@@ -148,3 +148,22 @@ def test_a_changed_architecture_is_refused_naming_the_keyword():
 
 def test_global_order_is_unchanged_by_conditioning():
     assert torch.equal(GlobalOrder(10, 0).permutation(0), GlobalOrder(10, 0).permutation(0))
+
+
+def test_latent_diffusion_trains_on_the_vaes_latents_and_samples_images(tmp_path):
+    from service.models.build import build_model, image_size, model_kwargs
+    from service.sample import generate
+    from tests.helpers import tiny_vae
+
+    vae = tiny_vae(tmp_path / "vae")
+    latent = ['model.family="dit"', *CLASS, "model.sample_size=8", f'model.vae="{vae}"']
+    cfg = load_config(None, latent)
+    assert image_size(cfg.model) == 16 and model_kwargs(cfg.model)["in_channels"] == 4
+    assert build_source(cfg).image(0).shape == (3, 16, 16)  # images at 16, latents at 8
+    state = _trained(tmp_path / "run", latent)
+    model = build_model(cfg.model, 0)
+    model.load_state_dict(state)
+    images = generate(model, cfg, 2, steps=2, class_label=1)
+    assert images.shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="model.vae = .*no AutoencoderKL config"):
+        image_size(load_config(None, ['model.family="dit"', *CLASS, f'model.vae="{tmp_path / "nothing"}"']).model)

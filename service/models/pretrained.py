@@ -1,0 +1,65 @@
+"""``model.init_from``: start a run from the weights of a diffusers model folder of the same
+family (an ``ftdiff export --format diffusers``, or any ``save_pretrained`` output).
+
+Only safetensors files are read (a pickled ``.bin`` could run code on load), the folder's
+``config.json`` must name the family's class, and every tensor must fit the configured
+architecture: a mismatch is an error naming the keys, never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from service.errors import UserError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# A pipeline folder keeps its denoiser in one of these.
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def model_folder(path: str) -> Path:
+    """The folder with the denoiser's config.json: ``path`` itself, or a pipeline's denoiser."""
+    root = Path(path)
+    if (root / "config.json").is_file():
+        return root
+    for name in DENOISER_FOLDERS:
+        if (root / name / "config.json").is_file():
+            return root / name
+    raise UserError(f"model.init_from = {path!r}: not a diffusers model or pipeline folder (no config.json "
+                    f"in it or in {'/'.join(DENOISER_FOLDERS)}/)")
+
+
+def load_init_weights(path: str, model: torch.nn.Module) -> None:
+    """Copy the weights under ``path`` into ``model`` (same class and architecture)."""
+    from safetensors.torch import load_file
+
+    folder = model_folder(path)
+    config = json.loads((folder / "config.json").read_text())
+    wanted = type(model).__name__
+    if config.get("_class_name") != wanted:
+        raise UserError(f"model.init_from = {path!r} holds a {config.get('_class_name')!r}, but this run's "
+                        f"model.family builds a {wanted}")
+    if (folder / SHARD_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+    elif (folder / WEIGHTS).is_file():
+        state = load_file(str(folder / WEIGHTS))
+    else:
+        raise UserError(f"model.init_from = {path!r}: no {WEIGHTS} in {folder} (only safetensors are read)")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("other shape", misshapen)) if keys)
+        raise UserError(f"model.init_from = {path!r} does not fit this run's architecture ({detail}); set "
+                        "model.preset / model.arch to the architecture it was trained with")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(state[key])
