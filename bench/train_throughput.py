@@ -1,12 +1,14 @@
-"""Training throughput on CPU: ftdiff's worker at world size 1 and 2 vs a plain loop.
+"""Training throughput on CPU: ftdiff's worker at world size 1 and 2 vs a plain loop, per model.
 
-For each preset (tiny, small): samples/s of the real training step (data pipeline, DDP, EMA,
-clipping) at world size 1 and 2 with the same per-rank batch, and of a plain single-process
-loop (model + AdamW + MSE, nothing else) over the same model and batch, all in this run.
+For each model (``--models``: a family and preset, class-conditional or latent): samples/s of
+the real training step (data pipeline, labels, VAE encode, DDP, EMA, clipping) at world size 1
+and 2 with the same per-rank batch, and of a plain single-process loop (the same model, VAE
+encode, AdamW and MSE, nothing else) over the same batch, all in this run.
+ws1_vs_plain = ftdiff's step at one rank / the bare loop (goal >= 0.95);
 ddp_efficiency_2_ranks = samples/s at 2 ranks / (2 x the same step in one process, no DDP);
-vs_bare_loop_2_ranks = samples/s at 2 ranks / (2 x the bare loop). Prints one JSON line.
+vae_encode_share = the VAE's share of a bare latent step. Prints one JSON line.
 
-Usage: python bench/train_throughput.py [--steps 30] [--batch 8] [--presets tiny,small]
+Usage: python bench/train_throughput.py [--steps 30] [--batch 8] [--models unet:tiny,dit-latent:tiny]
 """
 
 from __future__ import annotations
@@ -25,17 +27,31 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _config(preset: str, batch: int, world: int, steps: int):  # type: ignore[no-untyped-def]
+# model name -> its settings (a tiny VAE is made for the latent ones: no download)
+MODELS = {
+    "unet": [],
+    "unet-class": ['model.conditioning="class"', "model.num_classes=3"],
+    "dit": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3"],
+    "dit-latent": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3", "model.sample_size=8",
+                   "VAE"],
+}
+
+
+def _config(model: str, batch: int, world: int, steps: int, vae: str = ""):  # type: ignore[no-untyped-def]
     from service.config import load_config
 
+    name, _, preset = model.partition(":")
+    settings = [f'model.vae="{vae}"' if s == "VAE" else s for s in MODELS[name]]
     return load_config(None, [
-        f'model.preset="{preset}"', f"train.global_batch_size={batch * world}",
+        f'model.preset="{preset or "tiny"}"', f"train.global_batch_size={batch * world}",
         f"train.max_steps={steps}", "checkpoint.every_steps=100000", "train.log_every=100000",
-        f'checkpoint.url="memory://bench-{os.getpid()}"', 'checkpoint.resume="never"',
+        f'checkpoint.url="{tempfile.gettempdir()}/ftdiff-bench-{os.getppid() if world > 1 else os.getpid()}"',
+        'checkpoint.resume="never"', "checkpoint.memory_tier=false", *settings,
     ])
 
 
-def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, steps: int, out: str) -> None:
+def measure_trainer(rank: int, world: int, port: int, model: str, batch: int, steps: int, out: str,
+                    vae: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -48,7 +64,7 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
     from service.train.loop import Trainer
 
     info = init_distributed(LaunchEnv.read(), 300.0)
-    trainer = Trainer(_config(preset, batch, world, steps), info)
+    trainer = Trainer(_config(model, batch, world, steps, vae), info)
     loader = iter(build_loader(trainer.samples, 0, steps, batch * world, rank, world, 0))
     warmup = 3
     for i, batch_data in enumerate(loader):
@@ -63,48 +79,64 @@ def measure_trainer(rank: int, world: int, port: int, preset: str, batch: int, s
     cleanup_distributed()
 
 
-def plain_loop(preset: str, batch: int, steps: int) -> float:
-    """Model + AdamW + MSE on a fixed batch, one thread: the yardstick for DDP efficiency."""
-    from service.models.build import build_model, sample_size
+def plain_loop(model_name: str, batch: int, steps: int, vae_path: str) -> tuple[float, float]:
+    """The same model (and VAE encode) + AdamW + MSE on a fixed batch, one thread: the
+    yardstick. (samples/s, the VAE encode's share of the step time)."""
+    from service.models.build import build_model, forward, image_size, input_channels, sample_size
+    from service.models.latent import encode, load_vae, vae_geometry
 
     torch.set_num_threads(1)
-    cfg = _config(preset, batch, 1, steps)
+    cfg = _config(model_name, batch, 1, steps, vae_path)
     model = build_model(cfg.model, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    size = sample_size(cfg.model)
-    x, noise = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    side, pixels = sample_size(cfg.model), image_size(cfg.model)
+    x = torch.randn(batch, 3, pixels, pixels)
+    noise = torch.randn(batch, input_channels(cfg.model), side, side)
     t = torch.randint(0, 1000, (batch,))
-    warmup = 3
+    labels = torch.randint(0, 3, (batch,)) if cfg.model.conditioning == "class" else None
+    vae = load_vae(cfg.model.vae) if cfg.model.vae else None
+    warmup, encoding = 3, 0.0
     for i in range(steps):
         if i == warmup:
-            t0 = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(x, t).sample, noise)
+            t0, encoding = time.perf_counter(), 0.0
+        start = time.perf_counter()
+        inputs = encode(vae, x, vae_geometry(cfg.model.vae)) if vae is not None else x
+        encoding += time.perf_counter() - start
+        loss = torch.nn.functional.mse_loss(forward(cfg.model, model, inputs + noise, t, labels), noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (steps - warmup) * batch / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    return (steps - warmup) * batch / elapsed, encoding / elapsed
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=8, help="per-rank batch")
-    p.add_argument("--presets", default="tiny,small")
+    p.add_argument("--models", default="unet:tiny,unet-class:tiny,dit:tiny,dit-latent:tiny",
+                   help=f"family[:preset] of {', '.join(MODELS)}")
     args = p.parse_args()
     from service.supervisor.torchrun import free_port
+    from tests.helpers import tiny_vae
 
     result: dict[str, dict[str, float]] = {}
-    for preset in args.presets.split(","):
-        r: dict[str, float] = {"plain_loop_samples_per_s": plain_loop(preset, args.batch, args.steps)}
-        for world in (1, 2):
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                mp.spawn(measure_trainer, args=(world, free_port(), preset, args.batch, args.steps, out.name),
-                         nprocs=world, join=True)
-                r[f"ws{world}_samples_per_s"] = json.loads(Path(out.name).read_text())["samples_per_s"]
-        r["ddp_efficiency_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["ws1_samples_per_s"])
-        r["vs_bare_loop_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["plain_loop_samples_per_s"])
-        r["ws1_vs_plain"] = r["ws1_samples_per_s"] / r["plain_loop_samples_per_s"]
-        result[preset] = {k: round(v, 3) for k, v in r.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        vae = str(tiny_vae(Path(scratch) / "vae"))
+        for model in args.models.split(","):
+            plain, vae_share = plain_loop(model, args.batch, args.steps, vae)
+            r: dict[str, float] = {"plain_loop_samples_per_s": plain}
+            if "latent" in model:
+                r["vae_encode_share"] = vae_share
+            for world in (1, 2):
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    mp.spawn(measure_trainer, args=(world, free_port(), model, args.batch, args.steps, out.name, vae),
+                             nprocs=world, join=True)
+                    r[f"ws{world}_samples_per_s"] = json.loads(Path(out.name).read_text())["samples_per_s"]
+            r["ddp_efficiency_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["ws1_samples_per_s"])
+            r["vs_bare_loop_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["plain_loop_samples_per_s"])
+            r["ws1_vs_plain"] = r["ws1_samples_per_s"] / r["plain_loop_samples_per_s"]
+            result[model] = {k: round(v, 3) for k, v in r.items()}
     print(json.dumps({"per_rank_batch": args.batch, "steps": args.steps, "cpu_threads_per_rank": 1, **result}))
 
 
