@@ -32,8 +32,6 @@ from service.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-# checkpoint.writer_threads = 0 (automatic) on object stores: parallel upload streams per rank.
-
 
 class _FencedWriter(ChecksummingWriter):
     """The writer, fenced before DCP's ``.metadata`` (written by rank 0 in ``finish``), with

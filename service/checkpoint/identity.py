@@ -52,9 +52,21 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
     return out
 
 
+# Settings recorded in fingerprints since a later release, with the value every run had before
+# (the setting did not exist): an older checkpoint missing one is compared against it, so a
+# resume cannot change it unnoticed.
+IMPLIED_BEFORE_RECORDED: dict[str, Any] = {
+    "model.family": "unet", "model.conditioning": "none", "model.num_classes": 0,
+    "model.beta_schedule": "linear", "model.prediction_type": "epsilon", "model.init_from": None,
+    "model.vae": None, "train.snr_gamma": None,
+}
+
+
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(hard, soft) differences as ``key: saved -> now`` lines; keys missing on either side
-    (older checkpoints record fewer) are not compared."""
+    (older checkpoints record fewer) are not compared, except those whose value before they
+    were recorded is known (``IMPLIED_BEFORE_RECORDED``)."""
+    saved = {**{k: v for k, v in IMPLIED_BEFORE_RECORDED.items() if k in current}, **saved}
     hard, soft = [], []
     for key in sorted(set(saved) & set(current)):
         if saved[key] != current[key]:

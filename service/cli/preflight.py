@@ -20,6 +20,9 @@ from service.errors import EXIT_OK, UserError
 def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     """Check config, geometry, data, storage, ports and what a start would resume; 0 if all pass."""
     world = nnodes * nproc_per_node
+    from service.launch_env import LaunchEnv
+
+    LaunchEnv.read().collective_timeout(cfg.train.collective_timeout_s)  # the old variable, if set, must be valid
     _say("config", f"ok: run {cfg.run.name!r}, {cfg.model.family} preset {cfg.model.preset}, "
                    f"{cfg.train.max_steps} steps, checkpoint every {cfg.checkpoint.every_steps}")
     _say("geometry", _check_geometry(cfg, nnodes, nproc_per_node))

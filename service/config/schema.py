@@ -80,9 +80,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     kind: str = "shapes"
-    """Where the images come from (service/data/registry.py): shapes (large flat circles,
-    squares and triangles in four colours: the quick demo); synthetic (the harder original
-    shapes); folder (PNG/JPEG files under data.url); digits (scikit-learn's 8x8 digits)."""
+    """Where the images come from: a kind of service/data/registry.py (shapes, the quick demo,
+    by default)."""
     url: str | None = None
     """Image folder (local path or fsspec URL such as s3://bucket/images) for kind=folder."""
     epoch_size: int = Field(default=50_000, ge=1)

@@ -19,8 +19,6 @@ class SourceKind:
     """The value of ``data.kind``."""
     builder: str
     """``module:function`` that builds the source: ``function(cfg: Config, size: int)``."""
-    summary: str
-    """One line for the config reference."""
     needs_url: bool = False
     """``data.url`` is required."""
     math_keys: tuple[str, ...] = ()
@@ -33,15 +31,14 @@ class SourceKind:
 
 
 SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
-    SourceKind("shapes", "service.data.generated:build_shapes",
-               "large flat circles, squares and triangles in four colours (the quick demo)",
-               math_keys=("epoch_size",)),
-    SourceKind("synthetic", "service.data.generated:build_synthetic",
-               "the harder original shapes (smaller, five colours, varied grey backgrounds)",
-               math_keys=("epoch_size",)),
-    SourceKind("folder", "service.data.folder:build", "PNG/JPEG files under data.url",
-               needs_url=True, math_keys=("url",)),
-    SourceKind("digits", "service.data.digits:build", "scikit-learn's 8x8 handwritten digits"),
+    # large flat circles, squares and triangles in four colours (the quick demo)
+    SourceKind("shapes", "service.data.generated:build_shapes", math_keys=("epoch_size",)),
+    # the harder original shapes (smaller, five colours, varied grey backgrounds)
+    SourceKind("synthetic", "service.data.generated:build_synthetic", math_keys=("epoch_size",)),
+    # PNG/JPEG files under data.url; a class per first-level subfolder
+    SourceKind("folder", "service.data.folder:build", needs_url=True, math_keys=("url",)),
+    # scikit-learn's 8x8 handwritten digits
+    SourceKind("digits", "service.data.digits:build"),
 )}
 
 # data.* keys that shape every source's stream (augmentation), whatever its kind.

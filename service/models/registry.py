@@ -25,7 +25,6 @@ class ModelFamily:
     naming what does not fit), ``build(kwargs) -> torch.nn.Module`` and ``forward(model,
     noisy, timesteps, labels) -> prediction`` (``labels``: class ids, or None)."""
     presets: tuple[str, ...]
-    summary: str
     conditionings: tuple[str, ...] = ("none",)
     """The values of ``model.conditioning`` it supports."""
 
@@ -34,10 +33,9 @@ class ModelFamily:
 
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
-    ModelFamily("unet", "service.models.unet", ("tiny", "small", "base"),
-                "diffusers' UNet2DModel in pixel space, unconditional or class-conditional",
-                conditionings=("none", "class")),
-    ModelFamily("dit", "service.models.dit", ("tiny", "S/2", "B/2"),
-                "diffusers' DiTTransformer2DModel in pixel space, class-conditional", conditionings=("class",)),
+    # diffusers' UNet2DModel, unconditional or class-conditional
+    ModelFamily("unet", "service.models.unet", ("tiny", "small", "base"), conditionings=("none", "class")),
+    # diffusers' DiTTransformer2DModel, class-conditional
+    ModelFamily("dit", "service.models.dit", ("tiny", "S/2", "B/2"), conditionings=("class",)),
 )}
 DEFAULT_FAMILY = "unet"

@@ -380,6 +380,7 @@ def run_local_job(
 
     cfg = load_config(config, overrides)  # validate before starting anything
     launch = LaunchEnv.read()
+    launch.collective_timeout(cfg.train.collective_timeout_s)  # as the workers will (a bad old variable)
     # The token never reaches a log line, whichever way it came in.
     setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, launch.token])
     check_job_geometry(cfg, nnodes, nproc_per_node)

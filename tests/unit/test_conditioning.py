@@ -167,3 +167,19 @@ def test_latent_diffusion_trains_on_the_vaes_latents_and_samples_images(tmp_path
     assert images.shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="model.vae = .*no AutoencoderKL config"):
         image_size(load_config(None, ['model.family="dit"', *CLASS, f'model.vae="{tmp_path / "nothing"}"']).model)
+
+
+def test_an_older_checkpoint_counts_as_unet_unconditional_epsilon():
+    """Fingerprints from before model.family and the objective settings existed meant the
+    defaults: a resume of one under another family or objective is refused, not waved through."""
+    from service.checkpoint.identity import differences, fingerprint
+
+    old = {k: v for k, v in fingerprint(load_config(None, [])).items()
+           if not k.startswith("model.architecture.") and k not in (
+               "model.family", "model.conditioning", "model.num_classes", "model.beta_schedule",
+               "model.prediction_type", "model.init_from", "model.vae", "model.cond_dropout", "train.snr_gamma")}
+    assert differences(old, fingerprint(load_config(None, []))) == ([], [])
+    hard, _ = differences(old, fingerprint(load_config(None, ['model.family="dit"', *CLASS])))
+    assert "model.family: 'unet' in the checkpoint, 'dit' now" in hard
+    hard, _ = differences(old, fingerprint(load_config(None, ['model.prediction_type="v_prediction"'])))
+    assert hard == ["model.prediction_type: 'epsilon' in the checkpoint, 'v_prediction' now"]

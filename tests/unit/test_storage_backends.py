@@ -37,6 +37,7 @@ def storage(request, tmp_path):
 
 
 def test_the_storage_contract_holds_on_every_file_backend(storage):
+    storage.makedirs("a")  # an atomic replace never creates folders (a root deleted mid-run stays gone)
     storage.write_bytes_atomic("a/latest", b"1")
     storage.write_bytes_atomic("a/latest", b"2")
     assert storage.read_bytes("a/latest") == b"2"

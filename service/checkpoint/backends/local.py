@@ -22,7 +22,6 @@ class LocalBackend(Backend):
         # Durable before it becomes visible: the manifest and the pointer are what make a
         # checkpoint committed, so they must survive a power loss as the shards do.
         tmp = f"{path}.tmp-{os.urandom(4).hex()}"
-        os.makedirs(os.path.dirname(path), exist_ok=True)  # as every other write here (auto_mkdir)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
