@@ -16,6 +16,7 @@ from typing import Any
 from service.config import Config, redact_url
 from service.data import registry as data_registry
 from service.models.build import model_kwargs
+from service.models.latent import vae_digest
 
 # section -> keys whose values define the math of a run. The data keys are the ones the source
 # kinds declare (service/data/registry.py).
@@ -49,6 +50,8 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
     # lists there): the checkpoint's copy went through a manifest.
     for key, value in model_kwargs(cfg.model).items():
         out[f"model.architecture.{key}"] = json.loads(json.dumps(value))
+    if cfg.model.vae:  # the latents are the VAE's: its weights are part of the math
+        out["model.vae_weights"] = vae_digest(cfg.model.vae)
     return out
 
 

@@ -53,6 +53,26 @@ def vae_geometry(path: str) -> VaeGeometry:
                        shift_factor=float(config.get("shift_factor") or 0.0))
 
 
+@functools.lru_cache(maxsize=8)
+def vae_digest(path: str) -> str:
+    """A digest of the autoencoder's config and weights (sha256, 16 hex digits): part of the
+    run's identity, so a resume with another VAE under the same path is refused."""
+    import hashlib
+
+    where = _where(path)
+    folder = Path(where["pretrained_model_name_or_path"]) / where.get("subfolder", "")
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".safetensors"))
+    if not files:
+        raise UserError(f"model.vae = {path!r}: no config or safetensors files in {folder}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=2)
 def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
     """The frozen autoencoder (safetensors only: a pickled checkpoint could run code on load)."""

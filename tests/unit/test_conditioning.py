@@ -183,3 +183,22 @@ def test_an_older_checkpoint_counts_as_unet_unconditional_epsilon():
     assert "model.family: 'unet' in the checkpoint, 'dit' now" in hard
     hard, _ = differences(old, fingerprint(load_config(None, ['model.prediction_type="v_prediction"'])))
     assert hard == ["model.prediction_type: 'epsilon' in the checkpoint, 'v_prediction' now"]
+
+
+def test_another_vae_under_the_same_path_is_another_run(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from service.checkpoint.identity import differences, fingerprint
+    from service.models import latent
+    from tests.helpers import tiny_vae
+
+    vae = tiny_vae(tmp_path / "vae")
+    overrides = ['model.family="dit"', *CLASS, "model.sample_size=8", f'model.vae="{vae}"']
+    saved = fingerprint(load_config(None, overrides))
+    model = AutoencoderKL.from_pretrained(str(vae))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # retrained, saved over the old one
+    model.save_pretrained(str(vae))
+    latent.vae_digest.cache_clear()
+    hard, _ = differences(saved, fingerprint(load_config(None, overrides)))
+    assert len(hard) == 1 and hard[0].startswith("model.vae_weights:")
