@@ -471,3 +471,20 @@ def tiny_vae(path: Path) -> Path:
                             layers_per_block=1, sample_size=16)
     vae.save_pretrained(str(path))
     return path
+
+
+def train_in_process(root: Path, extra: list[str], steps: int = 3) -> dict[str, torch.Tensor]:
+    """The model weights after ``steps`` steps of a one-process run (TINY settings + ``extra``)
+    checkpointing under ``root`` (no commits but the final one, no memory tier)."""
+    from service.config import load_config
+    from service.dist import DistInfo
+    from service.train.loop import Trainer
+
+    cfg = load_config(None, TINY + [f'checkpoint.url="{root}"', f"train.max_steps={steps}",
+                                    "checkpoint.every_steps=100", "checkpoint.memory_tier=false", *extra])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"))
+    try:
+        assert trainer.run() == 0
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    finally:
+        trainer.close()

@@ -37,6 +37,12 @@ def input_channels(cfg: ModelConfig) -> int:
     return vae_geometry(cfg.vae).latent_channels if cfg.vae else IMAGE_CHANNELS
 
 
+def io_kwargs(cfg: ModelConfig, preset_side: int) -> dict[str, Any]:
+    """The constructor arguments every family shares: its input side and channels in and out."""
+    channels = input_channels(cfg)
+    return {"sample_size": cfg.sample_size or preset_side, "in_channels": channels, "out_channels": channels}
+
+
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The diffusers constructor's arguments for this config (also stored with exports)."""
     return family_of(cfg).model_kwargs(cfg)

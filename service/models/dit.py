@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.models.build import input_channels
+from service.models.build import io_kwargs
 
 if TYPE_CHECKING:
     from service.config import ModelConfig
@@ -45,9 +45,7 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Arguments of DiTTransformer2DModel for this config (also stored with exported models)."""
     p = PRESETS[cfg.preset]
     kwargs: dict[str, Any] = dict(
-        sample_size=cfg.sample_size or p.sample_size,
-        in_channels=input_channels(cfg),
-        out_channels=input_channels(cfg),
+        **io_kwargs(cfg, p.sample_size),
         num_layers=p.num_layers,
         num_attention_heads=p.num_attention_heads,
         attention_head_dim=p.attention_head_dim,

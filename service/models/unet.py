@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.models.build import input_channels
+from service.models.build import io_kwargs
 
 if TYPE_CHECKING:
     from service.config import ModelConfig
@@ -58,9 +58,7 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Arguments of UNet2DModel for this config (also stored with exported models)."""
     p = PRESETS[cfg.preset]
     kwargs: dict[str, Any] = dict(
-        sample_size=cfg.sample_size or p.sample_size,
-        in_channels=input_channels(cfg),
-        out_channels=input_channels(cfg),
+        **io_kwargs(cfg, p.sample_size),
         block_out_channels=p.block_out_channels,
         down_block_types=p.down_block_types,
         up_block_types=p.up_block_types,

@@ -10,7 +10,7 @@ from service.config import load_config
 from service.data.stream import GlobalOrder, Labels, TrainingSamples, build_source, training_labels
 from service.errors import UserError
 from service.models import objective
-from tests.helpers import TINY
+from tests.helpers import train_in_process
 
 pytestmark = pytest.mark.timeout(120)
 CLASS = ['model.conditioning="class"', "model.num_classes=3"]
@@ -91,29 +91,15 @@ def test_each_prediction_type_has_its_target_and_min_snr_weights(prediction_type
     assert torch.allclose(weighted, (0.01 * w).mean(), rtol=1e-4)
 
 
-def _trained(tmp_path, extra, steps=3):
-    from service.dist import DistInfo
-    from service.train.loop import Trainer
-
-    cfg = load_config(None, TINY + [f'checkpoint.url="{tmp_path}"', f"train.max_steps={steps}",
-                                    "checkpoint.every_steps=100", "checkpoint.memory_tier=false", *extra])
-    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"))
-    try:
-        assert trainer.run() == 0
-        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    finally:
-        trainer.close()
-
-
 def test_accumulation_keeps_the_global_batch_and_its_math(tmp_path):
-    whole = _trained(tmp_path / "a", [])
-    pieces = _trained(tmp_path / "b", ["train.grad_accum_steps=4"])
+    whole = train_in_process(tmp_path / "a", [])
+    pieces = train_in_process(tmp_path / "b", ["train.grad_accum_steps=4"])
     # Gradients summed in another order; Adam's normalisation magnifies that for parameters
     # whose gradients are tiny. Still well under one step's update (lr 2e-4).
     for key in whole:
         torch.testing.assert_close(whole[key], pieces[key], rtol=1e-4, atol=5e-5)
     with pytest.raises(UserError, match="grad_accum_steps = 1 x 3 = 3"):
-        _trained(tmp_path / "c", ["train.grad_accum_steps=3"])  # 8 samples in 3 pieces
+        train_in_process(tmp_path / "c", ["train.grad_accum_steps=3"])  # 8 samples in 3 pieces
 
 
 @pytest.mark.parametrize("family", ["unet", "dit"])
@@ -121,7 +107,7 @@ def test_a_class_conditional_model_trains_and_samples_each_class(family, tmp_pat
     from service.models.build import build_model
     from service.sample import generate
 
-    state = _trained(tmp_path, [f'model.family="{family}"', *CLASS, 'model.prediction_type="v_prediction"',
+    state = train_in_process(tmp_path, [f'model.family="{family}"', *CLASS, 'model.prediction_type="v_prediction"',
                                 "train.snr_gamma=5.0"])
     cfg = load_config(None, [f'model.family="{family}"', *CLASS, 'model.prediction_type="v_prediction"'])
     model = build_model(cfg.model, 0)
@@ -160,7 +146,7 @@ def test_latent_diffusion_trains_on_the_vaes_latents_and_samples_images(tmp_path
     cfg = load_config(None, latent)
     assert image_size(cfg.model) == 16 and model_kwargs(cfg.model)["in_channels"] == 4
     assert build_source(cfg).image(0).shape == (3, 16, 16)  # images at 16, latents at 8
-    state = _trained(tmp_path / "run", latent)
+    state = train_in_process(tmp_path / "run", latent)
     model = build_model(cfg.model, 0)
     model.load_state_dict(state)
     images = generate(model, cfg, 2, steps=2, class_label=1)

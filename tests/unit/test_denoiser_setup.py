@@ -11,7 +11,7 @@ import torch
 from service.config import load_config
 from service.errors import UserError
 from service.models.ema import EMAState
-from tests.helpers import TINY
+from tests.helpers import TINY, train_in_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,18 +25,9 @@ def _trainer(tmp_path, extra):  # type: ignore[no-untyped-def]
     return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "0"))
 
 
-def _weights_after(tmp_path, extra, steps=2):  # type: ignore[no-untyped-def]
-    trainer = _trainer(tmp_path, [f"train.max_steps={steps}", *extra])
-    try:
-        assert trainer.run() == 0
-        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    finally:
-        trainer.close()
-
-
 def test_activation_checkpointing_recomputes_the_same_math(tmp_path):
-    plain = _weights_after(tmp_path / "a", [])
-    recomputed = _weights_after(tmp_path / "b", ["train.activation_checkpointing=true"])
+    plain = train_in_process(tmp_path / "a", [], steps=2)
+    recomputed = train_in_process(tmp_path / "b", ["train.activation_checkpointing=true"], steps=2)
     for key in plain:
         torch.testing.assert_close(plain[key], recomputed[key], rtol=0, atol=1e-6)
 
@@ -45,7 +36,7 @@ def test_compile_keeps_the_checkpoint_keys_and_the_math(tmp_path, monkeypatch):
     """torch.compile with dynamo's eager backend: the graph capture and the in-place compile
     (no "_orig_mod." in any checkpoint key) without inductor's CPU code generation, which takes
     minutes here (the GPU check runs the real thing)."""
-    plain = _weights_after(tmp_path / "a", [])
+    plain = train_in_process(tmp_path / "a", [], steps=2)
     real_compile = torch.nn.Module.compile
     compiled_modules = []
 
@@ -54,7 +45,7 @@ def test_compile_keeps_the_checkpoint_keys_and_the_math(tmp_path, monkeypatch):
         return real_compile(self, backend="eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
-    compiled = _weights_after(tmp_path / "b", ["train.compile=true"])
+    compiled = train_in_process(tmp_path / "b", ["train.compile=true"], steps=2)
     assert compiled_modules == ["UNet2DModel"]
     assert set(compiled) == set(plain)
     for key in plain:
@@ -68,7 +59,7 @@ def exported(tmp_path):  # type: ignore[no-untyped-def]
     from service.export import export
 
     run = tmp_path / "run"
-    _weights_after(run, [])
+    train_in_process(run, [], steps=2)
     out = tmp_path / "pipeline"
     export(resolve(str(run)), "diffusers", str(out), "model")
     from safetensors.torch import load_file
