@@ -4,13 +4,54 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from service.checkpoint.dcp_io import ByteCounter
 from service.checkpoint.refs import CheckpointRef
-from service.config import redact_config_dict, redact_url
+from service.config import Config, redact_config_dict, redact_url
 from service.errors import UserError
 from service.weights import Weights, load_weights
+
+# (family, conditioning, with a VAE) -> the diffusers pipeline that samples it as trained.
+PIPELINES = {("unet", "none", False): "DDPMPipeline", ("dit", "class", True): "DiTPipeline",
+             ("unet-cond", "text", True): "StableDiffusionPipeline"}
+
+
+def check_pipeline(ref: CheckpointRef) -> None:
+    """Refuse what no diffusers pipeline loads as it was trained: DDPMPipeline takes no class
+    labels or VAE, DiTPipeline and StableDiffusionPipeline decode through a VAE (and the latter
+    knows no shift factor)."""
+    model = ref.config.model
+    if (model.family, model.conditioning, bool(model.vae)) not in PIPELINES:
+        space = "latent" if model.vae else "pixel-space"
+        raise UserError(f"--format diffusers: no diffusers pipeline loads a {space} {model.conditioning}-"
+                        f"conditional {model.family!r} model (DDPMPipeline: unconditional pixel-space unet; "
+                        "DiTPipeline: dit with a VAE; StableDiffusionPipeline: unet-cond with a VAE); use "
+                        "--format safetensors (its weights), or ftdiff sample to draw from it")
+    if model.family == "unet-cond" and model.vae:
+        from service.models.latent import vae_geometry
+
+        if vae_geometry(model.vae).shift_factor:
+            raise UserError("--format diffusers: StableDiffusionPipeline decodes without the VAE's shift_factor "
+                            f"({vae_geometry(model.vae).shift_factor}); use --format safetensors")
+
+
+def _text_to_image_pipeline(cfg: Config, unet: torch.nn.Module, scheduler: Any) -> Any:
+    """Stable Diffusion's pipeline around the trained UNet, with the run's frozen VAE, text
+    encoder and tokenizer (no safety checker: nothing to download)."""
+    from diffusers import StableDiffusionPipeline
+
+    from service.models.latent import load_vae
+    from service.models.text import load_text_encoder
+
+    assert cfg.model.vae is not None and cfg.model.text_encoder is not None  # check_pipeline
+    text = load_text_encoder(cfg.model.text_encoder)
+    text.tokenizer.model_max_length = text.max_length  # the pipeline pads prompts to it, as training did
+    return StableDiffusionPipeline(vae=load_vae(cfg.model.vae), text_encoder=text.model, tokenizer=text.tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: str, which: Weights = "ema",
@@ -22,16 +63,8 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
         raise UserError(f"--out {out!r} is a directory; give a file name such as unet.safetensors")
     if fmt == "diffusers" and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out!r} exists and is not empty; choose a new folder")
-    model = ref.config.model
-    pipeline_of = {("unet", "none", False): "DDPMPipeline", ("dit", "class", True): "DiTPipeline"}
-    if fmt == "diffusers" and (model.family, model.conditioning, bool(model.vae)) not in pipeline_of:
-        # DDPMPipeline takes no class labels or VAE, DiTPipeline decodes through a VAE: no
-        # diffusers pipeline loads this combination as it was trained.
-        space = "latent" if model.vae else "pixel-space"
-        raise UserError(f"--format diffusers: no diffusers pipeline loads a {space} {model.conditioning}-"
-                        f"conditional {model.family!r} model (DDPMPipeline: unconditional pixel-space unet; "
-                        "DiTPipeline: dit with a VAE); use --format safetensors (its weights), or ftdiff "
-                        "sample to draw from it")
+    if fmt == "diffusers":
+        check_pipeline(ref)
     cfg, state = load_weights(ref, which, counter)
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -49,7 +82,9 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
     from service.sample import model_from_state
 
     denoiser, scheduler = model_from_state(cfg, state), build_noise_scheduler(cfg.model)
-    if cfg.model.family == "dit":
+    if cfg.model.family == "unet-cond":
+        _text_to_image_pipeline(cfg, denoiser, scheduler).save_pretrained(str(target))
+    elif cfg.model.family == "dit":
         from diffusers import DiTPipeline
 
         from service.models.latent import load_vae

@@ -1,5 +1,5 @@
 """Render a grid of samples from a denoiser (EMA weights by default) as a PNG: unconditional
-through diffusers' DDPMPipeline, class-conditional with classifier-free guidance."""
+through diffusers' DDPMPipeline, class- or text-conditional with classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -23,20 +23,31 @@ DEFAULT_GUIDANCE = 3.0
 
 def generate(model: torch.nn.Module, cfg: Config, n: int, seed: int = 0, steps: int = 50,
              on_step: Callable[[int], None] | None = None, class_label: int | None = None,
-             guidance_scale: float | None = None) -> torch.Tensor:
+             guidance_scale: float | None = None, prompt: str | None = None) -> torch.Tensor:
     """``n`` images in [0, 1], shape (n, 3, H, W), by ``steps`` strided ancestral (DDPM) steps
     instead of 1000 — the training scheduler itself, as in an exported pipeline. Deterministic
     DDIM (eta 0) at the same cost leaves an under-trained model's errors in the image (grainy,
     mis-tinted backgrounds); the fresh noise of each ancestral step washes them out.
     ``on_step(done)`` is called after each denoising step (the CLI's progress bar).
 
-    A class-conditional model draws ``class_label`` (default: the classes in turn) with
-    classifier-free guidance ``guidance_scale`` (default ``DEFAULT_GUIDANCE``; 1: none)."""
-    if cfg.model.conditioning != "class" and class_label is not None:
-        raise UserError("--class: this model is unconditional (model.conditioning = 'none')")
-    if cfg.model.conditioning == "class" or cfg.model.vae:
-        scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-        return _generate(model, cfg, n, seed, steps, on_step, class_label, scale)
+    A class-conditional model draws ``class_label`` (default: the classes in turn), a
+    text-conditional one ``prompt`` (default: the empty caption), with classifier-free guidance
+    ``guidance_scale`` (default ``DEFAULT_GUIDANCE``; 1: none)."""
+    conditioning = cfg.model.conditioning
+    check_condition_args(cfg, class_label, guidance_scale, prompt)
+    scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+    if conditioning == "class":
+        cond, null = _class_condition(cfg, n, class_label)
+        return _generate(model, cfg, n, seed, steps, on_step, cond, null, scale)
+    if conditioning == "text":
+        from service.models.text import load_text_encoder
+
+        assert cfg.model.text_encoder is not None  # config validation
+        encoder = load_text_encoder(cfg.model.text_encoder)
+        cond, null = encoder([prompt or ""] * n), encoder([""] * n)
+        return _generate(model, cfg, n, seed, steps, on_step, cond, null, scale)
+    if cfg.model.vae:
+        return _generate(model, cfg, n, seed, steps, on_step, None, None, 1.0)
     pipeline = DDPMPipeline(unet=model.eval(), scheduler=build_noise_scheduler(cfg.model))
     pipeline.set_progress_bar_config(disable=True)
     if on_step is not None:  # the pipeline's own progress hook: it wraps the denoising loop
@@ -47,20 +58,35 @@ def generate(model: torch.nn.Module, cfg: Config, n: int, seed: int = 0, steps: 
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
 
+def check_condition_args(cfg: Config, class_label: int | None, guidance_scale: float | None,
+                         prompt: str | None) -> None:
+    """Refuse a condition the model does not take (before any weights are read)."""
+    conditioning = cfg.model.conditioning
+    for flag, value, wanted in (("--class", class_label, "class"), ("--prompt", prompt, "text")):
+        if value is not None and conditioning != wanted:
+            raise UserError(f"{flag}: this model is not {wanted}-conditional (model.conditioning = {conditioning!r})")
+    if guidance_scale is not None and conditioning == "none":
+        raise UserError("--guidance-scale: this model is unconditional; guidance needs a class or text condition")
+    if guidance_scale is not None and guidance_scale < 1:
+        raise UserError(f"--guidance-scale {guidance_scale}: at least 1 (1: no guidance)")
+    if class_label is not None and not 0 <= class_label < cfg.model.num_classes:
+        raise UserError(f"--class {class_label}: this model has classes 0..{cfg.model.num_classes - 1}")
+
+
+def _class_condition(cfg: Config, n: int, class_label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the labels drawn, the "null" labels of guidance's unconditional half)."""
+    classes = cfg.model.num_classes
+    labels = torch.full((n,), class_label) if class_label is not None else torch.arange(n) % classes
+    return labels, torch.full((n,), null_label(cfg.model))
+
+
 def _generate(model: torch.nn.Module, cfg: Config, n: int, seed: int, steps: int,
-              on_step: Callable[[int], None] | None, class_label: int | None, scale: float) -> torch.Tensor:
-    """DDPMPipeline's loop, with class labels and classifier-free guidance (the prediction is
-    uncond + scale * (cond - uncond), the unconditional half with the "null" class), and in a
-    VAE's latent space (decoded at the end)."""
-    labels, null = None, None
-    if cfg.model.conditioning == "class":
-        classes = cfg.model.num_classes
-        if class_label is not None and not 0 <= class_label < classes:
-            raise UserError(f"--class {class_label}: this model has classes 0..{classes - 1}")
-        if scale < 1:
-            raise UserError(f"--guidance-scale {scale}: at least 1 (1: no guidance)")
-        labels = torch.full((n,), class_label) if class_label is not None else torch.arange(n) % classes
-        null = torch.full((n,), null_label(cfg.model))
+              on_step: Callable[[int], None] | None, cond: torch.Tensor | None, null: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """DDPMPipeline's loop, with a condition (class labels or text states) and classifier-free
+    guidance (the prediction is uncond + scale * (cond - uncond), the unconditional half with
+    ``null``: the "null" class or the empty caption), and in a VAE's latent space (decoded at
+    the end)."""
     scheduler = build_noise_scheduler(cfg.model)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -70,13 +96,13 @@ def _generate(model: torch.nn.Module, cfg: Config, n: int, seed: int, steps: int
     with torch.no_grad():
         for done, t in enumerate(scheduler.timesteps, start=1):
             timesteps = torch.full((n,), int(t))
-            if labels is not None and null is not None and scale > 1:
+            if cond is not None and null is not None and scale > 1:
                 both = forward(cfg.model, model, torch.cat([x, x]), torch.cat([timesteps, timesteps]),
-                               torch.cat([labels, null]))
-                cond, uncond = both.chunk(2)
-                prediction = uncond + scale * (cond - uncond)
+                               torch.cat([cond, null]))
+                conditional, unconditional = both.chunk(2)
+                prediction = unconditional + scale * (conditional - unconditional)
             else:
-                prediction = forward(cfg.model, model, x, timesteps, labels)
+                prediction = forward(cfg.model, model, x, timesteps, cond)
             x = scheduler.step(prediction, t, x, generator=generator).prev_sample
             if on_step is not None:
                 on_step(done)

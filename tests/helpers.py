@@ -473,6 +473,26 @@ def tiny_vae(path: Path) -> Path:
     return path
 
 
+def tiny_text_encoder(path: Path) -> Path:
+    """A tiny CLIP text encoder (hidden size 32) and a character-level CLIP tokenizer (16
+    tokens), initialised from a fixed seed and saved as a pipeline folder (text_encoder/,
+    tokenizer/): text conditioning without a download."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(alphabet)})
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(str(path / "tokenizer"))
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPTextModel(config).save_pretrained(str(path / "text_encoder"))
+    return path
+
+
 def train_in_process(root: Path, extra: list[str], steps: int = 3) -> dict[str, torch.Tensor]:
     """The model weights after ``steps`` steps of a one-process run (TINY settings + ``extra``)
     checkpointing under ``root`` (no commits but the final one, no memory tier)."""

@@ -17,13 +17,15 @@ from service.config import Config, redact_url
 from service.data import registry as data_registry
 from service.models.build import model_kwargs
 from service.models.latent import vae_digest
+from service.models.text import text_encoder_digest
 
 # section -> keys whose values define the math of a run. The data keys are the ones the source
 # kinds declare (service/data/registry.py).
 MATH_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("seed",),
     "model": ("family", "preset", "sample_size", "num_train_timesteps", "conditioning", "num_classes",
-              "cond_dropout", "beta_schedule", "prediction_type", "init_from", "vae"),
+              "cond_dropout", "beta_schedule", "prediction_type", "init_from", "vae",
+              "text_encoder"),
     "data": data_registry.math_keys(),
     "train": ("global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
               "ema_decay", "precision", "snr_gamma"),
@@ -52,6 +54,8 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
         out[f"model.architecture.{key}"] = json.loads(json.dumps(value))
     if cfg.model.vae:  # the latents are the VAE's: its weights are part of the math
         out["model.vae_weights"] = vae_digest(cfg.model.vae)
+    if cfg.model.text_encoder:  # so are the captions' hidden states: the encoder's and tokenizer's
+        out["model.text_encoder_weights"] = text_encoder_digest(cfg.model.text_encoder)
     return out
 
 
@@ -61,7 +65,7 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
 IMPLIED_BEFORE_RECORDED: dict[str, Any] = {
     "model.family": "unet", "model.conditioning": "none", "model.num_classes": 0,
     "model.beta_schedule": "linear", "model.prediction_type": "epsilon", "model.init_from": None,
-    "model.vae": None, "train.snr_gamma": None,
+    "model.vae": None, "model.text_encoder": None, "train.snr_gamma": None,
 }
 
 

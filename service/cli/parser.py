@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
                    help="class-conditional models: draw class K (default: the classes in turn)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="text-conditional models: what to draw (default: the empty caption)")
     p.add_argument("--guidance-scale", type=float, default=None, metavar="S",
-                   help="class-conditional models: classifier-free guidance (default 3; 1: none)")
+                   help="class- or text-conditional models: classifier-free guidance (default 3; 1: none)")
     add_storage_args(p)
     p.set_defaults(func=cmd_sample, quiet=True)
 

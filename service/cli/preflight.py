@@ -60,11 +60,13 @@ def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
 
 def _check_data(cfg: Config) -> tuple[int, str]:
     """Build the data source as a worker does (a folder is listed and its first image decoded)."""
-    from service.data.stream import build_source, training_labels
+    from service.data.stream import build_source, training_captions, training_labels
 
     source = build_source(cfg)
-    classes = f", {source.num_classes} classes" if training_labels(cfg, source) is not None else ""  # type: ignore[attr-defined]
-    return len(source), f"ok: {cfg.data.kind}, {source.describe()}{classes}"
+    extra = f", {source.num_classes} classes" if training_labels(cfg, source) is not None else ""  # type: ignore[attr-defined]
+    if training_captions(cfg, source) is not None and hasattr(source, "num_captioned"):
+        extra += f", {source.num_captioned} captioned"
+    return len(source), f"ok: {cfg.data.kind}, {source.describe()}{extra}"
 
 
 def _check_storage(cfg: Config) -> Any:

@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from service.sample import check_grid_path, generate, model_from_state, save_grid
+    from service.sample import check_condition_args, check_grid_path, generate, model_from_state, save_grid
     from service.weights import load_weights
 
     if args.n < 1:
@@ -48,11 +48,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {args.steps}: at most {limit} "
                         "(this checkpoint's model.num_train_timesteps)")
     check_metadata(ref)
+    check_condition_args(ref.config, args.class_label, args.guidance_scale, args.prompt)
     with byte_progress("load", ref.manifest.total_bytes) as counter:
         cfg, state = load_weights(ref, args.weights, counter)
     with step_progress("sample", args.steps) as on_step:
         images = generate(model_from_state(cfg, state), cfg, args.n, seed=args.seed, steps=args.steps,
-                          on_step=on_step, class_label=args.class_label, guidance_scale=args.guidance_scale)
+                          on_step=on_step, class_label=args.class_label, guidance_scale=args.guidance_scale,
+                          prompt=args.prompt)
     try:
         out = save_grid(images, args.out)
     except OSError as e:  # a local file the user named: a usage error, not the storage's

@@ -29,9 +29,11 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     family: str = DEFAULT_FAMILY
     """The denoiser's family (service/models/registry.py): unet (diffusers' UNet2DModel,
-    unconditional or class-conditional), dit (DiTTransformer2DModel, class-conditional)."""
+    unconditional or class-conditional), unet-cond (UNet2DConditionModel, text-conditional),
+    dit (DiTTransformer2DModel, class-conditional)."""
     preset: str = "tiny"
-    """The family's size. unet: tiny (CPU tests), small, base (GPU, 64x64); dit: tiny, S/2, B/2."""
+    """The family's size. unet: tiny (CPU tests), small, base (GPU, 64x64); unet-cond: tiny,
+    small; dit: tiny, S/2, B/2."""
     arch: dict[str, Any] = {}
     """Any constructor keyword of the family's diffusers class, over the preset's
     (``[model.arch]`` or ``--set model.arch.layers_per_block=2``); checked by building the
@@ -43,13 +45,16 @@ class ModelConfig(_Section):
     conditioning: Literal["none", "class", "text"] = "none"
     """class: the data's labels (a folder's first-level subfolders; the shape of ``shapes``
     and ``synthetic``; the digit of ``digits``) condition the model, with classifier-free
-    guidance at sampling (``ftdiff sample --class K --guidance-scale S``)."""
+    guidance at sampling (``ftdiff sample --class K --guidance-scale S``). text: the images'
+    captions (a folder's ``.txt`` beside each image; generated for ``shapes``, ``synthetic``
+    and ``digits``) through ``model.text_encoder`` (``ftdiff sample --prompt TEXT``)."""
     num_classes: int = Field(default=0, ge=0, le=1000)
     """Classes of a class-conditional model (at least the data's; a label of the data at or
     above it is an error at start-up)."""
     cond_dropout: float = Field(default=0.1, ge=0, lt=1)
-    """Share of samples trained with the label dropped (the "null" class), which classifier-free
-    guidance needs; which ones is a pure function of (seed, epoch, index)."""
+    """Share of samples trained with the label dropped (the "null" class) or the caption
+    emptied, which classifier-free guidance needs; which ones is a pure function of (seed,
+    epoch, index)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     """What the model predicts: the noise, the velocity v, or the clean sample."""
@@ -57,6 +62,10 @@ class ModelConfig(_Section):
     """Latent diffusion: a diffusers AutoencoderKL (a local folder, a pipeline folder with vae/,
     or a hub id already in the local cache), frozen. model.sample_size is then the latent
     side; images are brought to it times the VAE's downsampling."""
+    text_encoder: str | None = None
+    """Text conditioning: a frozen transformers text encoder and its tokenizer (a folder with
+    text_encoder/ and tokenizer/, a folder with both, or a hub id already in the local cache).
+    Its hidden size is the UNet's cross-attention width."""
     init_from: str | None = None
     """A diffusers model (or pipeline) folder of the same family to start from: weights only
     (safetensors), a fresh optimizer. Part of the run's identity; resumes come from the run's
@@ -73,6 +82,12 @@ class ModelConfig(_Section):
         if self.conditioning not in family.conditionings:
             raise ValueError(f"model.conditioning = {self.conditioning!r}: family {self.family!r} supports "
                              f"{', '.join(family.conditionings)}")
+        if self.conditioning == "text" and not self.text_encoder:
+            raise ValueError("model.conditioning = 'text' needs model.text_encoder (a folder with text_encoder/ "
+                             "and tokenizer/)")
+        if self.text_encoder and self.conditioning != "text":
+            raise ValueError(f"model.text_encoder is set but model.conditioning = {self.conditioning!r}; "
+                             "set model.conditioning = 'text' (model.family = 'unet-cond') or drop it")
         if self.conditioning == "class" and self.num_classes < 1:
             raise ValueError("model.conditioning = 'class' needs model.num_classes (at least the data's classes)")
         return self

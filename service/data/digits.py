@@ -38,6 +38,11 @@ class DigitsSource:
     def label(self, index: int) -> int:
         return self.labels[index]
 
+    NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+    def caption(self, index: int) -> str:
+        return f"a handwritten {self.NAMES[self.labels[index]]}"
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _INHERITED_CLIENTS: list[Any] = []  # a forked DataLoader worker's, from its parent (FolderSource.fs)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CAPTION_SUFFIX = ".txt"
 
 
 def _to_rgb(img: Any) -> Any:
@@ -91,7 +92,8 @@ class FolderSource:
             self._fs, root = fsspec.core.url_to_fs(url, **self._fs_kwargs())
             self._root = root.rstrip("/")
             self._pid = os.getpid()
-            files = [p for p in self._fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+            listing = self._fs.find(root)
+            files = [p for p in listing if p.lower().endswith(IMAGE_SUFFIXES)]
         except (ValueError, ImportError) as e:
             raise UserError(f"data.url {self.display_url!r} is not usable: {_gist(e)}") from None
         except FileNotFoundError:
@@ -106,6 +108,8 @@ class FolderSource:
                 "point it at a folder of PNG/JPEG files"
             )
         self.files = sorted(files)
+        # The captions of text-conditional training: a .txt beside an image (same name).
+        self._captioned = {p[:-len(CAPTION_SUFFIX)] for p in listing if p.lower().endswith(CAPTION_SUFFIX)}
         self.load(0)  # fail at start-up, not hours into the run, if the files are not images
         self.bad_images = 0  # count served samples only, not this check
 
@@ -158,6 +162,23 @@ class FolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def num_captioned(self) -> int:
+        """How many images have a caption (a .txt of the same name beside them)."""
+        return sum(os.path.splitext(path)[0] in self._captioned for path in self.files)
+
+    def caption(self, index: int) -> str:
+        """The text of the .txt beside image ``index``; "" (the unconditional caption) when
+        it has none."""
+        stem = os.path.splitext(self.files[index])[0]
+        if stem not in self._captioned:
+            return ""
+        try:
+            data = self.fs.cat_file(stem + CAPTION_SUFFIX)
+        except Exception as e:  # the storage failed, as for an image: never skipped
+            raise OSError(f"caption of data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
+        return data.decode("utf-8", errors="replace").strip()
 
     def file_url(self, index: int) -> str:
         """The URL of file ``index``, without credentials (for messages)."""

@@ -24,6 +24,8 @@ class SyntheticSource:
     PALETTE = torch.tensor(
         [[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.2, 0.4, 0.9], [0.95, 0.85, 0.2], [0.8, 0.3, 0.8]]
     )
+    COLOURS = ("red", "green", "blue", "yellow", "purple")
+    """The PALETTE's names, for captions."""
 
     def __init__(self, size: int, epoch_size: int, seed: int):
         self.size, self.epoch_size, self.seed = size, epoch_size, seed
@@ -44,7 +46,17 @@ class SyntheticSource:
         return len(self.CLASSES)
 
     def label(self, index: int) -> int:
-        return int(self._draw(index)[0] * 3)
+        return self._kind_and_colour(index)[0]
+
+    def caption(self, index: int) -> str:
+        """What the image shows, e.g. "a red circle" (text-conditional training)."""
+        kind, colour = self._kind_and_colour(index)
+        return f"a {self.COLOURS[colour]} {self.CLASSES[kind]}"
+
+    def _kind_and_colour(self, index: int) -> tuple[int, int]:
+        """As image() computes them (float32 tensor arithmetic)."""
+        u = self._draw(index)
+        return int(u[0] * 3), int(u[1] * len(self.PALETTE))
 
     def _draw(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed("synthetic", self.seed, index))
@@ -75,12 +87,18 @@ class ShapesSource(SyntheticSource):
     training (``synthetic`` is the harder original: small shapes, five colours, varied grey)."""
 
     PALETTE = torch.tensor([[0.9, 0.15, 0.15], [0.15, 0.75, 0.25], [0.2, 0.35, 0.95], [0.95, 0.85, 0.15]])
+    COLOURS = ("red", "green", "blue", "yellow")
 
     CLASSES = ("circle", "square", "triangle")
 
     def _draw(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed("shapes", self.seed, index))
         return torch.rand(5, generator=g)
+
+    def _kind_and_colour(self, index: int) -> tuple[int, int]:
+        """As image() computes them (Python floats)."""
+        kind, colour = self._draw(index).tolist()[:2]
+        return int(kind * 3), int(colour * len(self.PALETTE))
 
     def image(self, index: int) -> torch.Tensor:
         kind, colour, r, x, y = self._draw(index).tolist()

@@ -73,6 +73,18 @@ def training_labels(cfg: Config, source: ImageSource) -> Labels | None:
     return Labels(null=null_label(cfg.model), dropout=cfg.model.cond_dropout)
 
 
+def training_captions(cfg: Config, source: ImageSource) -> Captions | None:
+    """How a text-conditional model gets its captions (None for other models), after checking
+    that the data has some."""
+    if cfg.model.conditioning != "text":
+        return None
+    if not hasattr(source, "caption") or getattr(source, "num_captioned", 1) == 0:
+        where = " (a folder needs a .txt of the same name beside each image)" if cfg.data.kind == "folder" else ""
+        raise UserError(f"model.conditioning = 'text' needs captioned data; data.kind = {cfg.data.kind!r} has "
+                        f"none{where}")
+    return Captions(dropout=cfg.model.cond_dropout)
+
+
 class GlobalOrder:
     """Maps a global stream position to (epoch, index in epoch, source index)."""
 
@@ -98,22 +110,31 @@ class Labels:
     dropout: float
 
 
+@dataclass(frozen=True)
+class Captions:
+    """Captions for a text-conditional model: ``dropout`` of the samples get the empty caption
+    instead (what classifier-free guidance contrasts with)."""
+
+    dropout: float
+
+
 class TrainingSamples(Dataset):
     """Indexed by global stream position: the augmented image, its noise and its timestep (and
-    its class label, with ``labels``)."""
+    its class label, with ``labels``; its caption, with ``captions``)."""
 
     def __init__(self, source: ImageSource, seed: int, num_timesteps: int, hflip: bool,
-                 labels: Labels | None = None, noise_shape: tuple[int, ...] | None = None):
+                 labels: Labels | None = None, noise_shape: tuple[int, ...] | None = None,
+                 captions: Captions | None = None):
         """``noise_shape``: the denoiser's input when it is not the image's (a VAE's latents)."""
         self.source, self.seed = source, seed
         self.num_timesteps, self.hflip = num_timesteps, hflip
-        self.labels, self.noise_shape = labels, noise_shape
+        self.labels, self.noise_shape, self.captions = labels, noise_shape, captions
         self.order = GlobalOrder(len(source), seed)
 
     def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
         return 2**62
 
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor | str]:
         epoch, index, source_index = self.order.locate(position)
         fetch = getattr(self.source, "fetch", None)  # sources that can replace a bad file
         image, used = fetch(source_index) if fetch is not None else (self.source.image(source_index), source_index)
@@ -131,15 +152,24 @@ class TrainingSamples(Dataset):
             "position": torch.tensor(position),
             "source_index": torch.tensor(source_index),
             "bad_image": torch.tensor(replaced),  # sum per batch -> ftdiff_data_bad_images_total
-        } | self._label(epoch, index, used)
+        } | self._label(epoch, index, used) | self._caption(epoch, index, used)
 
     def _label(self, epoch: int, index: int, used: int) -> dict[str, torch.Tensor]:
         if self.labels is None:
             return {}
-        # A generator of its own: the image's noise, timestep and flip stay what they were.
-        g = torch.Generator().manual_seed(derive_seed("label-dropout", self.seed, epoch, index))
-        dropped = bool(torch.rand(1, generator=g) < self.labels.dropout)
+        dropped = self._dropped("label-dropout", self.labels.dropout, epoch, index)
         return {"label": torch.tensor(self.labels.null if dropped else self.source.label(used))}
+
+    def _caption(self, epoch: int, index: int, used: int) -> dict[str, str]:
+        if self.captions is None:
+            return {}
+        dropped = self._dropped("caption-dropout", self.captions.dropout, epoch, index)
+        return {"caption": "" if dropped else self.source.caption(used)}  # type: ignore[attr-defined]
+
+    def _dropped(self, what: str, share: float, epoch: int, index: int) -> bool:
+        # A generator of its own: the image's noise, timestep and flip stay what they were.
+        g = torch.Generator().manual_seed(derive_seed(what, self.seed, epoch, index))
+        return bool(torch.rand(1, generator=g) < share)
 
 
 def rank_positions(start: int, global_batch: int, rank: int, world_size: int) -> list[int]:

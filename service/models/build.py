@@ -73,9 +73,10 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
 
 
 def forward(cfg: ModelConfig, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-            labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's prediction for ``noisy`` at ``timesteps`` (class ``labels``, or None)."""
-    return family_of(cfg).forward(model, noisy, timesteps, labels)
+            cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's prediction for ``noisy`` at ``timesteps`` given ``cond``: class ids, the
+    captions' hidden states (text), or None (unconditional)."""
+    return family_of(cfg).forward(model, noisy, timesteps, cond)
 
 
 def _construct(cfg: ModelConfig, family: ModuleType) -> torch.nn.Module:

@@ -57,20 +57,11 @@ def vae_geometry(path: str) -> VaeGeometry:
 def vae_digest(path: str) -> str:
     """A digest of the autoencoder's config and weights (sha256, 16 hex digits): part of the
     run's identity, so a resume with another VAE under the same path is refused."""
-    import hashlib
+    from service.models.digest import files_digest, local_folder
 
-    where = _where(path)
-    folder = Path(where["pretrained_model_name_or_path"]) / where.get("subfolder", "")
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".safetensors"))
-    if not files:
-        raise UserError(f"model.vae = {path!r}: no config or safetensors files in {folder}")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    setting = f"model.vae = {path!r}"
+    folder = local_folder(path, setting)
+    return files_digest([folder / "vae" if (folder / "vae" / "config.json").is_file() else folder], setting)
 
 
 @functools.lru_cache(maxsize=2)
@@ -79,7 +70,9 @@ def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(**_where(path), use_safetensors=True, local_files_only=True)
+        # low_cpu_mem_usage=False: the plain load, without a warning that accelerate is missing.
+        vae = AutoencoderKL.from_pretrained(**_where(path), use_safetensors=True, local_files_only=True,
+                                            low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"model.vae = {path!r} cannot be loaded ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); it needs a config.json and safetensors weights") from None

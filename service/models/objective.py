@@ -16,8 +16,14 @@ from service.config import ModelConfig
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    # Sampling clips the predicted clean image to [-1, 1]: right for pixels, wrong for a VAE's
+    # latents, which are not bounded (Stable Diffusion's schedulers do not clip). Training
+    # (add_noise, get_velocity) does not read it.
+    # Stable Diffusion's pipeline (the unet-cond family's export) samples at timesteps shifted
+    # by one (steps_offset = 1) and rewrites any other value when it loads: ftdiff samples so too.
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type)
+                         prediction_type=cfg.prediction_type, clip_sample=not cfg.vae,
+                         steps_offset=1 if cfg.family == "unet-cond" else 0)
 
 
 def target(scheduler: DDPMScheduler, images: torch.Tensor, noise: torch.Tensor,

@@ -23,7 +23,8 @@ class ModelFamily:
     ``sample_size``), ``model_kwargs(cfg) -> dict`` (the diffusers constructor's arguments,
     ``model.arch`` applied; also stored with exports), ``check_geometry(kwargs)`` (ValueError
     naming what does not fit), ``build(kwargs) -> torch.nn.Module`` and ``forward(model,
-    noisy, timesteps, labels) -> prediction`` (``labels``: class ids, or None)."""
+    noisy, timesteps, cond) -> prediction`` (``cond``: class ids, the captions' hidden states,
+    or None)."""
     presets: tuple[str, ...]
     conditionings: tuple[str, ...] = ("none",)
     """The values of ``model.conditioning`` it supports."""
@@ -35,6 +36,8 @@ class ModelFamily:
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     # diffusers' UNet2DModel, unconditional or class-conditional
     ModelFamily("unet", "service.models.unet", ("tiny", "small", "base"), conditionings=("none", "class")),
+    # diffusers' UNet2DConditionModel, text-conditional (cross-attention to model.text_encoder)
+    ModelFamily("unet-cond", "service.models.unet_cond", ("tiny", "small"), conditionings=("text",)),
     # diffusers' DiTTransformer2DModel, class-conditional
     ModelFamily("dit", "service.models.dit", ("tiny", "S/2", "B/2"), conditionings=("class",)),
 )}

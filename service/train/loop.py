@@ -25,6 +25,7 @@ from service.data.stream import (
     build_loader,
     build_source,
     check_batch_geometry,
+    training_captions,
     training_labels,
 )
 from service.dist import DistInfo
@@ -34,7 +35,6 @@ from service.launch_env import LaunchEnv
 from service.metrics import WorkerMetrics, metric_samples
 from service.models.build import forward, input_channels, sample_size
 from service.models.ema import EMAState, build_ema
-from service.models.latent import encode, load_vae, vae_geometry
 from service.models.objective import build_noise_scheduler
 from service.models.objective import loss as objective_loss
 from service.models.objective import target as objective_target
@@ -42,6 +42,7 @@ from service.node.exits import exit_for_restart
 from service.train import state as keys
 from service.train.denoiser import build_denoiser, build_optimizer
 from service.train.logging_sinks import TrainingLogs
+from service.train.model_inputs import ModelInputs
 from service.train.progress import ProgressReporter
 from service.train.restart_cost import ORDERED, STOPPED, RestartCostMeter, StepRecord
 from service.train.state import (
@@ -81,12 +82,13 @@ class Trainer:
 
         self.source = build_source(cfg)
         self.noise_scheduler = build_noise_scheduler(cfg.model)
-        self.vae = load_vae(cfg.model.vae, str(info.device)) if cfg.model.vae else None
+        self.inputs = ModelInputs(cfg, info.device)
         side = sample_size(cfg.model)
         self.samples = TrainingSamples(
             self.source, cfg.run.seed, self.noise_scheduler.config.num_train_timesteps, cfg.data.hflip,
             training_labels(cfg, self.source),
-            noise_shape=(input_channels(cfg.model), side, side) if self.vae is not None else None,
+            noise_shape=(input_channels(cfg.model), side, side) if self.inputs.vae is not None else None,
+            captions=training_captions(cfg, self.source),
         )
         self.model, self.net = build_denoiser(cfg, info)
         self.optimizer = build_optimizer(cfg, self.model, info.device)
@@ -274,21 +276,18 @@ class Trainer:
 
     def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
-        images = batch["image"].to(device, non_blocking=True)
         noise = batch["noise"].to(device, non_blocking=True)
         timesteps = batch["timestep"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
         autocast = (
             torch.autocast(device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        if self.vae is not None:  # latent diffusion: the frozen VAE's latents of the images
-            with autocast:
-                images = encode(self.vae, images, vae_geometry(self.cfg.model.vae))
+        images = self.inputs.images(batch, autocast)  # or the VAE's latents of them
+        cond = self.inputs.condition(batch)
         noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
         with autocast:
-            prediction = forward(self.cfg.model, self.net, noisy, timesteps, labels)
+            prediction = forward(self.cfg.model, self.net, noisy, timesteps, cond)
         wanted = objective_target(self.noise_scheduler, images, noise, timesteps)
         return objective_loss(self.noise_scheduler, prediction.float(), wanted, timesteps, self.cfg.train.snr_gamma)
 
@@ -353,9 +352,10 @@ class Trainer:
                 self.heartbeats.stop()
 
 
-def _split(batch: dict[str, torch.Tensor], pieces: int) -> list[dict[str, torch.Tensor]]:
-    """``batch`` in ``pieces`` equal micro-batches (the geometry check makes them equal)."""
+def _split(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """``batch`` in ``pieces`` equal micro-batches (the geometry check makes them equal);
+    tensors and lists (captions) alike."""
     if pieces == 1:
         return [batch]
-    chunks = {key: value.chunk(pieces) for key, value in batch.items()}
-    return [{key: chunks[key][i] for key in batch} for i in range(pieces)]
+    size = len(batch["position"]) // pieces
+    return [{key: value[i * size:(i + 1) * size] for key, value in batch.items()} for i in range(pieces)]

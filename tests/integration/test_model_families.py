@@ -1,7 +1,9 @@
-"""Every guarantee for every model family: a class-conditional DiT and a class-conditional UNet
-(v-prediction, Min-SNR) under real torchrun jobs — kill -9 resumes bitwise equal (object store
-and memory tier), a resume at another world size with accumulation continues at the exact sample,
-a changed architecture is refused naming the keyword, and the checkpoints sample per class."""
+"""Every guarantee for every model family: a class-conditional DiT, a class-conditional UNet
+(v-prediction, Min-SNR) and a text-conditional latent UNet (Stable Diffusion's layout) under
+real torchrun jobs — kill -9 resumes bitwise equal (object store and memory tier), a resume at
+another world size with accumulation continues at the exact sample, a changed architecture is
+refused naming the keyword, and the checkpoints sample per class or prompt and export as the
+family's diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tests.helpers import (
     popen,
     run,
     single_cmd,
+    tiny_text_encoder,
     tiny_vae,
     torchrun_cmd,
     trace_lines,
@@ -34,6 +37,9 @@ FAMILIES = {
     "dit": ['model.family="dit"', 'model.conditioning="class"', "model.num_classes=3", "model.sample_size=8"],
     "unet": ['model.conditioning="class"', "model.num_classes=3", 'model.prediction_type="v_prediction"',
              "train.snr_gamma=5.0", 'model.beta_schedule="squaredcos_cap_v2"'],
+    # Captions of the shapes ("a red circle") through a tiny CLIP text encoder, on latents.
+    "unet-cond": ['model.family="unet-cond"', 'model.conditioning="text"', "model.sample_size=8",
+                  "model.cond_dropout=0.2"],
 }
 
 
@@ -42,12 +48,18 @@ def vae(tmp_path_factory) -> str:
     return str(tiny_vae(tmp_path_factory.mktemp("vae")))
 
 
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory) -> str:
+    return str(tiny_text_encoder(tmp_path_factory.mktemp("clip")))
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_baseline(request, tmp_path_factory, vae):
+def family_baseline(request, tmp_path_factory, vae, text_encoder):
     """(family, its settings, the url and losses of an uninterrupted 2-rank run: 12 steps,
     checkpoint every 4)."""
     family = request.param
-    settings = FAMILIES[family] + ([f'model.vae="{vae}"'] if family == "dit" else [])
+    settings = FAMILIES[family] + ([f'model.vae="{vae}"'] if family != "unet" else [])
+    settings += [f'model.text_encoder="{text_encoder}"'] if family == "unet-cond" else []
     url = str(tmp_path_factory.mktemp(f"baseline-{family}"))
     res = run(torchrun_cmd(settings + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
                                        f'checkpoint.url="{url}"']))
@@ -57,10 +69,10 @@ def family_baseline(request, tmp_path_factory, vae):
 
 @pytest.mark.timeout(300)
 def test_kill9_resumes_bitwise_equal(family_baseline, tmp_path):
-    """One family resumes from the object store, the other from the memory tier (both paths
+    """Some families resume from the object store, the others from the memory tier (both paths
     are family-independent; each family takes one to keep the suite short)."""
     family, settings, ref_url, ref_loss = family_baseline
-    memory_tier = family == "unet"
+    memory_tier = family != "dit"
     dirs = traced_run(tmp_path)
     proc = popen(torchrun_cmd(settings + [
         f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", dirs.url_arg, "train.step_sleep_s=0.25",
@@ -105,7 +117,8 @@ def test_another_world_size_with_accumulation_continues_at_the_exact_sample(fami
 @pytest.mark.timeout(120)
 def test_a_changed_architecture_is_refused_naming_the_keyword(family_baseline, tmp_path):
     family, settings, ref_url, _ = family_baseline
-    change = "model.arch.num_layers=3" if family == "dit" else "model.arch.layers_per_block=2"
+    change = {"dit": "model.arch.num_layers=3", "unet-cond": "model.arch.attention_head_dim=4"}.get(
+        family, "model.arch.layers_per_block=2")
     res = run(single_cmd(settings + [f"train.max_steps={BASELINE_STEPS + 2}", f'checkpoint.url="{ref_url}"',
                                               change, "checkpoint.memory_tier=false"]))
     assert res.returncode == 2, why(res)
@@ -119,12 +132,14 @@ def test_the_checkpoint_samples_per_class_and_exports_its_weights(family_baselin
 
     family, settings, ref_url, _ = family_baseline
     grid = tmp_path / "grid.png"
-    res = ftdiff("sample", ref_url, "--out", str(grid), "--n", "4", "--steps", "3",
-                            "--class", "1", "--guidance-scale", "2")
+    condition = ["--prompt", "a red circle"] if family == "unet-cond" else ["--class", "1"]
+    res = ftdiff("sample", ref_url, "--out", str(grid), "--n", "4", "--steps", "3", *condition,
+                 "--guidance-scale", "2")
     assert res.returncode == 0, res.stderr
     assert grid.stat().st_size > 0
     bad = ftdiff("sample", ref_url, "--out", str(grid), "--n", "1", "--steps", "2", "--class", "7")
-    assert bad.returncode == 2 and "classes 0..2" in bad.stderr
+    wanted = "not class-conditional" if family == "unet-cond" else "classes 0..2"
+    assert bad.returncode == 2 and wanted in bad.stderr, bad.stderr
     out = tmp_path / "w.safetensors"
     assert ftdiff("export", ref_url, "--format", "safetensors", "--out", str(out)).returncode == 0
     from safetensors.torch import load_file
@@ -139,7 +154,26 @@ def test_the_checkpoint_samples_per_class_and_exports_its_weights(family_baselin
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
+    if family == "unet-cond":
+        _samples_as_ftdiff_does(pipe, ref_url)
+        return
     assert type(pipe).__name__ == "DiTPipeline"
     images = pipe(class_labels=[0, 2], num_inference_steps=2, guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3)
+
+
+def _samples_as_ftdiff_does(pipe, ref_url: str) -> None:
+    """The exported text-to-image pipeline draws, for a prompt, what ``ftdiff sample --prompt``
+    draws with the same seed, steps and guidance: the same prompt encoding, UNet and VAE."""
+    from service.checkpoint.refs import resolve
+    from service.sample import generate, model_from_state
+    from service.weights import load_weights
+
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    out = pipe(["a blue square"] * 2, num_inference_steps=3, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(5), output_type="pt").images
+    cfg, state = load_weights(resolve(ref_url), "ema")
+    ours = generate(model_from_state(cfg, state), cfg, 2, seed=5, steps=3, prompt="a blue square", guidance_scale=2.0)
+    assert out.shape == ours.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, ours, rtol=0, atol=1e-4)

@@ -117,7 +117,7 @@ def test_a_class_conditional_model_trains_and_samples_each_class(family, tmp_pat
     assert torch.equal(one, generate(model, cfg, 2, seed=1, steps=3, class_label=2, guidance_scale=2.0))
     with pytest.raises(UserError, match="classes 0..2"):
         generate(model, cfg, 1, steps=2, class_label=3)
-    with pytest.raises(UserError, match="unconditional"):
+    with pytest.raises(UserError, match="not class-conditional"):
         generate(build_model(load_config(None, []).model, 0), load_config(None, []), 1, steps=2, class_label=0)
 
 

@@ -84,15 +84,25 @@ def test_train_state_round_trip():
     assert t == s
 
 
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory) -> str:
+    from tests.helpers import tiny_text_encoder
+
+    return str(tiny_text_encoder(tmp_path_factory.mktemp("clip")))
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_family_in_the_registry_builds_each_of_its_presets(name):
+def test_every_family_in_the_registry_builds_each_of_its_presets(name, text_encoder):
     family = FAMILIES[name]
     module = family.implementation()
     assert tuple(module.PRESETS) == family.presets  # the registry repeats them for config validation
-    for attr in ("model_kwargs", "check_geometry", "build", "forward", "null_label"):
+    wanted = ("model_kwargs", "check_geometry", "build", "forward") + (
+        ("null_label",) if "class" in family.conditionings else ())
+    for attr in wanted:
         assert callable(getattr(module, attr)), f"{family.module} lacks {attr}"
     for conditioning in family.conditionings:
-        extra = ["model.num_classes=3"] if conditioning == "class" else []
+        extra = {"class": ["model.num_classes=3"], "text": [f'model.text_encoder="{text_encoder}"']}.get(
+            conditioning, [])
         for preset in family.presets:  # every preset's arguments fit its class (meta device: free)
             cfg = load_config(None, [f'model.family="{name}"', f'model.preset="{preset}"',
                                      f'model.conditioning="{conditioning}"', *extra])
@@ -101,8 +111,9 @@ def test_every_family_in_the_registry_builds_each_of_its_presets(name):
                                  f'model.conditioning="{conditioning}"', *extra])
         model = build_model(cfg.model, 0)
         side = sample_size(cfg.model)
-        labels = torch.tensor([null_label(cfg.model)]) if conditioning == "class" else None
-        out = forward(cfg.model, model, torch.zeros(1, 3, side, side), torch.tensor([1]), labels)
+        cond = {"class": torch.tensor([null_label(cfg.model)]) if conditioning == "class" else None,
+                "text": torch.zeros(1, 16, 32)}.get(conditioning)  # the tiny encoder's 16 tokens x 32
+        out = forward(cfg.model, model, torch.zeros(1, 3, side, side), torch.tensor([1]), cond)
         assert out.shape == (1, 3, side, side)
 
 
