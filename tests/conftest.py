@@ -46,10 +46,12 @@ def s3_bucket(s3_server: dict[str, str]) -> str:
 @pytest.fixture(scope="session")
 def baseline(tmp_path_factory):
     """An uninterrupted 2-rank tiny run (12 steps, checkpoint every 4): the reference result."""
-    from tests.helpers import losses, run, torchrun_cmd, why
+    from tests.helpers import losses, run, shared_once, torchrun_cmd, why
 
-    url = str(tmp_path_factory.mktemp("baseline"))
-    res = run(torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
-                            f'checkpoint.url="{url}"']))
-    assert res.returncode == 0, why(res)
-    return url, losses(res.stderr)
+    def make(folder):  # type: ignore[no-untyped-def]
+        res = run(torchrun_cmd([f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                                f'checkpoint.url="{folder}"']))
+        assert res.returncode == 0, why(res)
+        return str(folder), losses(res.stderr)
+
+    return shared_once(tmp_path_factory, "baseline", make)

@@ -13,11 +13,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -471,6 +471,27 @@ def tiny_vae(path: Path) -> Path:
                             layers_per_block=1, sample_size=16)
     vae.save_pretrained(str(path))
     return path
+
+
+def shared_once(tmp_path_factory: Any, name: str, make: Callable[[Path], Any]) -> Any:
+    """``make(folder)`` once per test session, however many xdist workers ask: the first
+    computes it (the others wait on a lock), the rest read its pickled result. For reference
+    runs that several workers' module- or session-scoped fixtures would each repeat."""
+    import fcntl
+    import pickle
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.pickle"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        folder.mkdir(exist_ok=True)
+        result = make(folder)
+        done.write_bytes(pickle.dumps(result))
+        return result
 
 
 def tiny_text_encoder(path: Path) -> Path:

@@ -34,7 +34,7 @@ MATH_KEYS: dict[str, tuple[str, ...]] = {
 SOFT_KEYS = ("train.max_steps",)
 
 
-def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
+def fingerprint(cfg: Config, data_length: int | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The math-defining settings as flat ``section.key`` entries (URLs without secrets)."""
     body = cfg.to_dict()
     out: dict[str, Any] = {}
@@ -47,6 +47,7 @@ def fingerprint(cfg: Config, data_length: int | None = None) -> dict[str, Any]:
         out[dotted] = body[section][key]
     if data_length is not None:
         out["data.length"] = data_length  # a folder whose contents changed changes the stream
+    out.update(data or {})  # what the source says defines it (a sharded data set: its index's digest)
     # The model's every constructor argument (preset and model.arch resolved), one entry each,
     # so a changed architecture is refused naming the keyword. As JSON has it (tuples are
     # lists there): the checkpoint's copy went through a manifest.

@@ -6,6 +6,7 @@ import argparse
 
 from service.cli.ckpt_cmds import cmd_ckpt_ls, cmd_ckpt_prune, cmd_ckpt_show, cmd_ckpt_verify
 from service.cli.common import add_storage_args
+from service.cli.data_cmds import cmd_data_index, cmd_data_inspect, cmd_data_pack
 from service.cli.env_cmd import cmd_env, ftdiff_version
 from service.cli.store_cmd import cmd_rdzv_store
 from service.cli.tools_cmds import cmd_export, cmd_sample
@@ -86,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class- or text-conditional models: classifier-free guidance (default 3; 1: none)")
     add_storage_args(p)
     p.set_defaults(func=cmd_sample, quiet=True)
+
+    p = _sub(sub, "data", "sharded data sets (data.kind = \"webdataset\"): pack, index, inspect")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = _sub(data, "pack", "pack an image folder (classes: first-level subfolders; captions: .txt beside "
+                           "each image) into tar shards with an index")
+    p.add_argument("src", metavar="SRC", help="the image folder (local path or fsspec URL)")
+    p.add_argument("dst", metavar="DST", help="where the shards and index.json go (a new location)")
+    p.add_argument("--shard-size", default="256MB", help="target size of a shard")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.set_defaults(func=cmd_data_pack, quiet=True)
+    p = _sub(data, "index", "write index.json for existing .tar shards (e.g. img2dataset's): reads each once")
+    p.add_argument("url", metavar="URL", help="the folder of shards")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.set_defaults(func=cmd_data_index, quiet=True)
+    p = _sub(data, "inspect", "counts, sizes, label histogram and the first keys of a sharded data set")
+    p.add_argument("url", metavar="URL", help="the data set (its index.json)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.set_defaults(func=cmd_data_inspect, quiet=True)
 
     p = _sub(sub, "rdzv-store", "serve torchrun's c10d rendezvous store on its own (clusters: a store "
                                 "that outlives every worker pod; agents join with is_host=0)")

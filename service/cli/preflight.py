@@ -26,12 +26,12 @@ def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     _say("config", f"ok: run {cfg.run.name!r}, {cfg.model.family} preset {cfg.model.preset}, "
                    f"{cfg.train.max_steps} steps, checkpoint every {cfg.checkpoint.every_steps}")
     _say("geometry", _check_geometry(cfg, nnodes, nproc_per_node))
-    length, data_line = _check_data(cfg)
+    length, identity, data_line = _check_data(cfg)
     _say("data", data_line)
     storage = _check_storage(cfg)
     _say("storage", f"ok: {storage.display_url} is reachable and writable")
     _say("ports", _check_ports(cfg))
-    _say("resume", _resume_plan(cfg, storage, length))
+    _say("resume", _resume_plan(cfg, storage, length, identity))
     print(f"dry run ok: `ftdiff train` would start {nnodes} torchrun agent(s) x {nproc_per_node} "
           f"worker(s) ({world} ranks); nothing was started or written")
     return EXIT_OK
@@ -58,15 +58,15 @@ def _check_geometry(cfg: Config, nnodes: int, nproc_per_node: int) -> str:
             f"{cfg.train.global_batch_size // world} samples per rank per step, {size}x{size} images")
 
 
-def _check_data(cfg: Config) -> tuple[int, str]:
+def _check_data(cfg: Config) -> tuple[int, dict[str, Any], str]:
     """Build the data source as a worker does (a folder is listed and its first image decoded)."""
-    from service.data.stream import build_source, training_captions, training_labels
+    from service.data.stream import build_source, data_identity, training_captions, training_labels
 
     source = build_source(cfg)
     extra = f", {source.num_classes} classes" if training_labels(cfg, source) is not None else ""  # type: ignore[attr-defined]
     if training_captions(cfg, source) is not None and hasattr(source, "num_captioned"):
         extra += f", {source.num_captioned} captioned"
-    return len(source), f"ok: {cfg.data.kind}, {source.describe()}{extra}"
+    return len(source), data_identity(source), f"ok: {cfg.data.kind}, {source.describe()}{extra}"
 
 
 def _check_storage(cfg: Config) -> Any:
@@ -115,7 +115,7 @@ def _check_ports(cfg: Config) -> str:
     return f"ok: {', '.join(checked)} free" if checked else "ok: ephemeral ports"
 
 
-def _resume_plan(cfg: Config, storage: Any, data_length: int) -> str:
+def _resume_plan(cfg: Config, storage: Any, data_length: int, data: dict[str, Any]) -> str:
     """What a first start would do with the root, refusing what the workers would refuse."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.manifest import step_dir
@@ -135,7 +135,7 @@ def _resume_plan(cfg: Config, storage: Any, data_length: int) -> str:
     if latest is None:
         return f"fresh start: no committed checkpoint under {storage.display_url}"
     step, manifest = latest
-    notes = _math_changes(cfg, catalog, step, manifest, data_length)
+    notes = _math_changes(cfg, catalog, step, manifest, data_length, data)
     from service.cli.common import human_time
 
     left = cfg.train.max_steps - step
@@ -144,12 +144,13 @@ def _resume_plan(cfg: Config, storage: Any, data_length: int) -> str:
             f"{human_time(manifest.time)}), {todo}{notes}")
 
 
-def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_length: int) -> str:
+def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_length: int,
+                  data: dict[str, Any]) -> str:
     """Refuse a resume with other math-defining settings, as the workers would."""
     from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
 
     saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
-    hard, soft = differences(saved, fingerprint(cfg, data_length=data_length))
+    hard, soft = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
     if hard:
         where = catalog.storage.display_url
         raise UserError(

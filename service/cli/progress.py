@@ -78,3 +78,16 @@ def step_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     with _bar(label, MofNCompleteColumn()) as bar:
         task = bar.add_task(label, total=total)
         yield lambda done: bar.update(task, completed=done)
+
+
+@contextlib.contextmanager
+def count_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A bar whose total the body learns on the way: it reports ``(done, total)``."""
+    if not bars_enabled():
+        yield lambda done, total: None
+        return
+    from rich.progress import MofNCompleteColumn
+
+    with _bar(label, MofNCompleteColumn()) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

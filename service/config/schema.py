@@ -98,7 +98,8 @@ class DataConfig(_Section):
     """Where the images come from: a kind of service/data/registry.py (shapes, the quick demo,
     by default)."""
     url: str | None = None
-    """Image folder (local path or fsspec URL such as s3://bucket/images) for kind=folder."""
+    """Image folder (kind=folder) or sharded data set with its index.json (kind=webdataset):
+    a local path or fsspec URL such as s3://bucket/images."""
     epoch_size: int = Field(default=50_000, ge=1)
     """Samples per epoch of the shapes and synthetic data (infinite; an epoch is a naming unit)."""
     num_workers: int = Field(default=0, ge=0, le=64)
@@ -106,9 +107,20 @@ class DataConfig(_Section):
     hflip: bool = True
     """Random horizontal flip; the decision is a pure function of (seed, epoch, index)."""
     on_bad_image: Literal["error", "skip"] = "error"
-    """A file of a folder that cannot be decoded: stop with an error naming it, or train on
-    the next decodable image of the folder instead (the same one on every run and world
-    size; counted). kind=folder only."""
+    """A sample that cannot be decoded (a folder's file; a shard's member, or a missing or
+    corrupt shard): stop with an error naming it, or train on the next decodable sample instead
+    (the same one on every run and world size; counted). kind=folder and webdataset."""
+    shuffle_window: int = Field(default=1000, ge=1)
+    """kind=webdataset: samples shuffled together after the shards are shuffled (a window spans
+    window / shard size + 1 shards, read whole and in order). Part of the run's math."""
+    cache_dir: str | None = None
+    """kind=webdataset: where a node keeps the shards it read (default: the temp folder); the
+    ranks of a node share it."""
+    cache_limit_gb: float = Field(default=20.0, gt=0)
+    """kind=webdataset: the cache's size limit; the least recently used shards go first."""
+    read_retry_s: float = Field(default=60.0, ge=0)
+    """kind=webdataset: how long a shard read is retried (backoff 1, 2, 4 ... s) on transient
+    storage errors before the job stops with exit 3."""
 
     @model_validator(mode="after")
     def _known_kind_with_its_url(self) -> "DataConfig":

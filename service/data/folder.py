@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import numpy as np
 import torch
 
+from service.data.images import BadImageError, decode_image
 from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
@@ -23,47 +22,6 @@ _INHERITED_CLIENTS: list[Any] = []  # a forked DataLoader worker's, from its par
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CAPTION_SUFFIX = ".txt"
-
-
-def _to_rgb(img: Any) -> Any:
-    """Any PNG/JPEG mode as 8-bit RGB, without the surprises of ``convert("RGB")``.
-
-    16-bit grey ("I;16", "I") keeps its top 8 bits (>> 8): convert() would clip every value
-    above 255 to white. Transparency (RGBA, LA, PA, palette or colour-key tRNS) is composited
-    on white — the usual background of cut-out images — instead of being dropped, which would
-    expose whatever colour the transparent pixels happen to store.
-    """
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _to_tensor(pil_image: Any, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size``, centre-crop, scale to [-1, 1]."""
-    from PIL import Image
-
-    img = _to_rgb(pil_image)
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-class BadImageError(UserError):
-    """A file of the image folder cannot be decoded; the message names its index and URL."""
 
 
 class FolderSource:
@@ -214,7 +172,6 @@ class FolderSource:
                             "images (data.on_bad_image = \"skip\" needs at least one that decodes)")
 
     def _decode(self, index: int) -> torch.Tensor:
-        from PIL import Image
 
         if index in self._bad:
             raise BadImageError(self._bad[index])
@@ -224,9 +181,7 @@ class FolderSource:
         except Exception as e:  # not a bad image: the storage failed; never skipped
             raise OSError(f"data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                return _to_tensor(img, self.size)
+            return decode_image(data, self.size)
         except Exception as e:  # UnidentifiedImageError, truncated data, SyntaxError, bombs
             why = (f"data.url {self.display_url!r}: cannot decode image #{index} ({self.file_url(index)}): "
                    f"{_gist(e)}; fix or remove the file, or set data.on_bad_image = \"skip\"")

@@ -15,7 +15,7 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -54,6 +54,13 @@ def build_source(cfg: Config) -> ImageSource:
     from service.models.build import image_size
 
     return SOURCES[cfg.data.kind].build_function()(cfg, image_size(cfg.model))
+
+
+def data_identity(source: ImageSource) -> dict[str, Any]:
+    """What the run's fingerprint records of the data beyond its settings (a sharded data
+    set: its index's digest)."""
+    identity = getattr(source, "identity", None)
+    return identity() if identity is not None else {}
 
 
 def training_labels(cfg: Config, source: ImageSource) -> Labels | None:
@@ -129,13 +136,18 @@ class TrainingSamples(Dataset):
         self.source, self.seed = source, seed
         self.num_timesteps, self.hflip = num_timesteps, hflip
         self.labels, self.noise_shape, self.captions = labels, noise_shape, captions
-        self.order = GlobalOrder(len(source), seed)
+        # A source that reads in bulk (shards) brings its own order; the math is the same kind.
+        own_order = getattr(source, "order", None)
+        self.order = own_order(seed) if own_order is not None else GlobalOrder(len(source), seed)
+        self.read_ahead = getattr(source, "read_ahead", None)
 
     def __len__(self) -> int:  # positions are unbounded; the sampler decides which exist
         return 2**62
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor | str]:
         epoch, index, source_index = self.order.locate(position)
+        if self.read_ahead is not None:  # shards: fetch what the next positions need
+            self.read_ahead(position)
         fetch = getattr(self.source, "fetch", None)  # sources that can replace a bad file
         image, used = fetch(source_index) if fetch is not None else (self.source.image(source_index), source_index)
         replaced = used != source_index
@@ -225,4 +237,16 @@ def build_loader(
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
+
+
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """A loader worker ignores SIGTERM/SIGINT. torchrun (and a terminal's Ctrl-C) signals the
+    whole process group: a worker that died of it would make the trainer's next batch raise
+    ("DataLoader worker ... killed by signal") before the emergency commit of a preemption.
+    The trainer stops its workers itself; a worker whose trainer is gone exits on its own."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -25,6 +25,7 @@ from service.data.stream import (
     build_loader,
     build_source,
     check_batch_geometry,
+    data_identity,
     training_captions,
     training_labels,
 )
@@ -118,7 +119,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg, info, self.registry, self.metrics.checkpoint, per_rank_keys=keys.PER_RANK_KEYS,
             can_read_state=lambda: bool(self.optimizer.state),
-            fingerprint=fingerprint(cfg, data_length=len(self.source)),
+            fingerprint=fingerprint(cfg, data_length=len(self.source), data=data_identity(self.source)),
         )
         ck = cfg.checkpoint
         wait_until_reachable(self.checkpointer.storage, ck.single_writer, ck.storage_retry_s)
@@ -173,7 +174,7 @@ class Trainer:
             last_committed_step=self.checkpointer.last_committed_step,
             restart_count=info.restart_count, time=time.time(),
             metrics=metric_samples(self.metrics.registry), started=self._started,
-            io_bytes=self.checkpointer.io_bytes,
+            io_bytes=self.checkpointer.io_bytes + getattr(self.source, "bytes_read", 0),  # shard reads too
             recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 

@@ -20,6 +20,7 @@ from tests.helpers import (
     losses,
     popen,
     run,
+    shared_once,
     single_cmd,
     tiny_text_encoder,
     tiny_vae,
@@ -44,13 +45,13 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> str:
-    return str(tiny_vae(tmp_path_factory.mktemp("vae")))
+def vae(tmp_path_factory) -> str:  # one path for every xdist worker: it is in the shared baselines' identity
+    return shared_once(tmp_path_factory, "tiny-vae", lambda folder: str(tiny_vae(folder)))
 
 
 @pytest.fixture(scope="module")
 def text_encoder(tmp_path_factory) -> str:
-    return str(tiny_text_encoder(tmp_path_factory.mktemp("clip")))
+    return shared_once(tmp_path_factory, "tiny-clip", lambda folder: str(tiny_text_encoder(folder)))
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -60,11 +61,15 @@ def family_baseline(request, tmp_path_factory, vae, text_encoder):
     family = request.param
     settings = FAMILIES[family] + ([f'model.vae="{vae}"'] if family != "unet" else [])
     settings += [f'model.text_encoder="{text_encoder}"'] if family == "unet-cond" else []
-    url = str(tmp_path_factory.mktemp(f"baseline-{family}"))
-    res = run(torchrun_cmd(settings + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
-                                       f'checkpoint.url="{url}"']))
-    assert res.returncode == 0, why(res)
-    return family, settings, url, losses(res.stderr)
+
+    def make(folder):  # type: ignore[no-untyped-def]
+        res = run(torchrun_cmd(settings + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4",
+                                           f'checkpoint.url="{folder}"']))
+        assert res.returncode == 0, why(res)
+        return str(folder), losses(res.stderr)
+
+    url, reference = shared_once(tmp_path_factory, f"family-{family}", make)
+    return family, settings, url, reference
 
 
 @pytest.mark.timeout(300)

@@ -162,7 +162,13 @@ def test_every_source_kind_in_the_registry_builds_and_describes_itself(kind, tmp
 
     for i in range(3):
         Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
-    extra = [f'data.url="{tmp_path}"'] if SOURCES[kind].needs_url else []
+    url = tmp_path
+    if kind == "webdataset":  # the folder, packed
+        from service.data.pack import pack_folder
+
+        pack_folder(str(tmp_path), str(tmp_path / "shards"), shard_bytes=10**6)
+        url = tmp_path / "shards"
+    extra = [f'data.url="{url}"'] if SOURCES[kind].needs_url else []
     if kind == "digits":
         pytest.importorskip("sklearn")
     from service.data.stream import build_source

@@ -1,0 +1,64 @@
+"""Image bytes to the tensors the sources yield: any PNG/JPEG/WebP mode as 8-bit RGB, the
+shorter side resized to the model's input, centre-cropped, scaled to [-1, 1]."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.errors import UserError
+
+
+class BadImageError(UserError):
+    """A sample of the data cannot be decoded (or its shard read as indexed); the message names
+    it. Skipped deterministically with ``data.on_bad_image = "skip"``, else exit 2."""
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) in [-1, 1]; raises whatever Pillow raises for
+    bytes that are not an image (the caller names the file)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return to_tensor(img, size)
+
+
+def to_rgb(img: Any) -> Any:
+    """Any PNG/JPEG mode as 8-bit RGB, without the surprises of ``convert("RGB")``.
+
+    16-bit grey ("I;16", "I") keeps its top 8 bits (>> 8): convert() would clip every value
+    above 255 to white. Transparency (RGBA, LA, PA, palette or colour-key tRNS) is composited
+    on white — the usual background of cut-out images — instead of being dropped, which would
+    expose whatever colour the transparent pixels happen to store.
+    """
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_tensor(pil_image: Any, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size``, centre-crop, scale to [-1, 1]."""
+    from PIL import Image
+
+    img = to_rgb(pil_image)
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
