@@ -100,6 +100,14 @@ class TrainMetrics:
             "ftdiff_train_samples_per_second", "Training throughput over all ranks",
             registry=registry,
         )
+        self.data_wait = Counter(
+            "ftdiff_data_wait_seconds_total", "Time this rank waited for its next batch (the loader behind)",
+            registry=registry,
+        )
+        self.data_wait_share = Gauge(
+            "ftdiff_data_wait_ratio", "Share of the recent step time this rank waited for data (goal: <= 0.05)",
+            registry=registry,
+        )
 
 
 class WorkerMetrics:

@@ -193,12 +193,14 @@ class TrainingLogs:
             # (step 0) must not wipe another run's curves in a shared directory.
             self.tensorboard.open(purge_step=start_step + 1 if start_step > 0 else None)
 
-    def step(self, step: int, loss: float, lr: float, samples_per_second: float) -> None:
+    def step(self, step: int, loss: float, lr: float, samples_per_second: float,
+             data_wait_share: float = 0.0) -> None:
         """At each log line: the training scalars, and the times of saves finished since."""
         self._last_step = step
         if self.tensorboard is None:
             return
-        values = {"train/loss": loss, "train/lr": lr, "train/samples_per_second": samples_per_second}
+        values = {"train/loss": loss, "train/lr": lr, "train/samples_per_second": samples_per_second,
+                  "data/wait_share": data_wait_share}
         values.update(self._checkpoint_values())
         self.tensorboard.scalars(step, values)
 

@@ -218,8 +218,10 @@ class Trainer:
         )
         self.net.train()
         with ProgressReporter(self.info.is_main, start, total) as progress:
-            window_t, window_samples = time.monotonic(), 0
-            for batch in loader:
+            window_t, window_samples, window_wait = time.monotonic(), 0, 0.0
+            for batch, waited in _timed(loader):
+                window_wait += waited
+                self.metrics.train.data_wait.inc(waited)
                 loss = self._train_step(batch)
                 self._advance(gb)
                 self.probe.after_step(self.train_state.step, batch["position"])
@@ -237,8 +239,9 @@ class Trainer:
                 if step % self.cfg.train.log_every == 0 or step == total:
                     now = time.monotonic()
                     rate = window_samples / max(now - window_t, 1e-9)
-                    window_t, window_samples = now, 0
-                    self._report(progress, step, global_loss, rate)
+                    wait_share = window_wait / max(now - window_t, 1e-9)
+                    window_t, window_samples, window_wait = now, 0, 0.0
+                    self._report(progress, step, global_loss, rate, wait_share)
                 progress.advance(step, global_loss)
                 if stop:
                     return self._emergency_stop(step)
@@ -310,15 +313,16 @@ class Trainer:
             packed[0] /= self.info.world_size
         return float(packed[0]), bool(packed[1] > 0), bool(packed[2] > 0)
 
-    def _report(self, progress: ProgressReporter, step: int, loss: float, rate: float) -> None:
+    def _report(self, progress: ProgressReporter, step: int, loss: float, rate: float, wait_share: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         self.metrics.train.step.set(step)
         self.metrics.train.loss.set(loss)
         self.metrics.train.samples_per_second.set(rate)
+        self.metrics.train.data_wait_share.set(wait_share)
         gb = self.cfg.train.global_batch_size
         self.metrics.train.expected_checkpoint_interval.set(self.cfg.checkpoint.every_steps * gb / max(rate, 1e-9))
         progress.log(step, loss, lr, rate)
-        self.logs.step(step, loss, lr, rate)
+        self.logs.step(step, loss, lr, rate, data_wait_share=wait_share)
 
     def _finish(self) -> int:
         step = self.train_state.step
@@ -351,6 +355,17 @@ class Trainer:
             self.logs.close()  # waits (bounded) for the last step's grid; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()
+
+
+def _timed(loader: Any) -> Any:
+    """(batch, seconds this rank waited for it): what the loader fails to keep ahead of."""
+    batches = iter(loader)
+    while True:
+        asked = time.monotonic()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.monotonic() - asked
 
 
 def _split(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:

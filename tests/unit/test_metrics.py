@@ -34,7 +34,7 @@ def test_required_metrics_exist():
         "ftdiff_checkpoint_saves_skipped", "ftdiff_job_restarts", "ftdiff_job_failures_detected",
         "ftdiff_job_world_size", "ftdiff_job_state", "ftdiff_worker_heartbeat_age_seconds",
         "ftdiff_train_step", "ftdiff_train_loss", "ftdiff_train_samples_per_second",
-        "ftdiff_supervisor_rejected_requests",
+        "ftdiff_supervisor_rejected_requests", "ftdiff_data_wait_seconds", "ftdiff_data_wait_ratio",
     ]:
         assert required in names, required
 
