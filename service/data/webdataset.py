@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+_INDEX_CLIENTS: list[Any] = []  # see read_index
 # Shards kept open per process (a window spans a few).
 _OPEN_SHARDS = 4
 
@@ -111,7 +112,10 @@ def _caption(group: dict[str, Any]) -> str:
 def read_index(url: str, storage_options: dict[str, Any] | None = None, what: str = "data.url") -> ShardIndex:
     shown = redact_url(url.rstrip("/"))
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        # Kept for good: an s3fs client sits in reference cycles, and were it collected in a
+        # forked loader worker, it would close this process's session from the wrong loop.
+        fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
+        _INDEX_CLIENTS.append(fs)
         text = fs.cat_file(f"{root.rstrip('/')}/{INDEX_NAME}").decode()
     except FileNotFoundError:
         raise UserError(f"{what} {shown!r} has no {INDEX_NAME}: pack a folder with `ftdiff data pack SRC "
