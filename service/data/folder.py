@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _INHERITED_CLIENTS: list[Any] = []  # a forked DataLoader worker's, from its parent (FolderSource.fs)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_SUFFIX = ".txt"
 
 
@@ -67,7 +67,7 @@ class FolderSource:
             )
         self.files = sorted(files)
         # The captions of text-conditional training: a .txt beside an image (same name).
-        self._captioned = {p[:-len(CAPTION_SUFFIX)] for p in listing if p.lower().endswith(CAPTION_SUFFIX)}
+        self._captioned = caption_files(listing)
         self.load(0)  # fail at start-up, not hours into the run, if the files are not images
         self.bad_images = 0  # count served samples only, not this check
 
@@ -129,11 +129,11 @@ class FolderSource:
     def caption(self, index: int) -> str:
         """The text of the .txt beside image ``index``; "" (the unconditional caption) when
         it has none."""
-        stem = os.path.splitext(self.files[index])[0]
-        if stem not in self._captioned:
+        caption = self._captioned.get(os.path.splitext(self.files[index])[0])
+        if caption is None:
             return ""
         try:
-            data = self.fs.cat_file(stem + CAPTION_SUFFIX)
+            data = self.fs.cat_file(caption)
         except Exception as e:  # the storage failed, as for an image: never skipped
             raise OSError(f"caption of data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
         return data.decode("utf-8", errors="replace").strip()
@@ -189,6 +189,11 @@ class FolderSource:
             if self.on_bad_image == "skip":
                 log.warning("%s — skipped: training on the next image that decodes", why.split("; fix")[0])
             raise BadImageError(why) from None
+
+
+def caption_files(listing: list[str]) -> dict[str, str]:
+    """Image path without its suffix -> the caption file of that name (``.txt``, any case)."""
+    return {p[:-len(CAPTION_SUFFIX)]: p for p in listing if p.lower().endswith(CAPTION_SUFFIX)}
 
 
 def _gist(e: BaseException) -> str:

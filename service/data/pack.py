@@ -21,12 +21,12 @@ from typing import Any
 
 import fsspec
 
+from service.data.folder import IMAGE_SUFFIXES, caption_files
 from service.data.shard_index import INDEX_NAME, ShardEntry, ShardIndex
-from service.data.webdataset import IMAGE_EXTENSIONS, scan_shard, split_key
+from service.data.webdataset import scan_shard, split_key
 from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
-CAPTION_SUFFIX = ".txt"
 SHARD_NAME = "shard-{:06d}.tar"
 
 
@@ -101,15 +101,18 @@ def pack_folder(src: str, dst: str, shard_bytes: int, on_image: Callable[[int, i
     sfs, sroot = _open(src, "SRC")
     dfs, droot = _open(dst, "DST")
     try:
+        if not sfs.exists(sroot):
+            raise FileNotFoundError(sroot)
         listing = sfs.find(sroot)
     except FileNotFoundError:
         raise UserError(f"SRC {redact_url(src)!r} does not exist") from None
     except Exception as e:
         raise StorageError(f"SRC {redact_url(src)!r} cannot be listed: {_gist(e)}") from None
-    images = sorted(p for p in listing if split_key(p)[1] in IMAGE_EXTENSIONS)
+    # As kind=folder takes them: by the last suffix (a file name may hold other dots).
+    images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
     if not images:
-        raise UserError(f"SRC {redact_url(src)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    captions = {p[:-len(CAPTION_SUFFIX)] for p in listing if p.lower().endswith(CAPTION_SUFFIX)}
+        raise UserError(f"SRC {redact_url(src)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions = caption_files(listing)
     relative = [p[len(sroot):].lstrip("/") for p in images]
     folders = [r.partition("/")[0] if "/" in r else None for r in relative]
     # Classes only when every image is in a first-level subfolder (as kind=folder takes them).
@@ -125,7 +128,7 @@ def pack_folder(src: str, dst: str, shard_bytes: int, on_image: Callable[[int, i
         stem, ext = os.path.splitext(path)
         try:
             members = {ext.lower().lstrip("."): sfs.cat_file(path)}
-            caption = sfs.cat_file(stem + CAPTION_SUFFIX).decode("utf-8", errors="replace").strip() \
+            caption = sfs.cat_file(captions[stem]).decode("utf-8", errors="replace").strip() \
                 if stem in captions else ""
         except Exception as e:
             raise StorageError(f"SRC file {redact_url(rel)!r} cannot be read: {_gist(e)}") from None
@@ -212,7 +215,7 @@ def parse_size(text: str) -> int:
     unit = t[len(number):] or "b"
     try:
         value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise UserError(f"--shard-size {text!r}: give a size such as 256MB, 1GB or a number of bytes") from None
     if value < 1:
         raise UserError(f"--shard-size {text!r}: must be positive")

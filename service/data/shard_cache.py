@@ -17,13 +17,13 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
 from service.data.images import BadImageError
 from service.data.shard_index import ShardEntry
-from service.errors import StorageError
+from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ class ShardCache:
         self._ahead_pid: int | None = None
         self._pending: dict[str, concurrent.futures.Future[Any]] = {}
         if not self.local:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"the shard cache {cache_dir} cannot be created ({e.strerror or e}); set "
+                                "data.cache_dir to a writable folder") from None
 
     def _fs_kwargs(self) -> dict[str, Any]:
         return {**self.storage_options, "skip_instance_cache": True}
@@ -100,6 +104,18 @@ class ShardCache:
                 self._download(entry, path)
         self._evict(keep={path})
         return path
+
+    def open(self, entry: ShardEntry) -> BinaryIO:
+        """The shard, opened for reading (fetched again should another process of this node
+        have evicted it between the check and the open)."""
+        for _ in range(3):
+            path = self.path(entry)
+            try:
+                return open(path, "rb")  # noqa: SIM115 (the caller keeps it open)
+            except FileNotFoundError:
+                continue
+        raise StorageError(f"data shard {self.where(entry)} keeps leaving the cache {self.cache_dir} before it can be "
+                           "read; raise data.cache_limit_gb")
 
     def prefetch(self, entries: list[ShardEntry]) -> None:
         """Fetch these shards in the background (errors surface when the shard is read)."""

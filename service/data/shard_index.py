@@ -46,6 +46,10 @@ class ShardIndex:
     def num_captioned(self) -> int:
         return sum(s.captioned for s in self.shards)
 
+    @property
+    def num_labelled(self) -> int:
+        return sum(sum(s.labels.values()) for s in self.shards)
+
     def to_json(self) -> str:
         body = {"format": FORMAT, "classes": list(self.classes), "shards": [asdict(s) for s in self.shards]}
         return json.dumps(body, indent=1, sort_keys=True) + "\n"
@@ -73,4 +77,21 @@ class ShardIndex:
             raise UserError(f"{where} lists no shards (or an empty one); pack the data again with `ftdiff data pack`")
         if len({s.name for s in shards}) != len(shards):
             raise UserError(f"{where} lists a shard twice; rebuild it with `ftdiff data index URL`")
+        for s in shards:
+            problem = _problem(s, len(classes))
+            if problem:
+                raise UserError(f"{where}: shard {s.name!r} {problem}; rebuild the index with `ftdiff data index URL`")
         return cls(shards=shards, classes=classes)
+
+
+def _problem(shard: ShardEntry, classes: int) -> str | None:
+    """What makes an index entry impossible (None: nothing)."""
+    parts = shard.name.split("/")
+    if shard.name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return "is not a path inside the data set"
+    if any(not key.isdigit() or (classes and int(key) >= classes) for key in shard.labels):
+        return f"has labels outside 0..{classes - 1 if classes else 'N'} ({', '.join(sorted(shard.labels)[:3])})"
+    if sum(shard.labels.values()) > shard.samples or shard.captioned > shard.samples or min(
+            [*shard.labels.values(), 0]) < 0:
+        return "counts more labels or captions than samples"
+    return None

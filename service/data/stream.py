@@ -74,6 +74,10 @@ def training_labels(cfg: Config, source: ImageSource) -> Labels | None:
     if not classes:
         raise UserError(f"model.conditioning = 'class' needs labelled data; data.kind = {cfg.data.kind!r} has none "
                         "(a folder needs one subfolder per class)")
+    unlabelled = getattr(source, "num_unlabelled", 0)
+    if unlabelled:
+        raise UserError(f"model.conditioning = 'class' needs a label for every sample; {unlabelled} of "
+                        f"{len(source)} in data.url have none (a shard's KEY.cls)")
     if classes > cfg.model.num_classes:
         raise UserError(f"the data has {classes} classes but model.num_classes = {cfg.model.num_classes}; "
                         f"set model.num_classes = {classes} (or more)")

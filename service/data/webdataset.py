@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class Sample:
     image_size: int
     label: int | None
     caption: str
+    source: str = ""
+    """The file it was packed from (the ``.json``'s "source"), for messages."""
 
 
 def split_key(member: str) -> tuple[str, str]:
@@ -83,7 +86,7 @@ def scan_shard(f: BinaryIO, where: str) -> list[Sample]:
         if "image" not in group:
             continue  # metadata without an image: not a sample (as webdataset's decoders skip it)
         samples.append(Sample(key, *group["image"], label=_label(group.get("cls"), where, key),
-                              caption=_caption(group)))
+                              caption=_caption(group), source=_meta(group).get("source", "")))
     return samples
 
 
@@ -91,22 +94,28 @@ def _label(text: str | None, where: str, key: str) -> int | None:
     if text is None:
         return None
     try:
-        return int(text.strip())
+        label = int(text.strip())
     except ValueError:
-        raise BadImageError(f"data shard {where}: {key}.cls is {text.strip()[:20]!r}, not a class id") from None
+        label = -1
+    if label < 0:
+        raise BadShardError(f"data shard {where}: {key}.cls is {text.strip()[:20]!r}, not a class id (0, 1, ...); "
+                            "fix the shard (and index it again), or set data.on_bad_image = \"skip\"")
+    return label
+
+
+def _meta(group: dict[str, Any]) -> dict[str, Any]:
+    try:
+        meta = json.loads(group.get("json") or "{}")
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _caption(group: dict[str, Any]) -> str:
     if "txt" in group:
         return str(group["txt"]).strip()
-    if "json" in group:
-        try:
-            meta = json.loads(group["json"])
-        except ValueError:
-            return ""
-        if isinstance(meta, dict):
-            return str(meta.get("caption") or meta.get("text") or "").strip()
-    return ""
+    meta = _meta(group)
+    return str(meta.get("caption") or meta.get("text") or "").strip()
 
 
 def read_index(url: str, storage_options: dict[str, Any] | None = None, what: str = "data.url") -> ShardIndex:
@@ -139,6 +148,7 @@ class WebDatasetSource:
         self._files: collections.OrderedDict[int, BinaryIO] = collections.OrderedDict()
         self._files_pid = os.getpid()
         self._bad_shards: dict[int, str] = {}
+        self._warned: set[str] = set()
         self._window_seen = -1
         self.bad_images = 0
 
@@ -189,6 +199,11 @@ class WebDatasetSource:
     def num_captioned(self) -> int:
         return self.index.num_captioned
 
+    @property
+    def num_unlabelled(self) -> int:
+        """Samples without a ``.cls`` (a class-conditional run refuses to start with any)."""
+        return self.index.num_samples - self.index.num_labelled
+
     def label(self, index: int) -> int:
         label = self._sample(index).label
         if label is None:
@@ -209,9 +224,12 @@ class WebDatasetSource:
         next one that decodes — the same on every run and world size)."""
         try:
             return self._decode(index), index
-        except BadImageError:
+        except BadImageError as e:
             if self.on_bad_image != "skip":
                 raise
+            if isinstance(e, BadShardError) and str(e) not in self._warned:
+                self._warned.add(str(e))  # once per shard and process, as a file is once per read
+                log.warning("%s — skipped: training on the next samples that decode", str(e).split("; ")[0])
         candidate, n = index, len(self)
         for _ in range(n):
             shard, _member = self._locate(candidate)
@@ -239,8 +257,10 @@ class WebDatasetSource:
         try:
             return decode_image(data, self.size)
         except Exception as e:
-            why = (f"data shard {self.cache.where(self.shards[shard])}: cannot decode {sample.key} "
-                   f"({_gist(e)}); fix the shard, or set data.on_bad_image = \"skip\"")
+            packed_from = f" (packed from {sample.source})" if sample.source else ""
+            gist = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", _gist(e))
+            why = (f"data shard {self.cache.where(self.shards[shard])}: cannot decode {sample.key}{packed_from} "
+                   f"({gist}); fix the shard, or set data.on_bad_image = \"skip\"")
             if self.on_bad_image == "skip":
                 log.warning("%s — skipped: training on the next sample that decodes", why.split("; fix")[0])
             raise BadImageError(why) from None
@@ -279,11 +299,10 @@ class WebDatasetSource:
         f = self._files.get(shard)
         if f is None:
             try:
-                path = self.cache.path(self.shards[shard])
+                f = self.cache.open(self.shards[shard])  # kept open: closed when it leaves the LRU
             except BadShardError as e:
                 self._bad_shards[shard] = str(e)
                 raise
-            f = open(path, "rb")  # noqa: SIM115 (kept open: closed when it leaves the LRU)
             self._files[shard] = f
             while len(self._files) > _OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close()

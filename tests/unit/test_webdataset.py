@@ -226,3 +226,88 @@ def test_a_shard_that_is_not_a_tar_is_named(tmp_path):
     buf.seek(0)
     samples = scan_shard(buf, "y.tar")
     assert [(s.key, s.label, s.caption) for s in samples] == [("a", 1, ""), ("b", None, "hi")]
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_label_that_is_not_a_class_id_is_refused_when_indexed(tmp_path):
+    (tmp_path / "neg").mkdir()
+    _tar(tmp_path / "neg" / "0.tar", {"a.png": _png(), "a.cls": b"-1", "b.png": _png(), "b.cls": b"1"})
+    with pytest.raises(UserError, match=r"0.tar: a.cls is '-1', not a class id"):
+        index_shards(str(tmp_path / "neg"))
+
+
+def test_a_class_run_refuses_unlabelled_samples_before_training(tmp_path):
+    from service.data.stream import training_labels
+
+    (tmp_path / "part").mkdir()
+    _tar(tmp_path / "part" / "0.tar", {"a.png": _png(), "a.cls": b"0", "b.png": _png(), "c.png": _png(), "c.cls": b"1"})
+    index_shards(str(tmp_path / "part"))
+    cfg = shards_cfg(tmp_path / "part", 'model.conditioning="class"', "model.num_classes=2")
+    with pytest.raises(UserError, match="1 of 3 in data.url have none"):
+        training_labels(cfg, build_source(cfg))
+
+
+def test_an_index_that_cannot_be_right_is_refused(packed):
+    import json
+
+    _, shards = packed
+    body = json.loads((shards / "index.json").read_text())
+    for tamper, needle in ((lambda b: b["shards"][0].update(name="../elsewhere.tar"), "not a path inside"),
+                           (lambda b: b["shards"][0].update(labels={"cat": 3}), "labels outside"),
+                           (lambda b: b["shards"][0].update(captioned=10**6), "more labels or captions")):
+        copy = json.loads(json.dumps(body))
+        tamper(copy)
+        with pytest.raises(UserError, match=needle):
+            ShardIndex.from_json(json.dumps(copy), "index.json")
+
+
+def test_pack_takes_what_the_folder_source_takes(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "odd"
+    (src / "a").mkdir(parents=True)
+    for name in ("photo.v2.png", "UPPER.PNG", "über ñ.png", "img.jpeg.JPG", "pic.webp"):
+        Image.new("RGB", (12, 12), (9, 99, 199)).save(src / "a" / name)
+    (src / "a" / "UPPER.TXT").write_text("loud")
+    (src / "a" / "photo.v2.txt").write_text("second take")
+    index = pack_folder(str(src), str(tmp_path / "shards"), shard_bytes=10**6)
+    folder = build_source(load_config(None, ['data.kind="folder"', f'data.url="{src}"']))
+    source = build_source(shards_cfg(tmp_path / "shards"))
+    assert index.num_samples == len(folder) == 5 and index.num_captioned == 2
+    assert [source.caption(i) for i in range(5)] == [folder.caption(i) for i in range(5)]
+    assert sorted(c for c in (source.caption(i) for i in range(5)) if c) == ["loud", "second take"]
+    with pytest.raises(UserError, match="does not exist"):
+        pack_folder(str(tmp_path / "nowhere"), str(tmp_path / "x"), shard_bytes=10**6)
+    with pytest.raises(UserError, match="--shard-size"):
+        parse_size("inf")
+
+
+def test_bad_data_is_named_by_the_file_it_came_from_and_skipped_shards_are_logged(tmp_path, caplog):
+    src = image_folder(tmp_path / "src", per_class=3)
+    (src / "cat" / "01.png").write_bytes(b"not a png")
+    pack_folder(str(src), str(tmp_path / "shards"), shard_bytes=3000)
+    with pytest.raises(BadImageError, match=r"cannot decode 000000001 \(packed from cat/01.png\)") as e:
+        build_source(shards_cfg(tmp_path / "shards")).image(1)
+    assert "0x" not in str(e.value)  # no object addresses in messages
+    last = sorted((tmp_path / "shards").glob("*.tar"))[-1]
+    last.unlink()
+    skipping = build_source(shards_cfg(tmp_path / "shards", 'data.on_bad_image="skip"'))
+    with caplog.at_level("WARNING", logger="service.data.webdataset"):
+        skipping.fetch(len(skipping) - 1)
+    assert any(f"{last.name} is missing" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
