@@ -107,6 +107,22 @@ def check_metadata(ref: Any) -> None:
     load_metadata(read_verified_file(storage, rel, ref.manifest.files), storage.path(rel))
 
 
+def check_frozen_parts(ref: Any) -> None:
+    """Sampling and a diffusers export read the VAE and text encoder from their folders: refuse
+    ones whose files changed since the run trained with them (their digests are in its
+    fingerprint), instead of drawing or shipping with other weights."""
+    from service.models.latent import vae_digest
+    from service.models.text import text_encoder_digest
+
+    saved, model = ref.manifest.fingerprint or {}, ref.config.model
+    for setting, path, key, digest in (("model.vae", model.vae, "model.vae_weights", vae_digest),
+                                       ("model.text_encoder", model.text_encoder, "model.text_encoder_weights",
+                                        text_encoder_digest)):
+        if path and key in saved and digest(path) != saved[key]:
+            raise UserError(f"{setting} = {path!r} holds other files than the run trained with (digest "
+                            f"{saved[key]} then, {digest(path)} now); restore them to sample or export this run")
+
+
 @contextlib.contextmanager
 def command_logging(verbose: bool) -> Iterator[None]:
     """Read commands print their result and at most one error line: library log records

@@ -64,8 +64,13 @@ def _check_data(cfg: Config) -> tuple[int, dict[str, Any], str]:
 
     source = build_source(cfg)
     extra = f", {source.num_classes} classes" if training_labels(cfg, source) is not None else ""  # type: ignore[attr-defined]
-    if training_captions(cfg, source) is not None and hasattr(source, "num_captioned"):
-        extra += f", {source.num_captioned} captioned"
+    if training_captions(cfg, source) is not None:
+        from service.models.text import load_text_encoder
+
+        assert cfg.model.text_encoder is not None  # config validation: text needs one
+        load_text_encoder(cfg.model.text_encoder)  # loaded and one caption encoded, as a worker does
+        if hasattr(source, "num_captioned"):
+            extra += f", {source.num_captioned} captioned"
     return len(source), data_identity(source), f"ok: {cfg.data.kind}, {source.describe()}{extra}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli.common import check_metadata, check_out_path, resolve_ref, shown
+from service.cli.common import check_frozen_parts, check_metadata, check_out_path, resolve_ref, shown
 from service.cli.progress import byte_progress, step_progress
 from service.errors import EXIT_OK, UserError
 
@@ -20,6 +20,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_out_path(args.out, folder=args.format == "diffusers")
     ref = resolve_ref(args)
     check_metadata(ref)
+    if args.format == "diffusers":  # the pipeline ships the VAE and text encoder too
+        check_frozen_parts(ref)
     with byte_progress("export", ref.manifest.total_bytes) as counter:
         try:
             out = export(ref, args.format, args.out, args.weights, counter)
@@ -48,6 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {args.steps}: at most {limit} "
                         "(this checkpoint's model.num_train_timesteps)")
     check_metadata(ref)
+    check_frozen_parts(ref)
     check_condition_args(ref.config, args.class_label, args.guidance_scale, args.prompt)
     with byte_progress("load", ref.manifest.total_bytes) as counter:
         cfg, state = load_weights(ref, args.weights, counter)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import torch
 
-from service.data.images import BadImageError, decode_image
+from service.data.images import BadImageError, decode_caption, decode_image
 from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
@@ -50,7 +50,8 @@ class FolderSource:
             self._fs, root = fsspec.core.url_to_fs(url, **self._fs_kwargs())
             self._root = root.rstrip("/")
             self._pid = os.getpid()
-            listing = self._fs.find(root)
+            found = self._fs.find(root, detail=True)
+            listing = list(found)
             files = [p for p in listing if p.lower().endswith(IMAGE_SUFFIXES)]
         except (ValueError, ImportError) as e:
             raise UserError(f"data.url {self.display_url!r} is not usable: {_gist(e)}") from None
@@ -67,7 +68,7 @@ class FolderSource:
             )
         self.files = sorted(files)
         # The captions of text-conditional training: a .txt beside an image (same name).
-        self._captioned = caption_files(listing)
+        self._captioned = caption_files([p for p in listing if found[p].get("size", 1)])  # empty: no caption
         self.load(0)  # fail at start-up, not hours into the run, if the files are not images
         self.bad_images = 0  # count served samples only, not this check
 
@@ -136,7 +137,7 @@ class FolderSource:
             data = self.fs.cat_file(caption)
         except Exception as e:  # the storage failed, as for an image: never skipped
             raise OSError(f"caption of data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
-        return data.decode("utf-8", errors="replace").strip()
+        return decode_caption(data)
 
     def file_url(self, index: int) -> str:
         """The URL of file ``index``, without credentials (for messages)."""

@@ -1,5 +1,6 @@
-"""Image bytes to the tensors the sources yield: any PNG/JPEG/WebP mode as 8-bit RGB, the
-shorter side resized to the model's input, centre-cropped, scaled to [-1, 1]."""
+"""Sample bytes to what the sources yield: images as tensors (any PNG/JPEG/WebP mode as 8-bit
+RGB, the shorter side resized to the model's input, centre-cropped, scaled to [-1, 1]) and
+captions as text."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from service.errors import UserError
 class BadImageError(UserError):
     """A sample of the data cannot be decoded (or its shard read as indexed); the message names
     it. Skipped deterministically with ``data.on_bad_image = "skip"``, else exit 2."""
+
+
+def decode_caption(data: bytes) -> str:
+    """A caption file's text: UTF-8 (a byte-order mark dropped) or UTF-16 with its byte-order
+    mark (what Windows editors write); bytes that are neither become U+FFFD. Trimmed."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace").strip()
+    return data.decode("utf-8-sig", errors="replace").strip()
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:

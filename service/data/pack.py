@@ -22,6 +22,7 @@ from typing import Any
 import fsspec
 
 from service.data.folder import IMAGE_SUFFIXES, caption_files
+from service.data.images import decode_caption
 from service.data.shard_index import INDEX_NAME, ShardEntry, ShardIndex
 from service.data.webdataset import scan_shard, split_key
 from service.errors import StorageError, UserError
@@ -103,7 +104,8 @@ def pack_folder(src: str, dst: str, shard_bytes: int, on_image: Callable[[int, i
     try:
         if not sfs.exists(sroot):
             raise FileNotFoundError(sroot)
-        listing = sfs.find(sroot)
+        found = sfs.find(sroot, detail=True)
+        listing = list(found)
     except FileNotFoundError:
         raise UserError(f"SRC {redact_url(src)!r} does not exist") from None
     except Exception as e:
@@ -112,7 +114,7 @@ def pack_folder(src: str, dst: str, shard_bytes: int, on_image: Callable[[int, i
     images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
     if not images:
         raise UserError(f"SRC {redact_url(src)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    captions = caption_files(listing)
+    captions = caption_files([p for p in listing if found[p].get("size", 1)])  # an empty .txt: no caption
     relative = [p[len(sroot):].lstrip("/") for p in images]
     folders = [r.partition("/")[0] if "/" in r else None for r in relative]
     # Classes only when every image is in a first-level subfolder (as kind=folder takes them).
@@ -128,8 +130,7 @@ def pack_folder(src: str, dst: str, shard_bytes: int, on_image: Callable[[int, i
         stem, ext = os.path.splitext(path)
         try:
             members = {ext.lower().lstrip("."): sfs.cat_file(path)}
-            caption = sfs.cat_file(captions[stem]).decode("utf-8", errors="replace").strip() \
-                if stem in captions else ""
+            caption = decode_caption(sfs.cat_file(captions[stem])) if stem in captions else ""
         except Exception as e:
             raise StorageError(f"SRC file {redact_url(rel)!r} cannot be read: {_gist(e)}") from None
         label = class_ids[folder] if classes and folder is not None else None

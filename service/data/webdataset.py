@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import fsspec
 import torch
 
-from service.data.images import BadImageError, decode_image
+from service.data.images import BadImageError, decode_caption, decode_image
 from service.data.shard_cache import BadShardError, ShardCache
 from service.data.shard_index import INDEX_NAME, ShardIndex
 from service.data.shard_order import ShardedOrder
@@ -77,7 +77,7 @@ def scan_shard(f: BinaryIO, where: str) -> list[Sample]:
                     group["image"] = (member.offset_data, member.size)
                 elif ext in ("cls", "txt", "json"):
                     data = tar.extractfile(member)
-                    group[ext] = data.read().decode("utf-8", errors="replace") if data else ""
+                    group[ext] = decode_caption(data.read()) if data else ""
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BadShardError(f"data shard {where} is not a readable tar ({type(e).__name__}: {e}); restore or "
                             "re-pack it, or set data.on_bad_image = \"skip\"") from None

@@ -34,6 +34,11 @@ def local_folder(path: str, setting: str) -> Path:
     Hugging Face cache (never downloaded)."""
     if Path(path).is_dir():
         return Path(path)
+    if "://" in path:
+        raise UserError(f"{setting}: a URL; the component is read from a local folder (or a hub id in the local "
+                        "cache): copy it to the machine first")
+    if path.startswith(("/", ".", "~")) or Path(path).exists():
+        raise UserError(f"{setting}: no such folder")
     try:
         from huggingface_hub import snapshot_download
 

@@ -29,10 +29,14 @@ class VaeGeometry:
 
 
 def _where(path: str) -> dict[str, Any]:
-    """``from_pretrained``'s arguments for the autoencoder under ``path``."""
-    if (Path(path) / "vae" / "config.json").is_file():
-        return {"pretrained_model_name_or_path": path, "subfolder": "vae"}
-    return {"pretrained_model_name_or_path": path}
+    """``from_pretrained``'s arguments for the autoencoder under ``path`` (a hub id: its
+    snapshot in the local cache)."""
+    from service.models.digest import local_folder
+
+    folder = local_folder(path, f"model.vae = {path!r}")
+    if (folder / "vae" / "config.json").is_file():
+        return {"pretrained_model_name_or_path": str(folder), "subfolder": "vae"}
+    return {"pretrained_model_name_or_path": str(folder)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,11 +61,11 @@ def vae_geometry(path: str) -> VaeGeometry:
 def vae_digest(path: str) -> str:
     """A digest of the autoencoder's config and weights (sha256, 16 hex digits): part of the
     run's identity, so a resume with another VAE under the same path is refused."""
-    from service.models.digest import files_digest, local_folder
+    from service.models.digest import files_digest
 
-    setting = f"model.vae = {path!r}"
-    folder = local_folder(path, setting)
-    return files_digest([folder / "vae" if (folder / "vae" / "config.json").is_file() else folder], setting)
+    where = _where(path)
+    return files_digest([Path(where["pretrained_model_name_or_path"]) / where.get("subfolder", "")],
+                        f"model.vae = {path!r}")
 
 
 @functools.lru_cache(maxsize=2)

@@ -29,11 +29,20 @@ class TextGeometry:
     """Tokens per caption (padded or truncated to it)."""
 
 
+@functools.lru_cache(maxsize=8)
+def _folder(path: str) -> Path:
+    """The folder on this machine (a hub id: its snapshot in the local cache)."""
+    from service.models.digest import local_folder
+
+    return local_folder(path, f"model.text_encoder = {path!r}")
+
+
 def _where(path: str, part: str) -> dict[str, Any]:
     """``from_pretrained``'s arguments for ``part`` (text_encoder or tokenizer) under ``path``."""
-    if (Path(path) / "text_encoder" / "config.json").is_file():
-        return {"pretrained_model_name_or_path": path, "subfolder": part}
-    return {"pretrained_model_name_or_path": path}
+    folder = _folder(path)
+    if (folder / "text_encoder" / "config.json").is_file():
+        return {"pretrained_model_name_or_path": str(folder), "subfolder": part}
+    return {"pretrained_model_name_or_path": str(folder)}
 
 
 def _quiet() -> None:
@@ -67,10 +76,19 @@ def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     _quiet()
+    where = _where(path, "tokenizer")
+    folder = Path(where["pretrained_model_name_or_path"]) / where.get("subfolder", "")
+    if not any(folder.glob("tokenizer*")) and not any(folder.glob("*vocab*")):
+        raise UserError(f"model.text_encoder = {path!r}: no tokenizer in {folder} (tokenizer.json, "
+                        "tokenizer_config.json, vocab files); save the encoder's tokenizer beside it")
     try:
-        return AutoTokenizer.from_pretrained(**_where(path, "tokenizer"), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _problem(path, e) from None
+    if tokenizer.pad_token is None:
+        raise UserError(f"model.text_encoder = {path!r}: its tokenizer has no pad token, and captions are padded "
+                        "to one length; set one (tokenizer.pad_token = tokenizer.eos_token) and save it again")
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,21 +108,31 @@ def text_geometry(path: str) -> TextGeometry:
 def text_encoder_digest(path: str) -> str:
     """A digest of the encoder's config and weights and the tokenizer's files: part of the
     run's identity, so a resume with another encoder under the same path is refused."""
-    from service.models.digest import MODEL_FILES, files_digest, local_folder
+    from service.models.digest import MODEL_FILES, files_digest
 
     setting = f"model.text_encoder = {path!r}"
-    folder = local_folder(path, setting)
+    folder = _folder(path)
     folders = [folder / "text_encoder", folder / "tokenizer"] if (folder / "text_encoder").is_dir() else [folder]
     return files_digest(folders, setting, suffixes=(*MODEL_FILES, ".txt", ".model"))
 
 
+# Checkpoints saved with a head or a decoder, and the encoder to load from them instead.
+_ENCODER_OF = {"CLIPModel": "CLIPTextModel", "T5ForConditionalGeneration": "T5EncoderModel",
+               "MT5ForConditionalGeneration": "MT5EncoderModel", "UMT5ForConditionalGeneration": "UMT5EncoderModel"}
+# Heads whose first output is not the hidden states: their base model (AutoModel) is loaded.
+_HEADS = ("ForMaskedLM", "ForCausalLM", "ForPreTraining", "ForSequenceClassification", "LMHeadModel")
+
+
 def _encoder_class(config: Any) -> Any:
-    """The transformers class the folder's config names (CLIPTextModel, T5EncoderModel, ...);
-    a whole CLIP model loads as its text half."""
+    """The transformers class that gives the hidden states of the folder's model
+    (CLIPTextModel, T5EncoderModel, BertModel, ...): a whole CLIP model loads as its text half,
+    a T5 with its decoder as its encoder, a model with a language-model head as its base."""
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, "CLIPTextModel" if name == "CLIPModel" else name, None)
+        if name.endswith(_HEADS):
+            return transformers.AutoModel
+        cls = getattr(transformers, _ENCODER_OF.get(name, name), None)
         if cls is not None:
             return cls
     return transformers.AutoModel
@@ -126,6 +154,22 @@ class TextEncoder:
         self.device = device
         # As diffusers' pipelines do: a mask only for encoders trained with one.
         self.use_mask = bool(getattr(self.model.config, "use_attention_mask", False))
+        self._probe(path)
+
+    def _probe(self, path: str) -> None:
+        """Encode one caption now: a model that loads but gives no hidden states of the
+        configured width (a decoder, a head) is a config error at start-up, not a crash loop."""
+        wanted = (1, self.max_length, text_geometry(path).hidden_size)
+        try:
+            got = tuple(self([""]).shape)
+        except Exception as e:
+            raise UserError(f"model.text_encoder = {path!r}: its {type(self.model).__name__} does not encode a "
+                            f"caption ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); give "
+                            "a text encoder (CLIPTextModel, T5EncoderModel, BertModel, ...)") from None
+        if got != wanted:
+            raise UserError(f"model.text_encoder = {path!r}: its {type(self.model).__name__} gives states of shape "
+                            f"{got}, not (n, {wanted[1]}, {wanted[2]}); give a text encoder (CLIPTextModel, "
+                            "T5EncoderModel, BertModel, ...), not a model with a head")
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,

@@ -151,7 +151,7 @@ def test_latent_diffusion_trains_on_the_vaes_latents_and_samples_images(tmp_path
     model.load_state_dict(state)
     images = generate(model, cfg, 2, steps=2, class_label=1)
     assert images.shape == (2, 3, 16, 16)
-    with pytest.raises(UserError, match="model.vae = .*no AutoencoderKL config"):
+    with pytest.raises(UserError, match="model.vae = .*no such folder"):
         image_size(load_config(None, ['model.family="dit"', *CLASS, f'model.vae="{tmp_path / "nothing"}"']).model)
 
 

@@ -161,3 +161,56 @@ def test_a_pixel_space_text_model_samples_per_prompt(tmp_path, clip):
     blue = generate(model, cfg, 2, seed=1, steps=2, prompt="a blue square", guidance_scale=2.0)
     assert red.shape == (2, 3, 16, 16) and not torch.equal(red, blue)
     assert torch.equal(red, generate(model, cfg, 2, seed=1, steps=2, prompt="a red circle", guidance_scale=2.0))
+
+
+def test_an_encoder_that_gives_no_hidden_states_is_refused_at_load(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from service.models.text import load_text_encoder
+
+    clip = tiny_text_encoder(tmp_path / "clip")
+    config = BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16)
+    for cls, name in ((BertForMaskedLM, "mlm"), (BertModel, "base")):
+        folder = tmp_path / name
+        cls(config).save_pretrained(str(folder / "text_encoder"))
+        (folder / "tokenizer").mkdir()
+        for f in (clip / "tokenizer").iterdir():
+            (folder / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    # A masked-LM checkpoint loads as its base model: the hidden states, not the vocabulary logits.
+    assert load_text_encoder(str(tmp_path / "mlm"))(["a red circle"]).shape == (1, 16, 32)
+    # A folder that does not exist, or a URL, is named as such.
+    with pytest.raises(UserError, match="no such folder"):
+        load_text_encoder(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="a URL"):
+        load_text_encoder("s3://bucket/clip")
+
+
+def test_captions_in_utf16_or_with_a_bom_read_as_the_text_and_empty_ones_do_not_count(tmp_path, clip):
+    from PIL import Image
+
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_bytes("a red square".encode("utf-16"))
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfa red square")
+    (tmp_path / "c.txt").write_bytes(b"")
+    source = build_source(load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', *text(clip)]))
+    assert [source.caption(i) for i in range(4)] == ["a red square", "a red square", "", ""]
+    assert source.num_captioned == 2
+
+
+def test_sampling_refuses_a_text_encoder_that_changed_since_training(tmp_path):
+    from service.cli.common import check_frozen_parts
+    from service.checkpoint.refs import resolve
+    from service.models import text as text_module
+
+    clip = tiny_text_encoder(tmp_path / "clip")
+    train_in_process(tmp_path / "run", text(str(clip)), steps=1)
+    check_frozen_parts(resolve(str(tmp_path / "run")))  # unchanged: fine
+    weights = clip / "text_encoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    text_module.text_encoder_digest.cache_clear()
+    with pytest.raises(UserError, match="holds other files than the run trained with"):
+        check_frozen_parts(resolve(str(tmp_path / "run")))
