@@ -499,7 +499,9 @@ def tiny_text_encoder(path: Path) -> Path:
     tokens), initialised from a fixed seed and saved as a pipeline folder (text_encoder/,
     tokenizer/): text conditioning without a download."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" on every save otherwise
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
