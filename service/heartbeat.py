@@ -33,9 +33,11 @@ LEAVE_SIGNAL = signal.SIGUSR1
 # "refused": the worker left with an error a restart cannot fix (config, superseded);
 # "refused-storage": the same, the storage's (denied, bucket gone): the job ends with exit 3.
 REFUSED, REFUSED_STORAGE = "refused", "refused-storage"
-PHASES = ("starting", "loading", "training", "checkpointing", "stopping", "done", REFUSED, REFUSED_STORAGE)
+# "reading": waiting for the next batch (shards may be read from storage meanwhile).
+PHASES = ("starting", "loading", "training", "reading", "checkpointing", "stopping", "done", REFUSED,
+          REFUSED_STORAGE)
 # Phases spent waiting on storage: their length depends on the store, not on the job's health.
-IO_PHASES = frozenset({"loading", "checkpointing", "stopping"})
+IO_PHASES = frozenset({"loading", "reading", "checkpointing", "stopping"})
 
 
 # What a restart cost, as rank 0 measures it (service.train.restart_cost): fault kinds and where

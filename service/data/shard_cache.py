@@ -191,8 +191,21 @@ class ShardCache:
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
+        """This node's lock on one shard. While another process holds it (downloading), the
+        bytes arriving in its partial file count as this process's progress too: a rank that
+        waits for its neighbour's download is not hung."""
         with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            seen = 0
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    arrived = sum(_size(p) for p in path.parent.glob(f".{path.name}.*.part"))
+                    if arrived > seen:
+                        self._bytes.value += arrived - seen
+                        seen = arrived
+                    time.sleep(0.2)
             try:
                 yield
             finally:
@@ -216,6 +229,13 @@ class ShardCache:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                 total -= size
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed into place meanwhile
+        return 0
 
 
 def _gist(e: BaseException) -> str:

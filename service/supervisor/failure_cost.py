@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 600.0
 MIN_WINDOW_S = 30.0
-TRAINING = frozenset({"training", "checkpointing"})
+TRAINING = frozenset({"training", "reading", "checkpointing"})
 _REMEMBERED = 256  # processes whose recovery was counted (a restarted rank 0 reports for ever)
 
 

@@ -232,7 +232,7 @@ class LocalSupervisor(Supervisor):
         deadline = time.monotonic() + SHUTDOWN_MARGIN_S
         while time.monotonic() < deadline and all(a.proc.poll() is None for a in self.agents.values()):
             states, world = self.monitor.states(), self.monitor.world_size()
-            if world and len(states) >= world and all(s.hb.phase == "training" for s in states):
+            if world and len(states) >= world and all(s.hb.phase in ("training", "reading") for s in states):
                 return
             time.sleep(0.05)
 

@@ -5,8 +5,10 @@ processes. A rank *hangs* when its heartbeats stopped for ``hang_timeout_s``, or
 no progress for longer than its phase allows: ``hang_timeout_s`` while training; in a phase
 spent on storage (loading, checkpointing, stopping) the larger of ``io_timeout_s`` and three
 times the longest such phase seen so far — and there, bytes read or written count as
-progress. A slow store is therefore never taken for a hang, while a process that stops (no
-heartbeats) or a load that is stuck (no bytes) still is.
+progress. While a rank is in such a phase and within its limit, its peers get that limit too:
+in a synchronous job they wait for it in their next collective. A slow store is therefore
+never taken for a hang, while a process that stops (no heartbeats) or a load that is stuck (no
+bytes) still is.
 
 A rank *restarted* when another process (node, pid, start time) reports for it. torchrun
 restarts every worker of the job after one crash, so the replacements of one generation are one
@@ -166,11 +168,18 @@ class JobMonitor:
         their phase allows (``stall_limit``)."""
         now = self.clock()
         with self._lock:
+            on_storage = {s.hb.rank: self.stall_limit(s.hb.phase) for s in self.ranks.values()
+                          if s.hb.phase in IO_PHASES and now - s.last_seen <= self.hang_timeout_s
+                          and now - s.last_progress <= self.stall_limit(s.hb.phase)}
+
+            def limit(s: RankState) -> float:  # a peer's storage work holds this rank up too
+                peers = [lim for rank, lim in on_storage.items() if rank != s.hb.rank]
+                return max([self.stall_limit(s.hb.phase), *peers])
+
             return [
                 s for s in self.ranks.values()
                 if s.hb.process not in self._doomed
-                and (now - s.last_seen > self.hang_timeout_s
-                     or now - s.last_progress > self.stall_limit(s.hb.phase))
+                and (now - s.last_seen > self.hang_timeout_s or now - s.last_progress > limit(s))
             ]
 
     @property

@@ -219,7 +219,7 @@ class Trainer:
         self.net.train()
         with ProgressReporter(self.info.is_main, start, total) as progress:
             window_t, window_samples, window_wait = time.monotonic(), 0, 0.0
-            for batch, waited in _timed(loader):
+            for batch, waited in self._batches(loader):
                 window_wait += waited
                 self.metrics.train.data_wait.inc(waited)
                 loss = self._train_step(batch)
@@ -255,6 +255,20 @@ class Trainer:
                 if self.cfg.train.step_sleep_s:
                     time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()
+
+    def _batches(self, loader: Any) -> Any:
+        """(batch, seconds this rank waited for it: what the loader fails to keep ahead of).
+        While it waits, the phase is "reading": reading data is storage time, where the bytes
+        of shard reads count as progress (a slow shard read is not a hang)."""
+        batches = iter(loader)
+        while True:
+            asked = time.monotonic()
+            self.phase = "reading"
+            batch = next(batches, None)
+            self.phase = "training"
+            if batch is None:
+                return
+            yield batch, time.monotonic() - asked
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step on this rank's share of the global batch, in
@@ -355,17 +369,6 @@ class Trainer:
             self.logs.close()  # waits (bounded) for the last step's grid; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()
-
-
-def _timed(loader: Any) -> Any:
-    """(batch, seconds this rank waited for it): what the loader fails to keep ahead of."""
-    batches = iter(loader)
-    while True:
-        asked = time.monotonic()
-        batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch, time.monotonic() - asked
 
 
 def _split(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:

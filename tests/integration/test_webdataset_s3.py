@@ -97,3 +97,39 @@ def test_preempted_at_2_ranks_and_finished_at_1_trains_each_position_exactly_onc
     assert {line["world_size"] for line in lines} == {1, 2}
     positions = sorted(p for line in lines for p in line["positions"])
     assert positions == list(range(BASELINE_STEPS * 8)), "every position exactly once"
+
+
+@pytest.mark.timeout(300)
+def test_slow_shard_reads_are_progress_not_a_hang(tmp_path, s3_server, s3_bucket):
+    """Every request to the store 2.5 s slower, and the first batch needs every shard: the
+    first step comes long after a hang timeout. Waiting for a batch is the "reading" phase, a
+    storage phase (bytes count as progress; the storage limit applies), so no hang is called."""
+    import time
+
+    from PIL import Image
+
+    from service.data.pack import pack_folder
+    from tests.helpers import HANG_TIMEOUT, SupervisedJob
+    from tests.tcp_proxy import TcpProxy
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(24):
+        Image.new("RGB", (16, 16), (9 * i, 40, 200)).save(src / f"{i:02d}.png")
+    url = f"{s3_bucket}/slow"
+    pack_folder(str(src), url, shard_bytes=2000)  # ~8 shards
+    upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with TcpProxy(upstream) as proxy:
+        proxy.delay_s = 2.5
+        env = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        job = SupervisedJob(tmp_path / "job", ['data.kind="webdataset"', f'data.url="{url}"', "data.shuffle_window=24",
+                                               f'data.cache_dir="{tmp_path / "cache"}"', "train.max_steps=3",
+                                               "checkpoint.every_steps=100"], env=env)
+        started = time.monotonic()
+        job.wait_step(1)
+        first_step_after = time.monotonic() - started
+        hangs = job.metric('ftdiff_job_failures_detected_total{kind="hang"}')
+        code, err = job.finish(150)
+    assert code == 0, err[-3000:]
+    assert first_step_after > 6 + 2 * HANG_TIMEOUT, f"step 1 after {first_step_after:.1f}s: not slow enough to test"
+    assert hangs == 0 and "hang detected" not in err

@@ -348,6 +348,25 @@ def test_a_slow_store_is_not_a_hang_but_silence_and_a_stuck_load_are():
     assert [s.hb.rank for s in m2.hung()] == [0]
 
 
+def test_ranks_waiting_for_a_peers_slow_read_are_not_hung_until_the_peer_is():
+    """Rank 0 reads shards (the "reading" phase, bytes arriving); rank 1 has its batch and waits
+    in the next collective, making no progress of its own: held up by storage, not hung."""
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=60)
+    m.observe(hb(0, 100, phase="reading", step=3))
+    m.observe(hb(1, 101, phase="training", step=3))
+    for _ in range(6):  # 30 s: three hang timeouts
+        clock.t += 5
+        current = m.ranks[0].hb
+        m.observe(Heartbeat(**{**current.__dict__, "io_bytes": current.io_bytes + 1000}))
+        m.observe(m.ranks[1].hb)
+    assert m.hung() == []
+    clock.t += 61  # the read is stuck too (no bytes past the storage limit): both are hung now
+    m.observe(m.ranks[0].hb)
+    m.observe(m.ranks[1].hb)
+    assert sorted(s.hb.rank for s in m.hung()) == [0, 1]
+
+
 def test_the_storage_phase_limit_grows_with_the_longest_phase_seen():
     clock = Clock()
     m = JobMonitor(10, clock, io_timeout_s=20)

@@ -200,8 +200,8 @@ def test_captions_in_utf16_or_with_a_bom_read_as_the_text_and_empty_ones_do_not_
 
 
 def test_sampling_refuses_a_text_encoder_that_changed_since_training(tmp_path):
-    from service.cli.common import check_frozen_parts
     from service.checkpoint.refs import resolve
+    from service.cli.common import check_frozen_parts
     from service.models import text as text_module
 
     clip = tiny_text_encoder(tmp_path / "clip")
