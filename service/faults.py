@@ -10,6 +10,9 @@ documented environment variable is set:
   JSON line per optimizer step to ``<dir>/rank<R>-pid<PID>.jsonl`` (the audit trail that proves
   exactly-once consumption), and ``FTDIFF_FAIL_AT_STEP=<step>`` raises in every attempt that
   reaches that step (a deterministic crash loop with a real traceback).
+- ``StepProbe.loss(step, loss)`` on each rank's loss: ``FTDIFF_NAN_AT_STEP=S[:RANK]`` makes that
+  rank's loss (every rank's without ``:RANK``) NaN at step S, once per run (a marker file
+  under the temp folder, keyed by torchrun's run id, survives the restarts of that run).
 
 From outside, faults go through the real mechanism (a signal to a pid), so the detection code
 under test is the code that runs in production: ``kill9``, ``freeze``, ``thaw``.
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +54,24 @@ class StepProbe:
         self.trace = Path(trace_dir) / f"rank{rank}-pid{os.getpid()}.jsonl" if trace_dir else None
         fail_at = env.get("FTDIFF_FAIL_AT_STEP")
         self.fail_at = int(fail_at) if fail_at else None
+        self.nan_at: tuple[int, int | None] | None = None
+        nan_at = env.get("FTDIFF_NAN_AT_STEP")
+        if nan_at:
+            step, _, rank = nan_at.partition(":")
+            self.nan_at = (int(step), int(rank) if rank else None)
+        self._once = Path(tempfile.gettempdir()) / f"ftdiff-fault-{env.get('TORCHELASTIC_RUN_ID', os.getppid())}"
+
+    def loss(self, step: int, loss: Any) -> Any:
+        """``loss``, or NaN where ``FTDIFF_NAN_AT_STEP`` says so (once per run)."""
+        if self.nan_at is None or self.nan_at[0] != step or self.nan_at[1] not in (None, self.rank):
+            return loss
+        marker = self._once.with_name(f"{self._once.name}-nan-{step}-rank{self.rank}")
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return loss  # injected once in this run already (before a restart)
+        log.warning("FTDIFF_NAN_AT_STEP: the loss of step %d is NaN on rank %d", step, self.rank)
+        return loss * float("nan")
 
     def after_step(self, step: int, positions: Any) -> None:
         """``positions``: the batch's global sample positions (a tensor or a sequence)."""

@@ -100,6 +100,10 @@ class TrainMetrics:
             "ftdiff_train_samples_per_second", "Training throughput over all ranks",
             registry=registry,
         )
+        self.nonfinite_steps = Counter(
+            "ftdiff_nonfinite_steps_total", "Optimizer updates skipped for a NaN/Inf loss or gradient (every rank counts it)",
+            registry=registry,
+        )
         self.data_wait = Counter(
             "ftdiff_data_wait_seconds_total", "Time this rank waited for its next batch (the loader behind)",
             registry=registry,

@@ -279,17 +279,27 @@ class Trainer:
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
-                loss = self._micro_loss(micro) / accum
+                loss = self.probe.loss(self.train_state.step + 1, self._micro_loss(micro)) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.checkpointer.before_update()  # an async snapshot may still be copying the weights
-        self.scaler.step(self.optimizer)
+        # DDP averaged the gradients, so every rank holds the same norm and takes the same
+        # decision: a NaN/Inf loss or gradient anywhere skips this update everywhere (the data
+        # position still advances). With fp16 the grad scaler skips such steps itself.
+        finite = self.scaler.is_enabled() or bool(torch.isfinite(norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+        else:
+            self.metrics.train.nonfinite_steps.inc()
+            log.warning("step %d: non-finite loss or gradients (norm %s): update skipped on every rank",
+                        self.train_state.step + 1, float(norm))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        self.ema.step(self.model.parameters())
+        if finite:
+            self.ema.step(self.model.parameters())
         return total
 
     def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

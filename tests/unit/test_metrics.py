@@ -9,7 +9,7 @@ from service.metrics import SupervisorMetrics, WorkerMetrics
 UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state", "_ratio")
 # Subsystems; "recovery" and "steps" (ftdiff_recovery_seconds, ftdiff_steps_lost_total) are the
 # names the recovery work was specified with.
-SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps")
+SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps", "nonfinite")
 
 
 def test_names_follow_the_convention():
@@ -35,6 +35,7 @@ def test_required_metrics_exist():
         "ftdiff_job_world_size", "ftdiff_job_state", "ftdiff_worker_heartbeat_age_seconds",
         "ftdiff_train_step", "ftdiff_train_loss", "ftdiff_train_samples_per_second",
         "ftdiff_supervisor_rejected_requests", "ftdiff_data_wait_seconds", "ftdiff_data_wait_ratio",
+        "ftdiff_nonfinite_steps",
     ]:
         assert required in names, required
 
