@@ -12,7 +12,9 @@ documented environment variable is set:
   reaches that step (a deterministic crash loop with a real traceback).
 - ``StepProbe.loss(step, loss)`` on each rank's loss: ``FTDIFF_NAN_AT_STEP=S[:RANK]`` makes that
   rank's loss (every rank's without ``:RANK``) NaN at step S, once per run (a marker file
-  under the temp folder, keyed by torchrun's run id, survives the restarts of that run).
+  under the temp folder, keyed by torchrun's run id, survives the restarts of that run);
+  ``StepProbe.slow_rank()`` in each micro-batch's forward: ``FTDIFF_SLOW_RANK=RANK:SECONDS``
+  makes that rank sleep that long per step (a straggler).
 
 From outside, faults go through the real mechanism (a signal to a pid), so the detection code
 under test is the code that runs in production: ``kill9``, ``freeze``, ``thaw``.
@@ -59,7 +61,15 @@ class StepProbe:
         if nan_at:
             step, _, rank = nan_at.partition(":")
             self.nan_at = (int(step), int(rank) if rank else None)
+        slow = env.get("FTDIFF_SLOW_RANK")
+        slow_rank, _, seconds = (slow or "").partition(":")
+        self.slow_s = float(seconds) if slow and int(slow_rank) == rank else 0.0
         self._once = Path(tempfile.gettempdir()) / f"ftdiff-fault-{env.get('TORCHELASTIC_RUN_ID', os.getppid())}"
+
+    def slow_rank(self) -> None:
+        """Sleep where ``FTDIFF_SLOW_RANK`` names this rank (a slow GPU or node)."""
+        if self.slow_s:
+            time.sleep(self.slow_s)
 
     def loss(self, step: int, loss: Any) -> Any:
         """``loss``, or NaN where ``FTDIFF_NAN_AT_STEP`` says so (once per run)."""

@@ -102,6 +102,9 @@ class Heartbeat:
     pods have PID namespaces of their own, so pids repeat across pods and container restarts."""
     recovery: dict | None = None
     """Rank 0 after a restart: what it cost (service.train.restart_cost.Recovery.as_dict())."""
+    compute_s: float = 0.0
+    """Running mean of this rank's own compute per step (service.train.step_timer): the
+    supervisor compares ranks with it (stragglers). 0: not measured yet."""
 
     @property
     def process(self) -> tuple[str, int, float]:
@@ -132,6 +135,7 @@ class Heartbeat:
             restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
             metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
             io_bytes=_int(body, "io_bytes", 0), recovery=_recovery(body.get("recovery")),
+            compute_s=_float(body, "compute_s", 0.0),
         )
         hb.validate()
         return hb
@@ -157,6 +161,8 @@ class Heartbeat:
             raise ValueError("node must be a non-empty name of at most 253 characters")
         if not (math.isfinite(self.time) and math.isfinite(self.started) and self.started >= 0):
             raise ValueError("time and started must be finite (started >= 0)")
+        if not (math.isfinite(self.compute_s) and 0 <= self.compute_s < MAX_COUNT):
+            raise ValueError("compute_s must be finite and >= 0")
 
 
 # Bounds of what a real worker reports (no job has a million ranks, or 2**63 steps or bytes).

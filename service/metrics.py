@@ -144,6 +144,11 @@ class SupervisorMetrics:
         )
         self.world_size = Gauge("ftdiff_job_world_size", "Ranks in the current job", registry=r)
         self.state = Enum("ftdiff_job_state", "Job state", states=list(JOB_STATES), registry=r)
+        self.rank_relative_speed = Gauge(
+            "ftdiff_rank_relative_speed",
+            "Each rank's compute speed relative to the fastest rank (1 = fastest): below ~0.7 it holds the job back",
+            ["rank", "node"], registry=r,
+        )
         self.heartbeat_age = Gauge(
             "ftdiff_worker_heartbeat_age_seconds", "Seconds since each rank's last heartbeat", ["rank"], registry=r
         )

@@ -53,6 +53,12 @@ def publish(monitor: JobMonitor, metrics: SupervisorMetrics) -> None:
     for labels in list(metrics.heartbeat_age._metrics):  # the label values published so far
         if int(labels[0]) not in ages:
             metrics.heartbeat_age.remove(*labels)
+    speeds = monitor.relative_speeds()
+    for rank, (node, speed) in speeds.items():
+        metrics.rank_relative_speed.labels(rank=str(rank), node=node).set(speed)
+    for labels in list(metrics.rank_relative_speed._metrics):
+        if speeds.get(int(labels[0]), ("", 0.0))[0] != labels[1]:  # gone, or now on another node
+            metrics.rank_relative_speed.remove(*labels)
     world = monitor.world_size()
     metrics.world_size.set(world)
     metrics.relay.forget(lambda rank: rank in monitor.ranks or rank < world)

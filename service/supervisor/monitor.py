@@ -233,6 +233,16 @@ class JobMonitor:
                 return set()
             return {node for node, silent in nodes.items() if all(silent)}
 
+    def relative_speeds(self) -> dict[int, tuple[str, float]]:
+        """rank -> (node, its speed relative to the fastest rank: the fastest one's compute
+        time per step over its own; 1.0 is the fastest), for ranks that measured one."""
+        with self._lock:
+            times = {r: (s.hb.node, s.hb.compute_s) for r, s in self.ranks.items() if s.hb.compute_s > 0}
+        if not times:
+            return {}
+        fastest = min(t for _, t in times.values())
+        return {r: (node, fastest / t) for r, (node, t) in times.items()}
+
     def heartbeat_ages(self) -> dict[int, float]:
         now = self.clock()
         with self._lock:

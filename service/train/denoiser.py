@@ -43,7 +43,10 @@ def build_denoiser(cfg: Config, info: DistInfo) -> tuple[torch.nn.Module, torch.
     net: torch.nn.Module = model
     if dist.is_initialized():
         ids = [info.device.index] if info.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+        # No buffer broadcast before every forward: the families' buffers (a DiT's positional
+        # table) are fixed and equal on every rank, and the broadcast would be a collective in
+        # the forward pass, where a rank's own compute time is measured (stragglers).
+        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return model, net
 
 

@@ -57,6 +57,7 @@ from service.train.state import (
     build_registry,
     warmup_cosine,
 )
+from service.train.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Trainer:
             StepRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
                            info.world_size)
             if info.run_id else None, info.rank, info.local_rank, self.checkpointer.group.gather_to_all)
+        self.step_timer = StepTimer(info.device)  # before the heartbeats, which report it
         self.heartbeats = self._start_heartbeats()
         self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
 
@@ -175,6 +177,7 @@ class Trainer:
             restart_count=info.restart_count, time=time.time(),
             metrics=metric_samples(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes + getattr(self.source, "bytes_read", 0),  # shard reads too
+            compute_s=self.step_timer.mean_s,
             recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 
@@ -279,9 +282,12 @@ class Trainer:
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
-                loss = self.probe.loss(self.train_state.step + 1, self._micro_loss(micro)) / accum
+                with self.step_timer.section():  # this rank's own compute: the straggler signal
+                    self.probe.slow_rank()
+                    loss = self.probe.loss(self.train_state.step + 1, self._micro_loss(micro)) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        self.step_timer.step_done()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.checkpointer.before_update()  # an async snapshot may still be copying the weights

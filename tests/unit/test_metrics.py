@@ -6,10 +6,11 @@ from prometheus_client import CollectorRegistry
 
 from service.metrics import SupervisorMetrics, WorkerMetrics
 
-UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state", "_ratio")
+UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state", "_ratio",
+         "_speed")  # ftdiff_rank_relative_speed: a ratio, named by issue 25's contract
 # Subsystems; "recovery" and "steps" (ftdiff_recovery_seconds, ftdiff_steps_lost_total) are the
 # names the recovery work was specified with.
-SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps", "nonfinite")
+SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps", "nonfinite", "rank")
 
 
 def test_names_follow_the_convention():

@@ -667,3 +667,18 @@ def test_a_busy_port_names_itself_and_the_way_out(tmp_path, monkeypatch):
         with pytest.raises(UserError) as e:
             run_local_job(None, [f'checkpoint.url="{tmp_path}"', f"supervisor.port={port}", "metrics.port=0"], 1, 1)
     assert f"127.0.0.1:{port}" in str(e.value) and "--set supervisor.port=0 --set metrics.port=0" in str(e.value)
+
+
+def test_relative_speed_is_the_fastest_ranks_compute_time_over_each_ranks():
+    from service.metrics import SupervisorMetrics
+    from service.supervisor.ledger import publish
+
+    m = JobMonitor(10, Clock())
+    for rank, compute in ((0, 0.2), (1, 0.5), (2, 0.0)):  # rank 2 has not measured a step yet
+        m.observe(Heartbeat(**{**hb(rank, 100 + rank, world=3).__dict__, "compute_s": compute}))
+    assert {r: round(s, 3) for r, (_, s) in m.relative_speeds().items()} == {0: 1.0, 1: 0.4}
+    metrics = SupervisorMetrics()
+    publish(m, metrics)
+    assert metrics.rank_relative_speed.labels(rank="1", node=m.ranks[1].hb.node)._value.get() == 0.4
+    with pytest.raises(ValueError, match="compute_s"):
+        Heartbeat.from_json(json.dumps({**hb(0, 100).__dict__, "compute_s": -1.0}).encode())
