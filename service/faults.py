@@ -11,8 +11,9 @@ documented environment variable is set:
   exactly-once consumption), and ``FTDIFF_FAIL_AT_STEP=<step>`` raises in every attempt that
   reaches that step (a deterministic crash loop with a real traceback).
 - ``StepProbe.loss(step, loss)`` on each rank's loss: ``FTDIFF_NAN_AT_STEP=S[:RANK]`` makes that
-  rank's loss (every rank's without ``:RANK``) NaN at step S, once per run (a marker file
-  under the temp folder, keyed by torchrun's run id, survives the restarts of that run);
+  rank's loss (every rank's without ``:RANK``) NaN at step S, once per run (a marker file,
+  keyed by torchrun's run id, in the sample trace folder or else the temp folder, survives the
+  restarts of that run);
   ``StepProbe.slow_rank()`` in each micro-batch's forward: ``FTDIFF_SLOW_RANK=RANK:SECONDS``
   makes that rank sleep that long per step (a straggler).
 
@@ -64,7 +65,10 @@ class StepProbe:
         slow = env.get("FTDIFF_SLOW_RANK")
         slow_rank, _, seconds = (slow or "").partition(":")
         self.slow_s = float(seconds) if slow and int(slow_rank) == rank else 0.0
-        self._once = Path(tempfile.gettempdir()) / f"ftdiff-fault-{env.get('TORCHELASTIC_RUN_ID', os.getppid())}"
+        # "Once per run": a marker beside the run's sample trace when there is one (a fresh
+        # folder per test), else under the temp folder; keyed by torchrun's run id either way.
+        where = Path(trace_dir) if trace_dir else Path(tempfile.gettempdir())
+        self._once = where / f"ftdiff-fault-{env.get('TORCHELASTIC_RUN_ID', os.getppid())}"
 
     def slow_rank(self) -> None:
         """Sleep where ``FTDIFF_SLOW_RANK`` names this rank (a slow GPU or node)."""

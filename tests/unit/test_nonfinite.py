@@ -4,6 +4,8 @@ data position and the schedule advance — and is counted; injected once per run
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 
@@ -17,7 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 def train(url, monkeypatch, nan_at: str | None, steps: int = 4):  # type: ignore[no-untyped-def]
     from service.train.loop import Trainer
 
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"nonfinite-{url.name}")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"nonfinite-{uuid.uuid4().hex}")  # never a marker of an earlier run
+    (url.parent / "trace").mkdir(exist_ok=True)
+    monkeypatch.setenv("FTDIFF_SAMPLE_TRACE", str(url.parent / "trace"))  # the once-marker goes there
     if nan_at:
         monkeypatch.setenv("FTDIFF_NAN_AT_STEP", nan_at)
     cfg = load_config(None, TINY + [f'checkpoint.url="{url}"', f"train.max_steps={steps}", "checkpoint.every_steps=1",
@@ -43,7 +47,7 @@ def test_a_nan_loss_skips_that_update_and_training_goes_on(tmp_path, monkeypatch
 def test_the_hook_fires_once_per_run_and_only_on_its_rank(tmp_path, monkeypatch):
     from service.faults import StepProbe
 
-    env = {"FTDIFF_NAN_AT_STEP": "3:1", "TORCHELASTIC_RUN_ID": f"once-{tmp_path.name}"}
+    env = {"FTDIFF_NAN_AT_STEP": "3:1", "TORCHELASTIC_RUN_ID": "once", "FTDIFF_SAMPLE_TRACE": str(tmp_path)}
     loss = torch.tensor(1.0)
     assert torch.equal(StepProbe(0, 2, env=env).loss(3, loss), loss)  # another rank
     assert torch.isnan(StepProbe(1, 2, env=env).loss(3, loss))
