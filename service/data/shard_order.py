@@ -14,10 +14,22 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 
 import torch
 
 from service.data.stream import derive_seed
+
+
+def shard_starts(sizes: list[int]) -> list[int]:
+    """The sample id of each shard's first sample (shards in index order)."""
+    return list(itertools.accumulate(sizes[:-1], initial=0))
+
+
+def shard_of(starts: list[int], sample: int) -> tuple[int, int]:
+    """(shard, sample within it) of sample id ``sample``."""
+    shard = bisect.bisect_right(starts, sample) - 1
+    return shard, sample - starts[shard]
 
 
 class ShardedOrder:
@@ -26,9 +38,7 @@ class ShardedOrder:
 
     def __init__(self, shard_sizes: list[int], seed: int, window: int):
         self.sizes, self.seed, self.window = list(shard_sizes), seed, max(1, window)
-        self.starts = [0]
-        for size in self.sizes[:-1]:
-            self.starts.append(self.starts[-1] + size)
+        self.starts = shard_starts(self.sizes)
         self.num_samples = sum(self.sizes)
 
     @functools.lru_cache(maxsize=4)
@@ -62,8 +72,7 @@ class ShardedOrder:
 
     def shard_of(self, sample: int) -> tuple[int, int]:
         """(shard, sample within it) of sample id ``sample``."""
-        shard = bisect.bisect_right(self.starts, sample) - 1
-        return shard, sample - self.starts[shard]
+        return shard_of(self.starts, sample)
 
     def shards_ahead(self, position: int, count: int) -> list[int]:
         """The shards that positions ``[position, position + count)`` read, in the order they

@@ -10,9 +10,7 @@ service/data/shard_order.py, fetched ahead of the training position.
 
 from __future__ import annotations
 
-import bisect
 import collections
-import itertools
 import json
 import logging
 import os
@@ -29,7 +27,7 @@ import torch
 from service.data.images import BadImageError, decode_caption, decode_image
 from service.data.shard_cache import BadShardError, ShardCache
 from service.data.shard_index import INDEX_NAME, ShardIndex
-from service.data.shard_order import ShardedOrder
+from service.data.shard_order import ShardedOrder, shard_of, shard_starts
 from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
@@ -142,7 +140,7 @@ class WebDatasetSource:
         self.url, self.display_url, self.size = url, redact_url(url), size
         self.index, self.cache, self.window, self.on_bad_image = index, cache, window, on_bad_image
         self.shards = index.shards
-        self._starts = list(itertools.accumulate((s.samples for s in self.shards[:-1]), initial=0))
+        self._starts = shard_starts([s.samples for s in self.shards])
         self._order: ShardedOrder | None = None
         self._scans: dict[int, list[Sample]] = {}
         self._files: collections.OrderedDict[int, BinaryIO] = collections.OrderedDict()
@@ -267,8 +265,7 @@ class WebDatasetSource:
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(shard, sample within it) of sample id ``index``."""
-        shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, index - self._starts[shard]
+        return shard_of(self._starts, index)
 
     def _sample(self, index: int) -> Sample:
         shard, member = self._locate(index)

@@ -54,10 +54,9 @@ PRESETS: dict[str, UNetPreset] = {
 }
 
 
-def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """Arguments of UNet2DModel for this config (also stored with exported models)."""
-    p = PRESETS[cfg.preset]
-    kwargs: dict[str, Any] = dict(
+def preset_kwargs(cfg: ModelConfig, p: UNetPreset) -> dict[str, Any]:
+    """The constructor arguments a UNet preset sets (UNet2DModel's and UNet2DConditionModel's)."""
+    return dict(
         **io_kwargs(cfg, p.sample_size),
         block_out_channels=p.block_out_channels,
         down_block_types=p.down_block_types,
@@ -65,6 +64,11 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         layers_per_block=p.layers_per_block,
         norm_num_groups=p.norm_num_groups,
     )
+
+
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Arguments of UNet2DModel for this config (also stored with exported models)."""
+    kwargs = preset_kwargs(cfg, PRESETS[cfg.preset])
     if cfg.conditioning == "class":  # one more embedding: the "null" class of guidance
         kwargs["num_class_embeds"] = cfg.num_classes + 1
     return {**kwargs, **cfg.arch}
@@ -77,7 +81,12 @@ def null_label(cfg: ModelConfig) -> int:
 
 def check_geometry(cfg: ModelConfig) -> None:
     """Raise ValueError if the image side does not survive the UNet's downsampling."""
-    kwargs = model_kwargs(cfg)
+    check_downsampling(cfg, model_kwargs(cfg))
+
+
+def check_downsampling(cfg: ModelConfig, kwargs: dict[str, Any]) -> None:
+    """Raise ValueError if ``kwargs``' input side does not survive a UNet's downsampling
+    (one halving per block after the first)."""
     factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
     size = kwargs["sample_size"]
     if size % factor:

@@ -9,21 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.models.build import io_kwargs
 from service.models.text import text_geometry
+from service.models.unet import UNetPreset, check_downsampling, preset_kwargs
 
 if TYPE_CHECKING:
     from service.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class UNetCondPreset:
-    sample_size: int
-    block_out_channels: tuple[int, ...]
-    down_block_types: tuple[str, ...]
-    up_block_types: tuple[str, ...]
-    layers_per_block: int
-    norm_num_groups: int
+class UNetCondPreset(UNetPreset):
     attention_head_dim: int
 
 
@@ -57,26 +51,15 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     text encoder's."""
     p = PRESETS[cfg.preset]
     assert cfg.text_encoder is not None  # config validation: the family is text-conditional
-    kwargs: dict[str, Any] = dict(
-        **io_kwargs(cfg, p.sample_size),
-        block_out_channels=p.block_out_channels,
-        down_block_types=p.down_block_types,
-        up_block_types=p.up_block_types,
-        layers_per_block=p.layers_per_block,
-        norm_num_groups=p.norm_num_groups,
-        attention_head_dim=p.attention_head_dim,
-        cross_attention_dim=text_geometry(cfg.text_encoder).hidden_size,
-    )
+    kwargs = preset_kwargs(cfg, p)
+    kwargs.update(attention_head_dim=p.attention_head_dim,
+                  cross_attention_dim=text_geometry(cfg.text_encoder).hidden_size)
     return {**kwargs, **cfg.arch}
 
 
 def check_geometry(cfg: ModelConfig) -> None:
     """Raise ValueError if the input side does not survive the UNet's downsampling."""
-    kwargs = model_kwargs(cfg)
-    factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
-    if kwargs["sample_size"] % factor:
-        raise ValueError(f"model.sample_size = {kwargs['sample_size']} must be divisible by {factor} "
-                         f"for preset {cfg.preset!r}")
+    check_downsampling(cfg, model_kwargs(cfg))
 
 
 def build(kwargs: dict[str, Any]) -> torch.nn.Module:

@@ -17,17 +17,17 @@ from service.models.text import load_text_encoder
 class ModelInputs:
     def __init__(self, cfg: Config, device: torch.device):
         self.device = device
-        self.vae_path = cfg.model.vae
         self.vae = load_vae(cfg.model.vae, str(device)) if cfg.model.vae else None
+        self.vae_geometry = vae_geometry(cfg.model.vae) if cfg.model.vae else None
         self.text = load_text_encoder(cfg.model.text_encoder, str(device)) if cfg.model.text_encoder else None
 
     def images(self, batch: dict[str, Any], autocast: contextlib.AbstractContextManager[Any]) -> torch.Tensor:
         """The batch's images, or their latents (encoded under ``autocast``)."""
         images = batch["image"].to(self.device, non_blocking=True)
-        if self.vae is None or self.vae_path is None:
+        if self.vae is None or self.vae_geometry is None:
             return images
         with autocast:
-            return encode(self.vae, images, vae_geometry(self.vae_path))
+            return encode(self.vae, images, self.vae_geometry)
 
     def condition(self, batch: dict[str, Any]) -> torch.Tensor | None:
         if "label" in batch:
