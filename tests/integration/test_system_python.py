@@ -30,8 +30,12 @@ def debian_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     venv = tmp_path_factory.mktemp("debian-python") / "venv"
     subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = next((venv / "lib").glob("python3.*/site-packages"))
-    parent = sysconfig.get_paths()["purelib"]
-    (site / "zz-ftdiff-parent.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
+    # Every site folder of this interpreter: its venv's, and where that venv was made with
+    # --system-site-packages (a torch of the system, as GPU images have), the base's too.
+    parents = [sysconfig.get_paths()["purelib"]] + [
+        p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    lines = [f"import site; site.addsitedir({p!r})" for p in dict.fromkeys(parents)]
+    (site / "zz-ftdiff-parent.pth").write_text("\n".join(lines) + "\n")
     python = str(venv / "bin" / "python")
     version = subprocess.run([python, "-c", "import sys, torch, service; print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=120, check=True, cwd=REPO).stdout.strip()
