@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -181,17 +182,25 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 10) -> None:
 
 
 def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """Start a job in the background; ``finish`` collects its stderr. The output goes to
+    unlinked temporary files, not pipes: nobody reads a pipe while the job runs, and a full
+    one would block the job (and every worker writing to it) in the middle of a test."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=base_env(env), cwd=REPO, stdout=out, stderr=err, text=True)
+    proc.err_file = err  # type: ignore[attr-defined]
+    proc.out_file = out  # type: ignore[attr-defined]
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    """(exit code, stderr) of a job from ``popen``, once it ended."""
     try:
-        _, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop(proc)
         raise
-    return proc.returncode, err
+    proc.err_file.seek(0)  # type: ignore[attr-defined]
+    return proc.returncode, proc.err_file.read()  # type: ignore[attr-defined]
 
 
 def trace_lines(trace_dir: Path) -> list[dict]:
@@ -291,7 +300,9 @@ INTERVAL = 0.5
 
 
 class SupervisedJob:
-    """A supervised job: `ftdiff train` in a subprocess, with its trace and metrics endpoint."""
+    """A supervised job: `ftdiff train` in a subprocess, with its trace and metrics endpoint.
+    Its output goes to files beside the trace, never to pipes: nothing reads a pipe while the
+    job runs, and a full one would block the supervisor and every worker writing to it."""
 
     def __init__(self, tmp: Path, overrides: list[str], nnodes: int = 1, nproc: int = 2,
                  env: dict[str, str] | None = None):
@@ -305,33 +316,40 @@ class SupervisedJob:
         ]
         cmd = [sys.executable, "-m", "service.cli", "train", "--nnodes", str(nnodes),
                "--nproc-per-node", str(nproc), "--log-format", "json", *set_args(args)]
-        self.proc = subprocess.Popen(cmd, env=base_env({**dirs.env, **(env or {})}),
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log_path = self.trace.parent / "supervisor.log"
+        with open(self.log_path, "w") as err, open(self.trace.parent / "supervisor.out", "w") as out:
+            self.proc = subprocess.Popen(cmd, env=base_env({**dirs.env, **(env or {})}),
+                                         cwd=REPO, stdout=out, stderr=err, text=True)
+
+    def log(self) -> str:
+        """Everything the job wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def fail(self, why: str) -> NoReturn:
+        """Stop the job and fail the test with the end of its log."""
+        stop(self.proc)
+        raise AssertionError(f"{why}; supervisor log (all of it in {self.log_path}):\n{self.log()[-6000:]}")
 
     def wait_step(self, step: int) -> None:
         try:
             wait_for_step(self.trace, step, self.proc)
         except TimeoutError as e:
-            stop(self.proc)  # then its log can be read to the end
-            text = self.proc.stderr.read()
-            saved = self.trace.parent / "supervisor.log"  # the whole log, beside the trace
-            saved.write_text(text)
-            raise AssertionError(f"{e}; supervisor log (all of it in {saved}):\n{text[-6000:]}") from None
+            self.fail(str(e))
 
     def metric(self, name: str) -> float:
         if self.proc.poll() is not None:
-            raise AssertionError(f"supervisor exited ({self.proc.returncode}): {self.proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"supervisor exited ({self.proc.returncode}): {self.log()[-3000:]}")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         return metric_sum(text, name)
 
     def finish(self, timeout: float = 200) -> tuple[int, str]:
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(self.proc)
             raise
-        return self.proc.returncode, err
+        return self.proc.returncode, self.log()
 
 
 class CheckpointJob:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import check_reachable
 from service.config import Config, load_config
-from service.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
-from service.heartbeat import LEAVE_SIGNAL, REFUSED_STORAGE, Heartbeat, shared_token
+from service.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
+from service.heartbeat import LEAVE_SIGNAL, REFUSED_DIVERGED, REFUSED_STORAGE, Heartbeat, shared_token
 from service.launch_env import ZYGOTE_SOCKET_ENV, LaunchEnv, launcher_env
 from service.node.proc import die_with_parent
 from service.supervisor import procs
@@ -162,9 +162,8 @@ class LocalSupervisor(Supervisor):
             self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
         if not stuck:
             return
-        desc = ", ".join(f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid}, step {s.hb.step})" for s in stuck)
-        log.error("hang detected: no progress for %.0fs on %s; restarting the job",
-                  self.cfg.supervisor.hang_timeout_s, desc)
+        now = self.monitor.clock()
+        log.error("hang detected on %s; restarting the job", ", ".join(s.describe(now) for s in stuck))
         self.record(FailureKind.HANG, RestartReason.HANG)
         # Silent processes (also ones not flagged yet) cannot act on an order: kill them. One
         # that still heartbeats is waiting (on them) and leaves on its order, leaving its state
@@ -194,7 +193,7 @@ class LocalSupervisor(Supervisor):
 
     def on_refused(self, hb: Heartbeat) -> int | None:
         self._stop_agents(signal.SIGTERM, timeout=30)
-        return EXIT_STORAGE if hb.phase == REFUSED_STORAGE else EXIT_USAGE
+        return {REFUSED_STORAGE: EXIT_STORAGE, REFUSED_DIVERGED: EXIT_DIVERGED}.get(hb.phase, EXIT_USAGE)
 
     def stop(self) -> int:
         """Forward the signal; workers commit an emergency checkpoint and exit. Exit 43 only

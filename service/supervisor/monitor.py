@@ -6,7 +6,9 @@ no progress for longer than its phase allows: ``hang_timeout_s`` while training;
 spent on storage (loading, checkpointing, stopping) the larger of ``io_timeout_s`` and three
 times the longest such phase seen so far — and there, bytes read or written count as
 progress. While a rank is in such a phase and within its limit, its peers get that limit too:
-in a synchronous job they wait for it in their next collective. A slow store is therefore
+in a synchronous job they wait for it in their next collective, and their own time without
+progress counts from when the last peer left storage (they still need a step to catch up). A
+slow store is therefore
 never taken for a hang, while a process that stops (no heartbeats) or a load that is stuck (no
 bytes) still is.
 
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.heartbeat import IO_PHASES, REFUSED, REFUSED_STORAGE, Heartbeat
+from service.heartbeat import IO_PHASES, REFUSED, REFUSED_DIVERGED, REFUSED_STORAGE, Heartbeat
 
 # A rank that sent no heartbeat for this many intervals is silent (stopped or wedged); one that
 # heartbeats without progress is only waiting (most often on a silent peer, in a collective).
@@ -42,6 +44,12 @@ class RankState:
     trained_at: float | None = None
     """When this process last reported a higher step while training (None: not yet)."""
 
+    def describe(self, now: float) -> str:
+        """Who it is and what it was doing, for an operator reading a hang report."""
+        hb = self.hb
+        return (f"rank {hb.rank} (node {hb.node}, pid {hb.pid}, step {hb.step}, {hb.phase} for "
+                f"{now - self.phase_since:.0f}s, no progress for {now - self.last_progress:.0f}s)")
+
 
 class JobMonitor:
     def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
@@ -56,6 +64,9 @@ class JobMonitor:
         self.io_timeout_s = io_timeout_s if io_timeout_s is not None else max(120.0, hang_timeout_s)
         # The longest each storage phase has lasted so far (a measure of this store's speed).
         self.longest_phase_s: dict[str, float] = {}
+        # rank -> when it was last seen on storage within its limit: until then it held its
+        # peers up (they wait in their next collective), so their no-progress clock starts there.
+        self._on_storage_at: dict[int, float] = {}
         # A worker that left with an error no restart can fix (its goodbye heartbeat said so).
         self.refused: Heartbeat | None = None
         self.order_ttl_s = order_ttl_s if order_ttl_s is not None else max(60.0, 3 * hang_timeout_s)
@@ -90,7 +101,7 @@ class JobMonitor:
             if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
-            if hb.phase in (REFUSED, REFUSED_STORAGE):  # left with an error no restart can fix
+            if hb.phase in (REFUSED, REFUSED_STORAGE, REFUSED_DIVERGED):  # left with an error no restart can fix
                 self.refused = hb
                 self.ranks.pop(hb.rank, None)
                 return False
@@ -111,6 +122,7 @@ class JobMonitor:
                           or (hb.step, hb.phase, hb.io_bytes) != (old.hb.step, old.hb.phase, old.hb.io_bytes))
             same_phase = old is not None and not replaced and old.hb.phase == hb.phase
             if old is not None and not same_phase and old.hb.phase in IO_PHASES:
+                self._on_storage_at[hb.rank] = now  # on storage until this heartbeat
                 took = now - old.phase_since
                 self.longest_phase_s[old.hb.phase] = max(self.longest_phase_s.get(old.hb.phase, 0.0), took)
             trained_at = None
@@ -171,15 +183,23 @@ class JobMonitor:
             on_storage = {s.hb.rank: self.stall_limit(s.hb.phase) for s in self.ranks.values()
                           if s.hb.phase in IO_PHASES and now - s.last_seen <= self.hang_timeout_s
                           and now - s.last_progress <= self.stall_limit(s.hb.phase)}
+            for rank in on_storage:
+                self._on_storage_at[rank] = now
+            for rank in [r for r in self._on_storage_at if r not in self.ranks]:
+                del self._on_storage_at[rank]
 
             def limit(s: RankState) -> float:  # a peer's storage work holds this rank up too
                 peers = [lim for rank, lim in on_storage.items() if rank != s.hb.rank]
                 return max([self.stall_limit(s.hb.phase), *peers])
 
+            def stalled_s(s: RankState) -> float:  # since its last progress, or a peer's storage work
+                held = [t for rank, t in self._on_storage_at.items() if rank != s.hb.rank]
+                return now - max([s.last_progress, *held])
+
             return [
                 s for s in self.ranks.values()
                 if s.hb.process not in self._doomed
-                and (now - s.last_seen > self.hang_timeout_s or now - s.last_progress > limit(s))
+                and (now - s.last_seen > self.hang_timeout_s or stalled_s(s) > limit(s))
             ]
 
     @property

@@ -5,6 +5,7 @@ CUDA), wrapped for DDP, and its optimizer (fused AdamW on CUDA)."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,11 @@ def build_denoiser(cfg: Config, info: DistInfo) -> tuple[torch.nn.Module, torch.
         # No buffer broadcast before every forward: the families' buffers (a DiT's positional
         # table) are fixed and equal on every rank, and the broadcast would be a collective in
         # the forward pass, where a rank's own compute time is measured (stragglers).
-        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # torch 2.13 deprecates the flag but advises keeping it until `init_sync_buffers` exists
+        # (its replacement still syncs at init): silence that one warning, once per rank.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return model, net
 
 
@@ -55,3 +60,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
     # whose results the CPU checkpoints of earlier releases were made with.
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    choice = cfg.train.precision
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]

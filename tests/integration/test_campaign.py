@@ -40,8 +40,10 @@ def _newest_pids(job: Job) -> set[int]:
 def _wait(cond, job: Job, what: str, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
-        assert job.proc.poll() is None, f"job ended during: {what}: {job.proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out: {what}"
+        if job.proc.poll() is not None:
+            job.fail(f"job ended during: {what}")
+        if time.monotonic() > deadline:
+            job.fail(f"timed out: {what}")
         time.sleep(0.1)
 
 
@@ -54,7 +56,7 @@ def _assert_no_step_lost(job: Job) -> None:
     lost = job.metric("ftdiff_steps_lost_total")
     if lost:
         stop(job.proc)
-        full = job.proc.stderr.read()
+        full = job.log()
         said = [line for line in full.splitlines() if "recover" in line or "memory tier" in line]
         pytest.fail(f"{lost} step(s) lost:\n" + "\n".join(said))
 

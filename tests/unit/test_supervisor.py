@@ -367,6 +367,32 @@ def test_ranks_waiting_for_a_peers_slow_read_are_not_hung_until_the_peer_is():
     assert sorted(s.hb.rank for s in m.hung()) == [0, 1]
 
 
+def test_a_rank_held_up_by_a_peers_read_gets_the_hang_timeout_from_when_the_read_ended():
+    """The peer's 30 s read ends (it has its batch): the rank that waited for it is not hung at
+    that instant (it needs the peer's step to catch up) but only a hang timeout later. The
+    race the CI once lost: no progress for 30 s, and the storage allowance gone."""
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=60)
+    m.observe(hb(0, 100, phase="reading", step=3))
+    m.observe(hb(1, 101, phase="training", step=3))
+    for _ in range(6):
+        clock.t += 5
+        current = m.ranks[0].hb
+        m.observe(Heartbeat(**{**current.__dict__, "io_bytes": current.io_bytes + 1000}))
+        m.observe(m.ranks[1].hb)
+    clock.t += 2  # between two supervisor ticks, rank 0 got its batch
+    m.observe(Heartbeat(**{**m.ranks[0].hb.__dict__, "phase": "training"}))
+    assert m.hung() == []
+    clock.t += 9
+    m.observe(m.ranks[0].hb)
+    m.observe(m.ranks[1].hb)
+    assert m.hung() == []
+    clock.t += 2  # a hang timeout since the read ended, and still no step anywhere
+    m.observe(m.ranks[0].hb)
+    m.observe(m.ranks[1].hb)
+    assert sorted(s.hb.rank for s in m.hung()) == [0, 1]
+
+
 def test_the_storage_phase_limit_grows_with_the_longest_phase_seen():
     clock = Clock()
     m = JobMonitor(10, clock, io_timeout_s=20)
