@@ -12,6 +12,7 @@ EXIT_STORAGE = 3  # storage unreachable, or access denied (credentials, read-onl
 EXIT_PREEMPTED = 43  # SIGTERM handled, emergency checkpoint committed
 EXIT_RESTART_ORDERED = 44  # worker: left on the supervisor's restart order (torchrun restarts it)
 EXIT_ORPHANED = 45  # worker: its local supervisor or agent died; it must not outlive its job
+EXIT_DIVERGED = 47  # training diverged past divergence.max_rollbacks (or with nothing to roll back to)
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, quietly
 
 
@@ -50,6 +51,13 @@ class BadCheckpointError(UserError):
     """
 
     exit_code = EXIT_FAILURE
+
+
+class DivergedError(UserError):
+    """Training diverged and rolling back cannot help any more (the budget is spent, or no good
+    commit is left): the job stops rather than train on garbage, and is not restarted."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def exit_code_of(error: UserError) -> int:

@@ -14,8 +14,13 @@ documented environment variable is set:
   rank's loss (every rank's without ``:RANK``) NaN at step S, once per run (a marker file,
   keyed by torchrun's run id, in the sample trace folder or else the temp folder, survives the
   restarts of that run);
+  ``FTDIFF_SPIKE_AT_STEP=S:FACTOR`` scales the loss of steps S..S+2 by FACTOR on every rank,
+  once per run (a replay of those step numbers after a rollback is clean);
   ``StepProbe.slow_rank()`` in each micro-batch's forward: ``FTDIFF_SLOW_RANK=RANK:SECONDS``
   makes that rank sleep that long per step (a straggler).
+- ``StepProbe.corrupt(step, model)`` after each optimizer step: ``FTDIFF_CORRUPT_PARAM_AT_STEP=S:RANK``
+  flips one bit of one parameter on that rank after step S, once per run (silent data
+  corruption: the replicas disagree from then on).
 
 From outside, faults go through the real mechanism (a signal to a pid), so the detection code
 under test is the code that runs in production: ``kill9``, ``freeze``, ``thaw``.
@@ -62,6 +67,13 @@ class StepProbe:
         if nan_at:
             step, _, rank = nan_at.partition(":")
             self.nan_at = (int(step), int(rank) if rank else None)
+        spike = env.get("FTDIFF_SPIKE_AT_STEP")
+        spike_step, _, factor = (spike or "").partition(":")
+        self.spike_at = (int(spike_step), float(factor)) if spike else None
+        self._spiked: set[int] = set()
+        corrupt = env.get("FTDIFF_CORRUPT_PARAM_AT_STEP")
+        corrupt_step, _, corrupt_rank = (corrupt or "").partition(":")
+        self.corrupt_at = int(corrupt_step) if corrupt and int(corrupt_rank) == rank else None
         slow = env.get("FTDIFF_SLOW_RANK")
         slow_rank, _, seconds = (slow or "").partition(":")
         self.slow_s = float(seconds) if slow and int(slow_rank) == rank else 0.0
@@ -75,17 +87,42 @@ class StepProbe:
         if self.slow_s:
             time.sleep(self.slow_s)
 
+    def _first_time(self, what: str) -> bool:
+        """Whether ``what`` happens for the first time in this run (and mark it as happened)."""
+        try:
+            self._once.with_name(f"{self._once.name}-{what}-rank{self.rank}").touch(exist_ok=False)
+            return True
+        except FileExistsError:
+            return False  # injected once in this run already (before a restart)
+
     def loss(self, step: int, loss: Any) -> Any:
-        """``loss``, or NaN where ``FTDIFF_NAN_AT_STEP`` says so (once per run)."""
+        """``loss``, or NaN where ``FTDIFF_NAN_AT_STEP`` says so, or scaled where
+        ``FTDIFF_SPIKE_AT_STEP`` does (once per run each)."""
+        if self.spike_at is not None:
+            first, factor = self.spike_at
+            spiking = first in self._spiked or (step == first and self._first_time(f"spike-{first}"))
+            if spiking and first <= step <= first + 2 and step not in self._spiked:
+                self._spiked.add(step)
+                log.warning("FTDIFF_SPIKE_AT_STEP: the loss of step %d is scaled by %g", step, factor)
+                return loss * factor
         if self.nan_at is None or self.nan_at[0] != step or self.nan_at[1] not in (None, self.rank):
             return loss
-        marker = self._once.with_name(f"{self._once.name}-nan-{step}-rank{self.rank}")
-        try:
-            marker.touch(exist_ok=False)
-        except FileExistsError:
-            return loss  # injected once in this run already (before a restart)
+        if not self._first_time(f"nan-{step}"):
+            return loss
         log.warning("FTDIFF_NAN_AT_STEP: the loss of step %d is NaN on rank %d", step, self.rank)
         return loss * float("nan")
+
+    def corrupt(self, step: int, model: Any) -> None:
+        """Flip one bit of one parameter where ``FTDIFF_CORRUPT_PARAM_AT_STEP`` says so (once)."""
+        if self.corrupt_at != step or not self._first_time(f"corrupt-{step}"):
+            return
+        import torch
+
+        param = next(p for p in model.parameters() if p.dtype == torch.float32)
+        with torch.no_grad():
+            param.view(-1)[:1].view(torch.int32).bitwise_xor_(1 << 22)  # a mantissa bit of one weight
+        log.warning("FTDIFF_CORRUPT_PARAM_AT_STEP: flipped a bit of a weight on rank %d after step %d",
+                    self.rank, step)
 
     def after_step(self, step: int, positions: Any) -> None:
         """``positions``: the batch's global sample positions (a tensor or a sequence)."""

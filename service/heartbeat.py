@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 LEAVE_SIGNAL = signal.SIGUSR1
 # "refused": the worker left with an error a restart cannot fix (config, superseded);
 # "refused-storage": the same, the storage's (denied, bucket gone): the job ends with exit 3.
-REFUSED, REFUSED_STORAGE = "refused", "refused-storage"
+# "refused-diverged": training diverged past its rollback budget: the job ends with exit 47.
+REFUSED, REFUSED_STORAGE, REFUSED_DIVERGED = "refused", "refused-storage", "refused-diverged"
 # "reading": waiting for the next batch (shards may be read from storage meanwhile).
 PHASES = ("starting", "loading", "training", "reading", "checkpointing", "stopping", "done", REFUSED,
-          REFUSED_STORAGE)
+          REFUSED_STORAGE, REFUSED_DIVERGED)
 # Phases spent waiting on storage: their length depends on the store, not on the job's health.
 IO_PHASES = frozenset({"loading", "reading", "checkpointing", "stopping"})
 

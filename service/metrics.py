@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
-from service.vocabulary import FailureKind, RecoveryKind, RestartReason, StateSource
+from service.vocabulary import FailureKind, RecoveryKind, RestartReason, RollbackReason, StateSource
 
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RECOVERY_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
@@ -103,6 +103,20 @@ class TrainMetrics:
         self.nonfinite_steps = Counter(
             "ftdiff_nonfinite_steps_total", "Optimizer updates skipped for a NaN/Inf loss or gradient (every rank counts it)",
             registry=registry,
+        )
+        self.rollbacks = Counter(
+            "ftdiff_rollbacks_total", "In-place rollbacks to the newest good commit after a divergence, by reason "
+            "(every rank counts each one)", ["reason"], registry=registry,
+        )
+        for reason in RollbackReason:  # zero from the start: increase() sees the first one
+            self.rollbacks.labels(reason=reason.value)
+        self.skipped_samples = Counter(
+            "ftdiff_skipped_samples_total", "Positions of the sample stream skipped by rollbacks (every rank counts them)",
+            registry=registry,
+        )
+        self.replica_mismatches = Counter(
+            "ftdiff_replica_mismatch_total", "Replica checks that found a node's copy of the state different "
+            "(every rank counts each node it names)", ["node"], registry=registry,
         )
         self.data_wait = Counter(
             "ftdiff_data_wait_seconds_total", "Time this rank waited for its next batch (the loader behind)",

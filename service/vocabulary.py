@@ -67,3 +67,16 @@ def recovery_kind_of(diagnosis: FailureKind | RestartReason) -> RecoveryKind:
     if diagnosis == RestartReason.ORDERED:
         return RecoveryKind.ORDERED
     return RecoveryKind.CRASH
+
+
+class RollbackReason(StrEnum):
+    """Why the workers rolled the job back in place (label ``reason`` of ftdiff_rollbacks_total)."""
+
+    LOSS_SPIKE = "loss_spike"
+    """The loss stayed far above its recent level (divergence.spike_factor, spike_steps)."""
+    GRAD_SPIKE = "grad_spike"
+    """The gradient norm did."""
+    NONFINITE = "nonfinite"
+    """divergence.nonfinite_steps non-finite steps in a row."""
+    REPLICA_MISMATCH = "replica_mismatch"
+    """The ranks' copies of the weights and optimizer state no longer agree."""

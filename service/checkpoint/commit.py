@@ -67,7 +67,8 @@ class CommitProtocol:
             return configured
         return self.storage.backend.default_writer_threads
 
-    def write(self, step: int, samples_seen: int, state: dict[str, Any] | None, since: float) -> bool:
+    def write(self, step: int, samples_seen: int, state: dict[str, Any] | None, since: float,
+              notes: dict[str, Any] | None = None) -> bool:
         """Every rank: write ``state`` as ``step`` and commit it. Whether ``step`` is committed.
         ``state`` is None on a rank whose snapshot failed: then nobody writes. A failed write
         whose store then keeps refusing raises StorageError on every rank (the job stops)."""
@@ -78,7 +79,7 @@ class CommitProtocol:
         if not all(has_state for has_state, _ in ready):
             return False
         assert state is not None
-        committed = self._write(step, samples_seen, state, since)
+        committed = self._write(step, samples_seen, state, since, notes or {})
         if not committed:
             self._stop_if_storage_gone()
         return committed
@@ -93,7 +94,8 @@ class CommitProtocol:
         if reason is not None:
             raise StorageError(reason, permanent=True)
 
-    def _write(self, step: int, samples_seen: int, state: dict[str, Any], since: float) -> bool:
+    def _write(self, step: int, samples_seen: int, state: dict[str, Any], since: float,
+               notes: dict[str, Any]) -> bool:
         try:
             if self.group.from_main(lambda: self._prepare_folder(step)):
                 return True  # already committed by an earlier attempt: never rewritten
@@ -116,7 +118,7 @@ class CommitProtocol:
             self.telemetry.failure("write", step, e)
             return False
         self.telemetry.bytes_written(sum(f.size for f in writer.written.values()))
-        outcome = self._commit(step, samples_seen, written) if self.info.is_main else None
+        outcome = self._commit(step, samples_seen, written, notes) if self.info.is_main else None
         try:
             outcome = self.group.broadcast(outcome)
         except CHECKPOINT_ERRORS as e:
@@ -152,7 +154,8 @@ class CommitProtocol:
         self.storage.makedirs(step_dir(step))
         return False
 
-    def _commit(self, step: int, samples_seen: int, written: list[dict[str, Any]]) -> bool | str:
+    def _commit(self, step: int, samples_seen: int, written: list[dict[str, Any]],
+                notes: dict[str, Any]) -> bool | str:
         """Rank 0: the manifest (which makes the step committed), then the pointer. Whether it
         committed — or, if this process was superseded, the reason (every rank raises it)."""
         files: dict[str, Any] = {}
@@ -169,6 +172,7 @@ class CommitProtocol:
             run_id=self.run_id,
             incarnation=self.ownership.number,
             fingerprint=self.fingerprint,
+            **notes,  # Manifest fields the trainer adds (suspect_since, skips)
         )
         try:
             self.catalog.write_manifest(manifest)

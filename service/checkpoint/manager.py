@@ -36,6 +36,7 @@ from service.checkpoint.memory_recovery import MemoryRecovery
 from service.checkpoint.memory_tier import MemoryTier
 from service.checkpoint.resume import Resumer
 from service.checkpoint.retention import apply_retention
+from service.checkpoint.rollback import Rollback
 from service.checkpoint.storage_health import storage_verdict
 from service.config import Config
 from service.dist import DistInfo
@@ -71,6 +72,7 @@ class Checkpointer:
         self.telemetry, self.staging, self.group = ctx.telemetry, ctx.staging, ctx.group
         self.commits = CommitProtocol(ctx)
         self.resumer = Resumer(ctx)
+        self.rollback = Rollback(ctx, self.resumer, self.commits.committed_here)
         # The memory tier needs a run id: without one, no restart could tell its own state from
         # another run's.
         self.memory: MemoryRecovery | None = None
@@ -94,6 +96,8 @@ class Checkpointer:
         self._snapshot_done: threading.Event | None = None
         self._warmed = False
         self._stall_so_far = 0.0
+        # Manifest fields the trainer adds, as of the moment a save is taken (service.train.guard).
+        self.notes: Callable[[], dict[str, Any]] = dict
 
     @property
     def failures(self) -> int:
@@ -166,6 +170,17 @@ class Checkpointer:
                 self.save_at(step, samples_seen, blocking=not ck.async_)
         self.warm_up()  # staging buffers ready before the first async save
 
+    def roll_back(self, at_most: int) -> int | None:
+        """Every rank: back to the newest good commit at or before ``at_most`` (loaded into the
+        state; the commits and memory-tier snapshots after it forgotten); its step, or None."""
+        self.wait()
+        step = self.rollback.to_newest_before(at_most)
+        if step is not None:
+            self.last_committed_step = step
+            if self.memory is not None:
+                self.memory.rolled_back(step)
+        return step
+
     def before_update(self) -> None:
         """Block until an in-flight snapshot has copied the weights (call before optimizer.step).
 
@@ -236,7 +251,7 @@ class Checkpointer:
             log.info("checkpoint: save of step %d waits for the previous one", step)
         self.wait()
         if blocking:
-            return self._committed(step, self.commits.write(step, samples_seen, dict(self.state), t0))
+            return self._committed(step, self.commits.write(step, samples_seen, dict(self.state), t0, self.notes()))
         try:
             # References to the live tensors (and fresh tensors for counters and RNG), taken
             # now, so the snapshot describes exactly this step.
@@ -246,7 +261,7 @@ class Checkpointer:
             return None
         self._snapshot_done = threading.Event()
         self._stall_so_far = time.monotonic() - t0
-        self._pending = self._executor.submit(self._snapshot_and_write, step, samples_seen, refs, t0)
+        self._pending = self._executor.submit(self._snapshot_and_write, step, samples_seen, refs, t0, self.notes())
         return None
 
     def wait(self) -> bool | None:
@@ -337,7 +352,8 @@ class Checkpointer:
         return number
 
     # -- background work ---------------------------------------------------------------------
-    def _snapshot_and_write(self, step: int, samples_seen: int, refs: dict[str, Any], t0: float) -> bool:
+    def _snapshot_and_write(self, step: int, samples_seen: int, refs: dict[str, Any], t0: float,
+                            notes: dict[str, Any]) -> bool:
         snapshot: dict[str, Any] | None
         try:
             snapshot = self.staging.copy(refs)
@@ -349,7 +365,7 @@ class Checkpointer:
         finally:
             assert self._snapshot_done is not None
             self._snapshot_done.set()
-        return self._committed(step, self.commits.write(step, samples_seen, snapshot, t0))
+        return self._committed(step, self.commits.write(step, samples_seen, snapshot, t0, notes))
 
     def _committed(self, step: int, committed: bool) -> bool:
         if committed:

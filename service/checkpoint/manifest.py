@@ -73,6 +73,10 @@ class Manifest:
     """The start of the job that wrote it (see service.checkpoint.ownership)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     """The settings that define the run's math (see service.checkpoint.identity)."""
+    suspect_since: int | None = None
+    """Taken while a loss spike that began at this step was being judged: never a rollback target."""
+    skips: list[list[int]] = field(default_factory=list)
+    """The windows of the sample stream this run skips (service.data.skips), for people to read."""
 
     @property
     def total_bytes(self) -> int:
@@ -113,6 +117,8 @@ class Manifest:
                 run_id=None if body.get("run_id") is None else str(body["run_id"]),
                 incarnation=None if incarnation is None else _count(body, "incarnation"),
                 fingerprint=dict(fingerprint),
+                suspect_since=None if body.get("suspect_since") is None else _count(body, "suspect_since"),
+                skips=_windows(body.get("skips", [])),
             )
         except ManifestError:
             raise
@@ -140,6 +146,15 @@ def _files(raw: Any) -> dict[str, FileEntry]:
     if ".metadata" not in files:
         raise ManifestError("manifest lists no .metadata")
     return files
+
+
+def _windows(raw: Any) -> list[list[int]]:
+    ok = isinstance(raw, list) and all(
+        isinstance(w, list) and len(w) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in w)
+        and 0 <= w[0] < w[1] for w in raw)
+    if not ok:
+        raise ManifestError(f"manifest skips {_show(raw)} is not a list of [start, end] ranges")
+    return [list(w) for w in raw]
 
 
 def _count(body: dict[str, Any], key: str, minimum: int = 0, default: int | None = None) -> int:

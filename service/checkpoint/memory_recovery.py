@@ -126,6 +126,16 @@ class MemoryRecovery:
         if removed:
             log.debug("memory tier: removed %d snapshot file(s) up to step %s", removed, step)
 
+    def rolled_back(self, step: int) -> None:
+        """The state is back at committed ``step``: every snapshot here is of the diverged run."""
+        with self._lock:
+            self._committed = step
+            try:
+                self.tier.prune(None)
+            except OSError as e:
+                log.warning("memory tier: could not remove snapshots in %s: %s", self.tier.dir, e)
+        self.consistent_at(step)
+
     # -- leaving -----------------------------------------------------------------------------
     def leave_soon(self, why: str) -> None:
         """Leave the last completed step from a background thread (a periodic snapshot:

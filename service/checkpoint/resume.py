@@ -26,6 +26,7 @@ from service.checkpoint.dcp_io import VerifyingReader, verify_local_file
 from service.checkpoint.direct_read import DirectFileReader
 from service.checkpoint.errors import CorruptCheckpointError, ManifestError
 from service.checkpoint.identity import differences, fingerprint_of_config
+from service.checkpoint.load_planner import GrowingFormatLoadPlanner
 from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
@@ -145,7 +146,7 @@ class Resumer:
             step, manifest = candidate
             t0 = time.monotonic()
             try:
-                self._load(catalog.storage, step, manifest)
+                self.load_step(catalog.storage, step, manifest)
             except CHECKPOINT_ERRORS as e:
                 reason = describe_error(e)
                 log.error("checkpoint %s is unusable: %s", catalog.storage.url_of(step_dir(step)), reason)
@@ -187,7 +188,8 @@ class Resumer:
                 return step, catalog.manifest(step)
         return None
 
-    def _load(self, storage: Storage, step: int, manifest: Manifest) -> None:
+    def load_step(self, storage: Storage, step: int, manifest: Manifest) -> None:
+        """Load committed ``step`` into the state (every rank; verified, as on resume)."""
         # Per-rank state (RNG) only means something at the world size it was saved with.
         same_world = manifest.world_size == self.info.world_size
         state = {k: v for k, v in self.state.items() if same_world or k not in self.per_rank_keys}
@@ -196,7 +198,7 @@ class Resumer:
             self._load_local(state, folder, manifest)
         else:
             reader = VerifyingReader.for_folder(storage, step_dir(step), manifest.files, self.ctx.bytes_moved)
-            dcp.load(state, storage_reader=reader, process_group=self.group.pg)
+            dcp.load(state, storage_reader=reader, planner=GrowingFormatLoadPlanner(), process_group=self.group.pg)
 
     def _load_local(self, state: dict[str, Any], folder: str, manifest: Manifest) -> None:
         """Page-cache reads are cheap, so DCP reads its slices as usual while, alongside, each
@@ -218,7 +220,7 @@ class Resumer:
         try:
             reader = DirectFileReader(folder)
             reader.listed_files = set(manifest.files)  # it opens whatever .metadata names
-            dcp.load(state, storage_reader=reader, process_group=self.group.pg)
+            dcp.load(state, storage_reader=reader, planner=GrowingFormatLoadPlanner(), process_group=self.group.pg)
         except CHECKPOINT_ERRORS as e:  # a corrupt file may also break deserialisation
             load_error = e
         checker.join()

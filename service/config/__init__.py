@@ -11,6 +11,7 @@ from service.config.schema import (
     CheckpointConfig,
     Config,
     DataConfig,
+    DivergenceConfig,
     LoggingConfig,
     MetricsConfig,
     ModelConfig,
@@ -21,7 +22,7 @@ from service.config.schema import (
 from service.redact import REDACTED, SECRET_KEYS, redact_config_dict, redact_text, redact_url
 
 __all__ = [
-    "CONFIGS_DIR", "REDACTED", "SECRET_KEYS", "CheckpointConfig", "Config", "DataConfig", "LoggingConfig",
+    "CONFIGS_DIR", "REDACTED", "SECRET_KEYS", "CheckpointConfig", "Config", "DataConfig", "DivergenceConfig", "LoggingConfig",
     "MetricsConfig", "ModelConfig", "RunConfig", "SupervisorConfig", "TrainConfig", "config_from_dict",
     "load_config", "redact_config_dict", "redact_text", "redact_url", "resolve_config_path",
 ]

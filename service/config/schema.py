@@ -1,6 +1,6 @@
 """The config's sections and keys (pydantic, strict, unknown keys forbidden): the contract of
 ``[run]``, ``[model]``, ``[data]``, ``[train]``, ``[checkpoint]``, ``[supervisor]``,
-``[metrics]`` and ``[logging]``."""
+``[divergence]``, ``[metrics]`` and ``[logging]``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,18 @@ class DataConfig(_Section):
     read_retry_s: float = Field(default=60.0, ge=0)
     """kind=webdataset: how long a shard read is retried (backoff 1, 2, 4 ... s) on transient
     storage errors before the job stops with exit 3."""
+
+    skip: list[list[int]] = Field(default_factory=list)
+    """Ranges [start, end) of positions in the global sample stream never trained on: a step
+    whose batch would begin inside one begins at its end. A rollback adds its window to the ones
+    the checkpoint records; set this to skip data deliberately (e.g. to reproduce a rollback)."""
+
+    @field_validator("skip")
+    def _ranges(cls, v: list[list[int]]) -> list[list[int]]:
+        for pair in v:
+            if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+                raise ValueError(f"data.skip: {pair} is not a range [start, end) with 0 <= start < end")
+        return v
 
     @model_validator(mode="after")
     def _known_kind_with_its_url(self) -> "DataConfig":
@@ -244,6 +256,27 @@ class SupervisorConfig(_Section):
     per node (~400 MB, shared copy-on-write) and a few seconds at job start."""
 
 
+class DivergenceConfig(_Section):
+    """Faults that do not crash: when training is judged diverged, the workers roll back in
+    place to the newest good commit and skip the data that led there (docs/operations.md)."""
+
+    spike_factor: float = Field(default=8.0, ge=0)
+    """A step's loss or gradient norm above this multiple of its recent median is suspicious
+    (0: no spike detection)."""
+    spike_steps: int = Field(default=3, ge=1, le=1000)
+    """Suspicious steps in a row that make a spike."""
+    history: int = Field(default=50, ge=10, le=100_000)
+    """Steps the recent median is taken over."""
+    nonfinite_steps: int = Field(default=3, ge=1, le=1000)
+    """Non-finite steps in a row (each one skipped) that make a divergence."""
+    skip_steps: int = Field(default=10, ge=0, le=1_000_000)
+    """Batches skipped past the offending ones after a rollback."""
+    max_rollbacks: int = Field(default=3, ge=0, le=1000)
+    """Rollbacks per run; one more divergence stops the job with exit 47."""
+    replica_check_every: int = Field(default=100, ge=0)
+    """Steps between checks that every rank holds the same weights and optimizer state (0: never)."""
+
+
 class MetricsConfig(_Section):
     host: str = "127.0.0.1"
     """Address of the supervisor's /metrics, /healthz, /readyz (loopback by default)."""
@@ -272,6 +305,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    divergence: DivergenceConfig = DivergenceConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

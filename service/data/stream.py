@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from service.data.registry import SOURCES
+from service.data.skips import Skips
 from service.errors import UserError
 
 if TYPE_CHECKING:
@@ -198,19 +199,23 @@ def rank_positions(start: int, global_batch: int, rank: int, world_size: int) ->
 
 
 class RankBatchSampler(Sampler[list[int]]):
-    """Yields this rank's slice of ``num_steps`` global batches from ``start_position`` on."""
+    """Yields this rank's slice of ``num_steps`` global batches from ``start_position`` on,
+    stepping over the skipped windows of the stream (a batch begins at a window's end)."""
 
-    def __init__(self, start_position: int, num_steps: int, global_batch: int, rank: int, world: int):
+    def __init__(self, start_position: int, num_steps: int, global_batch: int, rank: int, world: int,
+                 skips: Skips | None = None):
         self.start_position, self.num_steps = start_position, num_steps
         self.global_batch, self.rank, self.world = global_batch, rank, world
+        self.skips = skips or Skips()
 
     def __len__(self) -> int:
         return max(0, self.num_steps)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for k in range(self.num_steps):
-            start = self.start_position + k * self.global_batch
+        start = self.skips.next_start(self.start_position)
+        for _ in range(self.num_steps):
             yield rank_positions(start, self.global_batch, self.rank, self.world)
+            start = self.skips.next_start(start + self.global_batch)
 
 
 def check_batch_geometry(global_batch: int, world_size: int, accum_steps: int = 1) -> None:
@@ -232,9 +237,10 @@ def build_loader(
     rank: int,
     world_size: int,
     num_workers: int,
+    skips: Skips | None = None,
 ) -> DataLoader:
     """A loader over this rank's slices of the global stream, from ``start_position`` on."""
-    sampler = RankBatchSampler(start_position, num_steps, global_batch, rank, world_size)
+    sampler = RankBatchSampler(start_position, num_steps, global_batch, rank, world_size, skips)
     return DataLoader(
         samples,
         batch_sampler=sampler,

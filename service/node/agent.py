@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from service.errors import EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_SUPERSEDED, EXIT_USAGE
+from service.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_OK, EXIT_STORAGE, EXIT_SUPERSEDED, EXIT_USAGE
 from service.launch_env import RDZV_POLL_ENV, LaunchEnv
 from service.node.stuck_watch import StuckWatch, watch_settings
 from service.node.torch_patches import shorten_rendezvous_polls, stop_restarts_on_refusal
@@ -29,7 +29,7 @@ from service.node.torch_patches import shorten_rendezvous_polls, stop_restarts_o
 log = logging.getLogger(__name__)
 
 # Worker exit codes that no restart can fix, in the order they are reported when ranks differ.
-NO_RETRY = (EXIT_USAGE, EXIT_STORAGE, EXIT_SUPERSEDED)
+NO_RETRY = (EXIT_USAGE, EXIT_STORAGE, EXIT_DIVERGED, EXIT_SUPERSEDED)
 
 
 def exit_code_for(worker_codes: Sequence[int]) -> int:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
+from service.errors import EXIT_DIVERGED, EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 from service.vocabulary import FailureKind, RestartReason
 
 
@@ -110,7 +110,7 @@ def on_agent_codes(state: LauncherState, codes: Mapping[int, int | None], last_c
         return state, None
     node, code = next(iter(failed.items()))
     kind = failure_kind(code)
-    refused = next((c for c in (EXIT_USAGE, EXIT_STORAGE) if c in failed.values()), None)
+    refused = next((c for c in (EXIT_USAGE, EXIT_STORAGE, EXIT_DIVERGED) if c in failed.values()), None)
     if refused is not None:
         return replace(state, phase=Phase.OVER), Refuse(refused, kind)
     if state.relaunches >= max_restarts:

@@ -41,9 +41,10 @@ from service.models.objective import loss as objective_loss
 from service.models.objective import target as objective_target
 from service.node.exits import exit_for_restart
 from service.train import state as keys
-from service.train.denoiser import build_denoiser, build_optimizer
+from service.train.denoiser import autocast_dtype, build_denoiser, build_optimizer
+from service.train.guard import DivergenceGuard
 from service.train.logging_sinks import TrainingLogs
-from service.train.model_inputs import ModelInputs
+from service.train.model_inputs import ModelInputs, split_batch
 from service.train.progress import ProgressReporter
 from service.train.restart_cost import ORDERED, STOPPED, RestartCostMeter, StepRecord
 from service.train.state import (
@@ -60,14 +61,6 @@ from service.train.state import (
 from service.train.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
-
-
-def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    choice = cfg.train.precision
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 class Trainer:
@@ -98,7 +91,7 @@ class Trainer:
             self.optimizer,
             warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
         )
-        self.autocast_dtype = _precision(cfg, info.device)
+        self.autocast_dtype = autocast_dtype(cfg, info.device)
         self.scaler = torch.amp.GradScaler(
             info.device.type, enabled=self.autocast_dtype is torch.float16
         )
@@ -136,6 +129,8 @@ class Trainer:
         self.step_timer = StepTimer(info.device)  # before the heartbeats, which report it
         self.heartbeats = self._start_heartbeats()
         self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
+        self.guard = DivergenceGuard(cfg, info, self.checkpointer, self.train_state, self.data_state,
+                                     self.metrics, self.model, self.optimizer)
 
     # -- heartbeats to the supervisor -----------------------------------------------------------
     def _start_heartbeats(self) -> HeartbeatSender | None:
@@ -206,57 +201,72 @@ class Trainer:
         self.checkpointer.resume()
         self.restart_cost.resumed(self.train_state.step, self.checkpointer.resume_source,
                               self.checkpointer.is_restart)
+        self.guard.started()
         self.phase = "training"
-        start = self.train_state.step
-        self.logs.open(start)
-        total = self.cfg.train.max_steps
-        gb = self.cfg.train.global_batch_size
-        loader = build_loader(
-            self.samples, self.data_state.position, max(0, total - start), gb,
-            self.info.rank, self.info.world_size, self.cfg.data.num_workers,
-        )
+        self.logs.open(self.train_state.step)
         log.info(
             "training steps %d..%d: world size %d, global batch %d (%d per rank), %s",
-            start, total, self.info.world_size, gb, self.local_batch, self.info.device,
+            self.train_state.step, self.cfg.train.max_steps, self.info.world_size,
+            self.cfg.train.global_batch_size, self.local_batch, self.info.device,
         )
         self.net.train()
-        with ProgressReporter(self.info.is_main, start, total) as progress:
-            window_t, window_samples, window_wait = time.monotonic(), 0, 0.0
-            for batch, waited in self._batches(loader):
-                window_wait += waited
-                self.metrics.train.data_wait.inc(waited)
-                loss = self._train_step(batch)
-                self._advance(gb)
-                self.probe.after_step(self.train_state.step, batch["position"])
-                # Weights, optimizer, LR, EMA and counters all at this step now (the update
-                # began in before_update): it may be left in the memory tier. After the probe,
-                # so an injected failure at a step is never skipped by resuming past it.
-                self.checkpointer.update_done(self.train_state.step)
-                self.restart_cost.step_done(self.train_state.step)
-                if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
-                    self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
-                global_loss, stop, busy = self._agree(loss)
-                step = self.train_state.step
-                self.metrics.train.step.set(step)
-                window_samples += gb
-                if step % self.cfg.train.log_every == 0 or step == total:
-                    now = time.monotonic()
-                    rate = window_samples / max(now - window_t, 1e-9)
-                    wait_share = window_wait / max(now - window_t, 1e-9)
-                    window_t, window_samples, window_wait = now, 0, 0.0
-                    self._report(progress, step, global_loss, rate, wait_share)
-                progress.advance(step, global_loss)
-                if stop:
-                    return self._emergency_stop(step)
-                if step < total:  # the last step's grid comes after the final commit
-                    self.logs.maybe_sample(step)  # rendered in the background
-                # Visibly a storage phase while it blocks (a slow or unreachable store is not
-                # a hang; see service.supervisor.monitor).
-                self.phase = "checkpointing"
-                self.checkpointer.save(step, self.train_state.samples_seen, busy_anywhere=busy)
+        with ProgressReporter(self.info.is_main, self.train_state.step, self.cfg.train.max_steps) as progress:
+            while True:  # once, plus once more after each rollback (bounded by its budget)
+                code = self._train(progress)
+                if code is not None:
+                    return code
+
+    def _train(self, progress: ProgressReporter) -> int | None:
+        """Steps from the current state to the end; None when a rollback cut them short."""
+        total, gb = self.cfg.train.max_steps, self.cfg.train.global_batch_size
+        loader = build_loader(
+            self.samples, self.data_state.position, max(0, total - self.train_state.step), gb,
+            self.info.rank, self.info.world_size, self.cfg.data.num_workers, self.data_state.skips,
+        )
+        window_t, window_samples, window_wait = time.monotonic(), 0, 0.0
+        for batch, waited in self._batches(loader):
+            window_wait += waited
+            self.metrics.train.data_wait.inc(waited)
+            self.guard.batch_began(self.train_state.step + 1, self.data_state.position)
+            loss, norm = self._train_step(batch)
+            self._advance(gb)
+            self.probe.after_step(self.train_state.step, batch["position"])
+            self.probe.corrupt(self.train_state.step, self.model)
+            # Weights, optimizer, LR, EMA and counters all at this step now (the update
+            # began in before_update): it may be left in the memory tier. After the probe,
+            # so an injected failure at a step is never skipped by resuming past it.
+            self.checkpointer.update_done(self.train_state.step)
+            self.restart_cost.step_done(self.train_state.step)
+            if "bad_image" in batch:  # data.on_bad_image = "skip": replacements, counted
+                self.metrics.train.bad_images.inc(int(batch["bad_image"].sum()))
+            global_loss, stop, busy = self._agree(loss)
+            step = self.train_state.step
+            self.metrics.train.step.set(step)
+            window_samples += gb
+            if step % self.cfg.train.log_every == 0 or step == total:
+                now = time.monotonic()
+                rate = window_samples / max(now - window_t, 1e-9)
+                wait_share = window_wait / max(now - window_t, 1e-9)
+                window_t, window_samples, window_wait = now, 0, 0.0
+                self._report(progress, step, global_loss, rate, wait_share)
+            progress.advance(step, global_loss)
+            if stop:
+                return self._emergency_stop(step)
+            verdict = self.guard.judge(step, global_loss, norm)
+            if verdict is not None:  # every rank, at the same step
+                self.phase = "loading"
+                self.guard.roll_back(verdict)
                 self.phase = "training"
-                if self.cfg.train.step_sleep_s:
-                    time.sleep(self.cfg.train.step_sleep_s)
+                return None
+            if step < total:  # the last step's grid comes after the final commit
+                self.logs.maybe_sample(step)  # rendered in the background
+            # Visibly a storage phase while it blocks (a slow or unreachable store is not
+            # a hang; see service.supervisor.monitor).
+            self.phase = "checkpointing"
+            self.checkpointer.save(step, self.train_state.samples_seen, busy_anywhere=busy)
+            self.phase = "training"
+            if self.cfg.train.step_sleep_s:
+                time.sleep(self.cfg.train.step_sleep_s)
         return self._finish()
 
     def _batches(self, loader: Any) -> Any:
@@ -273,12 +283,13 @@ class Trainer:
                 return
             yield batch, time.monotonic() - asked
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One optimizer step on this rank's share of the global batch, in
-        ``train.grad_accum_steps`` micro-batches (gradients synchronised after the last)."""
+        ``train.grad_accum_steps`` micro-batches (gradients synchronised after the last);
+        (this rank's loss, the global gradient norm before clipping)."""
         accum = self.cfg.train.grad_accum_steps
         total = torch.zeros((), device=self.info.device)
-        for i, micro in enumerate(_split(batch, accum)):
+        for i, micro in enumerate(split_batch(batch, accum)):
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
@@ -306,7 +317,7 @@ class Trainer:
         self.lr_scheduler.step()
         if finite:
             self.ema.step(self.model.parameters())
-        return total
+        return total, float(norm)
 
     def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
@@ -328,7 +339,7 @@ class Trainer:
     def _advance(self, global_batch: int) -> None:
         self.train_state.step += 1
         self.train_state.samples_seen += global_batch
-        self.data_state.position += global_batch
+        self.data_state.position = self.data_state.skips.next_start(self.data_state.position + global_batch)
         self.train_state.epoch = self.data_state.position // len(self.source)
 
     def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
@@ -386,11 +397,3 @@ class Trainer:
             if self.heartbeats is not None:
                 self.heartbeats.stop()
 
-
-def _split(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
-    """``batch`` in ``pieces`` equal micro-batches (the geometry check makes them equal);
-    tensors and lists (captions) alike."""
-    if pieces == 1:
-        return [batch]
-    size = len(batch["position"]) // pieces
-    return [{key: value[i * size:(i + 1) * size] for key, value in batch.items()} for i in range(pieces)]

@@ -37,3 +37,12 @@ class ModelInputs:
             # at sampling, whatever the training precision.
             return self.text(list(batch["caption"]))
         return None
+
+
+def split_batch(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """``batch`` in ``pieces`` equal micro-batches (the geometry check makes them equal);
+    tensors and lists (captions) alike."""
+    if pieces == 1:
+        return [batch]
+    size = len(batch["position"]) // pieces
+    return [{key: value[i * size:(i + 1) * size] for key, value in batch.items()} for i in range(pieces)]

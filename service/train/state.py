@@ -8,7 +8,7 @@ rank-specific keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from service.data.skips import Skips
 from service.state_keys import (  # noqa: F401 (the registry's keys, re-exported for the loop)
     DATA,
     EMA,
@@ -102,32 +103,40 @@ class GradScalerState(Stateful):
 
 @dataclass
 class TrainState(Stateful):
-    """The loop's counters: optimizer steps taken, samples seen, current epoch."""
+    """The loop's counters: optimizer steps taken, samples seen, current epoch, and rollbacks
+    so far (the run's budget counts them across rollbacks and restarts)."""
 
     step: int = 0
     samples_seen: int = 0
     epoch: int = 0
+    rollbacks: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": _int(self.step), "samples_seen": _int(self.samples_seen), "epoch": _int(self.epoch)}
+        return {"step": _int(self.step), "samples_seen": _int(self.samples_seen), "epoch": _int(self.epoch),
+                "rollbacks": _int(self.rollbacks)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
         self.samples_seen = int(state_dict["samples_seen"])
         self.epoch = int(state_dict["epoch"])
+        self.rollbacks = int(state_dict.get("rollbacks", 0))  # none in checkpoints of earlier releases
 
 
 @dataclass
 class DataState(Stateful):
-    """Position in the global sample stream (see service.data.stream)."""
+    """Position in the global sample stream (see service.data.stream), and the windows of it
+    that are skipped (service.data.skips)."""
 
     position: int = 0
+    skips: Skips = field(default_factory=Skips)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": _int(self.position)}
+        return {"position": _int(self.position), "skips": self.skips.to_tensor()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.position = int(state_dict["position"])
+        if "skips" in state_dict:  # none in checkpoints of earlier releases
+            self.skips = Skips.from_tensor(state_dict["skips"])
 
 
 class RNGState(Stateful):

@@ -9,8 +9,9 @@ from service.metrics import SupervisorMetrics, WorkerMetrics
 UNITS = ("_seconds", "_bytes", "_total", "_step", "_loss", "_second", "_size", "_state", "_ratio",
          "_speed")  # ftdiff_rank_relative_speed: a ratio, named by issue 25's contract
 # Subsystems; "recovery" and "steps" (ftdiff_recovery_seconds, ftdiff_steps_lost_total) are the
-# names the recovery work was specified with.
-SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps", "nonfinite", "rank")
+# names the recovery work was specified with; "rollbacks", "skipped", "replica" are issue 25's.
+SUBSYSTEMS = ("checkpoint", "job", "worker", "train", "supervisor", "data", "recovery", "steps", "nonfinite", "rank",
+              "rollbacks", "skipped", "replica")
 
 
 def test_names_follow_the_convention():
@@ -19,7 +20,7 @@ def test_names_follow_the_convention():
             if family.name.startswith("ftdiff_") is False:
                 continue
             assert family.name.split("_")[1] in SUBSYSTEMS, family.name
-            if family.type == "counter":
+            if family.type == "counter" and family.samples:  # a labelled one may have no child yet
                 assert any(s.name.endswith("_total") for s in family.samples), family.name
             assert family.name.endswith(UNITS) or family.type in ("counter", "histogram", "stateset"), family.name
 
@@ -36,7 +37,7 @@ def test_required_metrics_exist():
         "ftdiff_job_world_size", "ftdiff_job_state", "ftdiff_worker_heartbeat_age_seconds",
         "ftdiff_train_step", "ftdiff_train_loss", "ftdiff_train_samples_per_second",
         "ftdiff_supervisor_rejected_requests", "ftdiff_data_wait_seconds", "ftdiff_data_wait_ratio",
-        "ftdiff_nonfinite_steps",
+        "ftdiff_nonfinite_steps", "ftdiff_rollbacks", "ftdiff_skipped_samples", "ftdiff_replica_mismatch",
     ]:
         assert required in names, required
 

@@ -1,0 +1,117 @@
+"""The trainer's defence against faults that do not crash: divergence and diverged replicas.
+
+After every step, every rank judges the same global series (service.train.divergence) and, every
+``divergence.replica_check_every`` steps, compares a fingerprint of its weights and optimizer
+state with its peers' (service.train.replicas). A verdict rolls the job back in place: every
+rank loads the newest good commit (Checkpointer.roll_back) and, after a spike or a run of
+non-finite steps, the data from the first offending batch on plus ``divergence.skip_steps``
+batches is skipped — a window of stream positions, the same at any world size, recorded in the
+checkpoint (and its manifest) so that every later resume keeps it. Past
+``divergence.max_rollbacks`` the job stops with exit 47 instead of training on garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import torch
+
+from service.checkpoint.manager import Checkpointer
+from service.config import Config
+from service.dist import DistInfo
+from service.errors import DivergedError
+from service.metrics import WorkerMetrics
+from service.train.divergence import Divergence, SpikeDetector
+from service.train.replicas import ReplicaCheck
+from service.train.state import DataState, TrainState
+from service.vocabulary import RollbackReason
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceGuard:
+    def __init__(self, cfg: Config, info: DistInfo, checkpointer: Checkpointer, train_state: TrainState,
+                 data_state: DataState, metrics: WorkerMetrics, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer):
+        d = cfg.divergence
+        self.cfg, self.checkpointer, self.metrics = cfg, checkpointer, metrics
+        self.train_state, self.data_state = train_state, data_state
+        self.detector = SpikeDetector(d.spike_factor, d.spike_steps, d.nonfinite_steps, d.history)
+        self.replicas = ReplicaCheck(info, model, optimizer)
+        metrics.train.replica_mismatches.labels(node=info.node)  # zero from the start
+        # step -> where its batch began in the stream: where a skip window starts.
+        self._batch_starts: deque[tuple[int, int]] = deque(maxlen=max(d.spike_steps, d.nonfinite_steps) + 2)
+        self.last_verified = 0  # the newest step every rank was seen to hold the same state at
+        checkpointer.notes = self.manifest_notes
+
+    def started(self) -> None:
+        """After resume: the configured windows join the recorded ones; the loaded state is
+        the same on every rank (every rank loaded the same checkpoint, or the same seed)."""
+        for start, end in self.cfg.data.skip:
+            self.data_state.skips.add(start, end)
+        self.data_state.position = self.data_state.skips.next_start(self.data_state.position)
+        self.last_verified = self.train_state.step
+
+    def manifest_notes(self) -> dict[str, Any]:
+        return {"suspect_since": self.detector.judging_since, "skips": self.data_state.skips.as_lists()}
+
+    def batch_began(self, step: int, position: int) -> None:
+        self._batch_starts.append((step, position))
+
+    def judge(self, step: int, loss: float, grad_norm: float) -> Divergence | None:
+        """Every rank, after step ``step`` (same inputs everywhere, same verdict everywhere)."""
+        verdict = self.detector.observe(step, loss, grad_norm)
+        every = self.cfg.divergence.replica_check_every
+        if verdict is None and every and step % every == 0:
+            verdict = self.replicas.verify(step, self.last_verified)
+            if verdict is None:
+                self.last_verified = step
+            else:
+                for node in self.replicas.suspect_nodes:
+                    self.metrics.train.replica_mismatches.labels(node=node).inc()
+        return verdict
+
+    def roll_back(self, verdict: Divergence) -> None:
+        """Every rank: back to the newest good commit, past the offending data; DivergedError
+        when the budget is spent or nothing good is left."""
+        d, spent = self.cfg.divergence, self.train_state.rollbacks
+        if spent >= d.max_rollbacks:
+            raise DivergedError(
+                f"training diverged: {verdict.describe()}; the rollback budget is spent "
+                f"(divergence.max_rollbacks = {d.max_rollbacks}): stopping rather than training on. "
+                "Lower train.lr or raise train.grad_clip, look at the data the manifest's skips name, or "
+                "raise divergence.max_rollbacks")
+        replica = verdict.reason is RollbackReason.REPLICA_MISMATCH
+        at_most = self.last_verified if replica else verdict.first_step - 1
+        window = None if replica else self._window(verdict)
+        log.error("%s: rolling back to the newest good commit at or before step %d", verdict.describe(), at_most)
+        target = self.checkpointer.roll_back(at_most)
+        if target is None:
+            raise DivergedError(
+                f"training diverged: {verdict.describe()}, and no commit at or before step {at_most} is left "
+                "to roll back to; lower train.lr, or resume from an earlier checkpoint with data.skip set")
+        self.train_state.rollbacks = spent + 1
+        skips = self.data_state.skips
+        for start, end in self.cfg.data.skip:  # a checkpoint from before they were set lacks them
+            skips.add(start, end)
+        if window is not None:
+            before = skips.skipped_between(*window)
+            skips.add(*window)
+            self.metrics.train.skipped_samples.inc(window[1] - window[0] - before)
+        self.data_state.position = skips.next_start(self.data_state.position)
+        self.detector.reset()
+        self._batch_starts.clear()
+        self.last_verified = target
+        self.metrics.train.rollbacks.labels(reason=verdict.reason.value).inc()
+        log.error("rolled back to step %d (rollback %d of at most %d)%s", target, spent + 1, d.max_rollbacks,
+                  f"; positions {window[0]}..{window[1] - 1} of the sample stream are skipped" if window else "")
+
+    def _window(self, verdict: Divergence) -> tuple[int, int]:
+        """[first offending batch's start, end of the verdict's batch + skip_steps batches)."""
+        starts = dict(self._batch_starts)
+        gb = self.cfg.train.global_batch_size
+        first = starts.get(verdict.first_step, starts.get(verdict.last_step, self.data_state.position - gb))
+        last = starts.get(verdict.last_step, self.data_state.position - gb)
+        return first, last + gb * (1 + self.cfg.divergence.skip_steps)
