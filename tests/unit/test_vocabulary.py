@@ -10,7 +10,7 @@ import pytest
 
 from service.heartbeat import RECOVERY_KINDS, RECOVERY_SOURCES, Recovery
 from service.metrics import CHECKPOINT_FAILURE_STAGES, JOB_STATES, MEMORY_REJECT_REASONS, SupervisorMetrics
-from service.vocabulary import FailureKind, RecoveryKind, RestartReason, StateSource, recovery_kind_of
+from service.vocabulary import FailureKind, RecoveryKind, RestartReason, RollbackReason, StateSource, recovery_kind_of
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 pytestmark = pytest.mark.timeout(30)
@@ -25,6 +25,7 @@ ALLOWED = {
     "ftdiff_job_state": {"ftdiff_job_state": set(JOB_STATES)},
     "ftdiff_checkpoint_failures_total": {"stage": set(CHECKPOINT_FAILURE_STAGES)},
     "ftdiff_checkpoint_memory_snapshots_rejected_total": {"reason": set(MEMORY_REJECT_REASONS)},
+    "ftdiff_rollbacks_total": {"reason": set(RollbackReason)},
 }
 SELECTOR = re.compile(r"(ftdiff_[a-z_]+?)(?:_bucket|_count|_sum)?\{([^}]*)\}")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*\\?"([^"\\]*)\\?"')
