@@ -106,6 +106,9 @@ class Heartbeat:
     compute_s: float = 0.0
     """Running mean of this rank's own compute per step (service.train.step_timer): the
     supervisor compares ranks with it (stragglers). 0: not measured yet."""
+    agent: str = ""
+    """The torchrun agent that started this worker, as "pid@start time": a node whose agent
+    outlived a silence was cut off, not lost (a new node's agent is another process)."""
 
     @property
     def process(self) -> tuple[str, int, float]:
@@ -136,7 +139,7 @@ class Heartbeat:
             restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
             metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
             io_bytes=_int(body, "io_bytes", 0), recovery=_recovery(body.get("recovery")),
-            compute_s=_float(body, "compute_s", 0.0),
+            compute_s=_float(body, "compute_s", 0.0), agent=str(body.get("agent") or "")[:64],
         )
         hb.validate()
         return hb

@@ -97,3 +97,8 @@ def started_at(pid: int) -> float | None:
     if ticks is None:
         return None
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_identity(pid: int) -> str:
+    """"pid@start time": one process, even where pids repeat (pods, restarted containers)."""
+    return f"{pid}@{started_at(pid) or 0:.2f}"

@@ -73,6 +73,7 @@ class AttachedSupervisor(Supervisor):
         lost = self.monitor.silent_nodes(2 * self.cfg.supervisor.heartbeat_interval_s)
         if lost:  # every rank of a node went quiet at once: the node (or its link) is gone
             log.error("lost node(s) %s (%s): ordering a restart through the workers", sorted(lost), desc)
+            self.monitor.nodes_lost(lost)
             self.record(FailureKind.LOST_NODE, RestartReason.LOST_NODE)
         else:
             log.error("hang detected on %s: ordering a restart through the workers", desc)
@@ -88,6 +89,10 @@ class AttachedSupervisor(Supervisor):
         return None  # a Deployment: it stays, reporting the failure until a person acts
 
     def after_tick(self) -> None:
+        while self.monitor.reconnected:
+            node, gap = self.monitor.reconnected.pop(0)
+            log.warning("node %s reports again %.0fs after it went silent, its processes (or its torchrun agent) "
+                        "alive all along: a network partition or outage cut it off, the node was not lost", node, gap)
         if self._failed_mark is not None and self.monitor.progressed_since(self._failed_mark):
             log.warning("the job makes progress again (last committed step %s): state running, "
                         "watching for hangs", self.monitor.last_committed_step)

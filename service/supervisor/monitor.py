@@ -91,6 +91,10 @@ class JobMonitor:
         self._replaced_until = 0.0
         # Ranks that said goodbye (phase "done") -> the world size they reported.
         self._done: dict[int, int] = {}
+        # Nodes declared lost -> (when, their processes then); one whose processes report again
+        # unchanged was cut off, not gone: (node, seconds unreachable) in ``reconnected``.
+        self._lost: dict[str, tuple[float, set[tuple[str, int, float]], set[str]]] = {}
+        self.reconnected: list[tuple[str, float]] = []
 
     def observe(self, hb: Heartbeat) -> bool:
         """Record a heartbeat; True if it reveals a new restart event (another process for a
@@ -98,6 +102,12 @@ class JobMonitor:
         now = self.clock()
         with self._lock:
             self._expire(now)
+            lost = self._lost.get(hb.node)
+            # Reachable again: the same process, or a replacement the node's own torchrun agent
+            # started (the agent lived on; a new node's agent is another process).
+            if lost is not None and (hb.process in lost[1] or (hb.agent and hb.agent in lost[2])):
+                del self._lost[hb.node]
+                self.reconnected.append((hb.node, now - lost[0]))
             if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
@@ -252,6 +262,17 @@ class JobMonitor:
             if len(nodes) < 2:
                 return set()
             return {node for node, silent in nodes.items() if all(silent)}
+
+    def nodes_lost(self, nodes: set[str]) -> None:
+        """``nodes`` were declared lost (every rank silent): remember their processes, to tell
+        a partition (the same processes, or their own agent's replacements, report again) from
+        a node that is gone."""
+        with self._lock:
+            for node in nodes:
+                states = [s for s in self.ranks.values() if s.hb.node == node]
+                if states:  # unreachable since its last heartbeat
+                    self._lost[node] = (max(s.last_seen for s in states), {s.hb.process for s in states},
+                                        {s.hb.agent for s in states if s.hb.agent})
 
     def relative_speeds(self) -> dict[int, tuple[str, float]]:
         """rank -> (node, its speed relative to the fastest rank: the fastest one's compute

@@ -40,6 +40,7 @@ from service.models.objective import build_noise_scheduler
 from service.models.objective import loss as objective_loss
 from service.models.objective import target as objective_target
 from service.node.exits import exit_for_restart
+from service.node.proc import process_identity
 from service.train import state as keys
 from service.train.denoiser import autocast_dtype, build_denoiser, build_optimizer
 from service.train.guard import DivergenceGuard
@@ -121,6 +122,7 @@ class Trainer:
                                  should_stop=lambda: self._stop_signal is not None)
         self._stop_signal: int | None = None
         self._started = time.time()
+        self._agent = process_identity(self.launch.agent_pid or os.getppid())  # torchrun's agent
         self.phase = "starting"
         self.restart_cost = RestartCostMeter(
             StepRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
@@ -172,7 +174,7 @@ class Trainer:
             restart_count=info.restart_count, time=time.time(),
             metrics=metric_samples(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes + getattr(self.source, "bytes_read", 0),  # shard reads too
-            compute_s=self.step_timer.mean_s,
+            compute_s=self.step_timer.mean_s, agent=self._agent,
             recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 
@@ -396,4 +398,3 @@ class Trainer:
             self.logs.close()  # waits (bounded) for the last step's grid; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()
-

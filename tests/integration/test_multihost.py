@@ -79,3 +79,58 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts_fixture, ba
             stop_tree(proc)
         for log in logs.values():
             log.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_partition_that_heals_is_recovered_with_no_committed_step_lost(two_hosts_fixture, tmp_path):
+    """The link between the hosts goes down mid-step and comes back 10 s later, both hosts alive
+    throughout (min nodes 2: nobody may go on alone). The job is seen stuck, restarts once the
+    hosts can talk again, loses no committed step and finishes."""
+    host_a, host_b = two_hosts_fixture
+    dirs = traced_run(tmp_path)
+    trace, url = dirs.trace, dirs.url
+    sup_port, metrics_port, rdzv_port = 29450, 9400, 29400
+    common = TINY + ["train.max_steps=24", "checkpoint.every_steps=3", f'checkpoint.url="{url}"',
+                     "checkpoint.keep_last=100", "train.step_sleep_s=0.3", "supervisor.hang_timeout_s=4",
+                     "supervisor.heartbeat_interval_s=0.5", "train.collective_timeout_s=30",
+                     f'supervisor.url="http://{SUBNET}.1:{sup_port}"']
+    env = {"FTDIFF_TOKEN": TOKEN, **dirs.env}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
+    sup = in_host(host_a, [sys.executable, "-m", "service.cli", "supervise", *set_args(
+        common + ['supervisor.host="0.0.0.0"', f"supervisor.port={sup_port}",
+                  'metrics.host="0.0.0.0"', f"metrics.port={metrics_port}"])], env, logs["sup"])
+    agents = []
+    for i, host in enumerate((host_a, host_b)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2:2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={SUBNET}.1:{rdzv_port}", "--rdzv-id=partition",
+               (f"--rdzv-conf=is_host={'true' if i == 0 else 'false'},keep_alive_interval=1,"
+               "keep_alive_max_attempt=30,last_call_timeout=1"),
+               f"--local-addr={SUBNET}.{i + 1}", "--max-restarts=3", "-m", "service.train",
+               "--log-format", "json", *set_args(common)]
+        agents.append(in_host(host, cmd, {**env, "FTDIFF_NODE": "ab"[i], "GLOO_SOCKET_IFNAME": host.dev,
+                                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, logs["ab"[i]]))
+    try:
+        wait_for_step(trace, 7, agents[0], timeout=120)
+        committed_before = set(Catalog(open_storage(str(url))).committed_steps())
+        ip("-n", host_b.ns, "link", "set", host_b.dev, "down")
+        cut_at = time.monotonic()
+        detected = 0.0
+        while detected < 1:
+            detected = sum(metric(host_a, metrics_port, f'ftdiff_job_failures_detected_total{{kind="{kind}"}}')
+                           for kind in ("hang", "lost_node"))
+            assert time.monotonic() - cut_at < 4 + 2 * 0.5 + 2, "the stuck job was not detected in time"
+            time.sleep(0.2)
+        time.sleep(max(0.0, 10 - (time.monotonic() - cut_at)))
+        ip("-n", host_b.ns, "link", "set", host_b.dev, "up")
+        for agent, name in zip(agents, "ab"):
+            assert agent.wait(timeout=200) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        catalog = Catalog(open_storage(str(url)))
+        assert catalog.latest()[0] == 24
+        assert committed_before <= set(catalog.committed_steps())
+        said = (tmp_path / "sup.log").read_text()
+        assert "network" in said, said[-3000:]
+    finally:
+        for proc in (*agents, sup):
+            stop_tree(proc)
+        for log in logs.values():
+            log.close()

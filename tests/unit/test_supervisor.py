@@ -708,3 +708,27 @@ def test_relative_speed_is_the_fastest_ranks_compute_time_over_each_ranks():
     assert metrics.rank_relative_speed.labels(rank="1", node=m.ranks[1].hb.node)._value.get() == 0.4
     with pytest.raises(ValueError, match="compute_s"):
         Heartbeat.from_json(json.dumps({**hb(0, 100).__dict__, "compute_s": -1.0}).encode())
+
+
+def test_a_lost_node_whose_agent_or_processes_report_again_was_cut_off_not_lost():
+    """A partition: node b's rank goes silent and is declared lost; later a replacement that
+    b's own torchrun agent started reports: b was reachable again, not gone. A fresh node
+    under the same name (another agent process) is no such evidence."""
+    import dataclasses
+
+    clock = Clock()
+    m = JobMonitor(4, clock)
+    m.observe(hb(0, 100, node="a"))
+    m.observe(dataclasses.replace(hb(1, 200, node="b"), agent="77@5.00"))
+    clock.t += 6
+    m.observe(hb(0, 100, node="a", step=0))
+    assert m.silent_nodes(1.0) == {"b"}
+    m.nodes_lost({"b"})
+    clock.t += 4
+    m.observe(dataclasses.replace(hb(1, 201, node="b", started=50.0), agent="77@9.00"))  # a new pod's agent
+    assert m.reconnected == []
+    m.nodes_lost({"b"})
+    clock.t += 1
+    m.observe(dataclasses.replace(hb(1, 202, node="b", started=60.0), agent="77@9.00"))
+    assert [node for node, _ in m.reconnected] == ["b"]
+    assert m.reconnected[0][1] == pytest.approx(1.0)  # unreachable since its last heartbeat

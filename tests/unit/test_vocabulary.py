@@ -10,7 +10,14 @@ import pytest
 
 from service.heartbeat import RECOVERY_KINDS, RECOVERY_SOURCES, Recovery
 from service.metrics import CHECKPOINT_FAILURE_STAGES, JOB_STATES, MEMORY_REJECT_REASONS, SupervisorMetrics
-from service.vocabulary import FailureKind, RecoveryKind, RestartReason, RollbackReason, StateSource, recovery_kind_of
+from service.vocabulary import (
+    FailureKind,
+    RecoveryKind,
+    RestartReason,
+    RollbackReason,
+    StateSource,
+    recovery_kind_of,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 pytestmark = pytest.mark.timeout(30)
