@@ -16,7 +16,8 @@ from service.redact import redact_config_dict, redact_url
 
 class _Section(BaseModel):
     # strict: "3" is not an int, "yes" is not a bool; extra keys are typos.
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True,
+                              use_attribute_docstrings=True)  # the docstrings: docs/config.md
 
 
 class RunConfig(_Section):
@@ -42,6 +43,7 @@ class ModelConfig(_Section):
     """The denoiser's input side in pixels; defaults to the preset's. Must suit the model's
     downsampling (UNet) or patch size (DiT)."""
     num_train_timesteps: int = Field(default=1000, ge=10)
+    """Diffusion steps of the noise schedule the model is trained on (sampling may use fewer)."""
     conditioning: Literal["none", "class", "text"] = "none"
     """class: the data's labels (a folder's first-level subfolders; the shape of ``shapes``
     and ``synthetic``; the digit of ``digits``) condition the model, with classifier-free
@@ -56,6 +58,7 @@ class ModelConfig(_Section):
     emptied, which classifier-free guidance needs; which ones is a pure function of (seed,
     epoch, index)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    """The noise schedule: linear (DDPM), scaled_linear (Stable Diffusion), squaredcos_cap_v2 (cosine)."""
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     """What the model predicts: the noise, the velocity v, or the clean sample."""
     vae: str | None = None
@@ -146,17 +149,23 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(default=500, ge=1)
+    """Optimizer steps of the run; the last one is always committed."""
     global_batch_size: int = Field(default=64, ge=1)
     """Samples per optimizer step over all ranks; must divide by the world size. The default
     job (500 x 64, lr 5e-3, data.kind = "shapes") draws recognisable shapes after about a
     minute on two CPU cores (docs/benchmarks.md, "Sample quality of the default job")."""
     lr: float = Field(default=5e-3, gt=0)
+    """Peak AdamW learning rate (after warm-up; cosine decay to lr * min_lr_ratio)."""
     warmup_steps: int = Field(default=50, ge=0)
+    """Steps of linear learning-rate warm-up."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at max_steps."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
     grad_clip: float = Field(default=1.0, gt=0)
+    """Gradients are clipped to this global norm (the norm before clipping feeds the divergence checks)."""
     ema_decay: float = Field(default=0.999, gt=0, lt=1)
+    """Decay of the exponential moving average of the weights that sampling and export use by default."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU. fp16 enables the grad scaler."""
     grad_accum_steps: int = Field(default=1, ge=1, le=1024)
@@ -170,6 +179,7 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     log_every: int = Field(default=10, ge=1)
+    """Steps between progress lines, TensorBoard scalars and the rate metrics."""
     collective_timeout_s: float = Field(default=300.0, gt=0, lt=1e7)
     """How long a collective waits for a peer: long enough for a slow checkpoint load, short
     enough that a peer gone without a broken connection becomes an error, not a silent hang."""
@@ -181,6 +191,7 @@ class CheckpointConfig(_Section):
     url: str = "runs/ftdiff/checkpoints"
     """Root of this run's checkpoints: path, file://, s3://bucket/prefix or memory://."""
     every_steps: int = Field(default=50, ge=1)
+    """Steps between checkpoints (the last step and a preemption are always committed)."""
     keep_last: int = Field(default=3, ge=2)
     """Committed checkpoints kept; >= 2 because the newest may still be in flight."""
     keep_every: int = Field(default=0, ge=0)
@@ -200,6 +211,7 @@ class CheckpointConfig(_Section):
     endpoint_url: str | None = None
     """S3 endpoint (SeaweedFS, MinIO, Ceph, ...); default: AWS_ENDPOINT_URL or AWS's own."""
     region: str | None = None
+    """S3 region; default: AWS_REGION or the store's own."""
     memory_tier: bool = True
     """When a worker dies, the survivors leave the state of their last completed step in
     node-local shared memory and the restart resumes there (zero steps lost) if it is newer
@@ -235,13 +247,16 @@ class SupervisorConfig(_Section):
     """Local mode: agents run but no worker has reported for this long since their launch, a
     restart order or the last heartbeat (stuck in rendezvous or start-up): end and relaunch them."""
     max_restarts: int = Field(default=10, ge=0)
+    """Relaunches without a new commit before the job gives up (exit 1); a new commit renews them."""
     min_nodes: int | None = Field(default=None, ge=1)
     """Smallest node count the job may shrink to; default: all nodes (no shrinking)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    """Seconds between a worker's heartbeats to the supervisor."""
     host: str = "127.0.0.1"
     """Address the supervisor binds (heartbeats, /metrics, /healthz). Loopback by default;
     binding wider (0.0.0.0 in a pod) is an explicit choice."""
     port: int = Field(default=29450, ge=0, le=65535)
+    """Port of the supervisor's heartbeat and control endpoint (0: any free port)."""
     url: str | None = None
     """Where workers send heartbeats (attach mode, e.g. http://ftdiff-supervisor:29450);
     the local launcher sets FTDIFF_SUPERVISOR_URL itself. Unset: no heartbeats."""
@@ -281,16 +296,20 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
     """Address of the supervisor's /metrics, /healthz, /readyz (loopback by default)."""
     port: int = Field(default=9400, ge=0, le=65535)
+    """Port of /metrics, /healthz and /readyz (0: any free port)."""
 
 
 class LoggingConfig(_Section):
     tensorboard: bool = True
+    """Write TensorBoard event files (loss, lr, throughput, sample grids)."""
     tensorboard_dir: str | None = None
     """Local path or file://; default <run dir>/tensorboard (run dir: a local checkpoint.url's parent)."""
     sample_every: int = Field(default=100, ge=0)
     """A grid every N steps and at the last step (0: none), to <run dir>/samples/step-N.png."""
     sample_n: int = Field(default=16, ge=1, le=256)
+    """Images in each sample grid."""
     sample_steps: int = Field(default=50, ge=1, le=1000)  # sampling steps; all: docs/operations.md
+    """Denoising steps of each sample grid."""
     @field_validator("tensorboard_dir")
     def _local(cls, v: str | None) -> str | None:  # event files are appended to: no object stores
         if v is not None and "://" in v and not v.startswith("file://"):
