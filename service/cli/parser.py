@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "train", "run a supervised local job (default: embedded tiny job)")
     add_worker_args(p)
     p.add_argument("--nnodes", type=int, default=1, help="simulated nodes (torchrun agents)")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="worker processes per node")
+    p.add_argument("--nproc-per-node", default="auto",
+                   help="worker processes per node: a number, or auto: one per visible GPU, 2 on CPU")
     first_run = p.add_mutually_exclusive_group()
     first_run.add_argument("--print-config", action="store_true",
                            help="print the resolved config as TOML (secrets redacted) and exit")

@@ -38,17 +38,20 @@ def print_config(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         return print_config(args)
+    from service.cli.processes import processes_per_node
+
+    nproc = processes_per_node(args.nproc_per_node)
     if args.dry_run:
         from service.cli.preflight import dry_run
 
-        return dry_run(resolved_config(args.config, args.set), args.nnodes, args.nproc_per_node)
+        return dry_run(resolved_config(args.config, args.set), args.nnodes, nproc)
     from service.supervisor.launcher import run_local_job
 
     return run_local_job(
         config=args.config,
         overrides=job_overrides(args.set),
         nnodes=args.nnodes,
-        nproc_per_node=args.nproc_per_node,
+        nproc_per_node=nproc,
         log_format=args.log_format,
     )
 

@@ -63,7 +63,7 @@ def test_every_flag_has_help_and_defaults_are_shown():
     sample = next(p for p in parsers if p.prog == "ftdiff sample").format_help()
     assert "(default: 16)" in sample and "(default: ema)" in sample and "(default: 0)" in sample
     train = next(p for p in parsers if p.prog == "ftdiff train").format_help()
-    assert "--print-config" in train and "--dry-run" in train and "(default: 2)" in train
+    assert "--print-config" in train and "--dry-run" in train and "(default: auto)" in train
 
 
 @pytest.mark.timeout(60)
