@@ -127,14 +127,18 @@ class DataConfig(_Section):
 
     skip: list[list[int]] = Field(default_factory=list)
     """Ranges [start, end) of positions in the global sample stream never trained on: a step
-    whose batch would begin inside one begins at its end. A rollback adds its window to the ones
+    whose batch would overlap one begins at its end. A rollback adds its window to the ones
     the checkpoint records; set this to skip data deliberately (e.g. to reproduce a rollback)."""
 
     @field_validator("skip")
     def _ranges(cls, v: list[list[int]]) -> list[list[int]]:
+        from service.data.skips import MAX_POSITION, MAX_WINDOWS
+
+        if len(v) > MAX_WINDOWS:
+            raise ValueError(f"data.skip: {len(v)} windows; at most {MAX_WINDOWS} (merge neighbouring ones)")
         for pair in v:
-            if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
-                raise ValueError(f"data.skip: {pair} is not a range [start, end) with 0 <= start < end")
+            if len(pair) != 2 or not 0 <= pair[0] < pair[1] <= MAX_POSITION:
+                raise ValueError(f"data.skip: {pair} is not a range [start, end) with 0 <= start < end <= 2^62")
         return v
 
     @model_validator(mode="after")

@@ -2,8 +2,9 @@
 
 A rollback after a divergence skips the data that led there; an operator can skip data on
 purpose (``data.skip``). Windows are ranges [start, end) of stream positions, so a skip means
-the same samples at any world size or loader-worker count. A batch never straddles one: a step
-whose batch would begin inside a window begins at its end. The checkpoint records the windows
+the same samples at any world size or loader-worker count. A batch never overlaps one: a step
+whose batch would overlap a window begins at its end (the positions before the window in that
+batch are passed over too; a rollback's windows begin at a batch's start, so it never happens). The checkpoint records the windows
 (a fixed-size tensor, so that DCP can load it in place), so that a later resume keeps them.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 MAX_WINDOWS = 64  # a run needing more rollbacks than this has a bigger problem
+MAX_POSITION = 1 << 62  # fits the checkpoint's int64 table
 _EMPTY = -1
 
 
@@ -23,8 +25,8 @@ class Skips:
 
     def add(self, start: int, end: int) -> None:
         """Skip [start, end) too (overlapping or touching windows merge)."""
-        if not 0 <= start < end:
-            raise ValueError(f"skip window [{start}, {end}) is empty or negative")
+        if not 0 <= start < end <= MAX_POSITION:
+            raise ValueError(f"skip window [{start}, {end}) is empty, negative or too large")
         merged: list[tuple[int, int]] = []
         for a, b in sorted([*self.windows, (start, end)]):
             if merged and a <= merged[-1][1]:
@@ -35,10 +37,10 @@ class Skips:
         if len(self.windows) > MAX_WINDOWS:
             raise ValueError(f"more than {MAX_WINDOWS} skip windows")
 
-    def next_start(self, position: int) -> int:
-        """Where a batch that would begin at ``position`` begins."""
+    def next_start(self, position: int, batch: int) -> int:
+        """Where a batch of ``batch`` positions that would begin at ``position`` begins."""
         for start, end in self.windows:  # sorted and disjoint: one pass
-            if start <= position < end:
+            if position < end and start < position + batch:
                 position = end
         return position
 

@@ -212,10 +212,10 @@ class RankBatchSampler(Sampler[list[int]]):
         return max(0, self.num_steps)
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self.skips.next_start(self.start_position)
+        start = self.skips.next_start(self.start_position, self.global_batch)
         for _ in range(self.num_steps):
             yield rank_positions(start, self.global_batch, self.rank, self.world)
-            start = self.skips.next_start(start + self.global_batch)
+            start = self.skips.next_start(start + self.global_batch, self.global_batch)
 
 
 def check_batch_geometry(global_batch: int, world_size: int, accum_steps: int = 1) -> None:

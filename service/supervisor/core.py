@@ -15,7 +15,7 @@ import time
 
 from service.config import Config
 from service.errors import EXIT_OK
-from service.heartbeat import LEAVE_SIGNAL, Heartbeat
+from service.heartbeat import LEAVE_SIGNAL, REFUSED_DIVERGED, Heartbeat
 from service.metrics import SupervisorMetrics
 from service.supervisor.failure_cost import FailureCostBook
 from service.supervisor.ledger import FailureLedger, publish
@@ -130,9 +130,10 @@ class Supervisor:
                 if code is None and self.monitor.refused is not None:
                     hb, self.monitor.refused = self.monitor.refused, None
                     self.refused_by = hb
-                    log.error("rank %d (node %s) refused to go on: a configuration or storage error, or "
-                              "another start owns the checkpoint root (its message is in the worker log); "
-                              "not restarting", hb.rank, hb.node)
+                    why = ("training diverged past its rollback budget" if hb.phase == REFUSED_DIVERGED else
+                           "a configuration or storage error, or another start owns the checkpoint root")
+                    log.error("rank %d (node %s) refused to go on: %s (its message is in the worker log); "
+                              "not restarting", hb.rank, hb.node, why)
                     code = self.on_refused(hb)
                 if code is not None:
                     self.metrics.state.state("succeeded" if code == EXIT_OK else "failed")

@@ -59,9 +59,10 @@ class SpikeDetector:
         """The first step of the spike being judged now, or None."""
         return self._suspect_since
 
-    def observe(self, step: int, loss: float, grad_norm: float) -> Divergence | None:
-        """One optimizer step's (global) loss and gradient norm; a verdict, or None."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    def observe(self, step: int, loss: float, grad_norm: float | None) -> Divergence | None:
+        """One optimizer step's (global) loss and gradient norm (None: not known, e.g. an fp16
+        overflow the grad scaler handles); a verdict, or None."""
+        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
             self._nonfinite += 1
             self._suspect(step)
             if self._nonfinite >= self.nonfinite_steps:
@@ -70,18 +71,19 @@ class SpikeDetector:
         self._nonfinite = 0
         loss_level, norm_level = self._level(self._loss), self._level(self._norm)
         loss_high = self._high(loss, loss_level)
-        norm_high = self._high(grad_norm, norm_level)
+        norm_high = grad_norm is not None and self._high(grad_norm, norm_level)
         if not (loss_high or norm_high):
             self._spiking, self._suspect_since = 0, None
             self._loss.append(loss)
-            self._norm.append(grad_norm)
+            if grad_norm is not None:
+                self._norm.append(grad_norm)
             return None
         self._spiking += 1
         self._suspect(step)
         if self._spiking >= self.spike_steps:
             if loss_high:
                 return self._verdict(RollbackReason.LOSS_SPIKE, step, loss, loss_level or 0.0)
-            return self._verdict(RollbackReason.GRAD_SPIKE, step, grad_norm, norm_level or 0.0)
+            return self._verdict(RollbackReason.GRAD_SPIKE, step, grad_norm or 0.0, norm_level or 0.0)
         return None
 
     def reset(self) -> None:

@@ -51,7 +51,7 @@ class DivergenceGuard:
         the same on every rank (every rank loaded the same checkpoint, or the same seed)."""
         for start, end in self.cfg.data.skip:
             self.data_state.skips.add(start, end)
-        self.data_state.position = self.data_state.skips.next_start(self.data_state.position)
+        self.data_state.position = self.data_state.skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
         self.last_verified = self.train_state.step
 
     def manifest_notes(self) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class DivergenceGuard:
     def batch_began(self, step: int, position: int) -> None:
         self._batch_starts.append((step, position))
 
-    def judge(self, step: int, loss: float, grad_norm: float) -> Divergence | None:
+    def judge(self, step: int, loss: float, grad_norm: float | None) -> Divergence | None:
         """Every rank, after step ``step`` (same inputs everywhere, same verdict everywhere)."""
         verdict = self.detector.observe(step, loss, grad_norm)
         every = self.cfg.divergence.replica_check_every
@@ -100,7 +100,7 @@ class DivergenceGuard:
             before = skips.skipped_between(*window)
             skips.add(*window)
             self.metrics.train.skipped_samples.inc(window[1] - window[0] - before)
-        self.data_state.position = skips.next_start(self.data_state.position)
+        self.data_state.position = skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
         self.detector.reset()
         self._batch_starts.clear()
         self.last_verified = target

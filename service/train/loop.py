@@ -285,7 +285,7 @@ class Trainer:
                 return
             yield batch, time.monotonic() - asked
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float | None]:
         """One optimizer step on this rank's share of the global batch, in
         ``train.grad_accum_steps`` micro-batches (gradients synchronised after the last);
         (this rank's loss, the global gradient norm before clipping)."""
@@ -319,7 +319,9 @@ class Trainer:
         self.lr_scheduler.step()
         if finite:
             self.ema.step(self.model.parameters())
-        return total, float(norm)
+        # With fp16 an overflow is the grad scaler's to handle (it skips and lowers the scale):
+        # then there is no gradient norm to judge.
+        return total, (float(norm) if not self.scaler.is_enabled() or bool(torch.isfinite(norm)) else None)
 
     def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
@@ -341,15 +343,13 @@ class Trainer:
     def _advance(self, global_batch: int) -> None:
         self.train_state.step += 1
         self.train_state.samples_seen += global_batch
-        self.data_state.position = self.data_state.skips.next_start(self.data_state.position + global_batch)
+        self.data_state.position = self.data_state.skips.next_start(self.data_state.position + global_batch, global_batch)
         self.train_state.epoch = self.data_state.position // len(self.source)
 
     def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
         """One small all-reduce per step gives every rank the same view of: the global mean
         loss, whether any rank was asked to stop, and whether any rank's save is still writing."""
-        flags = torch.tensor(
-            [float(self._stop_signal is not None), float(self.checkpointer.busy)], device=loss.device
-        )
+        flags = torch.tensor([float(self._stop_signal is not None), float(self.checkpointer.busy)], device=loss.device)
         packed = torch.cat([loss.float().reshape(1), flags])
         if dist.is_initialized():
             dist.all_reduce(packed)

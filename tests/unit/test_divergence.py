@@ -79,6 +79,14 @@ def test_non_finite_steps_in_a_row_diverge_and_a_finite_one_resets_the_count():
     assert verdict.first_step == 4
 
 
+def test_an_unknown_gradient_norm_is_no_evidence():
+    """fp16: the grad scaler's overflow skips (an inf norm it handles) are passed as None."""
+    d = detector()
+    feed(d, [1.0] * 20)
+    assert all(d.observe(21 + i, 1.0, None) is None for i in range(10))
+    assert d.judging_since is None
+
+
 def test_reset_forgets_the_history():
     d = detector()
     feed(d, [1.0] * 20)
@@ -91,7 +99,9 @@ def test_skip_windows_merge_and_move_batch_starts_past_them():
     s.add(30, 40)
     s.add(18, 31)  # bridges both
     assert s.windows == [(10, 40)]
-    assert s.next_start(9) == 9 and s.next_start(10) == 40 and s.next_start(39) == 40
+    assert s.next_start(9, 1) == 9 and s.next_start(10, 1) == 40 and s.next_start(39, 1) == 40
+    assert s.next_start(3, 8) == 40  # a batch that would run into a window begins past it
+    assert s.next_start(2, 8) == 2  # [2, 10) ends where the window begins
     s.add(40, 48)  # touching: merged
     assert s.windows == [(10, 48)] and s.skipped_between(0, 20) == 10
     assert Skips.from_tensor(s.to_tensor()) == s
@@ -101,6 +111,12 @@ def test_skip_windows_merge_and_move_batch_starts_past_them():
     with pytest.raises(ValueError):
         for i in range(MAX_WINDOWS + 1):
             many.add(10 * i, 10 * i + 1)
+
+
+def test_a_window_inside_a_batch_is_never_trained_on():
+    skips = Skips([(3, 5)])
+    batches = [p for batch in RankBatchSampler(0, 2, 8, 0, 1, skips) for p in batch]
+    assert batches == [*range(5, 21)]
 
 
 def test_the_sampler_skips_the_same_positions_at_any_world_size():
