@@ -47,8 +47,6 @@ from service.vocabulary import StateSource
 log = logging.getLogger(__name__)
 
 
-
-
 class Checkpointer:
     def __init__(
         self,
@@ -170,11 +168,12 @@ class Checkpointer:
                 self.save_at(step, samples_seen, blocking=not ck.async_)
         self.warm_up()  # staging buffers ready before the first async save
 
-    def roll_back(self, at_most: int) -> int | None:
+    def roll_back(self, at_most: int, record: tuple[int, list[list[int]]]) -> int | None:
         """Every rank: back to the newest good commit at or before ``at_most`` (loaded into the
-        state; the commits and memory-tier snapshots after it forgotten); its step, or None."""
+        state; the commits and memory-tier snapshots after it forgotten; ``record`` — rollbacks
+        so far, every skip window — kept beside the commits); its step, or None."""
         self.wait()
-        step = self.rollback.to_newest_before(at_most)
+        step = self.rollback.to_newest_before(at_most, record)
         if step is not None:
             self.last_committed_step = step
             if self.memory is not None:

@@ -15,11 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def plan_deletions(
-    committed: list[int], uncommitted: list[int], keep_last: int, keep_every: int
+    committed: list[int], uncommitted: list[int], keep_last: int, keep_every: int, also_keep: int | None = None
 ) -> list[int]:
     """Steps to delete: committed ones outside the keep set, and abandoned partial folders.
 
-    keep set = the newest ``keep_last`` committed + every committed multiple of ``keep_every``.
+    keep set = the newest ``keep_last`` committed + every committed multiple of ``keep_every``
+    + ``also_keep`` (the newest commit a rollback may go back to).
     A partial folder older than the newest commit is debris of a failed save; newer partial
     folders may be a save in flight and are left alone.
     """
@@ -29,6 +30,8 @@ def plan_deletions(
     keep = set(committed[-max(1, keep_last):])
     if keep_every:
         keep |= {s for s in committed if s % keep_every == 0}
+    if also_keep is not None:
+        keep.add(also_keep)
     newest = committed[-1]
     doomed = [s for s in committed if s not in keep]
     doomed += [s for s in uncommitted if s < newest]
@@ -41,7 +44,17 @@ def retention_plan(catalog: Catalog, keep_last: int, keep_every: int) -> list[in
     folders = catalog.step_folders()
     committed = catalog.committed_steps()
     uncommitted = [s for s in folders if s not in set(committed)]
-    return plan_deletions(committed, uncommitted, keep_last, keep_every)
+    return plan_deletions(committed, uncommitted, keep_last, keep_every, newest_unsuspect(catalog, committed))
+
+
+def newest_unsuspect(catalog: Catalog, committed: list[int]) -> int | None:
+    """The newest commit not taken while a spike was being judged: while one is judged (or if
+    the run ended then), the commits after the spike began must not push out the one a
+    rollback would go back to. One manifest read in the usual case."""
+    for step in reversed(committed):
+        if catalog.manifest(step).suspect_since is None:
+            return step
+    return None
 
 
 def apply_retention(catalog: Catalog, keep_last: int, keep_every: int) -> tuple[list[int], list[int]]:

@@ -9,6 +9,7 @@ that neither a later restart nor a later save of the same step number can meet t
 
 from __future__ import annotations
 
+import json
 import logging
 
 from service.checkpoint.catalog import Catalog
@@ -18,6 +19,24 @@ from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.resume import Resumer
 
 log = logging.getLogger(__name__)
+
+# Beside the step folders: the rollbacks so far and every skip window. The commit a rollback goes
+# back to was written before its window existed, so until the next commit this is the only
+# durable record of it; a resume merges it into whatever state it loads.
+RECORD = "rollbacks.json"
+
+
+def read_record(catalog: Catalog) -> tuple[int, list[list[int]]]:
+    """(rollbacks so far, skip windows) recorded in the root; (0, []) if none or unreadable."""
+    try:
+        body = json.loads(catalog.storage.read_bytes(RECORD))
+        windows = [[int(a), int(b)] for a, b in body["skips"]]
+        return int(body["rollbacks"]), [w for w in windows if 0 <= w[0] < w[1]]
+    except FileNotFoundError:
+        return 0, []
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s in %s is not valid (%s); ignoring it", RECORD, catalog.storage.display_url, e)
+        return 0, []
 
 
 def rollback_target(catalog: Catalog, at_most: int, unloadable: set[int]) -> tuple[int, Manifest] | None:
@@ -37,9 +56,10 @@ class Rollback:
     def __init__(self, ctx: CheckpointContext, resumer: Resumer, committed_here: set[int]):
         self.ctx, self.resumer, self.committed_here = ctx, resumer, committed_here
 
-    def to_newest_before(self, at_most: int) -> int | None:
-        """Every rank: load the newest good commit at or before ``at_most`` into the state and
-        forget the commits after it; its step, or None if there is none."""
+    def to_newest_before(self, at_most: int, record: tuple[int, list[list[int]]]) -> int | None:
+        """Every rank: load the newest good commit at or before ``at_most`` into the state,
+        forget the commits after it and write ``record`` (rollbacks so far, every skip window);
+        its step, or None if there is none."""
         catalog, group = self.ctx.catalog, self.ctx.group
         while True:
             found = group.from_main(lambda: rollback_target(catalog, at_most, self.ctx.unloadable_steps))
@@ -52,12 +72,15 @@ class Rollback:
                 log.error("rollback: %s is unusable: %s", catalog.storage.url_of(step_dir(step)), describe_error(e))
                 self.ctx.unloadable_steps.add(step)
                 continue
-            group.from_main(lambda: self._forget_after(step))
+            group.from_main(lambda: self._forget_after(step, record))
             self.committed_here.difference_update({s for s in self.committed_here if s > step})
             return step
 
-    def _forget_after(self, step: int) -> None:
+    def _forget_after(self, step: int, record: tuple[int, list[list[int]]]) -> None:
         catalog = self.ctx.catalog
+        catalog.fence("recording a rollback")
+        rollbacks, windows = record
+        catalog.storage.write_bytes_atomic(RECORD, json.dumps({"rollbacks": rollbacks, "skips": windows}).encode())
         for newer in [s for s in catalog.step_folders() if s > step]:
             log.warning("rollback: deleting %s: it holds the diverged run", catalog.storage.url_of(step_dir(newer)))
             catalog.delete(newer)

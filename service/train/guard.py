@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from service.checkpoint.manager import Checkpointer
+from service.checkpoint.rollback import read_record
 from service.config import Config
+from service.data.skips import Skips
 from service.dist import DistInfo
 from service.errors import DivergedError
 from service.metrics import WorkerMetrics
@@ -49,10 +51,16 @@ class DivergenceGuard:
     def started(self) -> None:
         """After resume: the configured windows join the recorded ones; the loaded state is
         the same on every rank (every rank loaded the same checkpoint, or the same seed)."""
-        for start, end in self.cfg.data.skip:
+        ck = self.checkpointer  # the record beside the commits may be newer than the commit loaded
+        rollbacks, windows = ck.group.from_main(lambda: read_record(ck.catalog))
+        self.train_state.rollbacks = max(self.train_state.rollbacks, rollbacks)
+        for start, end in [*windows, *self.cfg.data.skip]:
             self.data_state.skips.add(start, end)
-        self.data_state.position = self.data_state.skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
-        self.last_verified = self.train_state.step
+        self.data_state.position = self.data_state.skips.next_start(self.data_state.position,
+                                                                    self.cfg.train.global_batch_size)
+        # Commits were checked before they were taken; state left in the memory tier was not
+        # (a rank left its own copy), so only the newest commit counts as verified.
+        self.last_verified = self.checkpointer.last_committed_step or 0
 
     def manifest_notes(self) -> dict[str, Any]:
         return {"suspect_since": self.detector.judging_since, "skips": self.data_state.skips.as_lists()}
@@ -62,9 +70,16 @@ class DivergenceGuard:
 
     def judge(self, step: int, loss: float, grad_norm: float | None) -> Divergence | None:
         """Every rank, after step ``step`` (same inputs everywhere, same verdict everywhere)."""
+        judging = self.detector.judging_since
         verdict = self.detector.observe(step, loss, grad_norm)
+        if judging is None and self.detector.judging_since is not None and verdict is None:
+            log.warning("step %d: loss %.4g, gradient norm %s: above divergence.spike_factor x their recent level; "
+                        "judging a possible spike (commits meanwhile are marked suspect)", step, loss,
+                        "unknown" if grad_norm is None else f"{grad_norm:.4g}")
         every = self.cfg.divergence.replica_check_every
-        if verdict is None and every and step % every == 0:
+        # Also right before every commit: a commit then never holds a replica no check saw.
+        commit_due = step % self.cfg.checkpoint.every_steps == 0 or step == self.cfg.train.max_steps
+        if verdict is None and every and (step % every == 0 or commit_due):
             verdict = self.replicas.verify(step, self.last_verified)
             if verdict is None:
                 self.last_verified = step
@@ -87,19 +102,24 @@ class DivergenceGuard:
         at_most = self.last_verified if replica else verdict.first_step - 1
         window = None if replica else self._window(verdict)
         log.error("%s: rolling back to the newest good commit at or before step %d", verdict.describe(), at_most)
-        target = self.checkpointer.roll_back(at_most)
+        skips = self.data_state.skips
+        windows = Skips(skips.windows + ([window] if window else [])).as_lists()
+        target = self.checkpointer.roll_back(at_most, (spent + 1, windows))
+        if target is None and replica:
+            raise DivergedError(
+                f"{verdict.describe()}, and no commit from before it is left to roll back to; nothing "
+                "committed holds the bad copy: run the job again (a run without commits starts from its seed), "
+                "and check the GPU memory of the node named")
         if target is None:
             raise DivergedError(
                 f"training diverged: {verdict.describe()}, and no commit at or before step {at_most} is left "
                 "to roll back to; lower train.lr, or resume from an earlier checkpoint with data.skip set")
         self.train_state.rollbacks = spent + 1
-        skips = self.data_state.skips
-        for start, end in self.cfg.data.skip:  # a checkpoint from before they were set lacks them
+        skips = self.data_state.skips  # the target's: it may lack windows added after it
+        for start, end in [*windows, *self.cfg.data.skip]:
             skips.add(start, end)
         if window is not None:
-            before = skips.skipped_between(*window)
-            skips.add(*window)
-            self.metrics.train.skipped_samples.inc(window[1] - window[0] - before)
+            self.metrics.train.skipped_samples.inc(window[1] - window[0])
         self.data_state.position = skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
         self.detector.reset()
         self._batch_starts.clear()

@@ -6,19 +6,21 @@ rollback budget stops the job with exit 47."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from service import faults
 from service.checkpoint.catalog import Catalog
 from service.checkpoint.dcp_io import VerifyingReader
 from service.checkpoint.manifest import step_dir
 from service.checkpoint.storage import open_storage
 from service.errors import EXIT_DIVERGED
 from service.state_keys import TRAIN_STATE
-from tests.helpers import SupervisedJob, assert_bitwise_equal, run, torchrun_cmd, weights, why
+from tests.helpers import SupervisedJob, assert_bitwise_equal, run, torchrun_cmd, weights, why, worker_pids
 
 GB = 8  # tests.helpers.TINY's global batch
 
@@ -83,6 +85,22 @@ def test_a_flipped_bit_in_one_replica_is_caught_and_rolled_back(tmp_path):
     assert_bitwise_equal(weights(str(clean), "ema"), weights(job.url, "ema"))
 
 
+@pytest.mark.timeout(300)
+def test_a_flipped_bit_is_caught_before_the_next_commit_can_keep_it(tmp_path):
+    """Replica checks run before every commit too: with the default interval (100) a bit flipped
+    after step 5 is caught at step 6, before that commit, and the run goes back to commit 3."""
+    common = ["train.max_steps=12", "checkpoint.every_steps=3"]
+    job = SupervisedJob(tmp_path / "flipped", common,
+                        env={"FTDIFF_CORRUPT_PARAM_AT_STEP": "5:0", "FTDIFF_RUN_ID": f"flip-commit-{os.getpid()}"})
+    code, err = job.finish(240)
+    assert code == 0, err[-3000:]
+    assert _rollbacks(job.url) == 1
+    clean = tmp_path / "clean"
+    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"']))
+    assert res.returncode == 0, why(res)
+    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))
+
+
 @pytest.mark.timeout(200)
 def test_a_spent_rollback_budget_stops_the_job_with_its_exit_code(tmp_path):
     job = SupervisedJob(tmp_path, ["train.max_steps=30", "checkpoint.every_steps=3", "divergence.max_rollbacks=0"],
@@ -93,3 +111,28 @@ def test_a_spent_rollback_budget_stops_the_job_with_its_exit_code(tmp_path):
     # Nothing after the spike was committed as good: the newest commit is the judged one or older.
     manifest = _final_manifest(job.url)
     assert manifest.step < 14 or manifest.suspect_since == 14
+
+
+@pytest.mark.timeout(300)
+def test_a_crash_right_after_a_rollback_keeps_the_skip_window_and_the_count(tmp_path):
+    """kill -9 before anything is committed after the rollback, memory tier off: the restart
+    resumes the commit the rollback went back to (written before the window existed), and the
+    record beside the commits restores the window and the count: bitwise equal to the clean run."""
+    common = ["train.max_steps=26", "checkpoint.every_steps=6", "divergence.skip_steps=2"]
+    job = SupervisedJob(tmp_path / "spiky", common + ["train.step_sleep_s=0.4", "checkpoint.memory_tier=false"],
+                        env={"FTDIFF_SPIKE_AT_STEP": "14:1000", "FTDIFF_RUN_ID": f"spike-kill-{os.getpid()}"})
+    deadline = time.monotonic() + 150
+    while "rolled back to step" not in job.log():
+        if job.proc.poll() is not None or time.monotonic() > deadline:
+            job.fail("no rollback")
+        time.sleep(0.05)
+    faults.kill9(worker_pids(job.trace)[1])
+    code, err = job.finish(200)
+    assert code == 0, err[-3000:]
+    manifest = _final_manifest(job.url)
+    assert manifest.skips == [[13 * GB, 18 * GB]] and _rollbacks(job.url) == 1
+
+    clean = tmp_path / "clean"
+    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"', f"data.skip=[[{13 * GB}, {18 * GB}]]"]))
+    assert res.returncode == 0, why(res)
+    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))

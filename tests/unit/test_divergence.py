@@ -191,3 +191,15 @@ def test_checkpoints_from_before_skips_and_rollbacks_still_load_and_nothing_else
                      planner=GrowingFormatLoadPlanner())
     ((error, _frames),) = failed.value.failures.values()
     assert isinstance(error, MissingStateError) and "the checkpoint has no model.weight" in str(error)
+
+
+def test_retention_keeps_the_newest_commit_a_rollback_may_go_back_to():
+    """keep_last 2 while a spike from step 14 is judged: commits 14 and 15 are marked; 12 stays."""
+    from service.checkpoint.retention import apply_retention, plan_deletions
+
+    assert plan_deletions([9, 12, 14, 15], [], 2, 0, also_keep=12) == [9]
+    catalog = Catalog(open_storage("memory://retention-suspect"))
+    for step, suspect in [(9, None), (12, None), (14, 14), (15, 14)]:
+        _commit(catalog, step, suspect)
+    deleted, _ = apply_retention(catalog, 2, 0)
+    assert deleted == [9] and catalog.committed_steps() == [12, 14, 15]
