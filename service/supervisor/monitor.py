@@ -102,12 +102,7 @@ class JobMonitor:
         now = self.clock()
         with self._lock:
             self._expire(now)
-            lost = self._lost.get(hb.node)
-            # Reachable again: the same process, or a replacement the node's own torchrun agent
-            # started (the agent lived on; a new node's agent is another process).
-            if lost is not None and (hb.process in lost[1] or (hb.agent and hb.agent in lost[2])):
-                del self._lost[hb.node]
-                self.reconnected.append((hb.node, now - lost[0]))
+            self._note_reachable(hb, now)
             if hb.process in self._doomed:
                 return False  # a process told to exit; its replacement will report soon
             self._last_activity = now
@@ -262,6 +257,20 @@ class JobMonitor:
             if len(nodes) < 2:
                 return set()
             return {node for node, silent in nodes.items() if all(silent)}
+
+    def reachable(self, hb: Heartbeat) -> None:
+        """A heartbeat that is not observed (its process was ordered out) still shows that its
+        node is reachable."""
+        with self._lock:
+            self._note_reachable(hb, self.clock())
+
+    def _note_reachable(self, hb: Heartbeat, now: float) -> None:
+        lost = self._lost.get(hb.node)
+        # Reachable again: the same process, or a replacement the node's own torchrun agent
+        # started (the agent lived on; a new node's agent is another process).
+        if lost is not None and (hb.process in lost[1] or (hb.agent and hb.agent in lost[2])):
+            del self._lost[hb.node]
+            self.reconnected.append((hb.node, now - lost[0]))
 
     def nodes_lost(self, nodes: set[str]) -> None:
         """``nodes`` were declared lost (every rank silent): remember their processes, to tell

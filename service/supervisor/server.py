@@ -161,6 +161,7 @@ class SupervisorServer:
         malformed metrics snapshot is dropped (and counted) and the heartbeat still counts: a
         worker's liveness never depends on its metrics, and /metrics never on one worker."""
         if self.monitor.should_exit(hb):
+            self.monitor.reachable(hb)  # ordered out, but back: a partition's survivor perhaps
             kill = self.monitor.kill_list(hb)
             return {"action": "exit", "generation": self.monitor.generation, "kill": kill}
         if self.monitor.observe(hb):

@@ -49,6 +49,8 @@ def _known_metric_names() -> set[str]:
         for family in registry.collect():
             names.add(family.name)
             names |= {s.name for s in family.samples}
+            if family.type == "counter":  # a labelled counter has no sample before its first child
+                names.add(family.name + "_total")
     return names
 
 

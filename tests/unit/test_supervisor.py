@@ -732,3 +732,8 @@ def test_a_lost_node_whose_agent_or_processes_report_again_was_cut_off_not_lost(
     m.observe(dataclasses.replace(hb(1, 202, node="b", started=60.0), agent="77@9.00"))
     assert [node for node, _ in m.reconnected] == ["b"]
     assert m.reconnected[0][1] == pytest.approx(1.0)  # unreachable since its last heartbeat
+    m.nodes_lost({"b"})
+    m.order_restart()  # its processes were ordered out: their heartbeats are answered, not observed
+    m.reachable(dataclasses.replace(hb(1, 202, node="b", started=60.0), agent="77@9.00"))
+    assert [node for node, _ in m.reconnected] == ["b", "b"]
+
