@@ -162,6 +162,16 @@ def _unhonoured_conditions(storage: Storage, name: str) -> list[str]:
 # letter or digit, not shaped like an IP address, without AWS's reserved prefixes and suffixes.
 
 
+def _no_credentials(e: BaseException) -> bool:
+    """botocore's NoCredentialsError anywhere in the chain (s3fs wraps it, sometimes twice)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if type(e).__name__ == "NoCredentialsError" or "Unable to locate credentials" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1  # type: ignore[assignment]
+    return False
+
+
 def _check_bucket_name(storage: Storage) -> None:
     """A root no such store accepts (an invalid S3 bucket name, '.'/'..' segments in a key) is
     a wrong URL (exit 2), not an unreachable store."""
@@ -182,6 +192,12 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
     detail = f"{type(e).__name__}: {redact_text(_first_line(e))}"
     local_errno = errno.errorcode.get(e.errno or 0) if storage.backend.on_local_disk and isinstance(e, OSError) else None
     denied = isinstance(e, PermissionError) or error_code(e) in _DENIED_CODES or local_errno in _DENIED_ERRNOS
+    if storage.backend.object_store and _no_credentials(e):
+        return StorageError(
+            f"storage URL {url!r}: no credentials found ({detail}); botocore looked through the whole AWS "
+            "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, "
+            "web identity, container and instance roles) and none gave any: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where the job runs", permanent=True)
     if denied and storage.backend.on_local_disk:
         # A folder, not credentials: typically an image's non-root user under a root-owned
         # working directory, or a read-only mount.

@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 from service.config import Config
+from service.config.advice import config_advice
 from service.errors import EXIT_OK, UserError
 
 
@@ -25,6 +26,8 @@ def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     LaunchEnv.read().collective_timeout(cfg.train.collective_timeout_s)  # the old variable, if set, must be valid
     _say("config", f"ok: run {cfg.run.name!r}, {cfg.model.family} preset {cfg.model.preset}, "
                    f"{cfg.train.max_steps} steps, checkpoint every {cfg.checkpoint.every_steps}")
+    for line in config_advice(cfg):
+        _say("config", f"warning: {line}")
     _say("geometry", _check_geometry(cfg, nnodes, nproc_per_node))
     length, identity, data_line = _check_data(cfg)
     _say("data", data_line)

@@ -12,6 +12,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from service.checkpoint.errors import FencedError
 from service.config import Config, load_config
+from service.config.advice import config_advice
 from service.errors import EXIT_SUPERSEDED, DivergedError, StorageError, UserError, exit_code_of
 from service.heartbeat import REFUSED, REFUSED_DIVERGED, REFUSED_STORAGE
 from service.launch_env import LaunchEnv, add_worker_args, overrides_from_env
@@ -61,6 +62,9 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
     info = init_distributed(launch, collective_timeout_s)
     # The token never reaches a log line, whichever way it came in.
     setup_logging(info.rank, log_format, verbose, secrets=[cfg.supervisor.token, launch.token])
+    if info.rank == 0 and info.restart_count == 0:  # said once per job, not per rank or restart
+        for line in config_advice(cfg):
+            log.warning("config: %s", line)
     trainer = None
     try:
         from service.train.loop import Trainer

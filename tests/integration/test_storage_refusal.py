@@ -174,3 +174,19 @@ def test_deletes_refused_for_good_stop_the_job_at_its_next_save(proxied):
             job.ckpt.drain()
     control.fail_with = None
     assert Catalog(open_storage(url)).committed_steps()[-1] >= 2  # nothing committed was lost
+
+
+@pytest.mark.timeout(120)
+def test_no_credentials_at_all_names_the_aws_credential_chain(s3_server, s3_bucket, tmp_path):
+    """No key, no profile, no file, no metadata service: exit 3, and the message says where
+    credentials are looked for instead of blaming the endpoint."""
+    env = {k: v for k, v in base_env().items() if not k.startswith("AWS_")}
+    env.update({"AWS_ENDPOINT_URL": s3_server["AWS_ENDPOINT_URL"], "AWS_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)})
+    res = subprocess.run([sys.executable, "-m", "service.cli", "train", "--dry-run", "--nproc-per-node", "1",
+                          "--set", f'checkpoint.url="{s3_bucket}/nocreds"'],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert res.returncode == EXIT_STORAGE, res.stderr[-2000:]
+    assert "AWS credential chain" in res.stderr and "AWS_ACCESS_KEY_ID" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr

@@ -89,6 +89,14 @@ def test_dry_run_of_a_good_config_is_0_and_writes_nothing(tmp_path):
     assert not (tmp_path / "new").exists()  # the probe's folder is gone again, and nothing else was made
 
 
+@pytest.mark.timeout(120)
+def test_dry_run_says_what_is_suspicious_and_still_passes(tmp_path):
+    res = ftdiff("train", "--dry-run", "--set", _url(tmp_path / "run"), "--set", "supervisor.port=0",
+                 "--set", "metrics.port=0", "--set", "train.max_steps=20")
+    assert res.returncode == EXIT_OK, res.stderr
+    assert "warning: train.max_steps = 20 <= train.warmup_steps = 50" in res.stdout, res.stdout
+
+
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory) -> str:
     """A local root with committed steps 1..3, written with the default config."""
