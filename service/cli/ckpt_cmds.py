@@ -34,11 +34,18 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_show(args: argparse.Namespace) -> int:
+    """The manifest as JSON: what the checkpoint is, the (redacted) config and fingerprint it was
+    trained with, the run that wrote it, skip windows and suspicion; times as Unix and UTC."""
+    from service.config import redact_config_dict
+
     ref = resolve_ref(args)
     m = ref.manifest
     print(json.dumps({
         "url": shown(ref), "step": m.step, "world_size": m.world_size, "samples_seen": m.samples_seen,
-        "config_hash": m.config_hash, "versions": m.versions, "time": m.time, "bytes": m.total_bytes,
+        "time": m.time, "time_utc": human_time(m.time), "bytes": m.total_bytes,
+        "run_id": m.run_id, "incarnation": m.incarnation, "suspect_since": m.suspect_since, "skips": m.skips,
+        "config_hash": m.config_hash, "versions": m.versions, "fingerprint": m.fingerprint,
+        "config": redact_config_dict(m.config),
         "files": {k: {"size": v.size, "crc32c": v.crc32c} for k, v in sorted(m.files.items())},
     }, indent=2))
     return EXIT_OK
@@ -87,16 +94,35 @@ def _total_bytes(catalog: object, step: int) -> int:
 def cmd_ckpt_prune(args: argparse.Namespace) -> int:
     from service.checkpoint.retention import apply_retention, retention_plan
 
-    if args.keep_last < 1:
-        raise UserError("--keep-last must be at least 1 (the newest commit is never deleted)")
+    if args.keep_last < 2:  # as checkpoint.keep_last: the newest commit may still be in flight
+        raise UserError(f"--keep-last {args.keep_last}: keep at least 2 (as checkpoint.keep_last: a save of the "
+                        "running job may be in flight, and the one before it is the fallback)")
     if args.keep_every < 0:
         raise UserError(f"--keep-every {args.keep_every}: must be 0 (none) or a positive step interval")
     catalog = open_catalog(args.url, args)
     if args.dry_run:  # the very selection apply_retention deletes, without deleting it
         doomed = retention_plan(catalog, args.keep_last, args.keep_every)
         kept = [s for s in catalog.step_folders() if s not in set(doomed)]
-        print(json.dumps({"dry_run": True, "would_delete": doomed, "kept": kept}))
+        if args.json:
+            print(json.dumps({"dry_run": True, "would_delete": doomed, "kept": kept}))
+        else:
+            _print_steps("would delete", doomed, catalog)
+            _print_steps("would keep", kept, catalog)
         return EXIT_OK
     deleted, failed = apply_retention(catalog, args.keep_last, args.keep_every)
-    print(json.dumps({"deleted": deleted, "failed": failed}))
+    if args.json:
+        print(json.dumps({"deleted": deleted, "failed": failed}))
+    else:
+        _print_steps("deleted", deleted, catalog)
+        if failed:
+            _print_steps("failed to delete (retried by the next prune)", failed, catalog)
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _print_steps(what: str, steps: list[int], catalog: object) -> None:
+    from service.checkpoint.manifest import step_dir
+
+    url = catalog.storage.display_url  # type: ignore[attr-defined]
+    print(f"{what}: {len(steps)} checkpoint folder(s)" + (":" if steps else ""))
+    for step in steps:
+        print(f"  {step:>10}  {url}/{step_dir(step)}")

@@ -131,7 +131,7 @@ def _ckpt_parsers(ckpt_parser: argparse.ArgumentParser) -> None:
     add_storage_args(p)
     p.set_defaults(func=cmd_ckpt_ls, quiet=True)
 
-    p = _sub(ckpt, "show", "print a checkpoint's manifest")
+    p = _sub(ckpt, "show", "print a checkpoint's manifest (JSON: config, fingerprint, run, skips, UTC time)")
     p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")
     add_storage_args(p)
     p.set_defaults(func=cmd_ckpt_show, quiet=True)
@@ -147,5 +147,7 @@ def _ckpt_parsers(ckpt_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep every step that is a multiple of this (0: none)")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true",
+                   help='machine-readable: {"deleted", "failed"}, or {"dry_run", "would_delete", "kept"}')
     add_storage_args(p)
     p.set_defaults(func=cmd_ckpt_prune, quiet=True)

@@ -137,7 +137,7 @@ def test_ls_of_a_file_and_a_negative_keep_every_are_usage_errors(root, tmp_path)
     res = ftdiff("ckpt", "ls", str(afile))
     assert res.returncode == EXIT_USAGE and "not a checkpoint root" in res.stderr
     assert "(no checkpoints)" not in res.stdout
-    res = ftdiff("ckpt", "prune", root, "--keep-last", "1", "--keep-every", "-3", "--dry-run")
+    res = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--keep-every", "-3", "--dry-run")
     assert res.returncode == EXIT_USAGE and "--keep-every" in res.stderr
 
 

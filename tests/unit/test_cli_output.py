@@ -18,7 +18,7 @@ from service.checkpoint.retention import retention_plan
 from service.checkpoint.storage import open_storage
 from service.cli import build_parser, main
 from service.cli.common import human_bytes, human_time
-from service.errors import EXIT_OK
+from service.errors import EXIT_OK, EXIT_USAGE
 from tests.helpers import FTDIFF, committed_root, ftdiff_subprocess
 from tests.helpers import ftdiff_inprocess as ftdiff
 
@@ -109,6 +109,16 @@ def test_ls_has_a_header_and_human_sizes_and_json_is_unchanged(committed):
     assert [sorted(e) for e in json.loads(res.stdout)] == [sorted(["step", "committed", "path", "bytes", "time"])] * 4
 
 
+@pytest.mark.timeout(60)
+def test_show_prints_the_config_fingerprint_and_utc_time_it_was_trained_with(committed):
+    res = ftdiff("ckpt", "show", committed)
+    assert res.returncode == EXIT_OK, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["time_utc"].endswith(" UTC") and shown["step"] == 4
+    assert shown["config"]["train"]["max_steps"] > 0 and shown["config"]["supervisor"]["token"] in (None, "***")
+    assert shown["fingerprint"] and shown["skips"] == [] and shown["suspect_since"] is None
+
+
 # -- ckpt prune --dry-run -----------------------------------------------------------------------
 def _tree(root: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
@@ -119,17 +129,21 @@ def test_prune_dry_run_deletes_nothing_and_names_what_prune_deletes(committed, t
     root = str(tmp_path / "run")
     shutil.copytree(committed, root)
     before = _tree(root)
-    res = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--dry-run")
+    res = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--dry-run", "--json")
     assert res.returncode == EXIT_OK, res.stderr
     plan = json.loads(res.stdout)
     assert plan == {"dry_run": True, "would_delete": [1, 2], "kept": [3, 4]}
+    table = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--dry-run").stdout  # the same, for people
+    assert table.splitlines()[0] == "would delete: 2 checkpoint folder(s):" and f"{root}/step-000000003" in table
     assert _tree(root) == before
     assert retention_plan(Catalog(open_storage(root)), 2, 0) == [1, 2]
-    res = ftdiff("ckpt", "prune", root, "--keep-last", "2")
+    res = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--json")
     assert json.loads(res.stdout) == {"deleted": plan["would_delete"], "failed": []}
     assert Catalog(open_storage(root)).committed_steps() == plan["kept"]
-    res = ftdiff("ckpt", "prune", root, "--keep-last", "1", "--keep-every", "3", "--dry-run")
+    res = ftdiff("ckpt", "prune", root, "--keep-last", "2", "--keep-every", "3", "--dry-run", "--json")
     assert json.loads(res.stdout)["would_delete"] == [] and Catalog(open_storage(root)).step_folders() == [3, 4]
+    res = ftdiff("ckpt", "prune", root, "--keep-last", "1")  # as checkpoint.keep_last: at least 2
+    assert res.returncode == EXIT_USAGE and "keep at least 2" in res.stderr
 
 
 # -- progress bars ------------------------------------------------------------------------------
