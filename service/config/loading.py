@@ -20,6 +20,9 @@ from service.redact import REDACTED
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+UNSET = object()  # `--set key=null`: back to the default
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
@@ -29,6 +32,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         # Name the key only: the value may be a secret (supervisor.token).
         raise UserError(f"--set {key.strip()!r}=...: the key must be section.key, e.g. train.max_steps "
                         "(or model.arch.<keyword>)")
+    if raw.strip() == "null":  # TOML has no null: an unquoted null puts the key back to its default
+        return parts, UNSET
     try:  # a TOML literal (30, 1e-4, true, "text"); anything else is a plain string
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -88,7 +93,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(table, dict):
                 what = "a section" if depth == 0 else "a table"
                 raise UserError(f"--set {'.'.join(parts)}=...: {'.'.join(parts[:depth + 1])!r} is not {what}")
-        table[parts[-1]] = value
+        if value is UNSET:
+            table.pop(parts[-1], None)
+        else:
+            table[parts[-1]] = value
     cfg = config_from_dict(data, source=source)
     _check_usable(cfg, source)
     return cfg

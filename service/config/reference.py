@@ -68,6 +68,7 @@ def render() -> str:
         "Every key of the job's TOML config (`ftdiff train --config FILE`, or `--set section.key=value`),",
         "generated from `service/config/schema.py` by `python -m service.config.reference > docs/config.md`",
         "(a test keeps the two in sync). Keys are strict: a wrong type or an unknown key is exit 2 naming it.",
+        "`--set section.key=null` puts a key back to its default (a file's value included).",
     ]
     for section, section_field in Config.model_fields.items():
         model = section_field.annotation

@@ -121,3 +121,14 @@ def test_an_added_key_changes_the_hash_only_off_its_default():
 def test_kinds_and_families_are_checked_against_their_registries(overrides, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         load_config(None, overrides)
+
+
+@pytest.mark.timeout(10)
+def test_set_null_puts_a_key_back_to_its_default(tmp_path):
+    """TOML has no null: `--set model.vae=null` used to set the string "null"."""
+    cfg_file = tmp_path / "job.toml"
+    cfg_file.write_text('[model]\nsample_size = 32\n[checkpoint]\nurl = "/data/run"\n')
+    cfg = load_config(str(cfg_file), ["model.sample_size=null", "checkpoint.url=null", "model.vae=null"])
+    assert cfg.model.sample_size is None and cfg.model.vae is None
+    assert cfg.checkpoint.url == load_config(None, []).checkpoint.url
+    assert load_config(None, ['model.conditioning="none"']).model.conditioning == "none"

@@ -22,3 +22,4 @@ def test_a_checkpoint_interval_beyond_the_run_is_said():
 
 def test_the_default_job_has_nothing_to_say():
     assert config_advice(load_config(None, [])) == []
+
