@@ -8,6 +8,7 @@ from service.cli.ckpt_cmds import cmd_ckpt_ls, cmd_ckpt_prune, cmd_ckpt_show, cm
 from service.cli.common import add_storage_args
 from service.cli.data_cmds import cmd_data_index, cmd_data_inspect, cmd_data_pack
 from service.cli.env_cmd import cmd_env, ftdiff_version
+from service.cli.runs_cmds import cmd_runs_ls
 from service.cli.store_cmd import cmd_rdzv_store
 from service.cli.tools_cmds import cmd_export, cmd_sample
 from service.cli.train_cmds import cmd_supervise, cmd_train, cmd_worker
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     _ckpt_parsers(_sub(sub, "ckpt", "inspect, verify and prune checkpoints"))
+
+    p = _sub(sub, "runs", "the runs under a folder (runs/ by default)")
+    runs = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    p = _sub(runs, "ls", "list runs: name, state (running, finished, preempted, failed, stopped), newest step")
+    p.add_argument("parent", nargs="?", default="runs", help="the folder that holds the runs")
+    p.add_argument("--json", action="store_true", help="machine-readable: a list of objects, one per run")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.set_defaults(func=cmd_runs_ls, quiet=True)
 
     p = _sub(sub, "export", "export weights as safetensors or a diffusers folder")
     p.add_argument("url", metavar="URL[/step-N]", help="a checkpoint, or a run's root (its latest)")

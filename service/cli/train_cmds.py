@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from service.cli.preflight import dry_run
 
         return dry_run(resolved_config(args.config, args.set), args.nnodes, nproc)
-    from service.supervisor.launcher import run_local_job
+    from service.supervisor.local_job import run_local_job
 
     return run_local_job(
         config=args.config,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,9 +21,16 @@ class _Section(BaseModel):
                               use_attribute_docstrings=True)  # the docstrings: docs/config.md
 
 
+def run_folder(name: str) -> str:
+    """The folder a run name gives (anything but letters, digits, '.', '_', '-' becomes '-')."""
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100]
+    return folder or "run"
+
+
 class RunConfig(_Section):
     name: str = "ftdiff"
-    """Run name; used in logs and the default storage location."""
+    """Run name; without checkpoint.url the run lives under runs/<run.name>/ (checkpoints,
+    TensorBoard, sample grids; characters other than letters, digits, '.', '_', '-' become '-')."""
     seed: int = 0
     """Seeds the data order, augmentation, noise and timesteps and the model init."""
 
@@ -193,7 +201,8 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     url: str = "runs/ftdiff/checkpoints"
-    """Root of this run's checkpoints: path, file://, s3://bucket/prefix or memory://."""
+    """Root of this run's checkpoints: path, file://, s3://bucket/prefix or memory://. Unset:
+    runs/<run.name>/checkpoints, so that each run name has its own root, logs and samples."""
     every_steps: int = Field(default=50, ge=1)
     """Steps between checkpoints (the last step and a preemption are always committed)."""
     keep_last: int = Field(default=3, ge=2)
@@ -331,6 +340,21 @@ class Config(_Section):
     divergence: DivergenceConfig = DivergenceConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_by_run_name(cls, data: Any) -> Any:
+        """No checkpoint.url: the run lives under runs/<run.name>/ (the default name keeps the
+        default root, runs/ftdiff/checkpoints)."""
+        if not isinstance(data, dict):
+            return data
+        checkpoint, run = data.get("checkpoint", {}), data.get("run", {})
+        if not (isinstance(checkpoint, dict) and isinstance(run, dict)) or "url" in checkpoint:
+            return data
+        name = run.get("name", RunConfig().name)
+        if not isinstance(name, str):
+            return data  # RunConfig refuses it
+        return {**data, "checkpoint": {**checkpoint, "url": f"runs/{run_folder(name)}/checkpoints"}}
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

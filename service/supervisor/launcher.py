@@ -21,10 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.checkpoint.storage import open_storage
-from service.checkpoint.storage_check import check_reachable
-from service.config import Config, load_config
-from service.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, UserError
+from service.config import Config
+from service.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE
 from service.heartbeat import LEAVE_SIGNAL, REFUSED_DIVERGED, REFUSED_STORAGE, Heartbeat, shared_token
 from service.launch_env import ZYGOTE_SOCKET_ENV, LaunchEnv, launcher_env
 from service.node.proc import die_with_parent
@@ -48,7 +46,6 @@ from service.supervisor.report import failure_report
 from service.supervisor.torchrun import (
     AGENT_ENV,
     SHUTDOWN_MARGIN_S,
-    check_job_geometry,
     rendezvous_store,
     shutdown_timeout_s,
     torchrun_command,
@@ -369,30 +366,3 @@ class LocalSupervisor(Supervisor):
 
 def _reachable(host: str) -> str:  # the address workers use (a wildcard means loopback)
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-
-
-def run_local_job(
-    config: str | None, overrides: list[str], nnodes: int, nproc_per_node: int, log_format: str = "text",
-) -> int:
-    """Validate, then supervise the job until max_steps is committed (0) or it gives up."""
-    from service.logs import setup_logging
-
-    cfg = load_config(config, overrides)  # validate before starting anything
-    launch = LaunchEnv.read()
-    launch.collective_timeout(cfg.train.collective_timeout_s)  # as the workers will (a bad old variable)
-    # The token never reaches a log line, whichever way it came in.
-    setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, launch.token])
-    check_job_geometry(cfg, nnodes, nproc_per_node)
-    # Storage mistakes fail here, once, instead of in every worker of every restart.
-    ck = cfg.checkpoint
-    check_reachable(open_storage(ck.url, ck.endpoint_url, ck.region), single_writer=ck.single_writer)
-    try:
-        supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format, launch)
-    except OSError as e:
-        sup, met = cfg.supervisor, cfg.metrics
-        raise UserError(
-            f"cannot listen on supervisor {sup.host}:{sup.port} or metrics {met.host}:{met.port} ({e}); "
-            "another job may be using them: pass --set supervisor.port=0 --set metrics.port=0 to pick "
-            "free ports") from None
-    return supervisor.run()
-

@@ -5,9 +5,9 @@ The trainer holds one ``TrainingLogs`` and makes four calls: ``open`` after resu
 call does nothing. Nothing here can stop a run: a sink that fails (bad directory, full disk)
 logs one warning and switches itself off.
 
-Where things go: the *run directory* is the parent of ``checkpoint.url`` when that is local
-(``runs/ftdiff/checkpoints`` -> ``runs/ftdiff``), else ``runs/<run.name>`` under the working
-directory. Event files go to ``logging.tensorboard_dir`` (default ``<run dir>/tensorboard``),
+Where things go: the *run directory* (service.config.paths) is the parent of
+``checkpoint.url`` when that is local (``runs/<run.name>/checkpoints`` -> ``runs/<run.name>``),
+else ``runs/<run.name>`` under the working directory. Event files go to ``logging.tensorboard_dir`` (default ``<run dir>/tensorboard``),
 grids to ``<run dir>/samples/step-NNNNNN.png``.
 """
 
@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from prometheus_client import CollectorRegistry
 
 from service.config import Config
+from service.config.paths import local_path, run_dir  # noqa: F401 (run_dir: re-exported)
 from service.dist import DistInfo
 from service.train.previews import SampleRenderer
 
@@ -34,25 +35,10 @@ log = logging.getLogger(__name__)
 FLUSH_S = 10
 
 
-def _local_path(url: str) -> str | None:
-    """The local path of a path or file:// URL; None for anything remote (s3://, memory://, ...)."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if "://" in url else url
-
-
-def run_dir(cfg: Config) -> Path:
-    """Where this run's human-facing files go (next to its checkpoints when they are local)."""
-    local = _local_path(cfg.checkpoint.url)
-    if local is not None:
-        return Path(local).parent
-    return Path("runs") / cfg.run.name
-
-
 def tensorboard_dir(cfg: Config) -> Path:
     explicit = cfg.logging.tensorboard_dir
     if explicit is not None:
-        local = _local_path(explicit)
+        local = local_path(explicit)
         assert local is not None  # LoggingConfig refuses anything else
         return Path(local)
     return run_dir(cfg) / "tensorboard"

@@ -682,7 +682,7 @@ def test_a_stopped_agent_is_treated_as_lost():
 def test_a_busy_port_names_itself_and_the_way_out(tmp_path, monkeypatch):
     import socket
 
-    from service.supervisor.launcher import run_local_job
+    from service.supervisor.local_job import run_local_job
 
     monkeypatch.setattr("service.logs.setup_logging", lambda *a, **k: None)  # pytest keeps its handlers
 

@@ -1,0 +1,47 @@
+"""`ftdiff train`: validate once, record the run's status, and supervise the job locally."""
+
+from __future__ import annotations
+
+from service.checkpoint.storage import open_storage
+from service.checkpoint.storage_check import check_reachable
+from service.config import load_config
+from service.config.paths import run_dir
+from service.errors import EXIT_FAILURE, UserError
+from service.launch_env import LaunchEnv
+from service.supervisor.launcher import LocalSupervisor
+from service.supervisor.run_status import RunStatus
+from service.supervisor.torchrun import check_job_geometry
+
+
+def run_local_job(
+    config: str | None, overrides: list[str], nnodes: int, nproc_per_node: int, log_format: str = "text",
+) -> int:
+    """Validate, then supervise the job until max_steps is committed (0) or it gives up."""
+    from service.logs import setup_logging
+
+    cfg = load_config(config, overrides)  # validate before starting anything
+    launch = LaunchEnv.read()
+    launch.collective_timeout(cfg.train.collective_timeout_s)  # as the workers will (a bad old variable)
+    # The token never reaches a log line, whichever way it came in.
+    setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, launch.token])
+    check_job_geometry(cfg, nnodes, nproc_per_node)
+    # Storage mistakes fail here, once, instead of in every worker of every restart.
+    ck = cfg.checkpoint
+    check_reachable(open_storage(ck.url, ck.endpoint_url, ck.region), single_writer=ck.single_writer)
+    try:
+        supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format, launch)
+    except OSError as e:
+        sup, met = cfg.supervisor, cfg.metrics
+        raise UserError(
+            f"cannot listen on supervisor {sup.host}:{sup.port} or metrics {met.host}:{met.port} ({e}); "
+            "another job may be using them: pass --set supervisor.port=0 --set metrics.port=0 to pick "
+            "free ports") from None
+    status = RunStatus(run_dir(cfg), cfg.run.name, ck.url, cfg.train.max_steps)
+    status.started()
+    code = EXIT_FAILURE
+    try:
+        code = supervisor.run()
+        return code
+    finally:
+        status.ended(code)
+
