@@ -6,6 +6,7 @@ warning, the job goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.errors import EXIT_OK, EXIT_PREEMPTED
+from service.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -24,12 +25,19 @@ class RunStatus:
     def __init__(self, run_dir: Path, name: str, checkpoint_url: str, max_steps: int):
         self.path = run_dir / STATUS
         self.body: dict[str, Any] = {"name": name, "checkpoint_url": checkpoint_url, "max_steps": max_steps}
+        self._new = False
 
     def started(self) -> None:
+        self._new = not self.path.exists()
         self._write(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(), ended=None,
                     exit_code=None)
 
     def ended(self, code: int) -> None:
+        if code == EXIT_USAGE and self._new:  # refused at the start: leave no record of a run that never was
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                self.path.parent.rmdir()  # only if nothing else is there
+            return
         state = {EXIT_OK: "finished", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
         self._write(state=state, exit_code=code, ended=time.time())
 
