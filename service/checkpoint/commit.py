@@ -172,6 +172,7 @@ class CommitProtocol:
             run_id=self.run_id,
             incarnation=self.ownership.number,
             fingerprint=self.fingerprint,
+            lineage=self.ctx.lineage,
             **notes,  # Manifest fields the trainer adds (suspect_since, skips)
         )
         try:

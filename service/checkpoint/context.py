@@ -44,6 +44,9 @@ class CheckpointContext:
     """Committed steps this run failed to load (the resume fell back past them): when training
     reaches one again, its save replaces the unusable folder instead of taking "already
     committed" for an answer. Written by the resume, read by the commit protocol."""
+    lineage: dict[str, Any] | None = None
+    """Where this run was forked from (parent checkpoint, its run, the settings changed), set
+    by the resume and recorded in every manifest the run commits; None for a run of its own."""
 
     @property
     def run_id(self) -> str | None:

@@ -82,7 +82,6 @@ class Checkpointer:
         self.resume_source = StateSource.FRESH
         self.is_restart = False
         """Whether this start continues a run that already started (same run id and root)."""
-        """Where this start's state came from: memory, object_store or fresh."""
         self.last_stall_s = 0.0
         self._can_read_state = can_read_state
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
@@ -123,6 +122,7 @@ class Checkpointer:
         cannot fence off a job that is still running there."""
         restart = self.group.from_main(self._is_restart)
         self.is_restart = restart
+        self.ctx.lineage = self.group.from_main(self.resumer.own_lineage)  # a fork stays one
         # A restart of this run first looks for newer state that survivors left in memory; a
         # first start (pinned, never, auto) always goes by the object store.
         step = self._resume_from_memory() if restart and self.memory is not None else None

@@ -77,6 +77,9 @@ class Manifest:
     """Taken while a loss spike that began at this step was being judged: never a rollback target."""
     skips: list[list[int]] = field(default_factory=list)
     """The windows of the sample stream this run skips (service.data.skips), for people to read."""
+    lineage: dict[str, Any] | None = None
+    """A fork's parent: {"parent": checkpoint URL, "parent_root", "parent_run": run id, "step",
+    "changed": [lines]}."""
 
     @property
     def total_bytes(self) -> int:
@@ -119,6 +122,7 @@ class Manifest:
                 fingerprint=dict(fingerprint),
                 suspect_since=None if body.get("suspect_since") is None else _count(body, "suspect_since"),
                 skips=_windows(body.get("skips", [])),
+                lineage=_lineage(body.get("lineage")),
             )
         except ManifestError:
             raise
@@ -146,6 +150,17 @@ def _files(raw: Any) -> dict[str, FileEntry]:
     if ".metadata" not in files:
         raise ManifestError("manifest lists no .metadata")
     return files
+
+
+def _lineage(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    ok = (isinstance(raw, dict) and isinstance(raw.get("parent"), str) and isinstance(raw.get("step"), int)
+          and isinstance(raw.get("changed", []), list) and all(isinstance(c, str) for c in raw.get("changed", [])))
+    if not ok:
+        raise ManifestError(f"manifest lineage {_show(raw)} is not a parent URL, a step and a list of changes")
+    return {"parent": raw["parent"], "parent_root": str(raw.get("parent_root") or ""),
+            "parent_run": str(raw.get("parent_run") or ""), "step": raw["step"], "changed": list(raw.get("changed", []))}
 
 
 def _windows(raw: Any) -> list[list[int]]:

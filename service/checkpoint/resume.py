@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 
 from service.checkpoint.catalog import Catalog, split_checkpoint_url
@@ -30,9 +31,14 @@ from service.checkpoint.load_planner import GrowingFormatLoadPlanner
 from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
+from service.data.skips import Skips
 from service.errors import UserError
+from service.state_keys import DATA
 
 log = logging.getLogger(__name__)
+# Fingerprint keys of the model's shape: a fork cannot change them (the weights would not fit).
+ARCHITECTURE_KEYS = ("model.architecture.", "model.family", "model.preset", "model.sample_size", "model.conditioning",
+                     "model.num_classes", "model.vae", "model.text_encoder")
 
 
 class Resumer:
@@ -50,8 +56,11 @@ class Resumer:
         """
         configured = self.cfg.checkpoint.resume
         # A restart resumes the run's newest commit; one that crashed before its first commit
-        # starts the way its first start did (pinned source again, or fresh).
+        # starts the way its first start did (pinned source again, or fresh). So does a fork
+        # started again with the same --from once it has commits of its own.
         continuing = restart and self.group.from_main(lambda: self.catalog.latest() is not None)
+        if not continuing and configured not in ("auto", "never") and self.ctx.lineage is not None:
+            continuing = self.group.from_main(lambda: self._forked_from(configured))
         mode = "auto" if continuing else configured
         if continuing and configured != "auto":
             log.info("a restart of this run: resuming from its newest commit (checkpoint.resume = %r "
@@ -69,6 +78,19 @@ class Resumer:
             source = self.catalog  # pinned inside the own root: the own history, checked as such
         self.group.from_main(lambda: self._check_pinned_root(source, pinned))
         return self._load_newest(source, pinned)
+
+    def own_lineage(self) -> dict[str, Any] | None:
+        """Rank 0: the lineage the run's newest commit records (a fork's parent), or None."""
+        found = self.catalog.latest()
+        return found[1].lineage if found is not None else None
+
+    def _forked_from(self, configured: str) -> bool:
+        """Rank 0: whether this run is a fork of the checkpoint ``configured`` names."""
+        root, pinned = split_checkpoint_url(configured)
+        lineage = self.ctx.lineage or {}
+        ck = self.cfg.checkpoint
+        same_root = open_storage(root, ck.endpoint_url, ck.region).display_url == lineage.get("parent_root")
+        return same_root and pinned in (None, lineage.get("step"))
 
     # -- a root belongs to one run (rank 0; errors reach every rank through from_main) --------
     def _check_fresh_root(self, restart: bool) -> None:
@@ -120,14 +142,20 @@ class Resumer:
         if not hard:
             return
         where = catalog.storage.url_of(step_dir(step))
+        architecture = [line for line in hard if line.startswith(ARCHITECTURE_KEYS)]
+        if pinned and architecture:
+            raise UserError(
+                f"starting from {where} with another architecture:\n  " + "\n  ".join(architecture)
+                + "\nIts weights do not fit the model configured now; keep the parent's model settings "
+                "(a fork may change anything else: learning rate, data, batch, schedule).")
         if pinned:  # an explicit start from another root's checkpoint: allowed, and said
             log.warning("starting from %s with changed settings:\n  %s", where, "\n  ".join(hard))
             return
         raise UserError(
             f"{where} was trained with other settings that define the run's math:\n  "
             + "\n  ".join(hard) + "\nResuming would silently change the run. Restore these settings "
-            "to continue it, or start a new run from its weights: set checkpoint.url to a new "
-            f"location and checkpoint.resume = \"{where}\"."
+            "to continue it, or fork it into a new run that keeps its state and records where it came "
+            f"from: ftdiff train --from {where} --set run.name=<new name> (with the changed settings)."
         )
 
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
@@ -161,6 +189,8 @@ class Resumer:
             self.telemetry.loaded(step, manifest.time, t0)
             log.info("resumed from %s (world size %d -> %d)", catalog.storage.url_of(step_dir(step)),
                      manifest.world_size, self.info.world_size)
+            if catalog is not self.catalog:  # a fork: its parent, and what changed since
+                self._forked(catalog, step, manifest)
             return step
         raise UserError(
             f"checkpoints exist under {catalog.storage.display_url} but none could be loaded:\n  "
@@ -168,6 +198,18 @@ class Resumer:
             + "\nRun `ftdiff ckpt verify` on it; to deliberately start from scratch, point "
             "checkpoint.url at a new location (a fresh run never shares a root with another)."
         )
+
+    def _forked(self, catalog: Catalog, step: int, manifest: Manifest) -> None:
+        """Every rank, after loading another run's checkpoint: record the lineage; a stream of
+        other data starts at its beginning (the parent's position means nothing in it)."""
+        hard, soft = differences(manifest.fingerprint or fingerprint_of_config(manifest.config), self.fingerprint)
+        self.ctx.lineage = {"parent": catalog.storage.url_of(step_dir(step)), "parent_root": catalog.storage.display_url,
+                            "parent_run": manifest.run_id or "", "step": step, "changed": hard + soft}
+        if any(line.startswith("data.") for line in hard):
+            self.state[DATA].load_state_dict({"position": torch.zeros((), dtype=torch.int64),
+                                              "skips": Skips().to_tensor()})
+            log.warning("forked with other data: the sample stream starts at its beginning")
+        log.info("a fork of %s (run %s, step %d)", self.ctx.lineage["parent"], manifest.run_id or "unknown", step)
 
     def _first_candidate(self, catalog: Catalog, pinned: int | None) -> tuple[int, Manifest] | None:
         if pinned is not None:

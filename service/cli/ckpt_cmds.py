@@ -43,7 +43,8 @@ def cmd_ckpt_show(args: argparse.Namespace) -> int:
     print(json.dumps({
         "url": shown(ref), "step": m.step, "world_size": m.world_size, "samples_seen": m.samples_seen,
         "time": m.time, "time_utc": human_time(m.time), "bytes": m.total_bytes,
-        "run_id": m.run_id, "incarnation": m.incarnation, "suspect_since": m.suspect_since, "skips": m.skips,
+        "run_id": m.run_id, "incarnation": m.incarnation, "lineage": m.lineage,
+        "suspect_since": m.suspect_since, "skips": m.skips,
         "config_hash": m.config_hash, "versions": m.versions, "fingerprint": m.fingerprint,
         "config": redact_config_dict(m.config),
         "files": {k: {"size": v.size, "crc32c": v.crc32c} for k, v in sorted(m.files.items())},

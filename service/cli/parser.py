@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "train", "run a supervised local job (default: embedded tiny job)")
     add_worker_args(p)
     p.add_argument("--nnodes", type=int, default=1, help="simulated nodes (torchrun agents)")
+    p.add_argument("--from", dest="from_url", default=None, metavar="URL[/step-N]",
+                   help="fork: start a new run (a run.name or checkpoint.url of its own) from another run's "
+                        "checkpoint, with changed settings; its state is kept and the lineage recorded")
     p.add_argument("--nproc-per-node", default="auto",
                    help="worker processes per node: a number, or auto: one per visible GPU, 2 on CPU")
     first_run = p.add_mutually_exclusive_group()

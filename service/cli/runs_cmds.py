@@ -23,13 +23,13 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
     if not runs:
         print(f"(no runs under {parent})")
         return EXIT_OK
-    rows = [("NAME", "STATE", "STEP", "UPDATED", "CHECKPOINTS")]
+    rows = [("NAME", "STATE", "STEP", "UPDATED", "FORKED FROM", "CHECKPOINTS")]
     rows += [(r["name"], r["state"], f"{r['step'] if r['step'] is not None else '-'}/{r['max_steps'] or '?'}",
-              human_time(r["updated"]), r["checkpoint_url"]) for r in runs]
-    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+              human_time(r["updated"]), _parent(r["lineage"]), r["checkpoint_url"]) for r in runs]
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
     for row in rows:
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:<{widths[3]}}  "
-              f"{row[4]}".rstrip())
+              f"{row[4]:<{widths[4]}}  {row[5]}".rstrip())
     return EXIT_OK
 
 
@@ -42,28 +42,32 @@ def _describe(folder: Path) -> dict[str, Any] | None:
     url = status.get("checkpoint_url") or (str(folder / "checkpoints") if (folder / "checkpoints").is_dir() else None)
     if url is None:
         return None
-    step, updated, max_steps = _newest(url)
+    step, updated, max_steps, lineage = _newest(url)
     max_steps = status.get("max_steps") or max_steps
     state = status.get("state")
     if state is None:  # no status (a job started another way): judged from its commits
         state = "finished" if step is not None and max_steps and step >= max_steps else "stopped"
     return {"name": status.get("name") or folder.name, "folder": str(folder), "state": state, "step": step,
             "max_steps": max_steps, "updated": max(updated or 0, status.get("ended") or status.get("started") or 0)
-            or None, "exit_code": status.get("exit_code"), "checkpoint_url": url}
+            or None, "exit_code": status.get("exit_code"), "checkpoint_url": url, "lineage": lineage}
 
 
-def _newest(url: str) -> tuple[int | None, float | None, int | None]:
-    """(newest committed step, its time, the max_steps it was trained towards); Nones if the
-    root cannot be read (a remote store out of reach: the row still shows)."""
+def _parent(lineage: dict[str, Any] | None) -> str:
+    return f"{lineage['parent_root']} @ {lineage['step']}" if lineage else "-"
+
+
+def _newest(url: str) -> tuple[int | None, float | None, int | None, dict[str, Any] | None]:
+    """(newest committed step, its time, the max_steps it was trained towards, its lineage);
+    Nones if the root cannot be read (a remote store out of reach: the row still shows)."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.storage import open_storage
 
     try:
         found = Catalog(open_storage(url)).latest()
     except Exception:  # noqa: BLE001 — a listing of many runs must not fail on one
-        return None, None, None
+        return None, None, None, None
     if found is None:
-        return None, None, None
+        return None, None, None, None
     step, manifest = found
     train = manifest.config.get("train", {}) if isinstance(manifest.config, dict) else {}
-    return step, manifest.time, train.get("max_steps") if isinstance(train, dict) else None
+    return step, manifest.time, train.get("max_steps") if isinstance(train, dict) else None, manifest.lineage

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from service.errors import EXIT_OK
+from service.errors import EXIT_OK, UserError
 
 
 def job_overrides(overrides: list[str]) -> list[str]:
@@ -23,6 +24,18 @@ def resolved_config(config: str | None, overrides: list[str]) -> Any:
     return load_config(config, job_overrides(overrides))
 
 
+def check_fork_root(cfg: Any, parent: str) -> None:
+    """A fork writes a root of its own: never the parent's."""
+    from service.checkpoint.catalog import split_checkpoint_url
+    from service.checkpoint.storage import open_storage
+
+    ck = cfg.checkpoint
+    root, _ = split_checkpoint_url(parent)
+    if open_storage(root, ck.endpoint_url, ck.region).same_root(open_storage(ck.url, ck.endpoint_url, ck.region)):
+        raise UserError(f"--from {parent}: the fork would write into its parent's root ({ck.url}); give it a name "
+                        "of its own (--set run.name=NEW, so it lives under runs/NEW/) or a checkpoint.url")
+
+
 def print_config(args: argparse.Namespace) -> int:
     """The resolved config as TOML, secrets redacted; reads nothing but the config."""
     from service.cli.toml_out import dumps
@@ -36,6 +49,9 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.from_url:
+        args.set = [*args.set, f"checkpoint.resume={json.dumps(args.from_url)}"]
+        check_fork_root(resolved_config(args.config, args.set), args.from_url)
     if args.print_config:
         return print_config(args)
     from service.cli.processes import processes_per_node

@@ -13,11 +13,13 @@ import pytest
 from tests.helpers import REPO, TINY, base_env, set_args
 
 
-def _train(cwd, name: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def _train(cwd, name: str, *extra: str, env: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
+           cli: list[str] | None = None) -> subprocess.CompletedProcess:
     args = [a for a in TINY if not a.startswith("logging.tensorboard")] + [
         f'run.name="{name}"', "train.max_steps=3", "checkpoint.every_steps=2", "supervisor.port=0",
         "metrics.port=0", *extra]
-    return subprocess.run([sys.executable, "-m", "service.cli", "train", "--nproc-per-node", "1", *set_args(args)],
+    return subprocess.run([sys.executable, "-m", "service.cli", "train", "--nproc-per-node", "1", *(cli or []),
+                           *set_args(args)],
                           cwd=cwd, env=base_env({"PYTHONPATH": str(REPO), **(env or {})}), capture_output=True,
                           text=True, timeout=200)
 
@@ -44,5 +46,58 @@ def test_two_names_two_roots_separate_logs_and_runs_ls_shows_their_state(tmp_pat
     assert listed["exp-a"]["checkpoint_url"] == "runs/exp-a/checkpoints"
     table = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls"], cwd=tmp_path,
                            env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60).stdout
-    assert table.splitlines()[0].split() == ["NAME", "STATE", "STEP", "UPDATED", "CHECKPOINTS"]
+    assert table.splitlines()[0].split() == ["NAME", "STATE", "STEP", "UPDATED", "FORKED", "FROM", "CHECKPOINTS"]
     assert "exp-b" in table and "3/3" in table
+
+
+def _position(url: str) -> int:
+    """The data position the newest commit of ``url`` records."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.dcp_io import VerifyingReader
+    from service.checkpoint.manifest import step_dir
+    from service.checkpoint.storage import open_storage
+
+    catalog = Catalog(open_storage(url))
+    step, manifest = catalog.latest()  # type: ignore[misc]
+    request = {"data": {"position": torch.tensor(-1)}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(request, storage_reader=VerifyingReader.for_folder(catalog.storage, step_dir(step), manifest.files))
+    return int(request["data"]["position"])
+
+
+@pytest.mark.timeout(400)
+def test_a_fork_keeps_the_state_records_its_lineage_and_refuses_another_architecture(tmp_path):
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.storage import open_storage
+
+    assert _train(tmp_path, "parent").returncode == 0
+    fork = ["--from", "runs/parent/checkpoints/step-000000003"]
+    res = _train(tmp_path, "lower-lr", "train.max_steps=5", "train.lr=1e-4", cli=fork)
+    assert res.returncode == 0, res.stderr[-2000:]
+    step, manifest = Catalog(open_storage(str(tmp_path / "runs/lower-lr/checkpoints"))).latest()  # type: ignore[misc]
+    assert step == 5 and manifest.lineage is not None
+    assert manifest.lineage["step"] == 3 and manifest.lineage["parent_root"].endswith("runs/parent/checkpoints")
+    assert any(line.startswith("train.lr:") for line in manifest.lineage["changed"])
+    assert _position(str(tmp_path / "runs/lower-lr/checkpoints")) == 5 * 8  # went on from the parent's position
+    again = _train(tmp_path, "lower-lr", "train.max_steps=5", "train.lr=1e-4", cli=fork)  # the same command again
+    assert again.returncode == 0, again.stderr[-2000:]  # continues the fork (done), not refused
+
+    other_data = _train(tmp_path, "more-data", "train.max_steps=5", "data.epoch_size=72", cli=fork)
+    assert other_data.returncode == 0, other_data.stderr[-2000:]
+    assert _position(str(tmp_path / "runs/more-data/checkpoints")) == 2 * 8  # another stream starts at its start
+
+    into_parent = _train(tmp_path, "parent", cli=fork)
+    assert into_parent.returncode == 2 and "its parent's root" in into_parent.stderr
+    bigger = _train(tmp_path, "bigger", "model.arch.layers_per_block=2", cli=fork)
+    assert bigger.returncode == 2 and "another architecture" in bigger.stderr, bigger.stderr[-2000:]
+
+    listed = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls", "--json"], cwd=tmp_path,
+                            env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60)
+    lineage = {r["name"]: r["lineage"] for r in json.loads(listed.stdout)}
+    assert lineage["parent"] is None and lineage["lower-lr"]["step"] == 3
