@@ -89,7 +89,8 @@ class Resumer:
         root, pinned = split_checkpoint_url(configured)
         lineage = self.ctx.lineage or {}
         ck = self.cfg.checkpoint
-        same_root = open_storage(root, ck.endpoint_url, ck.region).display_url == lineage.get("parent_root")
+        parent = open_storage(str(lineage.get("parent_root") or ""), ck.endpoint_url, ck.region)
+        same_root = open_storage(root, ck.endpoint_url, ck.region).same_root(parent)
         return same_root and pinned in (None, lineage.get("step"))
 
     # -- a root belongs to one run (rank 0; errors reach every rank through from_main) --------
@@ -155,7 +156,8 @@ class Resumer:
             f"{where} was trained with other settings that define the run's math:\n  "
             + "\n  ".join(hard) + "\nResuming would silently change the run. Restore these settings "
             "to continue it, or fork it into a new run that keeps its state and records where it came "
-            f"from: ftdiff train --from {where} --set run.name=<new name> (with the changed settings)."
+            f"from: ftdiff train --from {where} --set run.name=NEW_NAME, with this start's --config "
+            "and --set."
         )
 
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
@@ -202,6 +204,9 @@ class Resumer:
     def _forked(self, catalog: Catalog, step: int, manifest: Manifest) -> None:
         """Every rank, after loading another run's checkpoint: record the lineage; a stream of
         other data starts at its beginning (the parent's position means nothing in it)."""
+        if step >= self.cfg.train.max_steps:
+            raise UserError(f"the fork of {catalog.storage.url_of(step_dir(step))} would train nothing: its step "
+                            f"{step} is at or past train.max_steps = {self.cfg.train.max_steps}; raise train.max_steps")
         hard, soft = differences(manifest.fingerprint or fingerprint_of_config(manifest.config), self.fingerprint)
         self.ctx.lineage = {"parent": catalog.storage.url_of(step_dir(step)), "parent_root": catalog.storage.display_url,
                             "parent_run": manifest.run_id or "", "step": step, "changed": hard + soft}

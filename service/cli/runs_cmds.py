@@ -10,6 +10,7 @@ from typing import Any
 
 from service.cli.common import human_time
 from service.errors import EXIT_OK, UserError
+from service.redact import redact_url
 
 
 def cmd_runs_ls(args: argparse.Namespace) -> int:
@@ -39,17 +40,23 @@ def _describe(folder: Path) -> dict[str, Any] | None:
     from service.supervisor.run_status import read_status
 
     status = read_status(folder) or {}
-    url = status.get("checkpoint_url") or (str(folder / "checkpoints") if (folder / "checkpoints").is_dir() else None)
+    url = status.get("checkpoint_url") if isinstance(status.get("checkpoint_url"), str) else None
+    if url is None and (folder / "checkpoints").is_dir():
+        url = str(folder / "checkpoints")
     if url is None:
         return None
     step, updated, max_steps, lineage = _newest(url)
-    max_steps = status.get("max_steps") or max_steps
-    state = status.get("state")
+    if not status and step is None and not any((folder / "checkpoints").glob("step-*")):
+        return None  # a start refused before its first commit left an empty root: no run
+    recorded = status.get("max_steps")
+    max_steps = recorded if isinstance(recorded, int) else max_steps
+    state = status.get("state") if isinstance(status.get("state"), str) else None
     if state is None:  # no status (a job started another way): judged from its commits
         state = "finished" if step is not None and max_steps and step >= max_steps else "stopped"
-    return {"name": status.get("name") or folder.name, "folder": str(folder), "state": state, "step": step,
-            "max_steps": max_steps, "updated": max(updated or 0, status.get("ended") or status.get("started") or 0)
-            or None, "exit_code": status.get("exit_code"), "checkpoint_url": url, "lineage": lineage}
+    times = [t for t in (updated, status.get("ended"), status.get("started")) if isinstance(t, (int, float))]
+    return {"name": str(status.get("name") or folder.name), "folder": str(folder), "state": state, "step": step,
+            "max_steps": max_steps, "updated": max(times) if times else None, "exit_code": status.get("exit_code"),
+            "checkpoint_url": redact_url(url), "lineage": lineage}
 
 
 def _parent(lineage: dict[str, Any] | None) -> str:

@@ -50,6 +50,8 @@ def print_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.from_url:
+        if resolved_config(args.config, args.set).checkpoint.resume != "auto":
+            raise UserError("--from and checkpoint.resume both say where to start: keep one")
         args.set = [*args.set, f"checkpoint.resume={json.dumps(args.from_url)}"]
         check_fork_root(resolved_config(args.config, args.set), args.from_url)
     if args.print_config:

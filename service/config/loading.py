@@ -94,6 +94,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 what = "a section" if depth == 0 else "a table"
                 raise UserError(f"--set {'.'.join(parts)}=...: {'.'.join(parts[:depth + 1])!r} is not {what}")
         if value is UNSET:
+            if parts[0] not in Config.model_fields or (len(parts) == 2 and parts[1] not in _allowed_keys(parts[0])):
+                raise UserError(f"--set {'.'.join(parts)}=null: unknown key (allowed in [{parts[0]}]: "
+                                f"{', '.join(_allowed_keys(parts[0]))})")
             table.pop(parts[-1], None)
         else:
             table[parts[-1]] = value

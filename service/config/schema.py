@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Literal
 
@@ -22,9 +23,13 @@ class _Section(BaseModel):
 
 
 def run_folder(name: str) -> str:
-    """The folder a run name gives (anything but letters, digits, '.', '_', '-' becomes '-')."""
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100]
-    return folder or "run"
+    """The folder a run name gives: the name itself when it is a plain folder name (letters,
+    digits, '.', '_', '-'; at most 100); else a plain version of it plus a digest of the whole
+    name, so that two names never share a folder ("a b" and "a-b" do not)."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", name):
+        return name
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:80] or "run"
+    return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 class RunConfig(_Section):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import check_reachable
 from service.config import load_config
-from service.config.paths import run_dir
+from service.config.paths import local_path, run_dir
 from service.errors import EXIT_FAILURE, UserError
 from service.launch_env import LaunchEnv
 from service.supervisor.launcher import LocalSupervisor
@@ -36,12 +38,19 @@ def run_local_job(
             f"cannot listen on supervisor {sup.host}:{sup.port} or metrics {met.host}:{met.port} ({e}); "
             "another job may be using them: pass --set supervisor.port=0 --set metrics.port=0 to pick "
             "free ports") from None
-    status = RunStatus(run_dir(cfg), cfg.run.name, ck.url, cfg.train.max_steps)
-    status.started()
+    # A status in the run folder only where that folder is the run's own: runs/<name>/ for a
+    # remote root, or the parent of a local root named "checkpoints" (a root named otherwise may
+    # share its parent with other runs).
+    local = local_path(ck.url)
+    status = (RunStatus(run_dir(cfg), cfg.run.name, ck.url, cfg.train.max_steps)
+              if local is None or Path(local).name == "checkpoints" else None)
+    if status is not None:
+        status.started()
     code = EXIT_FAILURE
     try:
         code = supervisor.run()
         return code
     finally:
-        status.ended(code)
+        if status is not None:
+            status.ended(code)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from service.redact import redact_url
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -24,19 +25,28 @@ STATUS = "status.json"
 class RunStatus:
     def __init__(self, run_dir: Path, name: str, checkpoint_url: str, max_steps: int):
         self.path = run_dir / STATUS
-        self.body: dict[str, Any] = {"name": name, "checkpoint_url": checkpoint_url, "max_steps": max_steps}
-        self._new = False
+        local = None if "://" in checkpoint_url and not checkpoint_url.startswith("file://") else checkpoint_url
+        shown = os.path.abspath(local.removeprefix("file://")) if local else redact_url(checkpoint_url)
+        self.body: dict[str, Any] = {"name": name, "checkpoint_url": shown, "max_steps": max_steps}
+        self._before: dict[str, Any] | None = None  # the status an earlier start left
 
     def started(self) -> None:
-        self._new = not self.path.exists()
+        self._before = read_status(self.path.parent)
         self._write(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(), ended=None,
                     exit_code=None)
 
     def ended(self, code: int) -> None:
-        if code == EXIT_USAGE and self._new:  # refused at the start: leave no record of a run that never was
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-                self.path.parent.rmdir()  # only if nothing else is there
+        current = read_status(self.path.parent)
+        if current is None or (current.get("pid"), current.get("host")) != (os.getpid(), socket.gethostname()):
+            return  # another start of this run owns the status now: it is its to write
+        if code == EXIT_USAGE:  # refused at the start: it changed nothing, nor does its status
+            if self._before is None:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                    self.path.parent.rmdir()  # only if nothing else is there
+            else:
+                self.body = self._before
+                self._write()
             return
         state = {EXIT_OK: "finished", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
         self._write(state=state, exit_code=code, ended=time.time())

@@ -43,7 +43,7 @@ def test_two_names_two_roots_separate_logs_and_runs_ls_shows_their_state(tmp_pat
     listed = {r["name"]: r for r in json.loads(res.stdout)}
     assert {n: (r["state"], r["step"]) for n, r in listed.items()} == {
         "exp-a": ("finished", 3), "exp-b": ("finished", 3), "exp-c": ("failed", None)}
-    assert listed["exp-a"]["checkpoint_url"] == "runs/exp-a/checkpoints"
+    assert listed["exp-a"]["checkpoint_url"] == str(tmp_path / "runs/exp-a/checkpoints")  # absolute: readable from anywhere
     table = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls"], cwd=tmp_path,
                            env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60).stdout
     assert table.splitlines()[0].split() == ["NAME", "STATE", "STEP", "UPDATED", "FORKED", "FROM", "CHECKPOINTS"]
@@ -94,6 +94,10 @@ def test_a_fork_keeps_the_state_records_its_lineage_and_refuses_another_architec
 
     into_parent = _train(tmp_path, "parent", cli=fork)
     assert into_parent.returncode == 2 and "its parent's root" in into_parent.stderr
+    nothing = _train(tmp_path, "nothing", cli=fork)  # max_steps 3: the parent's step already
+    assert nothing.returncode == 2 and "would train nothing" in nothing.stderr, nothing.stderr[-2000:]
+    both = _train(tmp_path, "both", 'checkpoint.resume="never"', cli=fork)
+    assert both.returncode == 2 and "keep one" in both.stderr
     bigger = _train(tmp_path, "bigger", "model.arch.layers_per_block=2", cli=fork)
     assert bigger.returncode == 2 and "another architecture" in bigger.stderr, bigger.stderr[-2000:]
 
