@@ -43,46 +43,53 @@ def _rollbacks(url: str) -> int:
     return int(request[TRAIN_STATE]["rollbacks"])
 
 
+def _finished_with(tmp_path, name: str, settings: list[str], hook: str) -> SupervisedJob:  # type: ignore[no-untyped-def]
+    """A supervised 2-rank job with one fault hook (``VAR=VALUE``, once in this run), run to its
+    end with exit 0."""
+    var, _, value = hook.partition("=")
+    job = SupervisedJob(tmp_path / name, settings, env={var: value, "FTDIFF_RUN_ID": f"{name}-{os.getpid()}"})
+    code, err = job.finish(240)
+    assert code == 0, err[-3000:]
+    return job
+
+
+def _assert_equal_to_a_clean_run(tmp_path, settings: list[str], url: str) -> str:  # type: ignore[no-untyped-def]
+    """Train the same settings without any fault (a plain torchrun job) and compare the final
+    weights and EMA bitwise with ``url``'s; the clean run's root."""
+    clean = tmp_path / "clean"
+    res = run(torchrun_cmd(settings + [f'checkpoint.url="{clean}"']))
+    assert res.returncode == 0, why(res)
+    assert_bitwise_equal(weights(str(clean), "model"), weights(url, "model"))
+    assert_bitwise_equal(weights(str(clean), "ema"), weights(url, "ema"))
+    return str(clean)
+
+
 @pytest.mark.timeout(300)
 def test_a_loss_spike_rolls_back_once_and_ends_equal_to_a_run_that_skips_the_same_window(tmp_path):
     common = ["train.max_steps=22", "checkpoint.every_steps=3", "divergence.skip_steps=2"]
-    job = SupervisedJob(tmp_path / "spiky", common,
-                        env={"FTDIFF_SPIKE_AT_STEP": "14:1000", "FTDIFF_RUN_ID": f"spike-{os.getpid()}"})
-    code, err = job.finish(240)
-    assert code == 0, err[-3000:]
+    job = _finished_with(tmp_path, "spiky", common, "FTDIFF_SPIKE_AT_STEP=14:1000")
     # Steps 14..16 spiked; the verdict came at 16; step 15's commit was taken while judging, so
     # the rollback went to 12 and skipped the batches of 14..16 and 2 more.
     manifest = _final_manifest(job.url)
     assert manifest.step == 22 and manifest.suspect_since is None
     assert manifest.skips == [[13 * GB, 18 * GB]]
     assert _rollbacks(job.url) == 1
-    assert "Traceback" not in err
+    assert "Traceback" not in job.log()
 
-    clean = tmp_path / "clean"
-    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"', f"data.skip=[[{13 * GB}, {18 * GB}]]"]))
-    assert res.returncode == 0, why(res)
-    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))
-    assert_bitwise_equal(weights(str(clean), "ema"), weights(job.url, "ema"))
-    assert _rollbacks(str(clean)) == 0
+    clean = _assert_equal_to_a_clean_run(tmp_path, common + [f"data.skip=[[{13 * GB}, {18 * GB}]]"], job.url)
+    assert _rollbacks(clean) == 0
 
 
 @pytest.mark.timeout(300)
 def test_a_flipped_bit_in_one_replica_is_caught_and_rolled_back(tmp_path):
     common = ["train.max_steps=16", "checkpoint.every_steps=3", "divergence.replica_check_every=4"]
-    job = SupervisedJob(tmp_path / "flipped", common,
-                        env={"FTDIFF_CORRUPT_PARAM_AT_STEP": "7:1", "FTDIFF_RUN_ID": f"flip-{os.getpid()}"})
-    code, err = job.finish(240)
-    assert code == 0, err[-3000:]
+    job = _finished_with(tmp_path, "flipped", common, "FTDIFF_CORRUPT_PARAM_AT_STEP=7:1")
     # Checked at 4 (equal), 8 (rank 1 differs since step 7): back to commit 3, the newest from
     # before the last check that agreed; the replay is clean, the checks at 12 and 16 agree.
     assert _rollbacks(job.url) == 1
     assert _final_manifest(job.url).skips == []  # the data was never the problem
 
-    clean = tmp_path / "clean"
-    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"']))
-    assert res.returncode == 0, why(res)
-    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))
-    assert_bitwise_equal(weights(str(clean), "ema"), weights(job.url, "ema"))
+    _assert_equal_to_a_clean_run(tmp_path, common, job.url)
 
 
 @pytest.mark.timeout(300)
@@ -90,15 +97,9 @@ def test_a_flipped_bit_is_caught_before_the_next_commit_can_keep_it(tmp_path):
     """Replica checks run before every commit too: with the default interval (100) a bit flipped
     after step 5 is caught at step 6, before that commit, and the run goes back to commit 3."""
     common = ["train.max_steps=12", "checkpoint.every_steps=3"]
-    job = SupervisedJob(tmp_path / "flipped", common,
-                        env={"FTDIFF_CORRUPT_PARAM_AT_STEP": "5:0", "FTDIFF_RUN_ID": f"flip-commit-{os.getpid()}"})
-    code, err = job.finish(240)
-    assert code == 0, err[-3000:]
+    job = _finished_with(tmp_path, "flipped-early", common, "FTDIFF_CORRUPT_PARAM_AT_STEP=5:0")
     assert _rollbacks(job.url) == 1
-    clean = tmp_path / "clean"
-    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"']))
-    assert res.returncode == 0, why(res)
-    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))
+    _assert_equal_to_a_clean_run(tmp_path, common, job.url)
 
 
 @pytest.mark.timeout(200)
@@ -132,7 +133,4 @@ def test_a_crash_right_after_a_rollback_keeps_the_skip_window_and_the_count(tmp_
     manifest = _final_manifest(job.url)
     assert manifest.skips == [[13 * GB, 18 * GB]] and _rollbacks(job.url) == 1
 
-    clean = tmp_path / "clean"
-    res = run(torchrun_cmd(common + [f'checkpoint.url="{clean}"', f"data.skip=[[{13 * GB}, {18 * GB}]]"]))
-    assert res.returncode == 0, why(res)
-    assert_bitwise_equal(weights(str(clean), "model"), weights(job.url, "model"))
+    _assert_equal_to_a_clean_run(tmp_path, common + [f"data.skip=[[{13 * GB}, {18 * GB}]]"], job.url)

@@ -28,6 +28,31 @@ def two_hosts_fixture():
         yield hosts
 
 
+SUP_PORT, METRICS_PORT, RDZV_PORT = 29450, 9400, 29400  # fresh namespaces: nothing else there
+
+
+def _start(hosts, tmp_path, common: list[str], env: dict[str, str], nnodes: str, rdzv_id: str,  # type: ignore[no-untyped-def]
+           keep_alive_attempts: int) -> tuple[object, list, dict]:
+    """`ftdiff supervise` on host A and one torchrun agent per host: (supervisor, agents, log files)."""
+    host_a = hosts[0]
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
+    sup = in_host(host_a, [sys.executable, "-m", "service.cli", "supervise", *set_args(
+        common + ['supervisor.host="0.0.0.0"', f"supervisor.port={SUP_PORT}",
+                  'metrics.host="0.0.0.0"', f"metrics.port={METRICS_PORT}"])], env, logs["sup"])
+    agents = []
+    for i, host in enumerate(hosts):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={SUBNET}.1:{RDZV_PORT}", f"--rdzv-id={rdzv_id}",
+               # host A serves the rendezvous store (hostname matching cannot tell inside netns)
+               (f"--rdzv-conf=is_host={'true' if i == 0 else 'false'},keep_alive_interval=1,"
+               f"keep_alive_max_attempt={keep_alive_attempts},last_call_timeout=1"),
+               f"--local-addr={SUBNET}.{i + 1}", "--max-restarts=3", "-m", "service.train",
+               "--log-format", "json", *set_args(common)]
+        agents.append(in_host(host, cmd, {**env, "FTDIFF_NODE": "ab"[i], "GLOO_SOCKET_IFNAME": host.dev,
+                                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, logs["ab"[i]]))
+    return sup, agents, logs
+
+
 @pytest.mark.timeout(300)
 def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts_fixture, baseline, tmp_path):
     """Also the min-nodes-1 case: the survivor continues alone, with the same global batch, and
@@ -35,33 +60,18 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts_fixture, ba
     host_a, host_b = two_hosts_fixture
     dirs = traced_run(tmp_path)
     trace, url = dirs.trace, dirs.url
-    sup_port, metrics_port, rdzv_port = 29450, 9400, 29400  # fresh namespaces: nothing else there
     common = TINY + [f"train.max_steps={BASELINE_STEPS}", "checkpoint.every_steps=4", f'checkpoint.url="{url}"',
                      "train.step_sleep_s=0.3", "supervisor.hang_timeout_s=4", "supervisor.heartbeat_interval_s=0.5",
-                     f'supervisor.url="http://{SUBNET}.1:{sup_port}"']
+                     f'supervisor.url="http://{SUBNET}.1:{SUP_PORT}"']
     env = {"FTDIFF_TOKEN": TOKEN, **dirs.env}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
-    sup = in_host(host_a, [sys.executable, "-m", "service.cli", "supervise", *set_args(
-        common + ['supervisor.host="0.0.0.0"', f"supervisor.port={sup_port}",
-                  'metrics.host="0.0.0.0"', f"metrics.port={metrics_port}"])], env, logs["sup"])
-    agents = []
-    for i, host in enumerate((host_a, host_b)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={SUBNET}.1:{rdzv_port}", "--rdzv-id=multihost",
-               # host A serves the rendezvous store (hostname matching cannot tell inside netns)
-               (f"--rdzv-conf=is_host={'true' if i == 0 else 'false'},keep_alive_interval=1,"
-               "keep_alive_max_attempt=3,last_call_timeout=1"),
-               f"--local-addr={SUBNET}.{i + 1}", "--max-restarts=3", "-m", "service.train",
-               "--log-format", "json", *set_args(common)]
-        agents.append(in_host(host, cmd, {**env, "FTDIFF_NODE": "ab"[i], "GLOO_SOCKET_IFNAME": host.dev,
-                                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, logs["ab"[i]]))
+    sup, agents, logs = _start((host_a, host_b), tmp_path, common, env, "1:2", "multihost", keep_alive_attempts=3)
     try:
         wait_for_step(trace, 6, agents[0], timeout=120)
         first = [json.loads(l) for f in trace.glob("*.jsonl") for l in f.read_text().splitlines()]
         assert {l["world_size"] for l in first} == {2}, "both hosts should train together first"
         ip("-n", host_b.ns, "link", "set", host_b.dev, "down")  # host B drops off the network
         cut_at = time.monotonic()
-        while metric(host_a, metrics_port, 'ftdiff_job_failures_detected_total{kind="lost_node"}') < 1:
+        while metric(host_a, METRICS_PORT, 'ftdiff_job_failures_detected_total{kind="lost_node"}') < 1:
             assert time.monotonic() - cut_at < 60, "lost node not detected"
             time.sleep(0.5)
         assert agents[0].wait(timeout=200) == 0, (tmp_path / "a.log").read_text()[-3000:]
@@ -73,7 +83,7 @@ def test_cut_link_is_a_lost_node_and_the_survivor_finishes(two_hosts_fixture, ba
         for k in ref:
             torch.testing.assert_close(ref[k], got[k], rtol=1e-4, atol=1e-5)
         time.sleep(5)  # > hang_timeout: a worker that finished must not look hung afterwards
-        assert metric(host_a, metrics_port, 'ftdiff_job_failures_detected_total{kind="hang"}') == 0
+        assert metric(host_a, METRICS_PORT, 'ftdiff_job_failures_detected_total{kind="hang"}') == 0
     finally:
         for proc in (*agents, sup):
             stop_tree(proc)
@@ -89,26 +99,12 @@ def test_a_partition_that_heals_is_recovered_with_no_committed_step_lost(two_hos
     host_a, host_b = two_hosts_fixture
     dirs = traced_run(tmp_path)
     trace, url = dirs.trace, dirs.url
-    sup_port, metrics_port, rdzv_port = 29450, 9400, 29400
     common = TINY + ["train.max_steps=24", "checkpoint.every_steps=3", f'checkpoint.url="{url}"',
                      "checkpoint.keep_last=100", "train.step_sleep_s=0.3", "supervisor.hang_timeout_s=4",
                      "supervisor.heartbeat_interval_s=0.5", "train.collective_timeout_s=30",
-                     f'supervisor.url="http://{SUBNET}.1:{sup_port}"']
+                     f'supervisor.url="http://{SUBNET}.1:{SUP_PORT}"']
     env = {"FTDIFF_TOKEN": TOKEN, **dirs.env}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("sup", "a", "b")}
-    sup = in_host(host_a, [sys.executable, "-m", "service.cli", "supervise", *set_args(
-        common + ['supervisor.host="0.0.0.0"', f"supervisor.port={sup_port}",
-                  'metrics.host="0.0.0.0"', f"metrics.port={metrics_port}"])], env, logs["sup"])
-    agents = []
-    for i, host in enumerate((host_a, host_b)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2:2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={SUBNET}.1:{rdzv_port}", "--rdzv-id=partition",
-               (f"--rdzv-conf=is_host={'true' if i == 0 else 'false'},keep_alive_interval=1,"
-               "keep_alive_max_attempt=30,last_call_timeout=1"),
-               f"--local-addr={SUBNET}.{i + 1}", "--max-restarts=3", "-m", "service.train",
-               "--log-format", "json", *set_args(common)]
-        agents.append(in_host(host, cmd, {**env, "FTDIFF_NODE": "ab"[i], "GLOO_SOCKET_IFNAME": host.dev,
-                                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, logs["ab"[i]]))
+    sup, agents, logs = _start((host_a, host_b), tmp_path, common, env, "2:2", "partition", keep_alive_attempts=30)
     try:
         wait_for_step(trace, 7, agents[0], timeout=120)
         committed_before = set(Catalog(open_storage(str(url))).committed_steps())
@@ -116,7 +112,7 @@ def test_a_partition_that_heals_is_recovered_with_no_committed_step_lost(two_hos
         cut_at = time.monotonic()
         detected = 0.0
         while detected < 1:
-            detected = sum(metric(host_a, metrics_port, f'ftdiff_job_failures_detected_total{{kind="{kind}"}}')
+            detected = sum(metric(host_a, METRICS_PORT, f'ftdiff_job_failures_detected_total{{kind="{kind}"}}')
                            for kind in ("hang", "lost_node"))
             assert time.monotonic() - cut_at < 4 + 2 * 0.5 + 2, "the stuck job was not detected in time"
             time.sleep(0.2)
