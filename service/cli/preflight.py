@@ -139,7 +139,7 @@ def _resume_plan(cfg: Config, storage: Any, data_length: int, data: dict[str, An
                 "or set checkpoint.resume = \"auto\" to continue that run")
         return "fresh start (checkpoint.resume = \"never\")"
     if mode != "auto":
-        return _pinned_plan(cfg, catalog, latest)
+        return _pinned_plan(cfg, catalog, latest, data_length, data)
     if latest is None:
         return f"fresh start: no committed checkpoint under {storage.display_url}"
     step, manifest = latest
@@ -167,17 +167,25 @@ def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_leng
     return f" (changed: {'; '.join(soft)})" if soft else ""
 
 
-def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None) -> str:
-    """``checkpoint.resume = URL[/step-N]``: the source exists; the own root has no newer history."""
+def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_length: int,
+                 data: dict[str, Any]) -> str:
+    """``checkpoint.resume = URL[/step-N]`` (or ``--from``): the source exists; the own root has
+    no newer history unless it is this fork's; a fork keeps the architecture and has steps to go."""
     from service.checkpoint.catalog import Catalog, split_checkpoint_url
     from service.checkpoint.errors import ManifestError
+    from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
     from service.checkpoint.manifest import step_dir
+    from service.checkpoint.resume import ARCHITECTURE_KEYS
     from service.checkpoint.storage import open_storage
 
     ck = cfg.checkpoint
     root, pinned = split_checkpoint_url(ck.resume)
     source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
     same = source.storage.same_root(own.storage)
+    lineage = latest[1].lineage if latest is not None else None
+    if lineage and source.storage.same_root(open_storage(str(lineage.get("parent_root") or ""), ck.endpoint_url,
+                                                          ck.region)) and pinned in (None, lineage.get("step")):
+        return f"continues this fork of {lineage['parent']}: resumes from its step {latest[0]}"  # type: ignore[index]
     if latest is not None and not (same and pinned in (None, latest[0])):
         raise UserError(
             f"checkpoint.resume = {source.storage.display_url!r}, but checkpoint.url ({own.storage.display_url}) "
@@ -188,9 +196,18 @@ def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None) -> str:
         if found is None:
             raise UserError(f"checkpoint.resume: no committed checkpoint under {source.storage.display_url}")
         pinned = found[0]
-    else:
-        try:
-            source.manifest(pinned)
-        except ManifestError as e:
-            raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
+    try:
+        manifest = source.manifest(pinned)
+    except ManifestError as e:
+        raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
+    if not same:  # a fork: the worker's rules (service.checkpoint.resume)
+        saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
+        hard, _ = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
+        architecture = [line for line in hard if line.startswith(ARCHITECTURE_KEYS)]
+        if architecture:
+            raise UserError(f"starting from {source.storage.display_url}/{step_dir(pinned)} with another "
+                            f"architecture: {'; '.join(architecture)}; keep the parent's model settings")
+        if pinned >= cfg.train.max_steps:
+            raise UserError(f"the fork of {source.storage.display_url}/{step_dir(pinned)} would train nothing: "
+                            f"raise train.max_steps above {pinned}")
     return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume)"

@@ -87,6 +87,8 @@ def test_a_fork_keeps_the_state_records_its_lineage_and_refuses_another_architec
     assert _position(str(tmp_path / "runs/lower-lr/checkpoints")) == 5 * 8  # went on from the parent's position
     again = _train(tmp_path, "lower-lr", "train.max_steps=5", "train.lr=1e-4", cli=fork)  # the same command again
     assert again.returncode == 0, again.stderr[-2000:]  # continues the fork (done), not refused
+    dry = _train(tmp_path, "lower-lr", "train.max_steps=5", "train.lr=1e-4", cli=[*fork, "--dry-run"])
+    assert dry.returncode == 0 and "continues this fork" in dry.stdout, dry.stdout + dry.stderr[-2000:]
 
     other_data = _train(tmp_path, "more-data", "train.max_steps=5", "data.epoch_size=72", cli=fork)
     assert other_data.returncode == 0, other_data.stderr[-2000:]

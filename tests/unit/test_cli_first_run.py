@@ -122,6 +122,21 @@ def test_dry_run_reports_the_resume_point_and_refuses_changed_math(committed):
 
 
 @pytest.mark.timeout(120)
+def test_dry_run_of_a_fork_refuses_what_the_fork_would_refuse(committed, tmp_path):
+    """--from: another architecture and a fork that would train nothing are refused by the dry
+    run as by the workers; a good fork passes."""
+    fork = ["--from", f"{committed}/step-000000003", "--set", _url(tmp_path / "fork" / "checkpoints"),
+            "--set", "supervisor.port=0", "--set", "metrics.port=0"]
+    res = ftdiff("train", "--dry-run", *fork, "--set", "train.max_steps=10", "--set", "train.lr=1e-3")
+    assert res.returncode == EXIT_OK, res.stderr
+    assert "starts from" in res.stdout
+    res = ftdiff("train", "--dry-run", *fork, "--set", "train.max_steps=10", "--set", "model.arch.layers_per_block=2")
+    assert res.returncode == EXIT_USAGE and "another architecture" in one_line(res.stderr)
+    res = ftdiff("train", "--dry-run", *fork, "--set", "train.max_steps=3")
+    assert res.returncode == EXIT_USAGE and "would train nothing" in one_line(res.stderr)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("flags", [["--nproc-per-node", "3"], ["--set", "model.sample_size=9"],
                                    ["--nnodes", "2", "--set", "supervisor.min_nodes=3"]])
 def test_dry_run_with_bad_geometry_is_exit_2(tmp_path, flags):
