@@ -31,6 +31,7 @@ from service.checkpoint.load_planner import GrowingFormatLoadPlanner
 from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
+from service.config import Config
 from service.data.skips import Skips
 from service.errors import UserError
 from service.state_keys import DATA
@@ -39,6 +40,32 @@ log = logging.getLogger(__name__)
 # Fingerprint keys of the model's shape: a fork cannot change them (the weights would not fit).
 ARCHITECTURE_KEYS = ("model.architecture.", "model.family", "model.preset", "model.sample_size", "model.conditioning",
                      "model.num_classes", "model.vae", "model.text_encoder")
+
+
+def check_fork(where: str, changed: list[str], step: int, max_steps: int) -> None:
+    """A start from another run's checkpoint ``where`` (its step ``step``) with the math-defining
+    settings ``changed``: UserError where the workers must refuse it (the worker's resume and the
+    dry run both ask here)."""
+    architecture = [line for line in changed if line.startswith(ARCHITECTURE_KEYS)]
+    if architecture:
+        raise UserError(  # one line: the dry run prints it as its answer too
+            f"starting from {where} with another architecture ({'; '.join(architecture)}): its weights do "
+            "not fit the model configured now; keep the parent's model settings (a fork may change "
+            "anything else: learning rate, data, batch, schedule)")
+    if step >= max_steps:
+        raise UserError(f"the fork of {where} would train nothing: its step {step} is at or past "
+                        f"train.max_steps = {max_steps}; raise train.max_steps")
+
+
+def is_fork_of(lineage: dict[str, Any] | None, configured: str, cfg: Config) -> bool:
+    """Whether a run whose newest commit records ``lineage`` is a fork of the checkpoint the
+    ``checkpoint.resume`` value ``configured`` names (the same root, however it is spelled)."""
+    if not lineage:
+        return False
+    root, pinned = split_checkpoint_url(configured)
+    ck = cfg.checkpoint
+    parent = open_storage(str(lineage.get("parent_root") or ""), ck.endpoint_url, ck.region)
+    return open_storage(root, ck.endpoint_url, ck.region).same_root(parent) and pinned in (None, lineage.get("step"))
 
 
 class Resumer:
@@ -86,12 +113,7 @@ class Resumer:
 
     def _forked_from(self, configured: str) -> bool:
         """Rank 0: whether this run is a fork of the checkpoint ``configured`` names."""
-        root, pinned = split_checkpoint_url(configured)
-        lineage = self.ctx.lineage or {}
-        ck = self.cfg.checkpoint
-        parent = open_storage(str(lineage.get("parent_root") or ""), ck.endpoint_url, ck.region)
-        same_root = open_storage(root, ck.endpoint_url, ck.region).same_root(parent)
-        return same_root and pinned in (None, lineage.get("step"))
+        return is_fork_of(self.ctx.lineage, configured, self.cfg)
 
     # -- a root belongs to one run (rank 0; errors reach every rank through from_main) --------
     def _check_fresh_root(self, restart: bool) -> None:
@@ -140,15 +162,11 @@ class Resumer:
         hard, soft = differences(saved, self.fingerprint)
         for line in soft:
             log.warning("changed since %s: %s (the LR schedule now ends there)", step_dir(step), line)
+        where = catalog.storage.url_of(step_dir(step))
+        if pinned:
+            check_fork(where, hard, step, self.cfg.train.max_steps)
         if not hard:
             return
-        where = catalog.storage.url_of(step_dir(step))
-        architecture = [line for line in hard if line.startswith(ARCHITECTURE_KEYS)]
-        if pinned and architecture:
-            raise UserError(
-                f"starting from {where} with another architecture:\n  " + "\n  ".join(architecture)
-                + "\nIts weights do not fit the model configured now; keep the parent's model settings "
-                "(a fork may change anything else: learning rate, data, batch, schedule).")
         if pinned:  # an explicit start from another root's checkpoint: allowed, and said
             log.warning("starting from %s with changed settings:\n  %s", where, "\n  ".join(hard))
             return
@@ -204,9 +222,6 @@ class Resumer:
     def _forked(self, catalog: Catalog, step: int, manifest: Manifest) -> None:
         """Every rank, after loading another run's checkpoint: record the lineage; a stream of
         other data starts at its beginning (the parent's position means nothing in it)."""
-        if step >= self.cfg.train.max_steps:
-            raise UserError(f"the fork of {catalog.storage.url_of(step_dir(step))} would train nothing: its step "
-                            f"{step} is at or past train.max_steps = {self.cfg.train.max_steps}; raise train.max_steps")
         hard, soft = differences(manifest.fingerprint or fingerprint_of_config(manifest.config), self.fingerprint)
         self.ctx.lineage = {"parent": catalog.storage.url_of(step_dir(step)), "parent_root": catalog.storage.display_url,
                             "parent_run": manifest.run_id or "", "step": step, "changed": hard + soft}

@@ -175,17 +175,15 @@ def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_len
     from service.checkpoint.errors import ManifestError
     from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
     from service.checkpoint.manifest import step_dir
-    from service.checkpoint.resume import ARCHITECTURE_KEYS
+    from service.checkpoint.resume import check_fork, is_fork_of
     from service.checkpoint.storage import open_storage
 
     ck = cfg.checkpoint
     root, pinned = split_checkpoint_url(ck.resume)
     source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
     same = source.storage.same_root(own.storage)
-    lineage = latest[1].lineage if latest is not None else None
-    if lineage and source.storage.same_root(open_storage(str(lineage.get("parent_root") or ""), ck.endpoint_url,
-                                                          ck.region)) and pinned in (None, lineage.get("step")):
-        return f"continues this fork of {lineage['parent']}: resumes from its step {latest[0]}"  # type: ignore[index]
+    if latest is not None and is_fork_of(latest[1].lineage, ck.resume, cfg):
+        return f"continues this fork of {latest[1].lineage['parent']}: resumes from its step {latest[0]}"
     if latest is not None and not (same and pinned in (None, latest[0])):
         raise UserError(
             f"checkpoint.resume = {source.storage.display_url!r}, but checkpoint.url ({own.storage.display_url}) "
@@ -200,14 +198,8 @@ def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_len
         manifest = source.manifest(pinned)
     except ManifestError as e:
         raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
-    if not same:  # a fork: the worker's rules (service.checkpoint.resume)
+    if not same:  # a fork: the worker's rules
         saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
         hard, _ = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
-        architecture = [line for line in hard if line.startswith(ARCHITECTURE_KEYS)]
-        if architecture:
-            raise UserError(f"starting from {source.storage.display_url}/{step_dir(pinned)} with another "
-                            f"architecture: {'; '.join(architecture)}; keep the parent's model settings")
-        if pinned >= cfg.train.max_steps:
-            raise UserError(f"the fork of {source.storage.display_url}/{step_dir(pinned)} would train nothing: "
-                            f"raise train.max_steps above {pinned}")
+        check_fork(source.storage.url_of(step_dir(pinned)), hard, pinned, cfg.train.max_steps)
     return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume)"

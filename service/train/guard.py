@@ -54,10 +54,7 @@ class DivergenceGuard:
         ck = self.checkpointer  # the record beside the commits may be newer than the commit loaded
         rollbacks, windows = ck.group.from_main(lambda: read_record(ck.catalog))
         self.train_state.rollbacks = max(self.train_state.rollbacks, rollbacks)
-        for start, end in [*windows, *self.cfg.data.skip]:
-            self.data_state.skips.add(start, end)
-        self.data_state.position = self.data_state.skips.next_start(self.data_state.position,
-                                                                    self.cfg.train.global_batch_size)
+        self._skip(windows)
         # Commits were checked before they were taken; state left in the memory tier was not
         # (a rank left its own copy), so only the newest commit counts as verified.
         self.last_verified = self.checkpointer.last_committed_step or 0
@@ -102,8 +99,7 @@ class DivergenceGuard:
         at_most = self.last_verified if replica else verdict.first_step - 1
         window = None if replica else self._window(verdict)
         log.error("%s: rolling back to the newest good commit at or before step %d", verdict.describe(), at_most)
-        skips = self.data_state.skips
-        windows = Skips(skips.windows + ([window] if window else [])).as_lists()
+        windows = Skips(self.data_state.skips.windows + ([window] if window else [])).as_lists()
         target = self.checkpointer.roll_back(at_most, (spent + 1, windows))
         if target is None and replica:
             raise DivergedError(
@@ -115,18 +111,23 @@ class DivergenceGuard:
                 f"training diverged: {verdict.describe()}, and no commit at or before step {at_most} is left "
                 "to roll back to; lower train.lr, or resume from an earlier checkpoint with data.skip set")
         self.train_state.rollbacks = spent + 1
-        skips = self.data_state.skips  # the target's: it may lack windows added after it
-        for start, end in [*windows, *self.cfg.data.skip]:
-            skips.add(start, end)
+        self._skip(windows)  # the target's skips may lack windows added after it
         if window is not None:
             self.metrics.train.skipped_samples.inc(window[1] - window[0])
-        self.data_state.position = skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
         self.detector.reset()
         self._batch_starts.clear()
         self.last_verified = target
         self.metrics.train.rollbacks.labels(reason=verdict.reason.value).inc()
         log.error("rolled back to step %d (rollback %d of at most %d)%s", target, spent + 1, d.max_rollbacks,
                   f"; positions {window[0]}..{window[1] - 1} of the sample stream are skipped" if window else "")
+
+    def _skip(self, windows: list[list[int]]) -> None:
+        """``windows`` and the configured ones join the data state's; a position inside one moves
+        past it."""
+        skips = self.data_state.skips
+        for start, end in [*windows, *self.cfg.data.skip]:
+            skips.add(start, end)
+        self.data_state.position = skips.next_start(self.data_state.position, self.cfg.train.global_batch_size)
 
     def _window(self, verdict: Divergence) -> tuple[int, int]:
         """[first offending batch's start, end of the verdict's batch + skip_steps batches)."""
