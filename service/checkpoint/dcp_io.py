@@ -16,7 +16,7 @@ import io
 import mmap
 import os
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,9 +89,11 @@ class _SharedFs(FileSystem):
 
 
 class _HashingFs(_SharedFs):
-    def __init__(self, fs: Any, counter: ByteCounter):
+    def __init__(self, fs: Any, counter: ByteCounter, open_for_write: Callable[[str], Any] | None = None):
         super().__init__(fs)
         self.counter = counter
+        # The backend's write stream (on S3: parts uploaded while the file is written).
+        self.open_for_write = open_for_write
         self.entries: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
         # Runs before every change this writer makes to storage (see ownership): a writer of an
@@ -105,13 +107,29 @@ class _HashingFs(_SharedFs):
                 yield stream
             return
         self.fence(f"writing {os.path.basename(os.fspath(path))}")
-        with super().create_stream(path, mode) as stream:
+        with self._open_for_write(path, mode) as stream:
             hashing = _HashingStream(stream, self.counter)
             yield hashing  # type: ignore[misc]
         with self._lock:
             self.entries[os.path.basename(os.fspath(path))] = FileEntry(
                 hashing.size, f"{hashing.crc:08x}"
             )
+
+    @contextmanager
+    def _open_for_write(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
+        if self.open_for_write is None:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with self.open_for_write(os.fspath(path)) as stream:
+            try:
+                yield stream
+            except BaseException:  # as DCP's own stream does: no half-written file left
+                try:
+                    self.rm_file(path)
+                except Exception:  # noqa: BLE001 - the write's own error is the one to raise
+                    pass
+                raise
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         self.fence(f"renaming to {os.path.basename(os.fspath(new_path))}")
@@ -154,10 +172,11 @@ class ChecksummingWriter(FsspecWriter):
                    counter: ByteCounter | None = None) -> "ChecksummingWriter":
         """A writer for the folder ``rel`` of ``storage`` (fsync on file systems only)."""
         return cls(storage.fs, storage.path(rel), object_store=storage.backend.object_store,
-                   thread_count=thread_count, file_tag=file_tag, counter=counter)
+                   thread_count=thread_count, file_tag=file_tag, counter=counter,
+                   open_for_write=storage.backend.open_for_write)
 
     def __init__(self, fs: Any, path: str, *, object_store: bool, thread_count: int = 1, file_tag: str = "",
-                 counter: ByteCounter | None = None):
+                 counter: ByteCounter | None = None, open_for_write: Callable[[str], Any] | None = None):
         # No fsync on object stores: a finished PUT is durable, and fsync is meaningless there.
         super().__init__(
             path,
@@ -166,7 +185,7 @@ class ChecksummingWriter(FsspecWriter):
             thread_count=thread_count,
             overwrite=False,
         )
-        self.fs = _HashingFs(fs, counter or ByteCounter())
+        self.fs = _HashingFs(fs, counter or ByteCounter(), open_for_write)
         self.path = path
         # Part of every shard file name (e.g. the writer's incarnation), so a leftover writer of
         # an older start can never overwrite the files of a newer one.

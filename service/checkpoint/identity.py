@@ -32,6 +32,10 @@ MATH_KEYS: dict[str, tuple[str, ...]] = {
 }
 # May change between starts, with a warning.
 SOFT_KEYS = ("train.max_steps",)
+# Where a frozen component is read from -> the digest of what is read there. The digest is the
+# identity: the same files in another folder (a hub cache copied into an image, a volume mounted
+# elsewhere) are the same math, so a moved path is a soft change while the digests agree.
+LOCATION_KEYS = {"model.vae": "model.vae_weights", "model.text_encoder": "model.text_encoder_weights"}
 
 
 def fingerprint(cfg: Config, data_length: int | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -79,8 +83,15 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[st
     for key in sorted(set(saved) & set(current)):
         if saved[key] != current[key]:
             line = f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
-            (soft if key in SOFT_KEYS else hard).append(line)
+            (soft if key in SOFT_KEYS or _moved(key, saved, current) else hard).append(line)
     return hard, soft
+
+
+def _moved(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether ``key`` names the same component's files at another path (equal digests)."""
+    digest = LOCATION_KEYS.get(key)
+    return (digest is not None and saved[key] is not None and current[key] is not None
+            and saved.get(digest) is not None and saved.get(digest) == current.get(digest))
 
 
 def fingerprint_of_config(recorded: dict[str, Any]) -> dict[str, Any]:

@@ -188,3 +188,42 @@ def test_another_vae_under_the_same_path_is_another_run(tmp_path):
     latent.vae_digest.cache_clear()
     hard, _ = differences(saved, fingerprint(load_config(None, overrides)))
     assert len(hard) == 1 and hard[0].startswith("model.vae_weights:")
+
+
+def test_the_same_vae_in_another_folder_is_the_same_run_and_another_one_is_not(tmp_path):
+    """The digest is the VAE's identity: a copied folder (a cache baked into an image, a volume
+    mounted elsewhere) resumes with a warning; other weights at the new path are refused."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from service.checkpoint.identity import differences, fingerprint
+    from service.models import latent
+    from tests.helpers import tiny_vae
+
+    vae = tiny_vae(tmp_path / "vae")
+    base = ['model.family="dit"', *CLASS, "model.sample_size=8"]
+    saved = fingerprint(load_config(None, [*base, f'model.vae="{vae}"']))
+    moved = tmp_path / "mounted" / "vae"
+    shutil.copytree(vae, moved)
+    hard, soft = differences(saved, fingerprint(load_config(None, [*base, f'model.vae="{moved}"'])))
+    assert hard == [] and [line.split(":")[0] for line in soft] == ["model.vae"]
+
+    model = AutoencoderKL.from_pretrained(str(moved))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(str(moved))
+    latent.vae_digest.cache_clear()
+    hard, _ = differences(saved, fingerprint(load_config(None, [*base, f'model.vae="{moved}"'])))
+    assert sorted(line.split(":")[0] for line in hard) == ["model.vae", "model.vae_weights"]
+
+
+def test_adding_a_vae_on_resume_is_refused(tmp_path):
+    from service.checkpoint.identity import differences, fingerprint
+    from tests.helpers import tiny_vae
+
+    vae = tiny_vae(tmp_path / "vae")
+    base = ['model.family="dit"', *CLASS, "model.sample_size=8"]
+    hard, _ = differences(fingerprint(load_config(None, base)),
+                          fingerprint(load_config(None, [*base, f'model.vae="{vae}"'])))
+    assert "model.vae" in [line.split(":")[0] for line in hard]

@@ -214,3 +214,15 @@ def test_sampling_refuses_a_text_encoder_that_changed_since_training(tmp_path):
     text_module.text_encoder_digest.cache_clear()
     with pytest.raises(UserError, match="holds other files than the run trained with"):
         check_frozen_parts(resolve(str(tmp_path / "run")))
+
+
+def test_the_same_text_encoder_in_another_folder_is_the_same_run(tmp_path):
+    import shutil
+
+    from service.checkpoint.identity import differences, fingerprint
+
+    clip = tiny_text_encoder(tmp_path / "clip")
+    saved = fingerprint(load_config(None, text(str(clip))))
+    shutil.copytree(clip, tmp_path / "elsewhere")
+    hard, soft = differences(saved, fingerprint(load_config(None, text(str(tmp_path / "elsewhere")))))
+    assert hard == [] and [line.split(":")[0] for line in soft] == ["model.text_encoder"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 # Object stores fsspec offers through packages of their own (gcsfs, adlfs): keys, not folders.
@@ -59,6 +61,13 @@ class Backend:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
+
+    @contextmanager
+    def open_for_write(self, path: str) -> Iterator[Any]:
+        """A binary stream that becomes ``path`` when it is closed without an error (what
+        became of ``path`` after an error is the store's: callers delete it)."""
+        with self.fs.open(path, "wb") as stream:
+            yield stream
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         """Create ``path`` only if it does not exist; FileExistsError otherwise."""
