@@ -106,6 +106,9 @@ class Heartbeat:
     compute_s: float = 0.0
     """Running mean of this rank's own compute per step (service.train.step_timer): the
     supervisor compares ranks with it (stragglers). 0: not measured yet."""
+    comm_s: float = 0.0
+    """Running mean of this rank's gradient all-reduce per step, waiting for peers included
+    (service.train.step_timer): a straggler's peers wait, so theirs is the long one."""
     agent: str = ""
     """The torchrun agent that started this worker, as "pid@start time": a node whose agent
     outlived a silence was cut off, not lost (a new node's agent is another process)."""
@@ -139,7 +142,7 @@ class Heartbeat:
             restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
             metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
             io_bytes=_int(body, "io_bytes", 0), recovery=_recovery(body.get("recovery")),
-            compute_s=_float(body, "compute_s", 0.0), agent=str(body.get("agent") or "")[:64],
+            compute_s=_float(body, "compute_s", 0.0), comm_s=_float(body, "comm_s", 0.0), agent=str(body.get("agent") or "")[:64],
         )
         hb.validate()
         return hb
@@ -165,8 +168,9 @@ class Heartbeat:
             raise ValueError("node must be a non-empty name of at most 253 characters")
         if not (math.isfinite(self.time) and math.isfinite(self.started) and self.started >= 0):
             raise ValueError("time and started must be finite (started >= 0)")
-        if not (math.isfinite(self.compute_s) and 0 <= self.compute_s < MAX_COUNT):
-            raise ValueError("compute_s must be finite and >= 0")
+        for name in ("compute_s", "comm_s"):
+            if not (math.isfinite(getattr(self, name)) and 0 <= getattr(self, name) < MAX_COUNT):
+                raise ValueError(f"{name} must be finite and >= 0")
 
 
 # Bounds of what a real worker reports (no job has a million ranks, or 2**63 steps or bytes).

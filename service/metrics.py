@@ -163,6 +163,16 @@ class SupervisorMetrics:
             "Each rank's compute speed relative to the fastest rank (1 = fastest): below ~0.7 it holds the job back",
             ["rank", "node"], registry=r,
         )
+        self.rank_compute_seconds = Gauge(
+            "ftdiff_rank_compute_seconds", "Each rank's own compute per step (forward passes; running mean)",
+            ["rank", "node"], registry=r,
+        )
+        self.rank_comm_seconds = Gauge(
+            "ftdiff_rank_comm_seconds",
+            "Each rank's gradient all-reduce per step, waiting for peers included (running mean): "
+            "a straggler's peers show the long ones",
+            ["rank", "node"], registry=r,
+        )
         self.heartbeat_age = Gauge(
             "ftdiff_worker_heartbeat_age_seconds", "Seconds since each rank's last heartbeat", ["rank"], registry=r
         )

@@ -4,6 +4,8 @@ publication of heartbeat-derived metrics."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from service.metrics import SupervisorMetrics
 from service.supervisor.monitor import JobMonitor
 from service.vocabulary import FailureKind, RestartReason
@@ -53,12 +55,20 @@ def publish(monitor: JobMonitor, metrics: SupervisorMetrics) -> None:
     for labels in list(metrics.heartbeat_age._metrics):  # the label values published so far
         if int(labels[0]) not in ages:
             metrics.heartbeat_age.remove(*labels)
-    speeds = monitor.relative_speeds()
-    for rank, (node, speed) in speeds.items():
-        metrics.rank_relative_speed.labels(rank=str(rank), node=node).set(speed)
-    for labels in list(metrics.rank_relative_speed._metrics):
-        if speeds.get(int(labels[0]), ("", 0.0))[0] != labels[1]:  # gone, or now on another node
-            metrics.rank_relative_speed.remove(*labels)
+    times = monitor.step_times()
+    _per_rank(metrics.rank_relative_speed, monitor.relative_speeds())
+    _per_rank(metrics.rank_compute_seconds, {r: (node, compute) for r, (node, compute, _) in times.items()})
+    _per_rank(metrics.rank_comm_seconds, {r: (node, comm) for r, (node, _, comm) in times.items()})
     world = monitor.world_size()
     metrics.world_size.set(world)
     metrics.relay.forget(lambda rank: rank in monitor.ranks or rank < world)
+
+
+def _per_rank(gauge: Any, values: dict[int, tuple[str, float]]) -> None:
+    """Set a {rank, node} gauge to ``values`` (rank -> (node, value)) and drop the series of
+    ranks that are gone or now run on another node."""
+    for rank, (node, value) in values.items():
+        gauge.labels(rank=str(rank), node=node).set(value)
+    for labels in list(gauge._metrics):  # the label values published so far
+        if values.get(int(labels[0]), ("", 0.0))[0] != labels[1]:
+            gauge.remove(*labels)

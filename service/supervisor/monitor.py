@@ -293,6 +293,12 @@ class JobMonitor:
         fastest = min(t for _, t in times.values())
         return {r: (node, fastest / t) for r, (node, t) in times.items()}
 
+    def step_times(self) -> dict[int, tuple[str, float, float]]:
+        """rank -> (node, compute seconds per step, gradient communication seconds per step)
+        as the rank last reported them, for ranks that measured a step."""
+        with self._lock:
+            return {r: (s.hb.node, s.hb.compute_s, s.hb.comm_s) for r, s in self.ranks.items() if s.hb.compute_s > 0}
+
     def heartbeat_ages(self) -> dict[int, float]:
         now = self.clock()
         with self._lock:

@@ -128,7 +128,7 @@ class Trainer:
             StepRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
                            info.world_size)
             if info.run_id else None, info.rank, info.local_rank, self.checkpointer.group.gather_to_all)
-        self.step_timer = StepTimer(info.device)  # before the heartbeats, which report it
+        self.step_timer = StepTimer(info.device, self.net)  # before the heartbeats, which report it
         self.heartbeats = self._start_heartbeats()
         self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
         self.guard = DivergenceGuard(cfg, info, self.checkpointer, self.train_state, self.data_state,
@@ -174,7 +174,7 @@ class Trainer:
             restart_count=info.restart_count, time=time.time(),
             metrics=metric_samples(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes + getattr(self.source, "bytes_read", 0),  # shard reads too
-            compute_s=self.step_timer.mean_s, agent=self._agent,
+            compute_s=self.step_timer.mean_s, comm_s=self.step_timer.comm_mean_s, agent=self._agent,
             recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 

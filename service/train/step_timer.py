@@ -1,52 +1,110 @@
-"""How long this rank's own compute of a step takes — the straggler signal its heartbeats
-carry (the supervisor compares ranks: ``ftdiff_rank_relative_speed``).
+"""How long this rank's own compute of a step takes, and how long its gradient communication
+takes — the straggler signals its heartbeats carry (the supervisor compares ranks:
+``ftdiff_rank_relative_speed``, and exports both times per rank).
 
-What is timed is the forward pass of each micro-batch: work with no collective in it (DDP's
-buffer broadcast is off, see service/train/denoiser.py), so a rank waiting for a slow peer in
-the gradient all-reduce does not look slow itself. On CUDA the time is read from events once
-the GPU has passed them (never a synchronize in the step); elsewhere from the clock.
+Compute is the forward pass of each micro-batch: work with no collective in it (DDP's buffer
+broadcast is off, see service/train/denoiser.py), so a rank waiting for a slow peer in the
+gradient all-reduce does not look slow itself. Communication is the span from the first
+gradient bucket DDP hands to the all-reduce to the last one reduced (a DDP communication hook
+around the stock all-reduce, the same arithmetic; the span overlaps the backward pass of the
+layers whose buckets come later): it includes waiting for the slowest peer,
+so a straggler's peers show long communication and the straggler a short one. On CUDA both
+are read from events once the GPU has passed them (never a synchronize in the step);
+elsewhere from the clock.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-# Weight of the newest step in the running mean (a few steps smooth out noise, a persistently
+# Weight of the newest step in the running means (a few steps smooth out noise, a persistently
 # slow rank shows within about ten).
 _SMOOTHING = 0.3
 
 
-class StepTimer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+class _Marks:
+    """Time marks of one kind within a step: clock readings, or CUDA events read later."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.pending: list[tuple[Any, Any]] = []  # (start, end) marks not yet folded in
         self.mean_s = 0.0
-        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._step_s = 0.0
+        self._lock = threading.Lock()  # an all-reduce's future completes on another thread
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, start: Any, end: Any) -> None:
+        with self._lock:
+            self.pending.append((start, end))
+
+    def fold(self, span: bool) -> None:
+        """Fold the finished marks into the running mean: their summed durations, or (``span``)
+        the time from the first start to the last end. CUDA: only pairs the GPU has passed."""
+        with self._lock:
+            done = [(s, e) for s, e in self.pending if not self.cuda or e.query()]
+            self.pending = [pair for pair in self.pending if pair not in done]
+        if not done:
+            return
+        if self.cuda:
+            first = done[0][0]
+            took = (max(first.elapsed_time(e) for _, e in done) if span
+                    else sum(s.elapsed_time(e) for s, e in done)) / 1000.0
+        else:
+            took = (max(e for _, e in done) - min(s for s, _ in done)) if span else sum(e - s for s, e in done)
+        self.mean_s = took if self.mean_s == 0 else (1 - _SMOOTHING) * self.mean_s + _SMOOTHING * took
+
+
+class StepTimer:
+    def __init__(self, device: torch.device, net: torch.nn.Module | None = None):
+        cuda = device.type == "cuda"
+        self._compute, self._comm = _Marks(cuda), _Marks(cuda)
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            # Unannotated on purpose: DDP compares a hook's annotations with its own types, and
+            # postponed annotations (strings) never match.
+            def hook(state, bucket):  # type: ignore[no-untyped-def]
+                return self._timed_allreduce(state, bucket)
+
+            net.register_comm_hook(state=None, hook=hook)
+
+    @property
+    def mean_s(self) -> float:
+        """Running mean of this rank's own compute per step (0: not measured yet)."""
+        return self._compute.mean_s
+
+    @property
+    def comm_mean_s(self) -> float:
+        """Running mean of this rank's gradient all-reduce per step, waiting included."""
+        return self._comm.mean_s
 
     @contextmanager
     def section(self) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._pending.append((start, end))
-            return
-        began = time.perf_counter()
+        start = self._compute.mark()
         yield
-        self._step_s += time.perf_counter() - began
+        self._compute.add(start, self._compute.mark())
 
     def step_done(self) -> None:
-        """Fold this step's sections into the running mean (CUDA: those the GPU finished)."""
-        if self.cuda:
-            done = [pair for pair in self._pending if pair[1].query()]
-            self._pending = [pair for pair in self._pending if pair not in done]
-            self._step_s = sum(start.elapsed_time(end) for start, end in done) / 1000.0
-            if not done:
-                return
-        self.mean_s = self._step_s if self.mean_s == 0 else (1 - _SMOOTHING) * self.mean_s + _SMOOTHING * self._step_s
-        self._step_s = 0.0
+        """Fold this step's sections into the running means (CUDA: those the GPU finished)."""
+        self._compute.fold(span=False)
+        self._comm.fold(span=True)
+
+    def _timed_allreduce(self, state: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        start = self._comm.mark()
+
+        def reduced(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            self._comm.add(start, self._comm.mark())  # CUDA: on the stream that waited for it
+            return future.value()
+
+        return default_hooks.allreduce_hook(state, bucket).then(reduced)  # type: ignore[arg-type]

@@ -29,12 +29,17 @@ def test_a_nan_on_one_rank_skips_the_update_on_both_and_the_run_finishes(tmp_pat
 @pytest.mark.timeout(200)
 def test_a_slow_rank_is_named_by_its_relative_speed(tmp_path):
     """FTDIFF_SLOW_RANK=1:0.3: rank 1 computes 0.3 s longer per step. Its peer waits for it in
-    the gradient all-reduce, which the timed section leaves out: rank 0 stays the fastest."""
+    the gradient all-reduce, which the timed section leaves out: rank 0 stays the fastest, and
+    its communication time (the wait) is the long one."""
     job = SupervisedJob(tmp_path, ["train.max_steps=14", "checkpoint.every_steps=100"],
                         env={"FTDIFF_SLOW_RANK": "1:0.3"})
     job.wait_step(10)
     fast = job.metric('ftdiff_rank_relative_speed{rank="0"}')
     slow = job.metric('ftdiff_rank_relative_speed{rank="1"}')
+    compute = [job.metric(f'ftdiff_rank_compute_seconds{{rank="{r}"}}') for r in (0, 1)]
+    comm = [job.metric(f'ftdiff_rank_comm_seconds{{rank="{r}"}}') for r in (0, 1)]
     code, err = job.finish(120)
     assert code == 0, err[-3000:]
     assert fast == 1.0 and 0 < slow < 0.5, (fast, slow)
+    assert compute[1] > compute[0] + 0.2, compute
+    assert comm[0] > comm[1] + 0.15, comm  # rank 0 waits in the all-reduce for rank 1

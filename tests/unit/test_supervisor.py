@@ -700,14 +700,22 @@ def test_relative_speed_is_the_fastest_ranks_compute_time_over_each_ranks():
     from service.supervisor.ledger import publish
 
     m = JobMonitor(10, Clock())
-    for rank, compute in ((0, 0.2), (1, 0.5), (2, 0.0)):  # rank 2 has not measured a step yet
-        m.observe(Heartbeat(**{**hb(rank, 100 + rank, world=3).__dict__, "compute_s": compute}))
+    for rank, compute, comm in ((0, 0.2, 0.35), (1, 0.5, 0.05), (2, 0.0, 0.0)):  # rank 2: no step yet
+        m.observe(Heartbeat(**{**hb(rank, 100 + rank, world=3).__dict__, "compute_s": compute, "comm_s": comm}))
     assert {r: round(s, 3) for r, (_, s) in m.relative_speeds().items()} == {0: 1.0, 1: 0.4}
     metrics = SupervisorMetrics()
     publish(m, metrics)
-    assert metrics.rank_relative_speed.labels(rank="1", node=m.ranks[1].hb.node)._value.get() == 0.4
-    with pytest.raises(ValueError, match="compute_s"):
-        Heartbeat.from_json(json.dumps({**hb(0, 100).__dict__, "compute_s": -1.0}).encode())
+    node = m.ranks[1].hb.node
+    assert metrics.rank_relative_speed.labels(rank="1", node=node)._value.get() == 0.4
+    assert metrics.rank_compute_seconds.labels(rank="1", node=node)._value.get() == 0.5
+    assert metrics.rank_comm_seconds.labels(rank="0", node=m.ranks[0].hb.node)._value.get() == 0.35
+    assert {labels[0] for labels in metrics.rank_comm_seconds._metrics} == {"0", "1"}
+    for field in ("compute_s", "comm_s"):
+        with pytest.raises(ValueError, match=field):
+            Heartbeat.from_json(json.dumps({**hb(0, 100).__dict__, field: -1.0}).encode())
+    m.forget(1)
+    publish(m, metrics)  # a rank that left takes its series with it
+    assert {labels[0] for labels in metrics.rank_comm_seconds._metrics} == {"0"}
 
 
 def test_a_lost_node_whose_agent_or_processes_report_again_was_cut_off_not_lost():
