@@ -58,7 +58,7 @@ def images_per_s(kind: str, url: str, workers: int, batch: int, batches: int, pr
     from service.data.stream import TrainingSamples, build_loader, build_source
 
     cfg = load_config(None, [f'data.kind="{kind}"', f'data.url="{url}"', f"data.num_workers={workers}",
-                             f'data.cache_dir="{cache}"', f'model.preset="{preset}"'])
+                             f'data.cache_dir="{cache}"', f'model.preset="{preset}"', 'data.resize="resize"'])
     source = build_source(cfg)
     samples = TrainingSamples(source, cfg.run.seed, 1000, True)
     loader = build_loader(samples, 0, batches + 1, batch, 0, 1, workers)

@@ -71,6 +71,7 @@ IMPLIED_BEFORE_RECORDED: dict[str, Any] = {
     "model.family": "unet", "model.conditioning": "none", "model.num_classes": 0,
     "model.beta_schedule": "linear", "model.prediction_type": "epsilon", "model.init_from": None,
     "model.vae": None, "model.text_encoder": None, "train.snr_gamma": None,
+    "data.resize": "resize",  # images of another size were always resized and centre-cropped
 }
 
 

@@ -126,6 +126,12 @@ class DataConfig(_Section):
     """A sample that cannot be decoded (a folder's file; a shard's member, or a missing or
     corrupt shard): stop with an error naming it, or train on the next decodable sample instead
     (the same one on every run and world size; counted). kind=folder and webdataset."""
+    resize: Literal["refuse", "resize", "center-crop"] = "refuse"
+    """kind=folder and webdataset: what becomes of an image that is not of the model's input size
+    (model.sample_size, or its pixel size with a VAE): "refuse" (exit 2 naming the image and its
+    size), "resize" (shorter side scaled to the input, centre-cropped) or "center-crop" (the
+    central square of the input's size, not scaled; smaller images are refused). Part of the
+    run's math."""
     shuffle_window: int = Field(default=1000, ge=1)
     """kind=webdataset: samples shuffled together after the shards are shuffled (a window spans
     window / shard size + 1 shards, read whole and in order). Part of the run's math."""

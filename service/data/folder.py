@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import torch
 
-from service.data.images import BadImageError, decode_caption, decode_image
+from service.data.images import BadImageError, ImageSizeError, decode_caption, decode_image
 from service.errors import StorageError, UserError
 from service.redact import redact_text, redact_url
 
@@ -38,8 +38,8 @@ class FolderSource:
     """
 
     def __init__(self, url: str, size: int, on_bad_image: str = "error",
-                 storage_options: dict[str, Any] | None = None):
-        self.url, self.size, self.on_bad_image = url, size, on_bad_image
+                 storage_options: dict[str, Any] | None = None, resize: str = "refuse"):
+        self.url, self.size, self.on_bad_image, self.resize = url, size, on_bad_image, resize
         self.display_url = redact_url(url)
         self.storage_options = dict(storage_options or {})
         self._fs: Any = None
@@ -182,7 +182,9 @@ class FolderSource:
         except Exception as e:  # not a bad image: the storage failed; never skipped
             raise OSError(f"data file #{index} ({self.file_url(index)}) cannot be read: {_gist(e)}") from e
         try:
-            return decode_image(data, self.size)
+            return decode_image(data, self.size, self.resize)
+        except ImageSizeError as e:  # a setting to choose, not a damaged file: never skipped
+            raise ImageSizeError(f"data.url {self.display_url!r}: image #{index} ({self.file_url(index)}) {e}") from None
         except Exception as e:  # UnidentifiedImageError, truncated data, SyntaxError, bombs
             why = (f"data.url {self.display_url!r}: cannot decode image #{index} ({self.file_url(index)}): "
                    f"{_gist(e)}; fix or remove the file, or set data.on_bad_image = \"skip\"")
@@ -204,4 +206,4 @@ def _gist(e: BaseException) -> str:
 
 def build(cfg: Config, size: int) -> FolderSource:
     assert cfg.data.url is not None  # guaranteed by config validation (the kind needs_url)
-    return FolderSource(cfg.data.url, size, on_bad_image=cfg.data.on_bad_image)
+    return FolderSource(cfg.data.url, size, on_bad_image=cfg.data.on_bad_image, resize=cfg.data.resize)

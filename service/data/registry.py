@@ -36,9 +36,10 @@ SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     # the harder original shapes (smaller, five colours, varied grey backgrounds)
     SourceKind("synthetic", "service.data.generated:build_synthetic", math_keys=("epoch_size",)),
     # PNG/JPEG files under data.url; a class per first-level subfolder
-    SourceKind("folder", "service.data.folder:build", needs_url=True, math_keys=("url",)),
+    SourceKind("folder", "service.data.folder:build", needs_url=True, math_keys=("url", "resize")),
     # tar shards in the WebDataset layout with ftdiff's index.json (ftdiff data pack)
-    SourceKind("webdataset", "service.data.webdataset:build", needs_url=True, math_keys=("url", "shuffle_window")),
+    SourceKind("webdataset", "service.data.webdataset:build", needs_url=True,
+               math_keys=("url", "shuffle_window", "resize")),
     # scikit-learn's 8x8 handwritten digits
     SourceKind("digits", "service.data.digits:build"),
 )}

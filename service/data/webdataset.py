@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import fsspec
 import torch
 
-from service.data.images import BadImageError, decode_caption, decode_image
+from service.data.images import BadImageError, ImageSizeError, decode_caption, decode_image
 from service.data.shard_cache import BadShardError, ShardCache
 from service.data.shard_index import INDEX_NAME, ShardIndex
 from service.data.shard_order import ShardedOrder, shard_of, shard_starts
@@ -136,8 +136,8 @@ def read_index(url: str, storage_options: dict[str, Any] | None = None, what: st
 
 class WebDatasetSource:
     def __init__(self, url: str, size: int, index: ShardIndex, cache: ShardCache, window: int,
-                 on_bad_image: str = "error"):
-        self.url, self.display_url, self.size = url, redact_url(url), size
+                 on_bad_image: str = "error", resize: str = "refuse"):
+        self.url, self.display_url, self.size, self.resize = url, redact_url(url), size, resize
         self.index, self.cache, self.window, self.on_bad_image = index, cache, window, on_bad_image
         self.shards = index.shards
         self._starts = shard_starts([s.samples for s in self.shards])
@@ -253,7 +253,9 @@ class WebDatasetSource:
         f.seek(sample.image_offset)
         data = f.read(sample.image_size)
         try:
-            return decode_image(data, self.size)
+            return decode_image(data, self.size, self.resize)
+        except ImageSizeError as e:  # a setting to choose, not a damaged sample: never skipped
+            raise ImageSizeError(f"data shard {self.cache.where(self.shards[shard])}: {sample.key} {e}") from None
         except Exception as e:
             packed_from = f" (packed from {sample.source})" if sample.source else ""
             gist = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", _gist(e))
@@ -318,7 +320,7 @@ def build(cfg: Config, size: int) -> WebDatasetSource:
     cache_dir = Path(cfg.data.cache_dir) / index.digest() if cfg.data.cache_dir else default_cache_dir(index)
     cache = ShardCache(cfg.data.url, cache_dir, int(cfg.data.cache_limit_gb * 2**30), cfg.data.read_retry_s)
     return WebDatasetSource(cfg.data.url, size, index, cache, cfg.data.shuffle_window,
-                            on_bad_image=cfg.data.on_bad_image)
+                            on_bad_image=cfg.data.on_bad_image, resize=cfg.data.resize)
 
 
 def _gist(e: BaseException) -> str:

@@ -27,7 +27,7 @@ def test_s3_folder_with_workers_gives_the_same_samples(s3_bucket):
         Image.new("RGB", (12, 10), (20 * i, 255 - 20 * i, 7 * i)).save(buf, format="PNG")
         fs.pipe_file(f"{s3_bucket[5:]}/imgs/{i:02d}.png", buf.getvalue())
     fs.pipe_file(f"{s3_bucket[5:]}/imgs/05.png", b"not a png")  # one bad file, skipped
-    src = FolderSource(f"{s3_bucket}/imgs", 8, on_bad_image="skip")  # lists + decodes in this process
+    src = FolderSource(f"{s3_bucket}/imgs", 8, on_bad_image="skip", resize="resize")  # lists + decodes here
     samples = TrainingSamples(src, seed=0, num_timesteps=100, hflip=True)
     batches = {}
     for workers in (0, 2):

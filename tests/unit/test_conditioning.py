@@ -33,7 +33,7 @@ def test_a_folder_takes_its_classes_from_first_level_subfolders(tmp_path):
     for name in ("dog", "cat", "cat/kitten"):
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / name / "a.png")
-    cfg = load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', *CLASS])
+    cfg = load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', 'data.resize="resize"', *CLASS])
     source = build_source(cfg)
     assert source.classes == ["cat", "dog"] and source.num_classes == 2
     assert [source.label(i) for i in range(len(source))] == [0, 0, 1]  # cat/a, cat/kitten/a, dog/a

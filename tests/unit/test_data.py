@@ -114,11 +114,68 @@ def test_folder_source_reads_resizes_and_crops(tmp_path):
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
     Image.new("RGB", (20, 30), (0, 0, 255)).save(tmp_path / "b.jpg")
     (tmp_path / "notes.txt").write_text("ignored")
-    src = FolderSource(str(tmp_path), 16)
+    src = FolderSource(str(tmp_path), 16, resize="resize")
     assert len(src) == 2
     a = src.image(0)
     assert a.shape == (3, 16, 16)
     assert a[0].mean() > 0.9 and a[2].mean() < -0.9
+
+
+def _halves(path, size: tuple[int, int]) -> None:
+    """An image whose left half is black and right half white."""
+    from PIL import Image
+
+    img = Image.new("RGB", size, (0, 0, 0))
+    img.paste((255, 255, 255), (size[0] // 2, 0, size[0], size[1]))
+    img.save(path)
+
+
+def test_data_resize_is_a_choice_never_silent(tmp_path):
+    """A 32x32 folder for a 16x16 model: refused by default, naming the image and both sizes;
+    "resize" scales the whole picture down; "center-crop" cuts the middle out unscaled."""
+    _halves(tmp_path / "a.png", (32, 32))
+    with pytest.raises(UserError, match=r"a\.png\) is 32x32 pixels, and the model's input is 16x16") as e:
+        FolderSource(str(tmp_path), 16)  # data.resize's default: refuse
+    assert 'data.resize = "resize"' in str(e.value) and '"center-crop"' in str(e.value)
+    scaled = FolderSource(str(tmp_path), 16, resize="resize").image(0)
+    assert scaled[:, :, :7].max() < -0.9 and scaled[:, :, 9:].min() > 0.9  # both halves, 8 columns each
+    cropped = FolderSource(str(tmp_path), 16, resize="center-crop").image(0)
+    # The middle 16 of 32 columns, not scaled: 8 black, 8 white, without the scaling's soft edge.
+    assert torch.equal(cropped[:, :, :8], torch.full((3, 16, 8), -1.0)) and torch.equal(cropped[:, :, 8:], torch.ones(3, 16, 8))
+    assert not torch.equal(cropped, scaled)
+    _halves(tmp_path / "a.png", (64, 32))
+    cropped = FolderSource(str(tmp_path), 16, resize="center-crop").image(0)
+    assert cropped[:, :, :8].max() < -0.9 and cropped[:, :, 8:].min() > 0.9  # columns 24..40 of 64
+    _halves(tmp_path / "a.png", (12, 40))
+    with pytest.raises(UserError, match="is 12x40 pixels, smaller than the 16x16"):
+        FolderSource(str(tmp_path), 16, resize="center-crop")
+
+
+def test_an_image_of_the_wrong_size_is_refused_even_when_bad_images_are_skipped(tmp_path):
+    """A size is a setting to choose, not a damaged file: data.on_bad_image = "skip" does not
+    hide it."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    Image.new("RGB", (24, 24)).save(tmp_path / "b.png")
+    source = FolderSource(str(tmp_path), 16, on_bad_image="skip")
+    assert source.image(0).shape == (3, 16, 16)
+    with pytest.raises(UserError, match="b.png\\) is 24x24"):
+        source.image(1)
+    assert source.bad_images == 0
+
+
+def test_the_resize_choice_is_part_of_the_runs_math_and_older_runs_resized(tmp_path):
+    from service.checkpoint.identity import differences, fingerprint
+
+    base = ['data.kind="folder"', f'data.url="{tmp_path}"']
+    saved = fingerprint(load_config(None, [*base, 'data.resize="resize"']))
+    hard, _ = differences(saved, fingerprint(load_config(None, [*base, 'data.resize="center-crop"'])))
+    assert [line.split(":")[0] for line in hard] == ["data.resize"]
+    older = {k: v for k, v in saved.items() if k != "data.resize"}  # written before the setting
+    assert differences(older, fingerprint(load_config(None, [*base, 'data.resize="resize"']))) == ([], [])
+    hard, _ = differences(older, fingerprint(load_config(None, base)))  # today's default: refuse
+    assert [line.split(":")[0] for line in hard] == ["data.resize"]
 
 
 def test_folder_source_over_memory_fsspec():
@@ -131,7 +188,7 @@ def test_folder_source_over_memory_fsspec():
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (0, 255, 0)).save(buf, format="PNG")
     fs.pipe("/imgs/x/one.png", buf.getvalue())
-    src = FolderSource("memory://imgs", 16)
+    src = FolderSource("memory://imgs", 16)  # 16x16: no resize needed
     assert len(src) == 1 and src.image(0)[1].mean() > 0.9
 
 
@@ -173,7 +230,7 @@ def test_every_source_kind_in_the_registry_builds_and_describes_itself(kind, tmp
         pytest.importorskip("sklearn")
     from service.data.stream import build_source
 
-    cfg = load_config(None, [f'data.kind="{kind}"', "data.epoch_size=7", *extra])
+    cfg = load_config(None, [f'data.kind="{kind}"', "data.epoch_size=7", 'data.resize="resize"', *extra])
     source = build_source(cfg)
     assert len(source) > 0 and source.image(0).shape == (3, 16, 16)
     assert isinstance(source.describe(), str) and source.describe()

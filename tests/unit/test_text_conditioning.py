@@ -54,7 +54,7 @@ def test_a_folder_takes_its_captions_from_the_txt_beside_each_image(tmp_path, cl
         Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / f"{name}.png")
     (tmp_path / "a.txt").write_text("  a red square \n")
     (tmp_path / "c.txt").write_bytes("ein rotes Quadrat \xff".encode("latin-1"))
-    cfg = load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', *text(clip)])
+    cfg = load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', 'data.resize="resize"', *text(clip)])
     source = build_source(cfg)
     assert source.num_captioned == 2
     assert [source.caption(i) for i in range(3)] == ["a red square", "", "ein rotes Quadrat \ufffd"]
@@ -194,7 +194,7 @@ def test_captions_in_utf16_or_with_a_bom_read_as_the_text_and_empty_ones_do_not_
     (tmp_path / "a.txt").write_bytes("a red square".encode("utf-16"))
     (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfa red square")
     (tmp_path / "c.txt").write_bytes(b"")
-    source = build_source(load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', *text(clip)]))
+    source = build_source(load_config(None, ['data.kind="folder"', f'data.url="{tmp_path}"', 'data.resize="resize"', *text(clip)]))
     assert [source.caption(i) for i in range(4)] == ["a red square", "a red square", "", ""]
     assert source.num_captioned == 2
 

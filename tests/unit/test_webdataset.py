@@ -36,7 +36,7 @@ def image_folder(root: Path, per_class: int = 9, classes=("cat", "dog")) -> Path
 
 
 def shards_cfg(url: Path | str, *extra: str):  # type: ignore[no-untyped-def]
-    return load_config(None, ['data.kind="webdataset"', f'data.url="{url}"', "data.shuffle_window=5", *extra])
+    return load_config(None, ['data.kind="webdataset"', f'data.url="{url}"', "data.shuffle_window=5", 'data.resize="resize"', *extra])
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def packed(tmp_path) -> tuple[Path, Path]:
 
 def test_a_packed_folder_yields_the_folders_images_labels_and_captions(packed):
     src, shards = packed
-    folder = build_source(load_config(None, ['data.kind="folder"', f'data.url="{src}"']))
+    folder = build_source(load_config(None, ['data.kind="folder"', f'data.url="{src}"', 'data.resize="resize"']))
     source = build_source(shards_cfg(shards))
     assert len(source) == len(folder) == 18 and len(source.shards) > 3
     assert source.num_classes == 2 and source.num_captioned == 12
@@ -287,7 +287,7 @@ def test_pack_takes_what_the_folder_source_takes(tmp_path):
     (src / "a" / "UPPER.TXT").write_text("loud")
     (src / "a" / "photo.v2.txt").write_text("second take")
     index = pack_folder(str(src), str(tmp_path / "shards"), shard_bytes=10**6)
-    folder = build_source(load_config(None, ['data.kind="folder"', f'data.url="{src}"']))
+    folder = build_source(load_config(None, ['data.kind="folder"', f'data.url="{src}"', 'data.resize="resize"']))
     source = build_source(shards_cfg(tmp_path / "shards"))
     assert index.num_samples == len(folder) == 5 and index.num_captioned == 2
     assert [source.caption(i) for i in range(5)] == [folder.caption(i) for i in range(5)]
