@@ -57,6 +57,17 @@ def check_fork(where: str, changed: list[str], step: int, max_steps: int) -> Non
                         f"train.max_steps = {max_steps}; raise train.max_steps")
 
 
+def changed_math(where: str, hard: list[str]) -> UserError:
+    """The refusal of a resume of ``where`` with other math-defining settings (``hard``): the
+    worker's, the launcher's and the dry run's, word for word."""
+    return UserError(  # one line: what changed, and both ways on
+        f"{where} was trained with other settings that define the run's math ({'; '.join(hard)}); "
+        "resuming would silently change the run: restore these settings to continue it, or fork it "
+        "into a new run that keeps its state and records where it came from: ftdiff train --from "
+        f"{where} --set run.name=NEW_NAME, with this start's --config and --set"
+    )
+
+
 def is_fork_of(lineage: dict[str, Any] | None, configured: str, cfg: Config) -> bool:
     """Whether a run whose newest commit records ``lineage`` is a fork of the checkpoint the
     ``checkpoint.resume`` value ``configured`` names (the same root, however it is spelled)."""
@@ -170,13 +181,7 @@ class Resumer:
         if pinned:  # an explicit start from another root's checkpoint: allowed, and said
             log.warning("starting from %s with changed settings:\n  %s", where, "\n  ".join(hard))
             return
-        raise UserError(
-            f"{where} was trained with other settings that define the run's math:\n  "
-            + "\n  ".join(hard) + "\nResuming would silently change the run. Restore these settings "
-            "to continue it, or fork it into a new run that keeps its state and records where it came "
-            f"from: ftdiff train --from {where} --set run.name=NEW_NAME, with this start's --config "
-            "and --set."
-        )
+        raise changed_math(where, hard)
 
     def _load_newest(self, catalog: Catalog, pinned: int | None) -> int | None:
         tried: list[str] = []

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from service.checkpoint.start_plan import utc_text
 from service.config import redact_url
 from service.errors import BadCheckpointError, UserError
 
@@ -159,8 +159,4 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def human_time(when: float | None) -> str:
-    """A Unix time as ``2025-05-01 12:00:03 UTC`` (UTC: the same on every machine and log)."""
-    if not when:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+human_time = utc_text  # a Unix time as "2025-05-01 12:00:03 UTC"

@@ -13,6 +13,7 @@ import os
 import socket
 from typing import Any
 
+from service.checkpoint.start_plan import plan_start
 from service.config import Config
 from service.config.advice import config_advice
 from service.errors import EXIT_OK, UserError
@@ -34,7 +35,7 @@ def dry_run(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     storage = _check_storage(cfg)
     _say("storage", f"ok: {storage.display_url} is reachable and writable")
     _say("ports", _check_ports(cfg))
-    _say("resume", _resume_plan(cfg, storage, length, identity))
+    _say("resume", plan_start(cfg, storage, length, identity))
     print(f"dry run ok: `ftdiff train` would start {nnodes} torchrun agent(s) x {nproc_per_node} "
           f"worker(s) ({world} ranks); nothing was started or written")
     return EXIT_OK
@@ -121,85 +122,3 @@ def _check_ports(cfg: Config) -> str:
             raise UserError(f"cannot listen on {host}:{port} (supervisor.port/metrics.port): {e}") from None
         checked.append(f"{host}:{port}")
     return f"ok: {', '.join(checked)} free" if checked else "ok: ephemeral ports"
-
-
-def _resume_plan(cfg: Config, storage: Any, data_length: int, data: dict[str, Any]) -> str:
-    """What a first start would do with the root, refusing what the workers would refuse."""
-    from service.checkpoint.catalog import Catalog
-    from service.checkpoint.manifest import step_dir
-
-    catalog = Catalog(storage)
-    latest = catalog.latest()
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        if latest is not None:
-            raise UserError(
-                f"checkpoint.resume = \"never\" but {storage.display_url} already holds committed "
-                f"checkpoints (newest: {step_dir(latest[0])}); point checkpoint.url at a new location, "
-                "or set checkpoint.resume = \"auto\" to continue that run")
-        return "fresh start (checkpoint.resume = \"never\")"
-    if mode != "auto":
-        return _pinned_plan(cfg, catalog, latest, data_length, data)
-    if latest is None:
-        return f"fresh start: no committed checkpoint under {storage.display_url}"
-    step, manifest = latest
-    notes = _math_changes(cfg, catalog, step, manifest, data_length, data)
-    from service.cli.common import human_time
-
-    left = cfg.train.max_steps - step
-    todo = f"{left} steps to go" if left > 0 else f"already at train.max_steps = {cfg.train.max_steps}"
-    return (f"resumes from step {step} (run {manifest.run_id or 'unknown'}, committed "
-            f"{human_time(manifest.time)}), {todo}{notes}")
-
-
-def _math_changes(cfg: Config, catalog: Any, step: int, manifest: Any, data_length: int,
-                  data: dict[str, Any]) -> str:
-    """Refuse a resume with other math-defining settings, as the workers would."""
-    from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
-
-    saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
-    hard, soft = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
-    if hard:
-        where = catalog.storage.display_url
-        raise UserError(
-            f"{where} holds a run trained with other settings that define its math: {'; '.join(hard)}; "
-            "restore them to continue it, or set checkpoint.url to a new location")
-    return f" (changed: {'; '.join(soft)})" if soft else ""
-
-
-def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_length: int,
-                 data: dict[str, Any]) -> str:
-    """``checkpoint.resume = URL[/step-N]`` (or ``--from``): the source exists; the own root has
-    no newer history unless it is this fork's; a fork keeps the architecture and has steps to go."""
-    from service.checkpoint.catalog import Catalog, split_checkpoint_url
-    from service.checkpoint.errors import ManifestError
-    from service.checkpoint.identity import differences, fingerprint, fingerprint_of_config
-    from service.checkpoint.manifest import step_dir
-    from service.checkpoint.resume import check_fork, is_fork_of
-    from service.checkpoint.storage import open_storage
-
-    ck = cfg.checkpoint
-    root, pinned = split_checkpoint_url(ck.resume)
-    source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
-    same = source.storage.same_root(own.storage)
-    if latest is not None and is_fork_of(latest[1].lineage, ck.resume, cfg):
-        return f"continues this fork of {latest[1].lineage['parent']}: resumes from its step {latest[0]}"
-    if latest is not None and not (same and pinned in (None, latest[0])):
-        raise UserError(
-            f"checkpoint.resume = {source.storage.display_url!r}, but checkpoint.url ({own.storage.display_url}) "
-            f"already holds committed checkpoints up to {step_dir(latest[0])}; point checkpoint.url "
-            "at a new location to start a new run from the pinned checkpoint")
-    if pinned is None:
-        found = source.latest()
-        if found is None:
-            raise UserError(f"checkpoint.resume: no committed checkpoint under {source.storage.display_url}")
-        pinned = found[0]
-    try:
-        manifest = source.manifest(pinned)
-    except ManifestError as e:
-        raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
-    if not same:  # a fork: the worker's rules
-        saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
-        hard, _ = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
-        check_fork(source.storage.url_of(step_dir(pinned)), hard, pinned, cfg.train.max_steps)
-    return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume)"

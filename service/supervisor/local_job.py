@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from service.checkpoint.storage import open_storage
+from service.checkpoint.start_plan import plan_start
+from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.storage_check import check_reachable
-from service.config import load_config
+from service.config import Config, load_config
 from service.config.paths import local_path, run_dir
 from service.errors import EXIT_FAILURE, UserError
 from service.launch_env import LaunchEnv
 from service.supervisor.launcher import LocalSupervisor
 from service.supervisor.run_status import RunStatus
 from service.supervisor.torchrun import check_job_geometry
+
+log = logging.getLogger(__name__)
 
 
 def run_local_job(
@@ -27,9 +31,12 @@ def run_local_job(
     # The token never reaches a log line, whichever way it came in.
     setup_logging("supervisor", log_format, secrets=[cfg.supervisor.token, launch.token])
     check_job_geometry(cfg, nnodes, nproc_per_node)
-    # Storage mistakes fail here, once, instead of in every worker of every restart.
+    # Storage mistakes and a resume the workers would refuse (a changed architecture or other
+    # math, a fork's rules) fail here, once, before any process starts or anything is written.
     ck = cfg.checkpoint
-    check_reachable(open_storage(ck.url, ck.endpoint_url, ck.region), single_writer=ck.single_writer)
+    storage = open_storage(ck.url, ck.endpoint_url, ck.region)
+    _refuse_what_workers_would(cfg, storage)
+    check_reachable(storage, single_writer=ck.single_writer)
     try:
         supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format, launch)
     except OSError as e:
@@ -54,3 +61,13 @@ def run_local_job(
         if status is not None:
             status.ended(code)
 
+
+def _refuse_what_workers_would(cfg: Config, storage: Storage) -> None:
+    """The workers' start rules without the data (whose identity needs it read: they check
+    that): a refusal here is the one they would print on every rank after the process group."""
+    try:
+        plan_start(cfg, storage)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - storage trouble: check_reachable names it next
+        log.debug("start plan not checked here (%s: %s); the workers check it", type(e).__name__, e)

@@ -147,17 +147,25 @@ def test_an_agent_out_of_restarts_is_relaunched_in_a_fresh_rendezvous_round(base
 
 @pytest.mark.timeout(240)
 def test_ftdiff_train_stops_at_once_with_exit_2_when_its_workers_refuse_to_start(tmp_path):
-    """A refusal (here: a fresh run into a used root) is no crash: torchrun would retry it and
-    the supervisor relaunch it until both gave up; the worker's goodbye says so instead."""
-    url = tmp_path / "ckpt"
-    first = run(single_cmd(["train.max_steps=2", "checkpoint.every_steps=2", f'checkpoint.url="{url}"']))
+    """A refusal is no crash: torchrun would retry it and the supervisor relaunch it until both
+    gave up; the worker's goodbye says so instead. Here one only the workers can see (the launcher
+    refuses changed settings itself, but does not read the data): the image folder grew."""
+    from PIL import Image
+
+    url, images = tmp_path / "ckpt", tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(images / f"{i}.png")
+    data = ['data.kind="folder"', f'data.url="{images}"']
+    first = run(single_cmd(["train.max_steps=2", "checkpoint.every_steps=2", f'checkpoint.url="{url}"', *data]))
     assert first.returncode == 0, why(first)
+    Image.new("RGB", (16, 16)).save(images / "5.png")
     snapshot = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
-    job = SupervisedJob(tmp_path / "job", ["train.max_steps=8", f'checkpoint.url="{url}"',
-                                           'checkpoint.resume="never"', "supervisor.max_restarts=5"])
+    job = SupervisedJob(tmp_path / "job", ["train.max_steps=8", f'checkpoint.url="{url}"', *data,
+                                           "supervisor.max_restarts=5"])
     started = time.monotonic()
     code, err = job.finish(200)
     assert code == 2, err[-3000:]
-    assert "never mixes" in err and "not restarting" in err
+    assert "data.length" in err and "not restarting" in err
     assert time.monotonic() - started < 60  # not 5 torchrun restarts x 5 relaunches
     assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == snapshot

@@ -107,3 +107,21 @@ def test_a_fork_keeps_the_state_records_its_lineage_and_refuses_another_architec
                             env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60)
     lineage = {r["name"]: r["lineage"] for r in json.loads(listed.stdout)}
     assert lineage["parent"] is None and lineage["lower-lr"]["step"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_a_changed_architecture_is_refused_once_before_any_process_starts(tmp_path):
+    """The launcher runs the workers' start rules before it starts anything: one line naming the
+    keyword, exit 2, no torchrun agent, no incarnation record, the run's status untouched."""
+    assert _train(tmp_path, "exp").returncode == 0
+    run = tmp_path / "runs" / "exp"
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    status = (run / "status.json").read_bytes()
+    res = _train(tmp_path, "exp", "train.max_steps=5", "model.arch.layers_per_block=2")
+    assert res.returncode == 2, res.stderr[-2000:]
+    refusals = [line for line in res.stderr.splitlines() if line.startswith("ftdiff: ")]
+    assert len(refusals) == 1 and "model.architecture.layers_per_block" in refusals[0], res.stderr[-2000:]
+    assert "ftdiff train --from" in refusals[0]  # the way on, pasteable
+    assert "torchrun agent" not in res.stderr and "Traceback" not in res.stderr
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "status.json").read_bytes() == status
