@@ -109,6 +109,9 @@ class Heartbeat:
     comm_s: float = 0.0
     """Running mean of this rank's gradient all-reduce per step, waiting for peers included
     (service.train.step_timer): a straggler's peers wait, so theirs is the long one."""
+    suspect_nodes: list = field(default_factory=list)
+    """Nodes this worker's replica checks found holding a copy the majority disagrees with
+    (service.train.replicas), since it started: the supervisor may leave them out."""
     agent: str = ""
     """The torchrun agent that started this worker, as "pid@start time": a node whose agent
     outlived a silence was cut off, not lost (a new node's agent is another process)."""
@@ -142,7 +145,8 @@ class Heartbeat:
             restart_count=_int(body, "restart_count", 0), time=_float(body, "time"),
             metrics=body.get("metrics") or [], started=_float(body, "started", 0.0),
             io_bytes=_int(body, "io_bytes", 0), recovery=_recovery(body.get("recovery")),
-            compute_s=_float(body, "compute_s", 0.0), comm_s=_float(body, "comm_s", 0.0), agent=str(body.get("agent") or "")[:64],
+            compute_s=_float(body, "compute_s", 0.0), comm_s=_float(body, "comm_s", 0.0),
+            suspect_nodes=_names(body.get("suspect_nodes")), agent=str(body.get("agent") or "")[:64],
         )
         hb.validate()
         return hb
@@ -173,8 +177,19 @@ class Heartbeat:
                 raise ValueError(f"{name} must be finite and >= 0")
 
 
+def _names(value: object) -> list:
+    """A list of node names, as a worker sends it (at most MAX_SUSPECTS names, each non-empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_SUSPECTS or not all(
+            isinstance(v, str) and 0 < len(v) <= 253 for v in value):
+        raise ValueError(f"suspect_nodes must be a list of at most {MAX_SUSPECTS} node names")
+    return list(value)
+
+
 # Bounds of what a real worker reports (no job has a million ranks, or 2**63 steps or bytes).
 MAX_WORLD_SIZE = 1 << 20
+MAX_SUSPECTS = 64
 MAX_COUNT = 1 << 63
 
 

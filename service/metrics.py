@@ -163,6 +163,10 @@ class SupervisorMetrics:
             "Each rank's compute speed relative to the fastest rank (1 = fastest): below ~0.7 it holds the job back",
             ["rank", "node"], registry=r,
         )
+        self.node_exclusions = Counter(
+            "ftdiff_job_node_exclusions", "Nodes left out of the job (supervisor.exclude_*), by why",
+            ["node", "reason"], registry=r,
+        )
         self.rank_compute_seconds = Gauge(
             "ftdiff_rank_compute_seconds", "Each rank's own compute per step (forward passes; running mean)",
             ["rank", "node"], registry=r,

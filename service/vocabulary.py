@@ -33,6 +33,8 @@ class RestartReason(StrEnum):
     """An operator asked for it (POST /restart)."""
     JOB_FAILED = "job_failed"
     """The job as a whole failed (an agent's error); restarted from the newest commit."""
+    NODE_EXCLUDED = "node_excluded"
+    """A diverged or persistently slow node was left out (supervisor.exclude_*): relaunched smaller."""
 
 
 class RecoveryKind(StrEnum):
@@ -66,6 +68,8 @@ def recovery_kind_of(diagnosis: FailureKind | RestartReason) -> RecoveryKind:
         return RecoveryKind.HANG
     if diagnosis == RestartReason.ORDERED:
         return RecoveryKind.ORDERED
+    if diagnosis == RestartReason.NODE_EXCLUDED:
+        return RecoveryKind.RESCALE
     return RecoveryKind.CRASH
 
 

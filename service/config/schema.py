@@ -274,6 +274,13 @@ class SupervisorConfig(_Section):
     """Relaunches without a new commit before the job gives up (exit 1); a new commit renews them."""
     min_nodes: int | None = Field(default=None, ge=1)
     """Smallest node count the job may shrink to; default: all nodes (no shrinking)."""
+    exclude_diverged_nodes: bool = False
+    """Local mode: a node whose replica disagreed with the majority (divergence.replica_check_every)
+    is left out: the job is relaunched without it while supervisor.min_nodes allows (else it is
+    only reported). Attach mode reports it (cordon the node)."""
+    exclude_slow_after_s: float = Field(default=0.0, ge=0)
+    """Local mode: a node whose slowest rank computes below 0.7 of the fastest rank's speed for
+    this long is left out, as above; 0: never. Attach mode reports it."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     """Seconds between a worker's heartbeats to the supervisor."""
     host: str = "127.0.0.1"

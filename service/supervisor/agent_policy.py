@@ -122,6 +122,13 @@ def on_agent_codes(state: LauncherState, codes: Mapping[int, int | None], last_c
     return state, Relaunch(tuple(failed), kind, reason, also, state.round)
 
 
+def on_exclusion(state: LauncherState) -> LauncherState:
+    """Nodes are being left out (service.supervisor.exclusion): the rest start in a fresh round.
+    Not a failure, so the relaunch budget is untouched (each exclusion shrinks the job, which
+    min_nodes bounds)."""
+    return replace(state, phase=Phase.RELAUNCHING, round=state.round + 1)
+
+
 def on_ranks_fresh(state: LauncherState) -> LauncherState:
     """Every rank of the job reports: a relaunch is over."""
     return replace(state, phase=Phase.RUNNING) if state.phase is Phase.RELAUNCHING else state

@@ -89,6 +89,8 @@ class AttachedSupervisor(Supervisor):
         return None  # a Deployment: it stays, reporting the failure until a person acts
 
     def after_tick(self) -> None:
+        if self.exclusion.enabled:  # supervisor.exclude_*: said, for whoever launches the job
+            self.exclusion.report(self.exclusion.due(self.monitor.suspect_nodes(), self.monitor.relative_speeds()))
         while self.monitor.reconnected:
             node, gap = self.monitor.reconnected.pop(0)
             log.warning("node %s reports again %.0fs after it went silent, its processes (or its torchrun agent) "

@@ -17,6 +17,7 @@ from service.config import Config
 from service.errors import EXIT_OK
 from service.heartbeat import LEAVE_SIGNAL, REFUSED_DIVERGED, Heartbeat
 from service.metrics import SupervisorMetrics
+from service.supervisor.exclusion import ExclusionPolicy
 from service.supervisor.failure_cost import FailureCostBook
 from service.supervisor.ledger import FailureLedger, publish
 from service.supervisor.monitor import JobMonitor, RankState
@@ -35,6 +36,7 @@ class Supervisor:
                                   heartbeat_interval_s=sup.heartbeat_interval_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self.failure_costs = FailureCostBook(self.metrics)
+        self.exclusion = ExclusionPolicy(sup)  # which nodes to leave out (a mode acts on it)
         self.endpoints = SupervisorEndpoints(
             cfg, token, self.monitor, self.metrics,
             ready=lambda: self.monitor.all_fresh(self.monitor.world_size()),

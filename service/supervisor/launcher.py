@@ -37,6 +37,7 @@ from service.supervisor.agent_policy import (
     budget_renewed,
     failure_kind,
     on_agent_codes,
+    on_exclusion,
     on_ranks_fresh,
 )
 from service.supervisor.core import Supervisor
@@ -80,6 +81,7 @@ class LocalSupervisor(Supervisor):
         self.overrides = overrides
         self.agents: dict[int, Agent] = {}
         self.state = LauncherState()  # decided by service.supervisor.agent_policy, carried out here
+        self.excluded: set[int] = set()  # nodes left out (supervisor.exclude_*)
         # supervisor.prestart_workers: a warm process per node forks the workers (see procs.Zygotes).
         self.zygotes = (procs.Zygotes(self.log_dir, nproc_per_node, log_format)
                         if cfg.supervisor.prestart_workers else None)
@@ -174,6 +176,7 @@ class LocalSupervisor(Supervisor):
 
     def after_tick(self) -> None:
         self._handle_silence()
+        self._leave_out_due_nodes()
         overdue = self.monitor.ordered_before(self.monitor.silence_s + self.tick_s)
         if overdue:  # ordered out and still here: stopped or wedged since, or deaf to orders
             ours = set(procs.descendants(os.getpid()))
@@ -313,6 +316,31 @@ class LocalSupervisor(Supervisor):
         self.metrics.state.state("restarting")
         self._new_round(survivors)
 
+    def _leave_out_due_nodes(self) -> None:
+        """supervisor.exclude_*: relaunch without the nodes the policy names (a diverged replica,
+        a persistently slow rank), while supervisor.min_nodes allows."""
+        if not self.exclusion.enabled or self.state.phase is not Phase.RUNNING:
+            return
+        active = [n for n in range(self.nnodes) if n not in self.excluded]
+        due = {n: why for n, why in self.exclusion.due(self.monitor.suspect_nodes(), self.monitor.relative_speeds())
+               .items() if n.isdigit() and int(n) in active}
+        if not due or not self.exclusion.may_leave(len(active), due, self.cfg.supervisor.min_nodes):
+            return
+        for node, why in due.items():
+            log.error("node %s: %s: leaving it out, relaunching on %d node(s)", node, why.replace("_", " "),
+                      len(active) - len(due))
+            self.metrics.node_exclusions.labels(node=node, reason=why).inc()
+            self.server.known_nodes.discard(node)  # type: ignore[union-attr]  # its late heartbeats: refused
+            self.excluded.add(int(node))
+            procs.end_tree(self.agents.pop(int(node)).proc)
+        self._kill_workers(lambda s: s.hb.node in due)
+        survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node not in due]
+        self.metrics.restarts.labels(reason=RestartReason.NODE_EXCLUDED.value).inc()
+        self.failure_costs.diagnosed(RestartReason.NODE_EXCLUDED)
+        self.monitor.order_restart()
+        self.state = on_exclusion(self.state)
+        self._new_round(survivors)
+
     def _end_stopped_agents(self) -> None:
         """An agent stopped (SIGSTOP, a frozen node) for longer than the silence limit cannot
         watch or restart its workers, nor end when they finish: it is as good as lost, so it
@@ -344,7 +372,8 @@ class LocalSupervisor(Supervisor):
                 procs.end_tree(agent.proc)
         log.warning("relaunching every agent in rendezvous round %d", self.state.round)
         for node in range(self.nnodes):
-            self._launch(node)
+            if node not in self.excluded:
+                self._launch(node)
 
     def _let_workers_leave(self, pids: list[int], timeout: float) -> None:
         """Order these workers out by signal (known from heartbeats; only ours): each leaves

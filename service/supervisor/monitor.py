@@ -299,6 +299,11 @@ class JobMonitor:
         with self._lock:
             return {r: (s.hb.node, s.hb.compute_s, s.hb.comm_s) for r, s in self.ranks.items() if s.hb.compute_s > 0}
 
+    def suspect_nodes(self) -> set[str]:
+        """Nodes the ranks' replica checks found holding a copy the majority disagrees with."""
+        with self._lock:
+            return {node for s in self.ranks.values() for node in s.hb.suspect_nodes}
+
     def heartbeat_ages(self) -> dict[int, float]:
         now = self.clock()
         with self._lock:

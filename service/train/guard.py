@@ -46,6 +46,7 @@ class DivergenceGuard:
         # step -> where its batch began in the stream: where a skip window starts.
         self._batch_starts: deque[tuple[int, int]] = deque(maxlen=max(d.spike_steps, d.nonfinite_steps) + 2)
         self.last_verified = 0  # the newest step every rank was seen to hold the same state at
+        self.suspect_nodes: set[str] = set()  # every node a replica check found in a minority
         checkpointer.notes = self.manifest_notes
 
     def started(self) -> None:
@@ -83,6 +84,7 @@ class DivergenceGuard:
             else:
                 for node in self.replicas.suspect_nodes:
                     self.metrics.train.replica_mismatches.labels(node=node).inc()
+                self.suspect_nodes.update(self.replicas.minority_nodes)  # heartbeats tell the supervisor
         return verdict
 
     def roll_back(self, verdict: Divergence) -> None:

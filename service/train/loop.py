@@ -128,11 +128,11 @@ class Trainer:
             StepRecord(Path(cfg.checkpoint.memory_tier_dir or default_dir()), info.run_id, info.rank,
                            info.world_size)
             if info.run_id else None, info.rank, info.local_rank, self.checkpointer.group.gather_to_all)
-        self.step_timer = StepTimer(info.device, self.net)  # before the heartbeats, which report it
-        self.heartbeats = self._start_heartbeats()
-        self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
         self.guard = DivergenceGuard(cfg, info, self.checkpointer, self.train_state, self.data_state,
                                      self.metrics, self.model, self.optimizer)
+        self.step_timer = StepTimer(info.device, self.net)  # these two before the heartbeats, which report them
+        self.heartbeats = self._start_heartbeats()
+        self.probe = faults.StepProbe(info.rank, info.world_size, node=info.node)
 
     # -- heartbeats to the supervisor -----------------------------------------------------------
     def _start_heartbeats(self) -> HeartbeatSender | None:
@@ -175,6 +175,7 @@ class Trainer:
             metrics=metric_samples(self.metrics.registry), started=self._started,
             io_bytes=self.checkpointer.io_bytes + getattr(self.source, "bytes_read", 0),  # shard reads too
             compute_s=self.step_timer.mean_s, comm_s=self.step_timer.comm_mean_s, agent=self._agent,
+            suspect_nodes=sorted(self.guard.suspect_nodes),
             recovery=self.restart_cost.report.as_dict() if self.restart_cost.report is not None else None,
         )
 
@@ -286,9 +287,8 @@ class Trainer:
             yield batch, time.monotonic() - asked
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step on this rank's share of the global batch, in
-        ``train.grad_accum_steps`` micro-batches (gradients synchronised after the last);
-        (this rank's loss, the global gradient norm before clipping)."""
+        """One optimizer step on this rank's share of the global batch, in ``grad_accum_steps``
+        micro-batches (synchronised after the last); (its loss, the global gradient norm)."""
         accum = self.cfg.train.grad_accum_steps
         total = torch.zeros((), device=self.info.device)
         for i, micro in enumerate(split_batch(batch, accum)):

@@ -46,6 +46,9 @@ class ReplicaCheck:
     def __init__(self, info: DistInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.info, self.model, self.optimizer = info, model, optimizer
         self.suspect_nodes: list[str] = []  # of the last failed check
+        # Of the last failed check, and only where a majority agreed: the nodes known to hold
+        # the bad copy (two replicas that disagree name no one).
+        self.minority_nodes: list[str] = []
 
     def verify(self, step: int, last_verified: int) -> Divergence | None:
         """Every rank at the same step: None if all replicas agree, else the verdict."""
@@ -63,6 +66,7 @@ class ReplicaCheck:
         has_majority = count * 2 > len(copies)
         suspects = [r for r, c in enumerate(copies) if not has_majority or c != common]
         self.suspect_nodes = sorted({nodes[r] for r in suspects})
+        self.minority_nodes = self.suspect_nodes if has_majority else []
         who = ", ".join(f"rank {r} (node {nodes[r]})" for r in suspects)
         detail = (f"{who} hold{'s' if len(suspects) == 1 else ''} a different copy of the weights or optimizer "
                   f"state than the majority" if has_majority else
