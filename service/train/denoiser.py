@@ -42,7 +42,9 @@ def build_denoiser(cfg: Config, info: DistInfo) -> tuple[torch.nn.Module, torch.
         # cache (TORCHINDUCTOR_CACHE_DIR) survives it.
         model.compile()
     net: torch.nn.Module = model
-    if dist.is_initialized():
+    # One rank has no one to average gradients with: DDP would only copy every gradient into its
+    # buckets and back each step (the same values; checkpoints name parameters the same either way).
+    if dist.is_initialized() and info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
         # No buffer broadcast before every forward: the families' buffers (a DiT's positional
         # table) are fixed and equal on every rank, and the broadcast would be a collective in
