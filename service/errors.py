@@ -63,3 +63,16 @@ class DivergedError(UserError):
 def exit_code_of(error: UserError) -> int:
     """The exit code for a UserError (EXIT_USAGE unless its class says otherwise)."""
     return int(getattr(error, "exit_code", EXIT_USAGE))
+
+
+def user_message(error: BaseException) -> str:
+    """A user error's own line. Raised in a DataLoader worker, it reaches the training process
+    re-raised with a "Caught X in DataLoader worker process N" header and the worker's whole
+    traceback in its text: only its last line, the error's own, is the user's to read."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = type(error).__name__
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.split(".")[-1] == name else last

@@ -42,8 +42,11 @@ def fingerprint(cfg: Config, data_length: int | None = None, data: dict[str, Any
     """The math-defining settings as flat ``section.key`` entries (URLs without secrets)."""
     body = cfg.to_dict()
     out: dict[str, Any] = {}
+    own_data_keys = data_registry.math_keys_of(cfg.data.kind)
     for section, keys in MATH_KEYS.items():
         for key in keys:
+            if section == "data" and key not in own_data_keys:
+                continue  # another source kind's setting: nothing to this run's stream
             value = body[section][key]
             out[f"{section}.{key}"] = redact_url(value) if key == "url" and isinstance(value, str) else value
     for dotted in SOFT_KEYS:
@@ -84,8 +87,15 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[st
     for key in sorted(set(saved) & set(current)):
         if saved[key] != current[key]:
             line = f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
-            (soft if key in SOFT_KEYS or _moved(key, saved, current) else hard).append(line)
+            soft_change = key in SOFT_KEYS or _moved(key, saved, current) or _was_refused(key, saved)
+            (soft if soft_change else hard).append(line)
     return hard, soft
+
+
+def _was_refused(key: str, saved: dict[str, Any]) -> bool:
+    """data.resize away from "refuse": every image trained on so far had the model's size, which
+    "resize" and "center-crop" leave as it is, so the samples so far are the same."""
+    return key == "data.resize" and saved[key] == "refuse"
 
 
 def _moved(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:

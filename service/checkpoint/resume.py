@@ -172,7 +172,8 @@ class Resumer:
             )
         hard, soft = differences(saved, self.fingerprint)
         for line in soft:
-            log.warning("changed since %s: %s (the LR schedule now ends there)", step_dir(step), line)
+            why = " (the LR schedule now ends there)" if line.startswith("train.max_steps:") else ""
+            log.warning("changed since %s: %s%s", step_dir(step), line, why)
         where = catalog.storage.url_of(step_dir(step))
         if pinned:
             check_fork(where, hard, step, self.cfg.train.max_steps)

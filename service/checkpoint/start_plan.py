@@ -69,8 +69,9 @@ def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_len
     root, pinned = split_checkpoint_url(ck.resume)
     source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
     same = source.storage.same_root(own.storage)
-    if latest is not None and is_fork_of(latest[1].lineage, ck.resume, cfg):
-        return f"continues this fork of {latest[1].lineage['parent']}: resumes from its step {latest[0]}"
+    if latest is not None and is_fork_of(latest[1].lineage, ck.resume, cfg):  # the workers resume it as "auto"
+        notes = _math_changes(cfg, own, latest[0], latest[1], data_length, data)
+        return f"continues this fork of {latest[1].lineage['parent']}: resumes from its step {latest[0]}{notes}"
     if latest is not None and not (same and pinned in (None, latest[0])):
         raise UserError(
             f"checkpoint.resume = {source.storage.display_url!r}, but checkpoint.url ({own.storage.display_url}) "
@@ -85,8 +86,11 @@ def _pinned_plan(cfg: Config, own: Any, latest: tuple[int, Any] | None, data_len
         manifest = source.manifest(pinned)
     except ManifestError as e:
         raise UserError(f"checkpoint.resume: {source.storage.display_url}/{step_dir(pinned)}: {e}") from None
-    if not same:  # a fork: the worker's rules
+    notes = ""
+    if same:  # pinned inside the own root: the own history, checked as the workers check it
+        notes = _math_changes(cfg, own, pinned, manifest, data_length, data)
+    else:  # a fork: the worker's rules
         saved = manifest.fingerprint or fingerprint_of_config(manifest.config)
         hard, _ = differences(saved, fingerprint(cfg, data_length=data_length, data=data))
         check_fork(source.storage.url_of(step_dir(pinned)), hard, pinned, cfg.train.max_steps)
-    return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume)"
+    return f"starts from {source.storage.display_url}/{step_dir(pinned)} (pinned by checkpoint.resume){notes}"

@@ -220,3 +220,27 @@ def _unusable(storage: Storage, e: BaseException, stage: str, left: str | None =
     if isinstance(e, FileNotFoundError):
         return UserError(f"storage URL {url!r} does not exist ({detail})")
     return StorageError(f"storage URL {url!r} is unreachable: {detail} (check {storage.backend.where_to_fix_access})")
+
+
+def missing_folders(storage: Storage) -> list[str]:
+    """A local root and its ancestors that do not exist yet, deepest first (none elsewhere):
+    what a check that writes there creates, for ``remove_folders`` to take back."""
+    if not storage.backend.on_local_disk:
+        return []
+    missing, path = [], storage.root
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first), stopping at the first one that is not empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break

@@ -9,7 +9,6 @@ credentials may write), and removes again a local root folder it had to create.
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
@@ -81,32 +80,16 @@ def _check_data(cfg: Config) -> tuple[int, dict[str, Any], str]:
 def _check_storage(cfg: Config) -> Any:
     """Reachable and writable (the workers' probe), leaving no folder behind that was not there."""
     from service.checkpoint.storage import open_storage
-    from service.checkpoint.storage_check import check_reachable
+    from service.checkpoint.storage_check import check_reachable, missing_folders, remove_folders
 
     ck = cfg.checkpoint
     storage = open_storage(ck.url, ck.endpoint_url, ck.region)
-    created = _missing_folders(storage.root) if storage.backend.on_local_disk else []
+    created = missing_folders(storage)
     try:
         check_reachable(storage, write=True, single_writer=ck.single_writer)
     finally:
-        for folder in created:  # deepest first; stops at the first one that is not empty
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        remove_folders(created)
     return storage
-
-
-def _missing_folders(path: str) -> list[str]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while path and not os.path.lexists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
 
 
 def _check_ports(cfg: Config) -> str:

@@ -131,7 +131,7 @@ class DataConfig(_Section):
     (model.sample_size, or its pixel size with a VAE): "refuse" (exit 2 naming the image and its
     size), "resize" (shorter side scaled to the input, centre-cropped) or "center-crop" (the
     central square of the input's size, not scaled; smaller images are refused). Part of the
-    run's math."""
+    run's math (leaving "refuse" on resume is allowed: every image so far had the right size)."""
     shuffle_window: int = Field(default=1000, ge=1)
     """kind=webdataset: samples shuffled together after the shards are shuffled (a window spans
     window / shard size + 1 shards, read whole and in order). Part of the run's math."""

@@ -54,3 +54,9 @@ def math_keys() -> tuple[str, ...]:
     for kind in SOURCES.values():
         keys += [k for k in kind.math_keys if k not in keys]
     return (*keys, *COMMON_MATH_KEYS)
+
+
+def math_keys_of(kind: str) -> tuple[str, ...]:
+    """The ``data.*`` keys that define the math of a run of source kind ``kind`` (the others
+    do nothing for it: a shapes run's data.resize or data.url may change freely)."""
+    return ("kind", *SOURCES[kind].math_keys, *COMMON_MATH_KEYS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from service.checkpoint.start_plan import plan_start
 from service.checkpoint.storage import Storage, open_storage
-from service.checkpoint.storage_check import check_reachable
+from service.checkpoint.storage_check import check_reachable, missing_folders, remove_folders
 from service.config import Config, load_config
 from service.config.paths import local_path, run_dir
 from service.errors import EXIT_FAILURE, UserError
@@ -35,8 +35,13 @@ def run_local_job(
     # math, a fork's rules) fail here, once, before any process starts or anything is written.
     ck = cfg.checkpoint
     storage = open_storage(ck.url, ck.endpoint_url, ck.region)
-    _refuse_what_workers_would(cfg, storage)
+    created = missing_folders(storage)
     check_reachable(storage, single_writer=ck.single_writer)
+    try:
+        _refuse_what_workers_would(cfg, storage)
+    except UserError:
+        remove_folders(created)  # a refused start leaves no empty root behind
+        raise
     try:
         supervisor = LocalSupervisor(cfg, config, overrides, nnodes, nproc_per_node, log_format, launch)
     except OSError as e:
@@ -69,5 +74,5 @@ def _refuse_what_workers_would(cfg: Config, storage: Storage) -> None:
         plan_start(cfg, storage)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - storage trouble: check_reachable names it next
+    except Exception as e:  # noqa: BLE001 - storage trouble after the probe passed: the workers' to meet
         log.debug("start plan not checked here (%s: %s); the workers check it", type(e).__name__, e)

@@ -13,7 +13,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from service.checkpoint.errors import FencedError
 from service.config import Config, load_config
 from service.config.advice import config_advice
-from service.errors import EXIT_SUPERSEDED, DivergedError, StorageError, UserError, exit_code_of
+from service.errors import EXIT_SUPERSEDED, DivergedError, StorageError, UserError, exit_code_of, user_message
 from service.heartbeat import REFUSED, REFUSED_DIVERGED, REFUSED_STORAGE
 from service.launch_env import LaunchEnv, add_worker_args, overrides_from_env
 
@@ -83,7 +83,7 @@ def run_worker(config: str | None, overrides: list[str], log_format: str = "text
         barrier()
         return code
     except UserError as e:
-        log.error("%s", e)
+        log.error("%s", user_message(e))
         _refuse(trainer, REFUSED_STORAGE if isinstance(e, StorageError)
                 else REFUSED_DIVERGED if isinstance(e, DivergedError) else REFUSED)
         return exit_code_of(e)  # 2, or 3 when the storage is unreachable or refuses access

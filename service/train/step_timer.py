@@ -6,7 +6,7 @@ Compute is the forward pass of each micro-batch: work with no collective in it (
 broadcast is off, see service/train/denoiser.py), so a rank waiting for a slow peer in the
 gradient all-reduce does not look slow itself. Communication is the span from the first
 gradient bucket DDP hands to the all-reduce to the last one reduced (a DDP communication hook
-around the stock all-reduce, the same arithmetic; the span overlaps the backward pass of the
+doing DDP's own all-reduce, bit for bit at any world size; the span overlaps the backward pass of the
 layers whose buckets come later): it includes waiting for the slowest peer,
 so a straggler's peers show long communication and the straggler a short one. On CUDA both
 are read from events once the GPU has passed them (never a synchronize in the step);
@@ -99,12 +99,17 @@ class StepTimer:
         self._comm.fold(span=True)
 
     def _timed_allreduce(self, state: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        """DDP's own all-reduce, timed. Its arithmetic exactly: scaled by 1 / world size, then
+        summed (torch's allreduce_hook divides instead, which rounds differently unless the world
+        size is a power of two)."""
+        import torch.distributed as dist
 
         start = self._comm.mark()
+        tensor = bucket.buffer()
+        tensor.mul_(1.0 / dist.get_world_size())
 
-        def reduced(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        def reduced(future: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
             self._comm.add(start, self._comm.mark())  # CUDA: on the stream that waited for it
-            return future.value()
+            return future.value()[0]
 
-        return default_hooks.allreduce_hook(state, bucket).then(reduced)  # type: ignore[arg-type]
+        return dist.all_reduce(tensor, async_op=True).get_future().then(reduced)  # type: ignore[union-attr]

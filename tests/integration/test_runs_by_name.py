@@ -89,6 +89,12 @@ def test_a_fork_keeps_the_state_records_its_lineage_and_refuses_another_architec
     assert again.returncode == 0, again.stderr[-2000:]  # continues the fork (done), not refused
     dry = _train(tmp_path, "lower-lr", "train.max_steps=5", "train.lr=1e-4", cli=[*fork, "--dry-run"])
     assert dry.returncode == 0 and "continues this fork" in dry.stdout, dry.stdout + dry.stderr[-2000:]
+    # The fork continued with other math is a changed resume of the fork's own run: refused
+    # before anything starts, by the dry run and by ftdiff train alike.
+    for cli in ([*fork, "--dry-run"], fork):
+        changed = _train(tmp_path, "lower-lr", "train.max_steps=7", "train.lr=3e-4", cli=cli)
+        assert changed.returncode == 2 and "train.lr" in changed.stderr, changed.stdout + changed.stderr[-2000:]
+        assert "torchrun agent" not in changed.stderr
 
     other_data = _train(tmp_path, "more-data", "train.max_steps=5", "data.epoch_size=72", cli=fork)
     assert other_data.returncode == 0, other_data.stderr[-2000:]

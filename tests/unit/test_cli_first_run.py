@@ -118,6 +118,12 @@ def test_dry_run_reports_the_resume_point_and_refuses_changed_math(committed):
     assert res.returncode == EXIT_USAGE and "run.seed" in one_line(res.stderr)
     res = ftdiff("train", "--dry-run", "--set", _url(committed), "--set", 'checkpoint.resume="never"', *ports)
     assert res.returncode == EXIT_USAGE and "never" in one_line(res.stderr)
+    # Pinned inside the root itself, at its newest step: the own history, held to the same math.
+    pinned = ["--set", f'checkpoint.resume="{committed}/step-000000003"']
+    res = ftdiff("train", "--dry-run", "--set", _url(committed), *pinned, "--set", "train.max_steps=9", *ports)
+    assert res.returncode == EXIT_OK and "pinned by checkpoint.resume" in res.stdout, res.stderr
+    res = ftdiff("train", "--dry-run", "--set", _url(committed), *pinned, "--set", "train.lr=0.1", *ports)
+    assert res.returncode == EXIT_USAGE and "train.lr" in one_line(res.stderr)
     assert _listing(committed) == before  # no probe, pointer or incarnation left behind
 
 

@@ -236,3 +236,40 @@ def test_every_source_kind_in_the_registry_builds_and_describes_itself(kind, tmp
     assert isinstance(source.describe(), str) and source.describe()
     for key in SOURCES[kind].math_keys:  # what the kind declares is part of the run's identity
         assert key in MATH_KEYS["data"]
+
+
+def test_a_size_refusal_raised_in_a_loader_worker_is_one_line(tmp_path):
+    """DataLoader re-raises a worker's error with a header and the worker's traceback in its
+    text; the worker's log line keeps only the error's own message."""
+    from PIL import Image
+
+    from service.data.stream import TrainingSamples, build_loader
+    from service.errors import user_message
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    Image.new("RGB", (24, 24)).save(tmp_path / "b.png")
+    samples = TrainingSamples(FolderSource(str(tmp_path), 16), 0, 100, False)
+    loader = build_loader(samples, start_position=0, num_steps=2, global_batch=2, rank=0, world_size=1,
+                          num_workers=1)
+    with pytest.raises(UserError) as e:
+        list(loader)
+    assert "Original Traceback" in str(e.value)  # what DataLoader makes of it
+    line = user_message(e.value)
+    assert "\n" not in line and line.startswith("data.url") and "is 24x24 pixels" in line, line
+
+
+def test_resize_is_no_part_of_a_generated_data_runs_math_and_leaving_refuse_is_safe(tmp_path):
+    from service.checkpoint.identity import differences, fingerprint
+
+    shapes_before = {k: v for k, v in fingerprint(load_config(None, [])).items()}
+    shapes_before.pop("data.resize", None)  # written before the setting existed
+    assert "data.resize" not in fingerprint(load_config(None, []))  # shapes: no images to resize
+    assert differences(shapes_before, fingerprint(load_config(None, ['data.resize="center-crop"']))) == ([], [])
+    # Under "refuse" every image trained on had the model's size, which the other two keep as is.
+    base = ['data.kind="folder"', f'data.url="{tmp_path}"']
+    refused = fingerprint(load_config(None, base))
+    hard, soft = differences(refused, fingerprint(load_config(None, [*base, 'data.resize="resize"'])))
+    assert hard == [] and [line.split(":")[0] for line in soft] == ["data.resize"]
+    hard, _ = differences(fingerprint(load_config(None, [*base, 'data.resize="center-crop"'])),
+                          fingerprint(load_config(None, [*base, 'data.resize="resize"'])))
+    assert [line.split(":")[0] for line in hard] == ["data.resize"]

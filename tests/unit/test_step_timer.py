@@ -66,3 +66,33 @@ def test_without_ddp_there_is_no_communication_to_time():
         pass
     timer.step_done()
     assert timer.comm_mean_s == 0.0
+
+
+def _ranks_compare(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    grads = []
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8))
+        ddp = DistributedDataParallel(net, bucket_cap_mb=0.01)
+        if hooked:
+            StepTimer(torch.device("cpu"), ddp)  # registers its all-reduce on ddp
+        torch.manual_seed(100 + rank)  # each rank its own batch: the average is not trivial
+        ddp(torch.randn(16, 64)).square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(all(torch.equal(a, b) for a, b in zip(*grads))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_timed_all_reduce_is_ddps_arithmetic_at_any_world_size(tmp_path, world):
+    """3 ranks: 1/3 is not exact, so scaling before or after the sum, or dividing instead of
+    multiplying, would round differently from DDP's own all-reduce."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "equal"
+    mp.start_processes(_ranks_compare, args=(world, str(tmp_path / "store"), str(out)), nprocs=world,
+                       start_method="spawn")
+    assert out.read_text() == "True"
