@@ -169,10 +169,11 @@ class Checkpointer:
         self.warm_up()  # staging buffers ready before the first async save
 
     def roll_back(self, at_most: int, record: tuple[int, list[list[int]]]) -> int | None:
-        """Every rank: back to the newest good commit at or before ``at_most`` (loaded into the
-        state; the commits and memory-tier snapshots after it forgotten; ``record`` — rollbacks
-        so far, every skip window — kept beside the commits); its step, or None."""
+        """Every rank: back to the newest good commit at or before ``at_most`` (loaded; later ones and
+        memory-tier snapshots forgotten; ``record``: rollbacks so far and skip windows); its step, or None."""
         self.wait()
+        if self.memory is not None:  # being replaced: never left in the memory tier until rolled_back()
+            self.memory.updating()
         step = self.rollback.to_newest_before(at_most, record)
         if step is not None:
             self.last_committed_step = step

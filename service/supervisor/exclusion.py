@@ -56,11 +56,6 @@ class ExclusionPolicy:
                     due.setdefault(node, SLOW)
         return due
 
-    def forget(self, node: str) -> None:
-        """``node`` was left out (or the job restarted): its slowness clock starts over."""
-        self._slow_since.pop(node, None)
-
-
     def report(self, due: dict[str, str]) -> None:
         """Attach mode launches nothing, so it cannot leave a node out: each due node is said
         once, for the operator (or the scheduler) to act on."""
@@ -70,16 +65,18 @@ class ExclusionPolicy:
                 log.error("node %s: %s: this supervisor launches nothing (attach mode); cordon the node "
                           "and restart the job without it", node, why.replace("_", " "))
 
-    def may_leave(self, active: int, due: dict[str, str], min_nodes: int | None) -> bool:
-        """Whether the ``due`` nodes may go, of ``active`` ones: the job keeps at least
-        ``min_nodes`` (unset: the job may not shrink at all) and at least one node. When not,
-        each such node is reported once (the operator cordons it)."""
-        if min_nodes is not None and due and active - len(due) >= max(1, min_nodes):
-            return True
-        for node, why in due.items():
+    def may_leave(self, active: int, due: dict[str, str], min_nodes: int | None) -> dict[str, str]:
+        """Those of the ``due`` nodes that may go, of ``active`` ones: the job keeps at least
+        ``min_nodes`` (unset: the job may not shrink at all) and at least one node; diverged
+        replicas go first (they corrupt the job, a slow node only holds it back). Each node kept
+        although due is reported once (the operator cordons it)."""
+        room = 0 if min_nodes is None else max(0, active - max(1, min_nodes))
+        order = sorted(due, key=lambda node: (due[node] != DIVERGED, node))
+        leaving = {node: due[node] for node in order[:room]}
+        for node in order[room:]:
             if node not in self._kept:
                 self._kept.add(node)
-                log.error("node %s: %s, but leaving it out would take the job below supervisor.min_nodes "
-                          "(%s of %d nodes): keeping it; cordon the node", node, why.replace("_", " "),
+                log.error("node %s: %s, but leaving it out too would take the job below supervisor.min_nodes "
+                          "(%s, of %d nodes): keeping it; cordon the node", node, due[node].replace("_", " "),
                           min_nodes or "unset: no shrinking", active)
-        return False
+        return leaving

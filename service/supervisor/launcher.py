@@ -324,7 +324,8 @@ class LocalSupervisor(Supervisor):
         active = [n for n in range(self.nnodes) if n not in self.excluded]
         due = {n: why for n, why in self.exclusion.due(self.monitor.suspect_nodes(), self.monitor.relative_speeds())
                .items() if n.isdigit() and int(n) in active}
-        if not due or not self.exclusion.may_leave(len(active), due, self.cfg.supervisor.min_nodes):
+        due = self.exclusion.may_leave(len(active), due, self.cfg.supervisor.min_nodes)
+        if not due:
             return
         for node, why in due.items():
             log.error("node %s: %s: leaving it out, relaunching on %d node(s)", node, why.replace("_", " "),
@@ -334,6 +335,8 @@ class LocalSupervisor(Supervisor):
             self.excluded.add(int(node))
             procs.end_tree(self.agents.pop(int(node)).proc)
         self._kill_workers(lambda s: s.hb.node in due)
+        if self.zygotes is not None:  # its warm process, once the workers it forked are gone
+            self.zygotes.stop(nodes={int(node) for node in due})
         survivors = [s.hb.pid for s in self.monitor.ranks.values() if s.hb.node not in due]
         self.metrics.restarts.labels(reason=RestartReason.NODE_EXCLUDED.value).inc()
         self.failure_costs.diagnosed(RestartReason.NODE_EXCLUDED)

@@ -95,13 +95,17 @@ class Zygotes:
                     break
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (it leaves once its workers are gone), SIGKILL after ``timeout``."""
-        for proc in self.procs.values():
+    def stop(self, timeout: float = 10.0, nodes: set[int] | None = None) -> None:
+        """SIGTERM (it leaves once its workers are gone), SIGKILL after ``timeout``; every
+        node's, or those of ``nodes`` (nodes left out of the job), which are then forgotten."""
+        procs = {n: p for n, p in self.procs.items() if nodes is None or n in nodes}
+        if nodes is not None:
+            self.procs = {n: p for n, p in self.procs.items() if n not in nodes}
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+        for proc in procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

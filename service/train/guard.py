@@ -84,7 +84,7 @@ class DivergenceGuard:
             else:
                 for node in self.replicas.suspect_nodes:
                     self.metrics.train.replica_mismatches.labels(node=node).inc()
-                self.suspect_nodes.update(self.replicas.minority_nodes)  # heartbeats tell the supervisor
+
         return verdict
 
     def roll_back(self, verdict: Divergence) -> None:
@@ -120,6 +120,8 @@ class DivergenceGuard:
         self._batch_starts.clear()
         self.last_verified = target
         self.metrics.train.rollbacks.labels(reason=verdict.reason.value).inc()
+        if replica:  # told the supervisor (heartbeats) only now: it may leave those nodes out,
+            self.suspect_nodes.update(self.replicas.minority_nodes)  # which must not cut the rollback short
         log.error("rolled back to step %d (rollback %d of at most %d)%s", target, spent + 1, d.max_rollbacks,
                   f"; positions {window[0]}..{window[1] - 1} of the sample stream are skipped" if window else "")
 

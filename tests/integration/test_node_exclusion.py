@@ -42,6 +42,10 @@ def test_a_node_whose_replica_diverged_is_left_out(tmp_path):
     log, bad = job.log(), _node_of_first_rank(job, 1)  # the rank whose bit was flipped
     assert f"node {bad}: diverged replica: leaving it out, relaunching on 2 node(s)" in log, log[-4000:]
     assert log.count(": diverged replica: leaving it out") == 1
+    # The rollback finished first: the relaunch resumed from the commit it went back to, not
+    # from a memory-tier copy of the diverged steps.
+    assert log.index("rolled back to step") < log.index(": diverged replica: leaving it out"), log[-4000:]
+    assert "resumed from memory tier at step 8" not in log
     sizes = _world_sizes_in_order(job)
     assert len(sizes) == 16 and sizes[0] == 3 and sizes[-1] == 2, sizes
     assert sizes == sorted(sizes, reverse=True)  # never back to two nodes

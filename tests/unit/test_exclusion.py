@@ -51,15 +51,23 @@ def test_a_node_is_due_once_its_slowest_rank_stayed_slow_long_enough():
 
 def test_leaving_nodes_out_is_bounded_by_min_nodes_and_said_once(caplog):
     policy = ExclusionPolicy(SupervisorConfig(exclude_diverged_nodes=True))
-    assert policy.may_leave(3, {"1": DIVERGED}, min_nodes=2)
-    assert not policy.may_leave(1, {"0": DIVERGED}, min_nodes=1)  # never the last node
+    assert policy.may_leave(3, {"1": DIVERGED}, min_nodes=2) == {"1": DIVERGED}
+    assert policy.may_leave(1, {"0": DIVERGED}, min_nodes=1) == {}  # never the last node
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         for _ in range(3):  # every tick asks again
-            assert not policy.may_leave(2, {"1": DIVERGED}, min_nodes=None)  # unset: no shrinking
-            assert not policy.may_leave(2, {"1": DIVERGED}, min_nodes=2)
+            assert policy.may_leave(2, {"1": DIVERGED}, min_nodes=None) == {}  # unset: no shrinking
+            assert policy.may_leave(2, {"1": DIVERGED}, min_nodes=2) == {}
     said = [r.message for r in caplog.records if "keeping it; cordon the node" in r.message]
     assert len(said) == 1 and said[0].startswith("node 1: diverged replica"), said
+
+
+def test_as_many_due_nodes_go_as_min_nodes_allows_diverged_ones_first(caplog):
+    policy = ExclusionPolicy(SupervisorConfig(exclude_diverged_nodes=True, exclude_slow_after_s=1))
+    due = {"3": SLOW, "2": DIVERGED, "1": SLOW}
+    assert policy.may_leave(4, due, min_nodes=3) == {"2": DIVERGED}
+    assert policy.may_leave(4, due, min_nodes=2) == {"2": DIVERGED, "1": SLOW}
+    assert policy.may_leave(4, due, min_nodes=1) == due
 
 
 def test_an_exclusion_relaunches_in_a_fresh_round_without_spending_the_budget():
