@@ -90,3 +90,10 @@ def setup_logging(rank: int | str = 0, fmt: str = "text", verbose: bool = False,
     # Libraries are chatty at INFO; keep their warnings only.
     for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def utc_text(when: float | None) -> str:
+    """A Unix time as ``2025-05-01 12:00:03 UTC`` (UTC: the same on every machine and log)."""
+    if not when:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))

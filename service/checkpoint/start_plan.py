@@ -5,7 +5,6 @@ changed architecture or other math is refused once, in one line, with nothing wr
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from service.checkpoint.catalog import Catalog, split_checkpoint_url
@@ -16,13 +15,7 @@ from service.checkpoint.resume import changed_math, check_fork, is_fork_of
 from service.checkpoint.storage import open_storage
 from service.config import Config
 from service.errors import UserError
-
-
-def utc_text(when: float | None) -> str:
-    """A Unix time as ``2025-05-01 12:00:03 UTC`` (UTC: the same on every machine and log)."""
-    if not when:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+from service.logs import utc_text
 
 
 def plan_start(cfg: Config, storage: Any, data_length: int | None = None, data: dict[str, Any] | None = None) -> str:

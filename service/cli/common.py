@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.checkpoint.start_plan import utc_text
 from service.config import redact_url
 from service.errors import BadCheckpointError, UserError
+from service.logs import utc_text
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
     # 5 MiB is S3's smallest part (the last one excepted); the streams below span several.
     monkeypatch.setattr(s3_upload, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_LIMIT", 0)  # every file of a part or more: multipart
     return 5 * 2**20
 
 
@@ -48,6 +49,25 @@ def test_a_file_smaller_than_a_part_is_one_put(s3_server, s3_bucket):
         stream.write(b"x" * 1000)
         assert stream.upload_id is None  # no multipart upload was started
     assert storage.read_bytes("small.bin") == b"x" * 1000
+
+
+def test_a_file_up_to_the_single_put_limit_is_one_put_of_all_its_parts(s3_server, s3_bucket, monkeypatch):
+    """Two more round trips (create, complete) cost a distant store more than one big PUT."""
+    monkeypatch.setattr(s3_upload, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_LIMIT", 12 * 2**20)
+    storage = open_storage(f"{s3_bucket}/root")
+    data = os.urandom(2 * 5 * 2**20 + 777)  # two full parts and a bit: under the limit
+    with storage.backend.open_for_write(storage.path("medium.bin")) as stream:
+        stream.write(data)
+        assert stream.upload_id is None
+    assert storage.read_bytes("medium.bin") == data
+    bigger = os.urandom(3 * 5 * 2**20 + 1)  # over it: parts, the kept-back ones first
+    with storage.backend.open_for_write(storage.path("big.bin")) as stream:
+        for start in range(0, len(bigger), 999_999):
+            stream.write(bigger[start:start + 999_999])
+        assert stream.upload_id is not None
+    assert storage.read_bytes("big.bin") == bigger
+    assert _pending_uploads(s3_server, s3_bucket.removeprefix("s3://")) == []
 
 
 def test_an_empty_file_is_written(s3_server, s3_bucket):

@@ -83,6 +83,7 @@ def _ranks_compare(rank: int, world: int, store: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             f.write(str(all(torch.equal(a, b) for a, b in zip(*grads))))
+    dist.barrier()  # no rank tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 

@@ -6,7 +6,8 @@ shard is serialised first and uploaded after, one stream at a time per file. Her
 ``PART_SIZE`` bytes become an ``UploadPart`` on s3fs's event loop at once, up to
 ``PARTS_IN_FLIGHT`` per stream, so serialising, checksumming and uploading overlap and a file
 is sent over several connections, as boto3's transfer manager sends one
-(bench/checkpoint.py: the commit against a raw boto3 upload of the same bytes).
+(bench/checkpoint.py: the commit against a raw boto3 upload of the same bytes). Files up to
+``SINGLE_PUT_LIMIT`` are still one PUT (fewer round trips to a distant store).
 
 Nothing is visible under the key until the stream is closed without an error: the upload is
 then completed (or, for a file smaller than one part, sent as one PUT). An error, or a close
@@ -27,6 +28,10 @@ from typing import Any
 import crc32c
 
 PART_SIZE = 8 * 2**20  # S3's minimum is 5 MiB (all parts but the last); boto3's default is 8
+# A file up to this size is one PUT once it is closed, as s3fs sends it: a multipart upload costs
+# two more round trips (create, complete), which a store far away pays in full (an emergency
+# save within its grace period). Larger files go up in parts, while they are written.
+SINGLE_PUT_LIMIT = 50 * 2**20
 PARTS_IN_FLIGHT = 4  # per stream; a rank writes checkpoint.writer_threads streams at once
 MAX_PARTS = 10_000  # S3's limit per upload
 # Parts grow so that a file of any size fits in MAX_PARTS: PART_SIZE for the first
@@ -55,6 +60,7 @@ class MultipartStream(io.RawIOBase):
         self.upload_id: str | None = None
         self.in_flight: deque[tuple[str, Future[dict[str, Any]]]] = deque()
         self.parts: list[dict[str, Any]] = []
+        self.held: list[bytearray] = []  # full parts kept back while the file may still be one PUT
         self.failed = False
 
     def writable(self) -> bool:
@@ -108,17 +114,26 @@ class MultipartStream(io.RawIOBase):
 
     def _send_part(self) -> None:
         if self.upload_id is None:
+            if (len(self.held) + 1) * PART_SIZE <= SINGLE_PUT_LIMIT and self.filled == len(self.part):
+                self.held.append(self.part)  # may still end as one PUT
+                self.part, self.filled = bytearray(part_size(len(self.held) + 1)), 0
+                return
             self.upload_id = self._run("create_multipart_upload", ChecksumAlgorithm="CRC32C").result()["UploadId"]
+            held, self.held = self.held, []
+            for full in held:  # the parts kept back go first, in order
+                self._send(full)
+        self._send(self.part if self.filled == len(self.part) else self.part[:self.filled])
+        self.part, self.filled = bytearray(part_size(len(self.parts) + len(self.in_flight) + 1)), 0
+
+    def _send(self, body: bytearray) -> None:
         number = len(self.parts) + len(self.in_flight) + 1
         if number > MAX_PARTS:
             raise OSError(f"s3://{self.bucket}/{self.key}: more than {MAX_PARTS} parts")
-        body = self.part if self.filled == len(self.part) else self.part[:self.filled]
         while len(self.in_flight) >= PARTS_IN_FLIGHT:
             self._collect_oldest()
         checksum = part_checksum(body)  # here, in the writer's thread, not on the shared loop
         self.in_flight.append((checksum, self._run("upload_part", PartNumber=number, UploadId=self.upload_id,
                                                    Body=body, ChecksumCRC32C=checksum)))
-        self.part, self.filled = bytearray(part_size(number + 1)), 0  # the sent one is the upload's now
 
     def _collect_oldest(self) -> None:
         checksum, future = self.in_flight.popleft()
@@ -127,8 +142,8 @@ class MultipartStream(io.RawIOBase):
         self.parts.append({"PartNumber": len(self.parts) + 1, "ETag": answer["ETag"], "ChecksumCRC32C": checksum})
 
     def _finish(self) -> None:
-        if self.upload_id is None:  # smaller than one part: one PUT, as s3fs does
-            body = self.part[:self.filled]
+        if self.upload_id is None:  # up to SINGLE_PUT_LIMIT: one PUT, as s3fs does
+            body = b"".join([*self.held, self.part[:self.filled]])
             self._run("put_object", Body=body, ChecksumCRC32C=part_checksum(body)).result()
             return
         if self.filled:
