@@ -10,7 +10,7 @@ is sent over several connections, as boto3's transfer manager sends one
 ``SINGLE_PUT_LIMIT`` are still one PUT (fewer round trips to a distant store).
 
 Nothing is visible under the key until the stream is closed without an error: the upload is
-then completed (or, for a file smaller than one part, sent as one PUT). An error, or a close
+then completed (or, for a file of up to ``SINGLE_PUT_LIMIT``, sent as one PUT). An error, or a close
 after an error, aborts the multipart upload. A process killed mid-upload leaves an incomplete
 upload behind, invisible to listings; a bucket lifecycle rule (AbortIncompleteMultipartUpload)
 reclaims its space (docs/operations.md).
@@ -114,7 +114,7 @@ class MultipartStream(io.RawIOBase):
 
     def _send_part(self) -> None:
         if self.upload_id is None:
-            if (len(self.held) + 1) * PART_SIZE <= SINGLE_PUT_LIMIT and self.filled == len(self.part):
+            if (len(self.held) + 1) * PART_SIZE <= SINGLE_PUT_LIMIT:  # (only full parts come here)
                 self.held.append(self.part)  # may still end as one PUT
                 self.part, self.filled = bytearray(part_size(len(self.held) + 1)), 0
                 return
