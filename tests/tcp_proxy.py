@@ -10,13 +10,16 @@ import socket
 import threading
 import time
 
-# Bytes from a client after this much quiet start a new request (and pay the latency again).
+# Bytes from a client after this much quiet start a new request (and pay the latency again); with
+# ``every_request``, so do bytes sent once the server has answered since the client last sent
+# (HTTP/1.1 sends a request, then waits): requests sent back to back each pay it too.
 REQUEST_GAP_S = 0.02
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1", every_request: bool = False):
         self.host, self.upstream_port = host, upstream_port
+        self.every_request = every_request
         self.port = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -72,18 +75,25 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns |= {client, upstream}
+            answered = threading.Event()  # the server sent something since the client last did
             for a, b, slow in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(a, b, slow), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, answered, slow), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool = False) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, answered: threading.Event, slow: bool) -> None:
         last = 0.0
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                if slow and self.delay_s and time.monotonic() - last > REQUEST_GAP_S:
-                    time.sleep(self.delay_s)
+                if not slow:
+                    answered.set()
+                else:
+                    new_request = (self.every_request and answered.is_set()
+                                   or time.monotonic() - last > REQUEST_GAP_S)
+                    if self.delay_s and new_request:
+                        time.sleep(self.delay_s)
+                    answered.clear()
                 last = time.monotonic()
                 dst.sendall(data)
         except OSError:

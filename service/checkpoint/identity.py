@@ -11,6 +11,7 @@ schedule is stretched to the new end.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from service.config import Config, redact_url
@@ -99,10 +100,20 @@ def _was_refused(key: str, saved: dict[str, Any]) -> bool:
 
 
 def _moved(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether ``key`` names the same component's files at another path (equal digests)."""
+    """Whether ``key`` names the same component's files at another path (equal digests), or
+    the same local data folder spelled another way (a config file's relative ``data.url`` is
+    made absolute against the file's folder since 2026-12; before, it was recorded as written)."""
+    if key == "data.url":
+        return _same_local_folder(saved[key], current[key])
     digest = LOCATION_KEYS.get(key)
     return (digest is not None and saved[key] is not None and current[key] is not None
             and saved.get(digest) is not None and saved.get(digest) == current.get(digest))
+
+
+def _same_local_folder(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)) or "://" in a + b:
+        return False
+    return Path(a).resolve() == Path(b).resolve()  # relative: to this working directory
 
 
 def fingerprint_of_config(recorded: dict[str, Any]) -> dict[str, Any]:

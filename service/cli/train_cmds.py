@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from service.errors import EXIT_OK, UserError
@@ -39,12 +40,16 @@ def check_fork_root(cfg: Any, parent: str) -> None:
 def print_config(args: argparse.Namespace) -> int:
     """The resolved config as TOML, secrets redacted; reads nothing but the config."""
     from service.cli.toml_out import dumps
+    from service.config.loading import resolve_file_relative
 
     cfg = resolved_config(args.config, args.set)
     source = args.config or "embedded default"
     header = (f"ftdiff train: resolved config ({source}, then --set / $FTDIFF_OVERRIDES)\n"
-              "secrets are shown as \"***\"; unset keys as comments")
-    print(dumps(cfg.redacted_dict(), header=header), end="")
+              "secrets are shown as \"***\"; unset keys as comments; paths absolute (a saved copy means\n"
+              "the same wherever it is kept: a config file's relative paths are relative to its folder)")
+    body = cfg.redacted_dict()
+    resolve_file_relative(body, Path.cwd())  # the working directory's paths, as this command meant them
+    print(dumps(body, header=header), end="")
     return EXIT_OK
 
 

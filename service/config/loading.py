@@ -22,6 +22,29 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 UNSET = object()  # `--set key=null`: back to the default
 
+# Paths a config file may give relative to its own folder, as a file that travels with its data
+# means them (the working directory is wherever the command happens to run).
+FILE_RELATIVE_PATHS = (("data", "url"), ("data", "cache_dir"), ("checkpoint", "url"),
+                       ("checkpoint", "memory_tier_dir"), ("logging", "tensorboard_dir"))
+# Local folder or hub id ("org/name" reads as either): relative to the file where such a folder
+# exists there, else left for diffusers/transformers to look up.
+FILE_RELATIVE_IF_THERE = (("model", "vae"), ("model", "text_encoder"), ("model", "init_from"))
+
+
+def resolve_file_relative(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of a config file's ``data`` absolute against ``folder``, in place
+    (``--set`` values and the defaults stay relative to the working directory)."""
+    for names, only_if_there in ((FILE_RELATIVE_PATHS, False), (FILE_RELATIVE_IF_THERE, True)):
+        for section, key in names:
+            table = data.get(section)
+            value = table.get(key) if isinstance(table, dict) else None
+            if not isinstance(value, str) or not value or "://" in value or value.startswith("~"):
+                continue
+            path = Path(value)
+            if path.is_absolute() or (only_if_there and not (folder / path).exists()):
+                continue
+            table[key] = str((folder / path).resolve())
+
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
@@ -85,6 +108,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(cfg_path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
+        if cfg_path.resolve().parent != CONFIGS_DIR.resolve():
+            resolve_file_relative(data, cfg_path.resolve().parent)
     for item in overrides or []:
         parts, value = _parse_override(item)
         table = data

@@ -115,7 +115,8 @@ class DataConfig(_Section):
     by default)."""
     url: str | None = None
     """Image folder (kind=folder) or sharded data set with its index.json (kind=webdataset):
-    a local path or fsspec URL such as s3://bucket/images."""
+    a local path or fsspec URL such as s3://bucket/images. A relative path in a config file is
+    relative to the file's folder (on the command line: to the working directory)."""
     epoch_size: int = Field(default=50_000, ge=1)
     """Samples per epoch of the shapes and synthetic data (infinite; an epoch is a naming unit)."""
     num_workers: int = Field(default=0, ge=0, le=64)
@@ -213,7 +214,8 @@ class TrainConfig(_Section):
 class CheckpointConfig(_Section):
     url: str = "runs/ftdiff/checkpoints"
     """Root of this run's checkpoints: path, file://, s3://bucket/prefix or memory://. Unset:
-    runs/<run.name>/checkpoints, so that each run name has its own root, logs and samples."""
+    runs/<run.name>/checkpoints, so that each run name has its own root, logs and samples. A
+    relative path in a config file is relative to the file's folder."""
     every_steps: int = Field(default=50, ge=1)
     """Steps between checkpoints (the last step and a preemption are always committed)."""
     keep_last: int = Field(default=3, ge=2)

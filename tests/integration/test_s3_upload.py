@@ -51,23 +51,58 @@ def test_a_file_smaller_than_a_part_is_one_put(s3_server, s3_bucket):
     assert storage.read_bytes("small.bin") == b"x" * 1000
 
 
-def test_a_file_up_to_the_single_put_limit_is_one_put_of_all_its_parts(s3_server, s3_bucket, monkeypatch):
+def _medium_and_big_files(storage, part: int) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
+    """Write a file of two parts and a bit, and one of three parts and a bit: the upload ids they
+    got (None: one PUT) after checking that both read back."""
+    ids = []
+    for name, size in (("medium.bin", 2 * part + 777), ("big.bin", 3 * part + 1)):
+        data = os.urandom(size)
+        with storage.backend.open_for_write(storage.path(name)) as stream:
+            for start in range(0, len(data), 999_999):
+                stream.write(data[start:start + 999_999])
+            ids.append(stream.upload_id)
+        assert storage.read_bytes(name) == data
+    return ids[0], ids[1]
+
+
+def test_a_distant_store_gets_files_up_to_the_single_put_limit_as_one_put(s3_server, s3_bucket, monkeypatch):
     """Two more round trips (create, complete) cost a distant store more than one big PUT."""
+    from tests.tcp_proxy import TcpProxy
+
+    monkeypatch.setattr(s3_upload, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_LIMIT", 12 * 2**20)
+    upstream = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with TcpProxy(upstream, every_request=True) as proxy:
+        proxy.delay_s = 0.3  # every request: 0.3 s more, as a store in another region
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        storage = open_storage(f"{s3_bucket}/root")
+        storage.backend.round_trip.start(storage.fs, s3_bucket.removeprefix("s3://"))
+        assert storage.backend.round_trip.wait(30) >= 0.3
+        medium, big = _medium_and_big_files(storage, 5 * 2**20)
+    assert medium is None  # under the limit: one PUT of all its parts
+    assert big is not None  # over it: parts, the kept-back ones first
+    assert _pending_uploads(s3_server, s3_bucket.removeprefix("s3://")) == []
+
+
+def test_a_nearby_store_gets_every_file_of_a_part_or_more_in_parts(s3_server, s3_bucket, monkeypatch):
     monkeypatch.setattr(s3_upload, "PART_SIZE", 5 * 2**20)
     monkeypatch.setattr(s3_upload, "SINGLE_PUT_LIMIT", 12 * 2**20)
     storage = open_storage(f"{s3_bucket}/root")
-    data = os.urandom(2 * 5 * 2**20 + 777)  # two full parts and a bit: under the limit
-    with storage.backend.open_for_write(storage.path("medium.bin")) as stream:
-        stream.write(data)
-        assert stream.upload_id is None
-    assert storage.read_bytes("medium.bin") == data
-    bigger = os.urandom(3 * 5 * 2**20 + 1)  # over it: parts, the kept-back ones first
-    with storage.backend.open_for_write(storage.path("big.bin")) as stream:
-        for start in range(0, len(bigger), 999_999):
-            stream.write(bigger[start:start + 999_999])
-        assert stream.upload_id is not None
-    assert storage.read_bytes("big.bin") == bigger
+    storage.backend.round_trip.start(storage.fs, s3_bucket.removeprefix("s3://"))
+    assert storage.backend.round_trip.wait(30) < 0.05  # the server on this machine
+    medium, big = _medium_and_big_files(storage, 5 * 2**20)
+    assert medium is not None and big is not None
     assert _pending_uploads(s3_server, s3_bucket.removeprefix("s3://")) == []
+
+
+def test_until_the_round_trip_is_known_files_up_to_the_single_put_limit_are_one_put(s3_server, s3_bucket,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(s3_upload, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_LIMIT", 12 * 2**20)
+    monkeypatch.setattr(s3_upload.RoundTrip, "start", lambda *a: None)  # never measured
+    storage = open_storage(f"{s3_bucket}/root")
+    medium, big = _medium_and_big_files(storage, 5 * 2**20)
+    assert medium is None and big is not None
 
 
 def test_an_empty_file_is_written(s3_server, s3_bucket):

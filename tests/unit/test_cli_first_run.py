@@ -7,6 +7,7 @@ import json
 import os
 import tomllib
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from service.checkpoint.storage import open_storage
 from service.checkpoint.storage_check import PROBE_PREFIX
 from service.cli.toml_out import dumps
 from service.config import load_config
+from service.config.loading import resolve_file_relative
 from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 from service.launch_env import OVERRIDES_ENV
 from tests.helpers import committed_root, free_port, one_line
@@ -52,7 +54,10 @@ def test_print_config_round_trips_and_includes_file_set_and_environment(tmp_path
     printed = tmp_path / "printed.toml"
     printed.write_text(res.stdout)
     expected = load_config(cfg_file, ["model.sample_size=32", "train.max_steps=88"])
-    assert load_config(printed).to_dict() == expected.to_dict()  # every key, every type
+    expected_body = expected.to_dict()
+    resolve_file_relative(expected_body, Path.cwd())  # printed paths are absolute: a saved copy means the same
+    assert Path(expected_body["checkpoint"]["url"]).is_absolute()
+    assert load_config(printed).to_dict() == expected_body  # every key, every type
     assert expected.train.max_steps == 88 and expected.run.name == 'quote" and \\ slash'
     # --set comes after FTDIFF_OVERRIDES: it wins where both name a key, the rest stays.
     res = ftdiff("train", "--config", str(cfg_file), "--print-config", "--set", "train.max_steps=5")

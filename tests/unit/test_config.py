@@ -132,3 +132,46 @@ def test_set_null_puts_a_key_back_to_its_default(tmp_path):
     assert cfg.model.sample_size is None and cfg.model.vae is None
     assert cfg.checkpoint.url == load_config(None, []).checkpoint.url
     assert load_config(None, ['model.conditioning="none"']).model.conditioning == "none"
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "vae").mkdir(parents=True)
+    (project / "job.toml").write_text(
+        '[data]\nkind = "folder"\nurl = "images"\ncache_dir = "../cache"\n'
+        '[checkpoint]\nurl = "out/checkpoints"\n[logging]\ntensorboard_dir = "tb"\n'
+        '[model]\nvae = "vae"\ninit_from = "org/some-model"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the command runs from another folder
+    cfg = load_config(project / "job.toml")
+    assert cfg.data.url == str(project / "images")
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.checkpoint.url == str(project / "out" / "checkpoints")
+    assert cfg.logging.tensorboard_dir == str(project / "tb")
+    assert cfg.model.vae == str(project / "vae")  # a folder there
+    assert cfg.model.init_from == "org/some-model"  # no such folder: a hub id, left as written
+
+
+def test_absolute_paths_urls_and_set_values_are_left_as_given(tmp_path, monkeypatch):
+    (tmp_path / "job.toml").write_text('[data]\nkind = "folder"\nurl = "/data/images"\n'
+                                       '[checkpoint]\nurl = "s3://bucket/run"\n')
+    monkeypatch.chdir(tmp_path.parent)
+    cfg = load_config(tmp_path / "job.toml", ['logging.tensorboard_dir="tb"'])
+    assert (cfg.data.url, cfg.checkpoint.url) == ("/data/images", "s3://bucket/run")
+    assert cfg.logging.tensorboard_dir == "tb"  # the command line's: the working directory's
+    assert load_config(None).checkpoint.url == "runs/ftdiff/checkpoints"  # the embedded default's too
+
+
+def test_a_data_folder_named_relative_before_and_absolute_now_is_the_same_data(tmp_path, monkeypatch):
+    """Checkpoints from before file-relative paths recorded data.url as written."""
+    from service.checkpoint.identity import differences
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"data.url": "images", "data.length": 12}
+    same = {"data.url": str(tmp_path / "images"), "data.length": 12}
+    hard, soft = differences(saved, same)
+    assert hard == [] and len(soft) == 1
+    other = {"data.url": str(tmp_path / "other" / "images"), "data.length": 12}
+    assert len(differences(saved, other)[0]) == 1  # another folder: other data, refused
+    assert len(differences({"data.url": "s3://b/x"}, {"data.url": "s3://b/y"})[0]) == 1

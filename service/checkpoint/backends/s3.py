@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from service.checkpoint.backends.base import HTTP_PRECONDITIONS, Backend
-from service.checkpoint.backends.s3_upload import MultipartStream
+from service.checkpoint.backends.s3_upload import MultipartStream, RoundTrip
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
@@ -27,6 +27,10 @@ _RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", ".mra
 class S3Backend(Backend):
     protocols: ClassVar[tuple[str, ...]] = ("s3", "s3a")
     conditional_writes: ClassVar[str] = HTTP_PRECONDITIONS
+
+    def __init__(self, fs: Any, protocol: str):
+        super().__init__(fs, protocol)
+        self.round_trip = RoundTrip()  # measured on the first write: parts or one PUT (s3_upload)
 
     @property
     def object_store(self) -> bool:
@@ -79,7 +83,8 @@ class S3Backend(Backend):
     def open_for_write(self, path: str) -> Iterator[Any]:
         """Parts uploaded while the stream is written; nothing under ``path`` after an error."""
         bucket, key, _ = self.fs.split_path(path)
-        stream = MultipartStream(self.fs, bucket, key)
+        self.round_trip.start(self.fs, bucket)  # once per backend: how far the store is
+        stream = MultipartStream(self.fs, bucket, key, self.round_trip)
         try:
             yield stream
         except BaseException:
