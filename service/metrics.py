@@ -122,6 +122,10 @@ class TrainMetrics:
             "ftdiff_data_wait_seconds_total", "Time this rank waited for its next batch (the loader behind)",
             registry=registry,
         )
+        self.tracker_failures = Counter(
+            "ftdiff_train_tracker_failures_total", "Experiment trackers (logging.trackers) switched off by an error, "
+            "by tracker (rank 0; training went on without it)", ["tracker"], registry=registry,
+        )
         self.data_wait_share = Gauge(
             "ftdiff_data_wait_ratio", "Share of the recent step time this rank waited for data (goal: <= 0.05)",
             registry=registry,

@@ -3,6 +3,7 @@ validation with errors that name each bad key."""
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,10 @@ def _check_usable(cfg: Config, source: str) -> None:
         raise UserError(f"invalid configuration ({source}): {', '.join(placeholders)} holds the redaction "
                         f"placeholder {REDACTED!r} (from --print-config or a manifest); put the real value "
                         "there, or leave it out (the token can come from FTDIFF_TOKEN)")
+    for tracker, module, extra in (("mlflow", "mlflow", "mlflow"), ("wandb", "wandb", "wandb")):
+        if tracker in cfg.logging.trackers and importlib.util.find_spec(module) is None:
+            raise UserError(f"invalid configuration ({source}): logging.trackers names {tracker}, whose client is "
+                            f"not installed here: pip install 'ftdiff[{extra}]' (or leave {tracker} out)")
     if cfg.logging.sample_every and cfg.logging.sample_steps > cfg.model.num_train_timesteps:
         raise UserError(f"invalid configuration ({source}): logging.sample_steps = {cfg.logging.sample_steps} "
                         f"is more than model.num_train_timesteps = {cfg.model.num_train_timesteps}")

@@ -8,18 +8,14 @@ import hashlib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from service.config.hashing import stable_hash
+from service.config.observability import LoggingConfig, MetricsConfig
+from service.config.section import Section as _Section
 from service.data.registry import SOURCES
 from service.models.registry import DEFAULT_FAMILY, FAMILIES
-from service.redact import redact_config_dict, redact_url
-
-
-class _Section(BaseModel):
-    # strict: "3" is not an int, "yes" is not a bool; extra keys are typos.
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True,
-                              use_attribute_docstrings=True)  # the docstrings: docs/config.md
+from service.redact import redact_config_dict
 
 
 def run_folder(name: str) -> str:
@@ -323,31 +319,6 @@ class DivergenceConfig(_Section):
     """Rollbacks per run; one more divergence stops the job with exit 47."""
     replica_check_every: int = Field(default=100, ge=0)
     """Steps between checks that every rank holds the same weights and optimizer state (0: never)."""
-
-
-class MetricsConfig(_Section):
-    host: str = "127.0.0.1"
-    """Address of the supervisor's /metrics, /healthz, /readyz (loopback by default)."""
-    port: int = Field(default=9400, ge=0, le=65535)
-    """Port of /metrics, /healthz and /readyz (0: any free port)."""
-
-
-class LoggingConfig(_Section):
-    tensorboard: bool = True
-    """Write TensorBoard event files (loss, lr, throughput, sample grids)."""
-    tensorboard_dir: str | None = None
-    """Local path or file://; default <run dir>/tensorboard (run dir: a local checkpoint.url's parent)."""
-    sample_every: int = Field(default=100, ge=0)
-    """A grid every N steps and at the last step (0: none), to <run dir>/samples/step-N.png."""
-    sample_n: int = Field(default=16, ge=1, le=256)
-    """Images in each sample grid."""
-    sample_steps: int = Field(default=50, ge=1, le=1000)  # sampling steps; all: docs/operations.md
-    """Denoising steps of each sample grid."""
-    @field_validator("tensorboard_dir")
-    def _local(cls, v: str | None) -> str | None:  # event files are appended to: no object stores
-        if v is not None and "://" in v and not v.startswith("file://"):
-            raise ValueError(f"{redact_url(v)!r} is not local; TensorBoard writes to a path or file:// URL")
-        return v
 
 
 class Config(_Section):

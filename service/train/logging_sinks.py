@@ -1,9 +1,10 @@
-"""Training logs people read: TensorBoard scalars and sample grids, written by rank 0.
+"""Training logs people read: scalars and sample grids for the trackers (service.train.trackers:
+TensorBoard, MLflow, W&B), written by rank 0.
 
 The trainer holds one ``TrainingLogs`` and makes four calls: ``open`` after resuming,
 ``step`` at each log line, ``maybe_sample`` after each step and ``close``. On other ranks every
-call does nothing. Nothing here can stop a run: a sink that fails (bad directory, full disk)
-logs one warning and switches itself off.
+call does nothing. Nothing here can stop a run: a tracker that fails (bad directory, full disk,
+server gone) logs one warning, is counted, and switches itself off.
 
 Where things go: the *run directory* (service.config.paths) is the parent of
 ``checkpoint.url`` when that is local (``runs/<run.name>/checkpoints`` -> ``runs/<run.name>``),
@@ -13,109 +14,23 @@ grids to ``<run dir>/samples/step-NNNNNN.png``.
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 from prometheus_client import CollectorRegistry
 
 from service.config import Config
-from service.config.paths import local_path, run_dir  # noqa: F401 (run_dir: re-exported)
+from service.config.paths import run_dir  # noqa: F401 (run_dir: re-exported)
 from service.dist import DistInfo
+from service.metrics import WorkerMetrics
 from service.train.previews import SampleRenderer
-
-log = logging.getLogger(__name__)
-
-# Seconds between flushes of the event files: TensorBoard shows a live run this far behind.
-FLUSH_S = 10
-
-
-def tensorboard_dir(cfg: Config) -> Path:
-    explicit = cfg.logging.tensorboard_dir
-    if explicit is not None:
-        local = local_path(explicit)
-        assert local is not None  # LoggingConfig refuses anything else
-        return Path(local)
-    return run_dir(cfg) / "tensorboard"
+from service.train.trackers import make_trackers, tensorboard_dir  # noqa: F401 (re-exported)
 
 
 def samples_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "samples"
-
-
-class TensorBoardSink:
-    """A SummaryWriter that never raises: the first failure is logged and ends the sink.
-
-    Thread-safe (scalars come from the training thread, grids from the render thread)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self._writer: Any = None
-        self._lock = threading.Lock()
-        self._done = False
-
-    def open(self, purge_step: int | None) -> None:
-        with self._lock:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.directory.mkdir(parents=True, exist_ok=True)
-                # purge_step: a resumed run hides what an earlier start logged after the step
-                # it resumed from (TensorBoard drops those events when it reads the directory).
-                self._writer = SummaryWriter(str(self.directory), purge_step=purge_step, flush_secs=FLUSH_S)
-            except Exception as e:  # noqa: BLE001 — logs must never stop training
-                self._fail("open", e)
-                return
-        log.info("tensorboard: event files in %s (tensorboard --logdir %s)", self.directory, self.directory)
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._write("scalars", lambda w: [w.add_scalar(tag, value, step) for tag, value in values.items()])
-
-    def image(self, tag: str, png: Path, step: int) -> None:
-        from PIL import Image
-
-        def add(w: Any) -> None:
-            with Image.open(png) as img:  # the PNG itself: TensorBoard shows what the file holds
-                w.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
-            w.flush()
-
-        self._write("image", add)
-
-    def close(self) -> None:
-        with self._lock:
-            writer, self._writer, self._done = self._writer, None, True
-            if writer is not None:
-                try:
-                    writer.close()
-                except Exception as e:  # noqa: BLE001
-                    log.warning("tensorboard: closing %s failed (%s: %s)", self.directory, type(e).__name__, e)
-
-    def _write(self, what: str, call: Callable[[Any], Any]) -> None:
-        with self._lock:
-            if self._writer is None:
-                return
-            try:
-                call(self._writer)
-            except Exception as e:  # noqa: BLE001
-                self._fail(what, e)
-
-    def _fail(self, what: str, err: BaseException) -> None:
-        """Called with the lock held."""
-        writer, self._writer = self._writer, None
-        if not self._done:
-            self._done = True
-            log.warning("tensorboard: writing %s to %s failed (%s: %s); no more TensorBoard logs this run",
-                        what, self.directory, type(err).__name__, err)
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception as e:  # noqa: BLE001 — already reported; the sink is off
-                log.debug("tensorboard: closing after a failure: %s", e)
 
 
 class CheckpointTimes:
@@ -158,37 +73,37 @@ class CheckpointTimes:
 
 
 class TrainingLogs:
-    """Rank 0's TensorBoard scalars and sample grids; on other ranks every call does nothing."""
+    """Rank 0's scalars and sample grids, to every tracker; on other ranks every call does nothing."""
 
     def __init__(self, cfg: Config, info: DistInfo, model: torch.nn.Module, ema: EMAModel,
-                 registry: CollectorRegistry, should_stop: Callable[[], bool] = lambda: False):
+                 metrics: WorkerMetrics, should_stop: Callable[[], bool] = lambda: False):
         main = info.is_main
-        self.tensorboard = TensorBoardSink(tensorboard_dir(cfg)) if main and cfg.logging.tensorboard else None
+        failures = metrics.train.tracker_failures
+        self.trackers = make_trackers(cfg, lambda name: failures.labels(tracker=name).inc()) if main else []
         self.samples = None
         if main and cfg.logging.sample_every > 0:
             self.samples = SampleRenderer(cfg, model, ema, samples_dir(cfg), info.device, on_grid=self._grid,
                                           should_stop=should_stop)
-        self.checkpoint_times = CheckpointTimes(registry)
+        self.checkpoint_times = CheckpointTimes(metrics.registry)
         self._last_step = 0
 
     def open(self, start_step: int) -> None:
         """After resuming: ``start_step`` is the step training continues from."""
         self._last_step = start_step
-        if self.tensorboard is not None:
-            # Only a resumed run hides what an earlier start logged past its step; a fresh one
-            # (step 0) must not wipe another run's curves in a shared directory.
-            self.tensorboard.open(purge_step=start_step + 1 if start_step > 0 else None)
+        for tracker in self.trackers:
+            tracker.open(start_step)
 
     def step(self, step: int, loss: float, lr: float, samples_per_second: float,
              data_wait_share: float = 0.0) -> None:
         """At each log line: the training scalars, and the times of saves finished since."""
         self._last_step = step
-        if self.tensorboard is None:
+        if not self.trackers:
             return
         values = {"train/loss": loss, "train/lr": lr, "train/samples_per_second": samples_per_second,
                   "data/wait_share": data_wait_share}
         values.update(self._checkpoint_values())
-        self.tensorboard.scalars(step, values)
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
 
     def maybe_sample(self, step: int, *, final: bool = False) -> None:
         """After each step: start a grid in the background if one is due. ``final``: the last
@@ -198,14 +113,14 @@ class TrainingLogs:
             self.samples.maybe_render(step, final=final)
 
     def close(self) -> None:
-        """Wait for the last grid (bounded), log the final save's times, close the files."""
+        """Wait for the last grid (bounded), log the final save's times, close the trackers."""
         if self.samples is not None:
             self.samples.close()
-        if self.tensorboard is not None:
-            values = self._checkpoint_values()
+        values = self._checkpoint_values() if self.trackers else {}
+        for tracker in self.trackers:
             if values:
-                self.tensorboard.scalars(self._last_step, values)
-            self.tensorboard.close()
+                tracker.scalars(self._last_step, values)
+            tracker.close()
 
     def _checkpoint_values(self) -> dict[str, float]:
         save, commit = self.checkpoint_times.poll()
@@ -217,5 +132,5 @@ class TrainingLogs:
         return values
 
     def _grid(self, step: int, png: Path) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.image("samples/grid", png, step)
+        for tracker in self.trackers:
+            tracker.image("samples/grid", png, step)

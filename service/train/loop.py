@@ -118,7 +118,7 @@ class Trainer:
         )
         ck = cfg.checkpoint
         wait_until_reachable(self.checkpointer.storage, ck.single_writer, ck.storage_retry_s)
-        self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics.registry,
+        self.logs = TrainingLogs(cfg, info, self.model, self.ema, self.metrics,
                                  should_stop=lambda: self._stop_signal is not None)
         self._stop_signal: int | None = None
         self._started = time.time()

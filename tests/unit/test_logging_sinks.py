@@ -13,13 +13,8 @@ import torch
 
 from service.config import Config, load_config
 from service.errors import UserError
-from service.train.logging_sinks import (
-    CheckpointTimes,
-    TensorBoardSink,
-    run_dir,
-    samples_dir,
-    tensorboard_dir,
-)
+from service.train.logging_sinks import CheckpointTimes, run_dir, samples_dir, tensorboard_dir
+from service.train.trackers import TensorBoardTracker, Tracker
 
 
 @pytest.mark.timeout(10)
@@ -88,17 +83,86 @@ def test_logging_defaults_keep_the_config_hash_and_are_not_math():
 
 
 @pytest.mark.timeout(20)
-def test_tensorboard_sink_on_a_bad_directory_warns_once_and_never_raises(tmp_path, caplog):
+def test_tensorboard_on_a_bad_directory_warns_once_counts_once_and_never_raises(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    sink = TensorBoardSink(blocker / "tb")
-    with caplog.at_level(logging.WARNING, logger="service.train.logging_sinks"):
-        sink.open(purge_step=1)
+    failed: list[str] = []
+    tracker = TensorBoardTracker(blocker / "tb", on_failure=failed.append)
+    with caplog.at_level(logging.WARNING, logger="service.train.trackers"):
+        tracker.open(start_step=1)
         for step in range(3):
-            sink.scalars(step, {"train/loss": 1.0})
-        sink.close()
+            tracker.scalars(step, {"train/loss": 1.0})
+        tracker.close()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "no more TensorBoard logs" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "no more tensorboard logs" in warnings[0].getMessage()
+    assert failed == ["tensorboard"]
+
+
+class _Recording(Tracker):
+    """A tracker whose server answers slowly, then fails on its third batch of scalars."""
+    name = "recording"
+
+    def __init__(self, on_failure, delay_s: float = 0.0, fail_at: int | None = None):  # type: ignore[no-untyped-def]
+        super().__init__(on_failure)
+        self.delay_s, self.fail_at = delay_s, fail_at
+        self.got: list[int] = []
+        self.closed = False
+
+    def _open(self, start_step: int) -> None:
+        pass
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        threading.Event().wait(self.delay_s)
+        if step == self.fail_at:
+            raise ConnectionError("server went away")
+        self.got.append(step)
+
+    def _image(self, tag: str, png: Path, step: int) -> None:
+        pass
+
+    def _close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.timeout(20)
+def test_a_slow_tracker_never_holds_up_the_caller_and_gets_everything_by_close():
+    import time
+
+    tracker = _Recording(lambda name: None, delay_s=0.05)
+    tracker.open(0)
+    started = time.monotonic()
+    for step in range(1, 21):
+        tracker.scalars(step, {"train/loss": 1.0})
+    assert time.monotonic() - started < 0.5  # 20 x 50 ms of "server" time went to the tracker's thread
+    tracker.close()
+    assert tracker.got == list(range(1, 21)) and tracker.closed
+
+
+@pytest.mark.timeout(20)
+def test_a_tracker_that_fails_mid_run_is_counted_once_and_drops_the_rest(caplog):
+    failed: list[str] = []
+    tracker = _Recording(failed.append, fail_at=3)
+    with caplog.at_level(logging.WARNING, logger="service.train.trackers"):
+        tracker.open(0)
+        for step in range(1, 8):
+            tracker.scalars(step, {"train/loss": 1.0})
+        tracker.close()
+    assert tracker.got == [1, 2] and tracker.closed
+    assert failed == ["recording"]
+    assert len([r for r in caplog.records if "server went away" in r.getMessage()]) == 1
+
+
+@pytest.mark.timeout(10)
+def test_trackers_config_names_each_once_and_needs_the_client_installed(monkeypatch):
+    import importlib.util
+
+    assert load_config(None).logging.trackers == ["tensorboard"]
+    with pytest.raises(UserError, match="twice"):
+        load_config(None, ['logging.trackers=["wandb", "wandb"]'])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'ftdiff\[mlflow\]'"):
+        load_config(None, ['logging.trackers=["tensorboard", "mlflow"]'])
 
 
 @pytest.mark.timeout(10)
