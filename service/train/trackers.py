@@ -7,8 +7,8 @@ of this start; the others go on.
 
 One run of ours is one run of theirs across restarts: MLflow's is found again by the tag
 ``ftdiff.run_key`` and reopened, W&B's has that key as its id (``resume="allow"``). The key
-is a digest of the checkpoint root, so two runs never share a tracker run and a fork gets
-its own.
+is a digest of the checkpoint root (a local one's absolute path), so two runs never share a
+tracker run and a fork gets its own.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ GRID_STEP = "samples/step"
 
 
 def run_key(cfg: Config) -> str:
-    """Names this run in a tracker: the same for every start of it, another for any other root."""
-    return hashlib.sha256(redact_url(cfg.checkpoint.url).encode()).hexdigest()[:16]
+    """Names this run in a tracker: the same for every start of it, another for any other root
+    (a local root by its absolute path: two projects' runs/ftdiff/checkpoints are two runs)."""
+    local = local_path(cfg.checkpoint.url)
+    root = str(Path(local).resolve()) if local is not None else redact_url(cfg.checkpoint.url)
+    return hashlib.sha256(root.encode()).hexdigest()[:16]
 
 
 def tracker_params(cfg: Config) -> dict[str, Any]:

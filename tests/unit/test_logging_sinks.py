@@ -290,3 +290,17 @@ def test_sample_steps_beyond_the_noise_schedule_are_a_config_error():
         load_config(None, ["model.num_train_timesteps=10"])
     assert load_config(None, ["model.num_train_timesteps=10", "logging.sample_steps=10"])
     assert load_config(None, ["model.num_train_timesteps=10", "logging.sample_every=0"])
+
+
+@pytest.mark.timeout(10)
+def test_the_tracker_run_key_is_the_roots_wherever_it_is_spelled_from(tmp_path, monkeypatch):
+    from service.train.trackers import run_key
+
+    monkeypatch.chdir(tmp_path)
+    here = run_key(load_config(None))  # runs/ftdiff/checkpoints under tmp_path
+    assert here == run_key(load_config(None, [f'checkpoint.url="{tmp_path}/runs/ftdiff/checkpoints"']))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    assert run_key(load_config(None)) != here  # another project's default root: another run
+    assert run_key(load_config(None, ['checkpoint.url="s3://b/run"'])) != run_key(
+        load_config(None, ['checkpoint.url="s3://b/run2"']))
