@@ -93,3 +93,30 @@ def export(ref: CheckpointRef, fmt: Literal["safetensors", "diffusers"], out: st
     else:
         DDPMPipeline(unet=denoiser, scheduler=scheduler).save_pretrained(str(target))
     return target
+
+
+def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
+    """The EMA weights of ``ref`` as a diffusers model folder under ``parent_folder`` (one per
+    checkpoint: ``<digest of its URL>-step-N``), with ``SOURCE_FILE`` naming where they came
+    from (the new run's lineage). An existing complete folder is reused."""
+    import hashlib
+
+    from service.models.pretrained import SOURCE_FILE
+    from service.sample import model_from_state
+
+    source = redact_url(ref.url)
+    target = parent_folder / f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-step-{ref.step}"
+    if (target / SOURCE_FILE).is_file():  # written last: the folder is complete
+        return target.resolve()
+    cfg, state = load_weights(ref, "ema")
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    model_from_state(cfg, state).save_pretrained(str(partial))
+    lineage = {"parent": source, "parent_root": redact_url(ref.catalog.storage.display_url),
+               "parent_run": ref.manifest.run_id or "", "step": ref.step, "weights": "ema"}
+    (partial / SOURCE_FILE).write_text(json.dumps(lineage, indent=1) + "\n")
+    partial.rename(target)
+    return target.resolve()

@@ -34,6 +34,7 @@ from service.checkpoint.storage import Storage, open_storage
 from service.config import Config
 from service.data.skips import Skips
 from service.errors import UserError
+from service.models.pretrained import source_lineage
 from service.state_keys import DATA
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,10 @@ class Resumer:
         if mode == "never":
             self.group.from_main(lambda: self._check_fresh_root(restart))
             log.info("checkpoint.resume = never: starting fresh")
-            return None
+            return self._fresh()
         if mode == "auto":
-            return self._load_newest(self.catalog, None)
+            step = self._load_newest(self.catalog, None)
+            return self._fresh() if step is None else step
         root, pinned = split_checkpoint_url(mode)
         ck = self.cfg.checkpoint
         source = Catalog(open_storage(root, ck.endpoint_url, ck.region))
@@ -116,6 +118,12 @@ class Resumer:
             source = self.catalog  # pinned inside the own root: the own history, checked as such
         self.group.from_main(lambda: self._check_pinned_root(source, pinned))
         return self._load_newest(source, pinned)
+
+    def _fresh(self) -> None:
+        """A fresh start: a run started from another run's weights (--weights-only) records them."""
+        if self.ctx.lineage is None:
+            self.ctx.lineage = source_lineage(self.cfg.model.init_from)
+        return None
 
     def own_lineage(self) -> dict[str, Any] | None:
         """Rank 0: the lineage the run's newest commit records (a fork's parent), or None."""

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_url", default=None, metavar="URL[/step-N]",
                    help="fork: start a new run (a run.name or checkpoint.url of its own) from another run's "
                         "checkpoint, with changed settings; its state is kept and the lineage recorded")
+    p.add_argument("--weights-only", action="store_true",
+                   help="with --from: take only the parent's EMA weights (fresh optimizer, step 0, the data "
+                        "from its start); any architecture setting may change as long as the weights still fit")
     p.add_argument("--nproc-per-node", default="auto",
                    help="worker processes per node: a number, or auto: one per visible GPU, 2 on CPU")
     first_run = p.add_mutually_exclusive_group()

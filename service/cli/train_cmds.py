@@ -37,6 +37,20 @@ def check_fork_root(cfg: Any, parent: str) -> None:
                         "of its own (--set run.name=NEW, so it lives under runs/NEW/) or a checkpoint.url")
 
 
+def weights_of(args: argparse.Namespace) -> Path:
+    """--from URL --weights-only: the parent's EMA weights as a diffusers model folder in the new
+    run's directory (model.init_from then starts the run from them; its own restarts resume its
+    own checkpoints). Written once per parent step: running the command again reuses it."""
+    from service.cli.common import resolve_ref
+    from service.config.paths import run_dir
+    from service.export import export_init_weights
+
+    cfg = resolved_config(args.config, args.set)
+    ck = cfg.checkpoint
+    ref = resolve_ref(argparse.Namespace(url=args.from_url, endpoint_url=ck.endpoint_url, region=ck.region))
+    return export_init_weights(ref, run_dir(cfg) / "init-weights")
+
+
 def print_config(args: argparse.Namespace) -> int:
     """The resolved config as TOML, secrets redacted; reads nothing but the config."""
     from service.cli.toml_out import dumps
@@ -54,11 +68,20 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.weights_only and not args.from_url:
+        raise UserError("--weights-only takes the weights of the checkpoint --from names: add --from URL")
     if args.from_url:
         if resolved_config(args.config, args.set).checkpoint.resume != "auto":
             raise UserError("--from and checkpoint.resume both say where to start: keep one")
-        args.set = [*args.set, f"checkpoint.resume={json.dumps(args.from_url)}"]
-        check_fork_root(resolved_config(args.config, args.set), args.from_url)
+        if args.weights_only:
+            if resolved_config(args.config, args.set).model.init_from:
+                raise UserError("--weights-only and model.init_from both say which weights to start from: keep one")
+            check_fork_root(resolved_config(args.config, args.set), args.from_url)
+            if not args.print_config:
+                args.set = [*args.set, f"model.init_from={json.dumps(str(weights_of(args)))}"]
+        else:
+            args.set = [*args.set, f"checkpoint.resume={json.dumps(args.from_url)}"]
+            check_fork_root(resolved_config(args.config, args.set), args.from_url)
     if args.print_config:
         return print_config(args)
     from service.cli.processes import processes_per_node

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,9 @@ from service.errors import UserError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# Written by `ftdiff train --from URL --weights-only` beside the weights it exported: where they
+# came from, recorded as the new run's lineage.
+SOURCE_FILE = "ftdiff-source.json"
 # A pipeline folder keeps its denoiser in one of these.
 DENOISER_FOLDERS = ("unet", "transformer")
 
@@ -63,3 +67,18 @@ def load_init_weights(path: str, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(state[key])
+
+
+def source_lineage(path: str | None) -> dict[str, Any] | None:
+    """The lineage of a run started from ``path`` (model.init_from) where ``--weights-only``
+    exported it from another run's checkpoint: parent, its root and run, the step, and what
+    changed ("weights only"); None for any other folder."""
+    if not path:
+        return None
+    try:
+        source = json.loads((Path(path) / SOURCE_FILE).read_text())
+        return {"parent": str(source["parent"]), "parent_root": str(source.get("parent_root") or ""),
+                "parent_run": str(source.get("parent_run") or ""), "step": int(source["step"]),
+                "changed": ["weights only (--weights-only): fresh optimizer, step 0"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

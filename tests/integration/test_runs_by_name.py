@@ -131,3 +131,48 @@ def test_a_changed_architecture_is_refused_once_before_any_process_starts(tmp_pa
     assert "torchrun agent" not in res.stderr and "Traceback" not in res.stderr
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
     assert (run / "status.json").read_bytes() == status
+
+
+@pytest.mark.timeout(400)
+def test_a_weights_only_fork_starts_at_step_0_from_the_parents_ema_and_may_change_what_fits(tmp_path):
+    from safetensors.torch import load_file
+
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.refs import CheckpointRef
+    from service.checkpoint.storage import open_storage
+    from service.weights import load_weights
+
+    assert _train(tmp_path, "parent").returncode == 0
+    fork = ["--from", "runs/parent/checkpoints", "--weights-only"]
+    # max_steps 3 = the parent's step: a full-state fork would train nothing; this one starts at 0.
+    # act_fn: another architecture keyword, but one whose weights have the same shapes.
+    child = ["train.max_steps=3", "train.lr=1e-4", 'model.arch.act_fn="mish"']
+    res = _train(tmp_path, "child", *child, cli=fork)
+    assert res.returncode == 0, res.stderr[-2000:]
+    root = str(tmp_path / "runs/child/checkpoints")
+    steps = Catalog(open_storage(root)).committed_steps()
+    assert steps[0] == 2 and steps[-1] == 3  # its own commits, from step 0 (every_steps=2)
+    step, manifest = Catalog(open_storage(root)).latest()  # type: ignore[misc]
+    assert manifest.lineage is not None and manifest.lineage["step"] == 3
+    assert manifest.lineage["parent_root"].endswith("runs/parent/checkpoints")
+    assert "weights only" in manifest.lineage["changed"][0]
+    assert _position(root) == 3 * 8  # the data from its start: 3 steps of 8 samples
+
+    # The weights it started from are the parent's EMA weights, bit for bit.
+    init = manifest.config["model"]["init_from"]
+    parent = Catalog(open_storage(str(tmp_path / "runs/parent/checkpoints")))
+    _, ema = load_weights(CheckpointRef(parent, *parent.latest()), "ema")  # type: ignore[misc]
+    exported = load_file(f"{init}/diffusion_pytorch_model.safetensors")
+    assert exported.keys() == ema.keys() and all(exported[k].equal(ema[k]) for k in ema)
+
+    again = _train(tmp_path, "child", *child, cli=fork)  # the same command: continues the run, nothing re-exported
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list((tmp_path / "runs/child/init-weights").iterdir())) == 1
+
+    misfit = _train(tmp_path, "bigger", "model.arch.layers_per_block=2", cli=fork)
+    assert misfit.returncode == 2 and "does not fit" in misfit.stderr, misfit.stderr[-2000:]
+    alone = _train(tmp_path, "alone", cli=["--weights-only"])
+    assert alone.returncode == 2 and "add --from" in alone.stderr
+    listed = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls", "--json"], cwd=tmp_path,
+                            env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60)
+    assert {r["name"]: r["lineage"] for r in json.loads(listed.stdout)}["child"]["step"] == 3
