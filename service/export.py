@@ -105,7 +105,7 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
     from service.sample import model_from_state
 
     source = redact_url(ref.url)
-    target = parent_folder / f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-step-{ref.step}"
+    target = parent_folder / f"{hashlib.sha256(canonical_root(ref).encode()).hexdigest()[:12]}-step-{ref.step}"
     if (target / SOURCE_FILE).is_file():  # written last: the folder is complete
         return target.resolve()
     cfg, state = load_weights(ref, "ema")
@@ -120,3 +120,34 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
     (partial / SOURCE_FILE).write_text(json.dumps(lineage, indent=1) + "\n")
     partial.rename(target)
     return target.resolve()
+
+
+def canonical_root(ref: CheckpointRef) -> str:
+    """The checkpoint root of ``ref`` however it was spelled: a local one's absolute path."""
+    from service.config.paths import local_path
+
+    url = ref.catalog.storage.display_url
+    local = local_path(url)
+    return str(Path(local).resolve()) if local is not None else redact_url(url).rstrip("/")
+
+
+def check_init_fit(ref: CheckpointRef, cfg: Config) -> None:
+    """Whether the weights of ``ref`` fit the model ``cfg`` configures (both built on the meta
+    device: nothing read but the manifest); UserError naming the tensors if not."""
+    from service.models.build import build_model
+    from service.models.pretrained import misfit
+
+    with torch.device("meta"):
+        theirs, ours = build_model(ref.config.model, 0), build_model(cfg.model, 0)
+    if type(theirs) is not type(ours):
+        raise UserError(f"--weights-only: {shown_ref(ref)} holds a {type(theirs).__name__}, but this run's "
+                        f"model.family builds a {type(ours).__name__}")
+    detail = misfit({k: v.shape for k, v in ours.state_dict().items()},
+                    {k: v.shape for k, v in theirs.state_dict().items()})
+    if detail:
+        raise UserError(f"--weights-only: the weights of {shown_ref(ref)} do not fit this run's architecture "
+                        f"({detail}); keep the model settings that change these tensors")
+
+
+def shown_ref(ref: CheckpointRef) -> str:
+    return redact_url(ref.url)

@@ -40,7 +40,13 @@ def open_catalog(url: str, args: argparse.Namespace) -> Any:
     if not storage.backend.object_store and storage.fs.isfile(storage.root):
         raise UserError(f"{storage.display_url} is a file, not a checkpoint root "
                         "(a folder of step-N folders)")
-    return Catalog(storage)
+    catalog = Catalog(storage)
+    if not catalog.step_folders():  # a run's folder (runs/NAME) given for its root (runs/NAME/checkpoints)?
+        inner = open_storage(f"{url.rstrip('/')}/checkpoints", args.endpoint_url, args.region)
+        if Catalog(inner).step_folders():
+            raise UserError(f"{storage.display_url} is a run's folder, not its checkpoint root: its "
+                            f"checkpoints are in {inner.display_url}")
+    return catalog
 
 
 def resolve_ref(args: argparse.Namespace) -> Any:

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(runs, "ls", "list runs: name, state (running, finished, preempted, failed, stopped), newest step")
     p.add_argument("parent", nargs="?", default="runs", help="the folder that holds the runs")
     p.add_argument("--json", action="store_true", help="machine-readable: a list of objects, one per run")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint of runs whose checkpoints are in a bucket (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--region", default=None, help="S3 region (default: AWS_REGION)")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     p.set_defaults(func=cmd_runs_ls, quiet=True)
 

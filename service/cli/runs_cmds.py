@@ -17,7 +17,8 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
     parent = Path(args.parent)
     if not parent.is_dir():
         raise UserError(f"{parent} is not a folder of runs (`ftdiff train` puts runs under runs/<run.name>/)")
-    runs = [r for r in (_describe(folder) for folder in sorted(parent.iterdir()) if folder.is_dir()) if r]
+    found = (_describe(folder, args.endpoint_url, args.region) for folder in sorted(parent.iterdir()) if folder.is_dir())
+    runs = [r for r in found if r]
     if args.json:
         print(json.dumps(runs))
         return EXIT_OK
@@ -34,7 +35,7 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _describe(folder: Path) -> dict[str, Any] | None:
+def _describe(folder: Path, endpoint_url: str | None = None, region: str | None = None) -> dict[str, Any] | None:
     """One run: its status (``ftdiff train`` writes one) and its newest commit; None for a
     folder that is no run."""
     from service.supervisor.run_status import read_status
@@ -45,7 +46,7 @@ def _describe(folder: Path) -> dict[str, Any] | None:
         url = str(folder / "checkpoints")
     if url is None:
         return None
-    step, updated, max_steps, lineage = _newest(url)
+    step, updated, max_steps, lineage = _newest(url, endpoint_url, region)
     if not status and step is None and not any((folder / "checkpoints").glob("step-*")):
         return None  # a start refused before its first commit left an empty root: no run
     recorded = status.get("max_steps")
@@ -63,14 +64,15 @@ def _parent(lineage: dict[str, Any] | None) -> str:
     return f"{lineage['parent_root']} @ {lineage['step']}" if lineage else "-"
 
 
-def _newest(url: str) -> tuple[int | None, float | None, int | None, dict[str, Any] | None]:
+def _newest(url: str, endpoint_url: str | None = None,
+            region: str | None = None) -> tuple[int | None, float | None, int | None, dict[str, Any] | None]:
     """(newest committed step, its time, the max_steps it was trained towards, its lineage);
     Nones if the root cannot be read (a remote store out of reach: the row still shows)."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.storage import open_storage
 
     try:
-        found = Catalog(open_storage(url)).latest()
+        found = Catalog(open_storage(url, endpoint_url, region)).latest()
     except Exception:  # noqa: BLE001 — a listing of many runs must not fail on one
         return None, None, None, None
     if found is None:

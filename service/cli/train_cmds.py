@@ -37,17 +37,28 @@ def check_fork_root(cfg: Any, parent: str) -> None:
                         "of its own (--set run.name=NEW, so it lives under runs/NEW/) or a checkpoint.url")
 
 
-def weights_of(args: argparse.Namespace) -> Path:
+def weights_of(args: argparse.Namespace) -> Path | None:
     """--from URL --weights-only: the parent's EMA weights as a diffusers model folder in the new
     run's directory (model.init_from then starts the run from them; its own restarts resume its
-    own checkpoints). Written once per parent step: running the command again reuses it."""
+    own checkpoints). Written once per parent checkpoint. A run that has commits already keeps
+    the folder it started from (the same command again continues it, even after the parent
+    trained on or was deleted). A dry run only checks that the weights fit: None, nothing written."""
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.storage import open_storage
     from service.cli.common import resolve_ref
     from service.config.paths import run_dir
-    from service.export import export_init_weights
+    from service.export import check_init_fit, export_init_weights
 
     cfg = resolved_config(args.config, args.set)
     ck = cfg.checkpoint
+    own = Catalog(open_storage(ck.url, ck.endpoint_url, ck.region)).latest()
+    started_from = own[1].config.get("model", {}).get("init_from") if own is not None else None
+    if isinstance(started_from, str) and Path(started_from).is_dir():
+        return Path(started_from)
     ref = resolve_ref(argparse.Namespace(url=args.from_url, endpoint_url=ck.endpoint_url, region=ck.region))
+    if args.dry_run:
+        check_init_fit(ref, cfg)
+        return None
     return export_init_weights(ref, run_dir(cfg) / "init-weights")
 
 
@@ -77,8 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if resolved_config(args.config, args.set).model.init_from:
                 raise UserError("--weights-only and model.init_from both say which weights to start from: keep one")
             check_fork_root(resolved_config(args.config, args.set), args.from_url)
-            if not args.print_config:
-                args.set = [*args.set, f"model.init_from={json.dumps(str(weights_of(args)))}"]
+            weights = None if args.print_config else weights_of(args)
+            if weights is not None:
+                args.set = [*args.set, f"model.init_from={json.dumps(str(weights))}"]
         else:
             args.set = [*args.set, f"checkpoint.resume={json.dumps(args.from_url)}"]
             check_fork_root(resolved_config(args.config, args.set), args.from_url)

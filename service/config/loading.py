@@ -4,6 +4,7 @@ validation with errors that name each bad key."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,24 @@ FILE_RELATIVE_IF_THERE = (("model", "vae"), ("model", "text_encoder"), ("model",
 
 
 def resolve_file_relative(data: dict[str, Any], folder: Path) -> None:
-    """Make the relative paths of a config file's ``data`` absolute against ``folder``, in place
-    (``--set`` values and the defaults stay relative to the working directory)."""
-    for names, only_if_there in ((FILE_RELATIVE_PATHS, False), (FILE_RELATIVE_IF_THERE, True)):
-        for section, key in names:
-            table = data.get(section)
-            value = table.get(key) if isinstance(table, dict) else None
-            if not isinstance(value, str) or not value or "://" in value or value.startswith("~"):
-                continue
-            path = Path(value)
-            if path.is_absolute() or (only_if_there and not (folder / path).exists()):
-                continue
-            table[key] = str((folder / path).resolve())
+    """Make the relative paths of a config file's ``data`` absolute against ``folder``, and
+    ``~`` the user's home, in place (``--set`` values and the defaults stay relative to the
+    working directory). ``checkpoint.resume`` too where it names a checkpoint (not auto/never)."""
+    keys = [(key, False) for key in FILE_RELATIVE_PATHS] + [(key, True) for key in FILE_RELATIVE_IF_THERE]
+    resume = data.get("checkpoint", {}).get("resume") if isinstance(data.get("checkpoint"), dict) else None
+    if resume not in (None, "auto", "never"):
+        keys.append((("checkpoint", "resume"), False))
+    for (section, key), only_if_there in keys:
+        table = data.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(value, str) or not value or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            if only_if_there and not (folder / path).exists():
+                continue  # a hub id ("org/name"), not a folder here
+            path = folder / path
+        table[key] = os.path.normpath(path)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -109,8 +116,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(cfg_path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {cfg_path}: not valid TOML: {e}") from None
-        if cfg_path.resolve().parent != CONFIGS_DIR.resolve():
-            resolve_file_relative(data, cfg_path.resolve().parent)
+        if Path(path).is_file():  # a file of the user's (not a bundled preset named by its name)
+            resolve_file_relative(data, cfg_path.absolute().parent)
     for item in overrides or []:
         parts, value = _parse_override(item)
         table = data

@@ -35,6 +35,11 @@ class RunConfig(_Section):
     seed: int = 0
     """Seeds the data order, augmentation, noise and timesteps and the model init."""
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_as_name(cls, v: object) -> object:  # --set run.name=5: TOML reads a number
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
 
 class ModelConfig(_Section):
     family: str = DEFAULT_FAMILY
@@ -342,7 +347,7 @@ class Config(_Section):
         checkpoint, run = data.get("checkpoint", {}), data.get("run", {})
         if not (isinstance(checkpoint, dict) and isinstance(run, dict)) or "url" in checkpoint:
             return data
-        name = run.get("name", RunConfig().name)
+        name = RunConfig._number_as_name(run.get("name", RunConfig().name))
         if not isinstance(name, str):
             return data  # RunConfig refuses it
         return {**data, "checkpoint": {**checkpoint, "url": f"runs/{run_folder(name)}/checkpoints"}}

@@ -37,6 +37,17 @@ def model_folder(path: str) -> Path:
                     f"in it or in {'/'.join(DENOISER_FOLDERS)}/)")
 
 
+def misfit(own: dict[str, torch.Size], given: dict[str, torch.Size]) -> str | None:
+    """What keeps weights of shapes ``given`` from loading into a model of shapes ``own``: the
+    tensors missing, unexpected or of another shape (the first three of each); None if they fit."""
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    misshapen = sorted(k for k in set(own) & set(given) if own[k] != given[k])
+    if not (missing or unexpected or misshapen):
+        return None
+    return "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("other shape", misshapen)) if keys)
+
+
 def load_init_weights(path: str, model: torch.nn.Module) -> None:
     """Copy the weights under ``path`` into ``model`` (same class and architecture)."""
     from safetensors.torch import load_file
@@ -57,11 +68,8 @@ def load_init_weights(path: str, model: torch.nn.Module) -> None:
     else:
         raise UserError(f"model.init_from = {path!r}: no {WEIGHTS} in {folder} (only safetensors are read)")
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshapen:
-        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("other shape", misshapen)) if keys)
+    detail = misfit({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    if detail:
         raise UserError(f"model.init_from = {path!r} does not fit this run's architecture ({detail}); set "
                         "model.preset / model.arch to the architecture it was trained with")
     with torch.no_grad():

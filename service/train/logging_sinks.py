@@ -14,6 +14,7 @@ grids to ``<run dir>/samples/step-NNNNNN.png``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from service.dist import DistInfo
 from service.metrics import WorkerMetrics
 from service.train.previews import SampleRenderer
 from service.train.trackers import make_trackers, tensorboard_dir  # noqa: F401 (re-exported)
+
+# At the end of a run, what the trackers still have queued gets this long in all to be sent; at
+# a stop signal or a failure this long (a slow tracker server must not delay a restart).
+DRAIN_S = 60.0
+STOP_DRAIN_S = 2.0
 
 
 def samples_dir(cfg: Config) -> Path:
@@ -112,15 +118,20 @@ class TrainingLogs:
         if self.samples is not None:
             self.samples.maybe_render(step, final=final)
 
-    def close(self) -> None:
-        """Wait for the last grid (bounded), log the final save's times, close the trackers."""
+    def close(self, drain: bool = True) -> None:
+        """Wait for the last grid (bounded), log the final save's times, close the trackers.
+
+        ``drain``: the run ended normally, so the trackers get up to ``DRAIN_S`` in all to send
+        what is queued; on a stop signal or a failure they get ``STOP_DRAIN_S`` (the emergency
+        checkpoint, not the curves, must fit in the grace period, and a restart must not wait)."""
         if self.samples is not None:
             self.samples.close()
         values = self._checkpoint_values() if self.trackers else {}
+        deadline = time.monotonic() + (DRAIN_S if drain else STOP_DRAIN_S)
         for tracker in self.trackers:
             if values:
                 tracker.scalars(self._last_step, values)
-            tracker.close()
+            tracker.close(wait_s=max(0.0, deadline - time.monotonic()))
 
     def _checkpoint_values(self) -> dict[str, float]:
         save, commit = self.checkpoint_times.poll()

@@ -395,6 +395,6 @@ class Trainer:
         try:
             self.checkpointer.close()
         finally:
-            self.logs.close()  # waits (bounded) for the last step's grid; never raises
+            self.logs.close(drain=self.phase == "done" and self._stop_signal is None)  # bounded; never raises
             if self.heartbeats is not None:
                 self.heartbeats.stop()

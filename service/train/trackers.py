@@ -7,8 +7,8 @@ of this start; the others go on.
 
 One run of ours is one run of theirs across restarts: MLflow's is found again by the tag
 ``ftdiff.run_key`` and reopened, W&B's has that key as its id (``resume="allow"``). The key
-is a digest of the checkpoint root (a local one's absolute path), so two runs never share a
-tracker run and a fork gets its own.
+is a digest of the checkpoint root and of its first start (``run_key``), so two runs never
+share a tracker run, a fork gets its own, and so does a new run in an emptied root.
 """
 
 from __future__ import annotations
@@ -37,11 +37,25 @@ GRID_STEP = "samples/step"
 
 
 def run_key(cfg: Config) -> str:
-    """Names this run in a tracker: the same for every start of it, another for any other root
-    (a local root by its absolute path: two projects' runs/ftdiff/checkpoints are two runs)."""
-    local = local_path(cfg.checkpoint.url)
-    root = str(Path(local).resolve()) if local is not None else redact_url(cfg.checkpoint.url)
-    return hashlib.sha256(root.encode()).hexdigest()[:16]
+    """Names this run in a tracker: the same for every start of it, another for any other run.
+
+    A digest of where its checkpoints are (a local root by its absolute path, a remote one with
+    its endpoint) and of when its first start claimed that root: a run started again in a
+    root that was emptied (or reused after ``rm -rf``) is a new run, not more of the old one.
+    Read after this start claimed its incarnation (the trackers open after resuming)."""
+    from service.checkpoint.ownership import Ownership
+    from service.checkpoint.storage import open_storage
+
+    ck = cfg.checkpoint
+    local = local_path(ck.url)
+    if local is not None:
+        root = str(Path(local).expanduser().resolve())
+    else:
+        endpoint = ck.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
+        root = f"{redact_url(endpoint)}|{redact_url(ck.url).rstrip('/')}"
+    records = Ownership(open_storage(ck.url, ck.endpoint_url, ck.region)).records()
+    first = f"{records[0].time!r}" if records else ""
+    return hashlib.sha256(f"{root}|{first}".encode()).hexdigest()[:16]
 
 
 def tracker_params(cfg: Config) -> dict[str, Any]:
@@ -58,7 +72,6 @@ class Tracker:
 
     name: ClassVar[str] = ""
     QUEUE = 1000  # calls waiting; beyond, new ones are dropped (said once)
-    CLOSE_WAIT_S = 60.0  # how long close() waits for what is queued to be sent
 
     def __init__(self, on_failure: Callable[[str], None] = lambda name: None):
         self._on_failure = on_failure
@@ -79,21 +92,22 @@ class Tracker:
     def image(self, tag: str, png: Path, step: int) -> None:
         self._put("image", lambda: self._image(tag, png, step))
 
-    def close(self) -> None:
-        """Send what is queued (up to CLOSE_WAIT_S), then close the tracker's run."""
+    def close(self, wait_s: float = 60.0) -> None:
+        """Send what is queued and close the tracker's run, waiting up to ``wait_s`` for it (the
+        thread is a daemon: what is not sent by then is left behind with the process)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        deadline = time.monotonic() + self.CLOSE_WAIT_S
+        deadline = time.monotonic() + wait_s
         try:  # blocking: the close must not be the call dropped for a full queue
-            self._calls.put(("close", self._close), timeout=self.CLOSE_WAIT_S)
+            self._calls.put(("close", self._close), timeout=wait_s)
             self._calls.put(None, timeout=max(0.0, deadline - time.monotonic()))
         except queue.Full:
             pass
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
-            log.warning("%s: still sending after %.0f s at the end of the run; leaving it (%s)",
-                        self.name, self.CLOSE_WAIT_S, self.where)
+            log.warning("%s: still sending after %.0f s; leaving what is not sent (%s)",
+                        self.name, wait_s, self.where)
 
     @property
     def where(self) -> str:
@@ -204,7 +218,8 @@ class MLflowTracker(Tracker):
         self.uri = mlflow_tracking_uri(cfg)
         self.experiment = cfg.logging.mlflow_experiment
         self.run_name = cfg.run.name
-        self.key = run_key(cfg)
+        self.cfg = cfg
+        self.key = ""  # run_key(cfg), read on the tracker's thread when it opens
         self.params = tracker_params(cfg)
         default_store = not (cfg.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         # The default store keeps its artifacts (grids) beside it; a server decides its own.
@@ -219,6 +234,7 @@ class MLflowTracker(Tracker):
     def _open(self, start_step: int) -> None:
         from mlflow.tracking import MlflowClient
 
+        self.key = run_key(self.cfg)
         client = MlflowClient(tracking_uri=self.uri)
         experiment = client.get_experiment_by_name(self.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
@@ -263,7 +279,8 @@ class WandbTracker(Tracker):
         self.project, self.entity = cfg.logging.wandb_project, cfg.logging.wandb_entity
         self.mode = cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "online"
         self.run_name = cfg.run.name
-        self.key = run_key(cfg)
+        self.cfg = cfg
+        self.key = ""  # run_key(cfg), read on the tracker's thread when it opens
         self.params = tracker_params(cfg)
         self.directory = run_dir(cfg).resolve()  # wandb/ goes in here
         self._run: Any = None
@@ -275,6 +292,7 @@ class WandbTracker(Tracker):
     def _open(self, start_step: int) -> None:
         import wandb
 
+        self.key = run_key(self.cfg)
         self.directory.mkdir(parents=True, exist_ok=True)
         # console="off": W&B would otherwise capture this process's stdout and stderr; no
         # system-stats thread either (Prometheus has those).

@@ -104,3 +104,18 @@ def test_a_stray_incarnation_name_breaks_nothing(s3_server, s3_bucket):
     job.ckpt.resume()
     _train(job, 2)
     assert Catalog(open_storage(f"{s3_bucket}/run")).committed_steps() == [1, 2]
+
+
+def test_runs_ls_reads_a_runs_bucket_checkpoints_through_the_endpoint_it_is_given(s3_server, s3_bucket, tmp_path,
+                                                                                  monkeypatch):
+    from tests.helpers import committed_root
+
+    url = committed_root(f"{s3_bucket}/exp/checkpoints", 2)
+    (tmp_path / "runs" / "exp").mkdir(parents=True)
+    (tmp_path / "runs" / "exp" / "status.json").write_text(json.dumps(
+        {"name": "exp", "state": "finished", "checkpoint_url": url, "max_steps": 2}))
+    endpoint = s3_server["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the option says where the store is
+    res = ftdiff("runs", "ls", str(tmp_path / "runs"), "--json", "--endpoint-url", endpoint)
+    assert res.returncode == 0, res.stderr
+    assert [(r["name"], r["step"]) for r in json.loads(res.stdout)] == [("exp", 2)]

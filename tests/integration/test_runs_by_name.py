@@ -165,12 +165,20 @@ def test_a_weights_only_fork_starts_at_step_0_from_the_parents_ema_and_may_chang
     exported = load_file(f"{init}/diffusion_pytorch_model.safetensors")
     assert exported.keys() == ema.keys() and all(exported[k].equal(ema[k]) for k in ema)
 
-    again = _train(tmp_path, "child", *child, cli=fork)  # the same command: continues the run, nothing re-exported
+    # The parent trains on; the same command (its root spelled otherwise, even) continues the
+    # child from its own commits, with the weights it started from: nothing exported again.
+    assert _train(tmp_path, "parent", "train.max_steps=5").returncode == 0
+    spelled = ["--from", str(tmp_path / "runs/parent/checkpoints/"), "--weights-only"]
+    again = _train(tmp_path, "child", "train.max_steps=5", "train.lr=1e-4", 'model.arch.act_fn="mish"', cli=spelled)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert Catalog(open_storage(root)).latest()[0] == 5  # type: ignore[index]
     assert len(list((tmp_path / "runs/child/init-weights").iterdir())) == 1
 
-    misfit = _train(tmp_path, "bigger", "model.arch.layers_per_block=2", cli=fork)
-    assert misfit.returncode == 2 and "does not fit" in misfit.stderr, misfit.stderr[-2000:]
+    dry = _train(tmp_path, "dry", cli=[*fork, "--dry-run"])  # checks, writes nothing
+    assert dry.returncode == 0 and not (tmp_path / "runs/dry").exists(), dry.stderr[-2000:]
+    for cli in ([*fork, "--dry-run"], fork):  # the dry run refuses what training refuses
+        misfit = _train(tmp_path, "bigger", "model.arch.layers_per_block=2", cli=cli)
+        assert misfit.returncode == 2 and "not fit" in misfit.stderr, misfit.stderr[-2000:]
     alone = _train(tmp_path, "alone", cli=["--weights-only"])
     assert alone.returncode == 2 and "add --from" in alone.stderr
     listed = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls", "--json"], cwd=tmp_path,

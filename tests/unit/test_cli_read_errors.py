@@ -228,3 +228,13 @@ def test_failure_table():
     for error, code, needle in cases:
         got_code, message = _failure(error)
         assert (got_code, needle in message, SECRET in message) == (code, True, False), (error, message)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_folder_given_for_its_root_is_refused_naming_the_checkpoints_folder(committed, tmp_path):
+    run = tmp_path / "runs" / "exp"
+    _copy_root(committed, run / "checkpoints")
+    for cmd in (["ckpt", "ls"], ["ckpt", "show"], ["ckpt", "prune", "--keep-last", "2"]):
+        res = ftdiff(*cmd[:2], str(run), *cmd[2:])
+        assert res.returncode == EXIT_USAGE, (cmd, res.stdout, res.stderr)
+        assert f"{run}/checkpoints" in one_line(res.stderr)

@@ -175,3 +175,25 @@ def test_a_data_folder_named_relative_before_and_absolute_now_is_the_same_data(t
     other = {"data.url": str(tmp_path / "other" / "images"), "data.length": 12}
     assert len(differences(saved, other)[0]) == 1  # another folder: other data, refused
     assert len(differences({"data.url": "s3://b/x"}, {"data.url": "s3://b/y"})[0]) == 1
+
+
+def test_a_numeric_run_name_needs_no_quotes():
+    assert load_config(None, ["run.name=5"]).run.name == "5"
+    assert load_config(None, ["run.name=5"]).checkpoint.url == "runs/5/checkpoints"
+
+
+def test_a_config_files_tilde_pinned_resume_and_symlinked_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "job.toml").write_text('[checkpoint]\nurl = "~/ckpt"\nresume = "out/checkpoints/step-4"\n'
+                                   '[data]\nkind = "folder"\nurl = "images"\n')
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "job.toml").symlink_to(real / "job.toml")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "linked" / "job.toml")
+    assert cfg.checkpoint.url == str(tmp_path / "home" / "ckpt")  # ~: the home, never a folder named "~"
+    assert cfg.checkpoint.resume == str(tmp_path / "linked" / "out/checkpoints/step-4")  # beside the file
+    assert cfg.data.url == str(tmp_path / "linked" / "images")  # as given, not where the link points
+    (tmp_path / "never.toml").write_text('[checkpoint]\nresume = "never"\n')
+    assert load_config(tmp_path / "never.toml").checkpoint.resume == "never"

@@ -293,14 +293,40 @@ def test_sample_steps_beyond_the_noise_schedule_are_a_config_error():
 
 
 @pytest.mark.timeout(10)
-def test_the_tracker_run_key_is_the_roots_wherever_it_is_spelled_from(tmp_path, monkeypatch):
+def test_the_tracker_run_key_is_the_runs_wherever_its_root_is_spelled_from(tmp_path, monkeypatch):
+    import shutil
+
+    from service.checkpoint.ownership import Ownership
+    from service.checkpoint.storage import open_storage
     from service.train.trackers import run_key
 
     monkeypatch.chdir(tmp_path)
+    Ownership(open_storage("runs/ftdiff/checkpoints")).claim("first-start")
     here = run_key(load_config(None))  # runs/ftdiff/checkpoints under tmp_path
-    assert here == run_key(load_config(None, [f'checkpoint.url="{tmp_path}/runs/ftdiff/checkpoints"']))
+    for spelled in (f"{tmp_path}/runs/ftdiff/checkpoints", f"{tmp_path}/runs/ftdiff/checkpoints/"):
+        assert run_key(load_config(None, [f'checkpoint.url="{spelled}"'])) == here
+    Ownership(open_storage("runs/ftdiff/checkpoints")).claim("a-restart")
+    assert run_key(load_config(None)) == here  # later starts of the run: the same key
     (tmp_path / "other").mkdir()
     monkeypatch.chdir(tmp_path / "other")
     assert run_key(load_config(None)) != here  # another project's default root: another run
-    assert run_key(load_config(None, ['checkpoint.url="s3://b/run"'])) != run_key(
-        load_config(None, ['checkpoint.url="s3://b/run2"']))
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(tmp_path / "runs")  # the root emptied and a new run started in it
+    Ownership(open_storage("runs/ftdiff/checkpoints")).claim("new-run")
+    assert run_key(load_config(None)) != here
+
+
+@pytest.mark.timeout(20)
+def test_closing_a_stuck_tracker_waits_only_as_long_as_it_is_told():
+    """A stop signal or a failure closes the trackers with logging_sinks.STOP_DRAIN_S: a server
+    that never answers must not hold up the emergency checkpoint's exit or a restart."""
+    import time
+
+    from service.train.logging_sinks import STOP_DRAIN_S
+
+    tracker = _Recording(lambda name: None, delay_s=30)
+    tracker.open(0)
+    tracker.scalars(1, {"train/loss": 1.0})
+    started = time.monotonic()
+    tracker.close(wait_s=STOP_DRAIN_S)
+    assert time.monotonic() - started < STOP_DRAIN_S + 1
