@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,8 +108,11 @@ PartitionName=debug Nodes={','.join(node_ports)} Default=YES MaxTime=INFINITE St
 
 
 @contextmanager
-def slurm_cluster(folder: Path, nodes: int = 2) -> Iterator[SlurmCluster]:
-    folder.mkdir(parents=True, exist_ok=True)
+def slurm_cluster(logs_to: Path, nodes: int = 2) -> Iterator[SlurmCluster]:
+    """The cluster lives in a short folder of its own (slurmstepd's Unix sockets in the spool
+    folder may not exceed 108 characters: pytest's folders can be longer); its logs are copied
+    to ``logs_to`` at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
     for sub in ("munge", "state", "spool", "log"):
         (folder / sub).mkdir(exist_ok=True)
     key = folder / "munge" / "munge.key"
@@ -140,6 +144,8 @@ def slurm_cluster(folder: Path, nodes: int = 2) -> Iterator[SlurmCluster]:
         for proc in reversed(cluster.procs):
             stop(proc, timeout=10)
         logs.close()
+        shutil.copytree(folder / "log", logs_to, dirs_exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wait(ready, what: str) -> None:  # type: ignore[no-untyped-def]

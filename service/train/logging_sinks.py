@@ -131,7 +131,7 @@ class TrainingLogs:
         for tracker in self.trackers:
             if values:
                 tracker.scalars(self._last_step, values)
-            tracker.close(wait_s=max(0.0, deadline - time.monotonic()))
+            tracker.close(wait_s=max(0.0, deadline - time.monotonic()), finished=drain)
 
     def _checkpoint_values(self) -> dict[str, float]:
         save, commit = self.checkpoint_times.poll()

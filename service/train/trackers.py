@@ -77,6 +77,7 @@ class Tracker:
         self._on_failure = on_failure
         self._calls: queue.Queue[tuple[str, Callable[[], Any]] | None] = queue.Queue(self.QUEUE)
         self._thread: threading.Thread | None = None
+        self.finished = True  # how the run ended, as close() was told
         self._off = False  # failed: the rest is dropped
         self._said_behind = False
 
@@ -92,9 +93,12 @@ class Tracker:
     def image(self, tag: str, png: Path, step: int) -> None:
         self._put("image", lambda: self._image(tag, png, step))
 
-    def close(self, wait_s: float = 60.0) -> None:
+    def close(self, wait_s: float = 60.0, finished: bool = True) -> None:
         """Send what is queued and close the tracker's run, waiting up to ``wait_s`` for it (the
-        thread is a daemon: what is not sent by then is left behind with the process)."""
+        thread is a daemon: what is not sent by then is left behind with the process).
+        ``finished``: the run ended normally (else it was stopped or failed; trackers with a
+        run status say so)."""
+        self.finished = finished
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -267,8 +271,8 @@ class MLflowTracker(Tracker):
 
     def _close(self) -> None:
         client, self._client = self._client, None
-        if client is not None and self._run_id is not None:
-            client.set_terminated(self._run_id)
+        if client is not None and self._run_id is not None:  # a stopped start is KILLED until it resumes
+            client.set_terminated(self._run_id, status="FINISHED" if self.finished else "KILLED")
 
 
 class WandbTracker(Tracker):

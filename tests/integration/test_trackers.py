@@ -49,7 +49,8 @@ def test_mlflow_and_wandb_get_the_scalars_and_grids_of_every_start_of_one_run(tm
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
-    train(run_dir, 8, [ALL])
+    first = train(run_dir, 8, [ALL])
+    assert first.phase == "done"
     trainer = train(run_dir, 12, [ALL])  # a restart of the same run: the same tracker runs go on
     assert trainer.metrics.registry.get_sample_value("ftdiff_train_tracker_failures_total", {"tracker": "mlflow"}) is None
 
@@ -94,3 +95,23 @@ def test_a_tracker_that_cannot_start_is_counted_and_training_goes_on(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))  # the other tracker went on
+
+
+def test_a_stopped_start_leaves_its_mlflow_run_killed_until_the_run_finishes(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from service.checkpoint.ownership import Ownership
+    from service.checkpoint.storage import open_storage
+    from service.config import load_config
+    from service.train.trackers import MLflowTracker
+
+    cfg = load_config(None, [f'checkpoint.url="{tmp_path}/run/checkpoints"'])
+    Ownership(open_storage(cfg.checkpoint.url)).claim("start-1")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    for finished, status in ((False, "KILLED"), (True, "FINISHED")):
+        tracker = MLflowTracker(cfg)
+        tracker.open(0)
+        tracker.scalars(1, {"train/loss": 1.0})
+        tracker.close(wait_s=30, finished=finished)
+        runs = client.search_runs([client.get_experiment_by_name("ftdiff").experiment_id])
+        assert [r.info.status for r in runs] == [status]
