@@ -32,9 +32,20 @@ def check_fork_root(cfg: Any, parent: str) -> None:
 
     ck = cfg.checkpoint
     root, _ = split_checkpoint_url(parent)
-    if open_storage(root, ck.endpoint_url, ck.region).same_root(open_storage(ck.url, ck.endpoint_url, ck.region)):
+    parent_root = open_storage(root, ck.endpoint_url, ck.region)
+    if parent_root.same_root(open_storage(ck.url, ck.endpoint_url, ck.region)) or _inside(ck.url, root):
         raise UserError(f"--from {parent}: the fork would write into its parent's root ({ck.url}); give it a name "
                         "of its own (--set run.name=NEW, so it lives under runs/NEW/) or a checkpoint.url")
+
+
+def _inside(child: str, parent: str) -> bool:
+    """Whether root ``child`` is a folder inside root ``parent`` (local paths however spelled)."""
+    from service.config.paths import local_path
+
+    mine, theirs = local_path(child), local_path(parent)
+    if mine is not None and theirs is not None:
+        return Path(theirs).resolve() in Path(mine).resolve().parents
+    return child.rstrip("/").startswith(parent.rstrip("/") + "/")
 
 
 def weights_of(args: argparse.Namespace) -> Path | None:

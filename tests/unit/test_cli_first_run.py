@@ -17,7 +17,7 @@ from service.checkpoint.storage_check import PROBE_PREFIX
 from service.cli.toml_out import dumps
 from service.config import load_config
 from service.config.loading import resolve_file_relative
-from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
+from service.errors import EXIT_OK, EXIT_STORAGE, EXIT_USAGE, UserError
 from service.launch_env import OVERRIDES_ENV
 from tests.helpers import committed_root, free_port, one_line
 from tests.helpers import ftdiff_inprocess as ftdiff
@@ -211,3 +211,18 @@ def test_dry_run_leaves_an_existing_root_as_it_was(tmp_path):
     res = ftdiff("train", "--dry-run", "--set", _url(root), "--set", "supervisor.port=0", "--set", "metrics.port=0")
     assert res.returncode == EXIT_OK and root.is_dir() and os.listdir(root) == []
     assert Catalog(open_storage(str(root))).step_folders() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_fork_inside_its_parents_root_is_refused(tmp_path, monkeypatch):
+    from service.cli.train_cmds import check_fork_root
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="its parent's root"):
+        check_fork_root(load_config(None, ['checkpoint.url="runs/base/checkpoints/sub"']), "runs/base/checkpoints")
+    with pytest.raises(UserError, match="its parent's root"):
+        check_fork_root(load_config(None, [f'checkpoint.url="{tmp_path}/runs/base/checkpoints/x/y"']),
+                        "runs/base/checkpoints/step-4")
+    check_fork_root(load_config(None, ['checkpoint.url="runs/base/checkpoints-2"']), "runs/base/checkpoints")
+    with pytest.raises(UserError, match="its parent's root"):
+        check_fork_root(load_config(None, ['checkpoint.url="s3://b/run/sub"']), "s3://b/run/")
