@@ -141,11 +141,28 @@ def slurm_cluster(logs_to: Path, nodes: int = 2) -> Iterator[SlurmCluster]:
               f"{nodes} idle nodes")
         yield cluster
     finally:
+        _end_jobs(cluster)
         for proc in reversed(cluster.procs):
             stop(proc, timeout=10)
         logs.close()
         shutil.copytree(folder / "log", logs_to, dirs_exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_jobs(cluster: SlurmCluster) -> None:
+    """Kill what is still running (a test that failed mid-job) while slurmd can still reach it:
+    its steps outlive a stopped slurmd, reparented to init."""
+    try:
+        jobs = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+        if not jobs:
+            return
+        cluster.run("scancel", "--full", "--signal=KILL", *jobs)
+        cluster.run("scancel", *jobs)
+        deadline = time.monotonic() + 20
+        while cluster.run("squeue", "-h", "-o", "%i").stdout.split() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except (OSError, subprocess.SubprocessError):
+        pass  # the controller is gone already: nothing more to ask
 
 
 def _wait(ready, what: str) -> None:  # type: ignore[no-untyped-def]
