@@ -105,7 +105,10 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
     from service.sample import model_from_state
 
     source = redact_url(ref.url)
-    target = parent_folder / f"{hashlib.sha256(canonical_root(ref).encode()).hexdigest()[:12]}-step-{ref.step}"
+    from service.config.paths import canonical_root
+
+    root = canonical_root(ref.catalog.storage.display_url)
+    target = parent_folder / f"{hashlib.sha256(root.encode()).hexdigest()[:12]}-step-{ref.step}"
     if (target / SOURCE_FILE).is_file():  # written last: the folder is complete
         return target.resolve()
     cfg, state = load_weights(ref, "ema")
@@ -120,15 +123,6 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
     (partial / SOURCE_FILE).write_text(json.dumps(lineage, indent=1) + "\n")
     partial.rename(target)
     return target.resolve()
-
-
-def canonical_root(ref: CheckpointRef) -> str:
-    """The checkpoint root of ``ref`` however it was spelled: a local one's absolute path."""
-    from service.config.paths import local_path
-
-    url = ref.catalog.storage.display_url
-    local = local_path(url)
-    return str(Path(local).resolve()) if local is not None else redact_url(url).rstrip("/")
 
 
 def check_init_fit(ref: CheckpointRef, cfg: Config) -> None:

@@ -39,13 +39,10 @@ def check_fork_root(cfg: Any, parent: str) -> None:
 
 
 def _inside(child: str, parent: str) -> bool:
-    """Whether root ``child`` is a folder inside root ``parent`` (local paths however spelled)."""
-    from service.config.paths import local_path
+    """Whether root ``child`` is a folder inside root ``parent`` (however either is spelled)."""
+    from service.config.paths import canonical_root
 
-    mine, theirs = local_path(child), local_path(parent)
-    if mine is not None and theirs is not None:
-        return Path(theirs).resolve() in Path(mine).resolve().parents
-    return child.rstrip("/").startswith(parent.rstrip("/") + "/")
+    return canonical_root(child).startswith(canonical_root(parent) + "/")
 
 
 def weights_of(args: argparse.Namespace) -> Path | None:

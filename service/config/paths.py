@@ -16,6 +16,15 @@ def local_path(url: str) -> str | None:
     return None if "://" in url else url
 
 
+def canonical_root(url: str) -> str:
+    """One spelling of a checkpoint root: a local one's absolute path (``~`` expanded,
+    symlinks resolved), a remote one's URL without secrets or a trailing slash."""
+    from service.redact import redact_url
+
+    local = local_path(url)
+    return str(Path(local).expanduser().resolve()) if local is not None else redact_url(url).rstrip("/")
+
+
 def run_dir(cfg: Config) -> Path:
     """Where this run's logs, sample grids and status go (next to its checkpoints when local)."""
     local = local_path(cfg.checkpoint.url)

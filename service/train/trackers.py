@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config
-from service.config.paths import local_path, run_dir
+from service.config.paths import canonical_root, local_path, run_dir
 from service.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,9 @@ def run_key(cfg: Config) -> str:
     from service.checkpoint.storage import open_storage
 
     ck = cfg.checkpoint
-    local = local_path(ck.url)
-    if local is not None:
-        root = str(Path(local).expanduser().resolve())
-    else:
-        endpoint = ck.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
-        root = f"{redact_url(endpoint)}|{redact_url(ck.url).rstrip('/')}"
+    root = canonical_root(ck.url)
+    if local_path(ck.url) is None:  # the same bucket path on two endpoints: two stores
+        root = f"{redact_url(ck.endpoint_url or os.environ.get('AWS_ENDPOINT_URL') or '')}|{root}"
     records = Ownership(open_storage(ck.url, ck.endpoint_url, ck.region)).records()
     first = f"{records[0].time!r}" if records else ""
     return hashlib.sha256(f"{root}|{first}".encode()).hexdigest()[:16]
