@@ -6,6 +6,7 @@ and finishes there, from its own checkpoints."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -42,10 +43,15 @@ def test_a_node_whose_replica_diverged_is_left_out(tmp_path):
     log, bad = job.log(), _node_of_first_rank(job, 1)  # the rank whose bit was flipped
     assert f"node {bad}: diverged replica: leaving it out, relaunching on 2 node(s)" in log, log[-4000:]
     assert log.count(": diverged replica: leaving it out") == 1
-    # The rollback finished first: the relaunch resumed from the commit it went back to, not
-    # from a memory-tier copy of the diverged steps.
-    assert log.index("rolled back to step") < log.index(": diverged replica: leaving it out"), log[-4000:]
-    assert "resumed from memory tier at step 8" not in log
+    # The rollback finished first, and the relaunch resumed from state taken after it: the commit
+    # it went back to, or a memory-tier copy of a step trained again after it (a slow supervisor
+    # may let the survivors get that far) -- never a copy of the diverged steps.
+    rolled_back = log.index("rolled back to step")
+    assert rolled_back < log.index(": diverged replica: leaving it out"), log[-4000:]
+    from_memory = re.search(r"resumed from memory tier at step (\d+)", log)
+    if from_memory:
+        retrained = log.find(f'"step {from_memory[1]}/16 ', rolled_back)
+        assert -1 < retrained < from_memory.start(), f"resumed a step from before the rollback: {log[-4000:]}"
     sizes = _world_sizes_in_order(job)
     assert len(sizes) == 16 and sizes[0] == 3 and sizes[-1] == 2, sizes
     assert sizes == sorted(sizes, reverse=True)  # never back to two nodes

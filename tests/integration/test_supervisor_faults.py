@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -135,9 +136,13 @@ def _workers(pid: int) -> list[int]:
 
 
 def _reporting(job: Job) -> bool:
+    """Both ranks have sent a heartbeat (/readyz: every rank of the world fresh). One rank's
+    heartbeat already tells the world size; a rank frozen before its first heartbeat would be
+    judged by the start-up limit, not the hang timeout."""
     try:
-        return job.metric("ftdiff_job_world_size") == 2
-    except OSError:  # the supervisor's endpoint is not up yet
+        with urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/readyz", timeout=5) as r:
+            return r.status == 200 and job.metric("ftdiff_job_world_size") == 2
+    except OSError:  # the supervisor's endpoint is not up yet, or 503: not every rank has reported
         return False
 
 
