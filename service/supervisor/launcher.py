@@ -149,20 +149,17 @@ class LocalSupervisor(Supervisor):
         return self._handle_agents()
 
     def on_hung(self, hung: list[RankState]) -> None:
-        stuck, gone = [], []
-        for state in hung:
-            if procs.pid_alive(state.hb.pid):
-                stuck.append(state)
-            elif self.monitor.forget(state.hb.rank) is not None:
-                gone.append(state)
+        stuck = [state for state in hung if procs.pid_alive(state.hb.pid)]
+        gone = [state for state in hung if state not in stuck and self.monitor.forget(state.hb.rank) is not None]
         if gone:  # silent because gone, not stuck: one crash that torchrun is restarting
             log.warning("worker crash: %s gone", ", ".join(
                 f"rank {s.hb.rank} (node {s.hb.node}, pid {s.hb.pid})" for s in gone))
             self.record(FailureKind.WORKER_CRASH, RestartReason.WORKER_CRASH)
         if not stuck:
             return
-        now = self.monitor.clock()
-        log.error("hang detected on %s; restarting the job", ", ".join(s.describe(now) for s in stuck))
+        now, absent = self.monitor.clock(), ", ".join(map(str, self.monitor.absent_ranks))
+        log.error("hang detected on %s%s; restarting the job", ", ".join(s.describe(now) for s in stuck),
+                  f" (waiting for rank(s) {absent}, never reported)" if absent else "")
         self.record(FailureKind.HANG, RestartReason.HANG)
         # Silent processes (also ones not flagged yet) cannot act on an order: kill them. One
         # that still heartbeats is waiting (on them) and leaves on its order, leaving its state

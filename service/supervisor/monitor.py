@@ -10,7 +10,8 @@ in a synchronous job they wait for it in their next collective, and their own ti
 progress counts from when the last peer left storage (they still need a step to catch up). A
 slow store is therefore
 never taken for a hang, while a process that stops (no heartbeats) or a load that is stuck (no
-bytes) still is.
+bytes) still is. Neither extension holds while a rank of the reported world has been missing
+(never reported) for a hang timeout: its peers wait for it, not for storage.
 
 A rank *restarted* when another process (node, pid, start time) reports for it. torchrun
 restarts every worker of the job after one crash, so the replacements of one generation are one
@@ -95,6 +96,8 @@ class JobMonitor:
         # unchanged was cut off, not gone: (node, seconds unreachable) in ``reconnected``.
         self._lost: dict[str, tuple[float, set[tuple[str, int, float]], set[str]]] = {}
         self.reconnected: list[tuple[str, float]] = []
+        self._absent_since: float | None = None  # since when a rank of the world is missing
+        self.absent_ranks: list[int] = []
 
     def observe(self, hb: Heartbeat) -> bool:
         """Record a heartbeat; True if it reveals a new restart event (another process for a
@@ -193,12 +196,19 @@ class JobMonitor:
             for rank in [r for r in self._on_storage_at if r not in self.ranks]:
                 del self._on_storage_at[rank]
 
+            # A rank of the world that never reported (stopped or wedged before its first
+            # heartbeat) holds the others up in their next collective, whatever phase they are
+            # in: after a hang timeout of that, no phase or peer extends their limit.
+            absent = self._absent_for(now) > self.hang_timeout_s
+
             def limit(s: RankState) -> float:  # a peer's storage work holds this rank up too
+                if absent:
+                    return self.hang_timeout_s
                 peers = [lim for rank, lim in on_storage.items() if rank != s.hb.rank]
                 return max([self.stall_limit(s.hb.phase), *peers])
 
             def stalled_s(s: RankState) -> float:  # since its last progress, or a peer's storage work
-                held = [t for rank, t in self._on_storage_at.items() if rank != s.hb.rank]
+                held = [] if absent else [t for rank, t in self._on_storage_at.items() if rank != s.hb.rank]
                 return now - max([s.last_progress, *held])
 
             return [
@@ -206,6 +216,17 @@ class JobMonitor:
                 if s.hb.process not in self._doomed
                 and (now - s.last_seen > self.hang_timeout_s or stalled_s(s) > limit(s))
             ]
+
+    def _absent_for(self, now: float) -> float:
+        """How long some rank of the reported world has been missing: never reported, nor said
+        goodbye (lock held; 0 when none is). Those ranks: ``absent_ranks``."""
+        world = max((s.hb.world_size for s in self.ranks.values()), default=0)
+        self.absent_ranks = [r for r in range(world) if r not in self.ranks and r not in self._done]
+        if not self.absent_ranks:
+            self._absent_since = None
+        elif self._absent_since is None:
+            self._absent_since = now
+        return 0.0 if self._absent_since is None else now - self._absent_since
 
     @property
     def silence_s(self) -> float:

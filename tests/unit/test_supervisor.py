@@ -329,7 +329,7 @@ def test_silent_agents_are_ended_for_a_relaunch():
 def test_a_slow_store_is_not_a_hang_but_silence_and_a_stuck_load_are():
     clock = Clock()
     m = JobMonitor(10, clock, io_timeout_s=60)
-    m.observe(hb(0, 100, phase="loading"))
+    m.observe(hb(0, 100, phase="loading", world=1))
     for _ in range(10):  # a 50 s load: far beyond the hang timeout, bytes still arriving
         clock.t += 5
         current = m.ranks[0].hb
@@ -343,9 +343,35 @@ def test_a_slow_store_is_not_a_hang_but_silence_and_a_stuck_load_are():
     assert [s.hb.rank for s in m.hung()] == [0]
 
     m2 = JobMonitor(10, clock, io_timeout_s=60)
-    m2.observe(hb(0, 100, phase="loading"))
+    m2.observe(hb(0, 100, phase="loading", world=1))
     clock.t += 11  # no heartbeat at all (SIGSTOPped during the load): caught at the hang timeout
     assert [s.hb.rank for s in m2.hung()] == [0]
+
+
+def test_a_loading_rank_waiting_for_a_rank_that_never_reported_is_hung_at_the_hang_timeout():
+    """Rank 1 was stopped before its first heartbeat; rank 0 loads (bytes arriving), then waits for
+    it in a collective. The storage allowance (60 s) is not for that: a hang timeout after rank 1
+    has been missing, rank 0's stall counts as a hang, and the report names rank 1."""
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=60)
+    m.observe(hb(0, 100, phase="loading"))
+    for _ in range(3):  # 15 s of a slow load with progress: not hung, however long rank 1 is away
+        clock.t += 5
+        current = m.ranks[0].hb
+        m.observe(Heartbeat(**{**current.__dict__, "io_bytes": current.io_bytes + 1000}))
+        assert m.hung() == []
+    assert m.absent_ranks == [1]
+    clock.t += 11  # waiting in a collective: heartbeats, no bytes, far below io_timeout_s
+    m.observe(m.ranks[0].hb)
+    assert [s.hb.rank for s in m.hung()] == [0]
+
+    m2 = JobMonitor(10, clock, io_timeout_s=60)  # both reported: the storage allowance holds
+    m2.observe(hb(0, 100, phase="loading"))
+    m2.observe(hb(1, 101, phase="loading"))
+    clock.t += 30
+    m2.observe(m2.ranks[0].hb)
+    m2.observe(m2.ranks[1].hb)
+    assert m2.hung() == [] and m2.absent_ranks == []
 
 
 def test_ranks_waiting_for_a_peers_slow_read_are_not_hung_until_the_peer_is():
