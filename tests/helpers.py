@@ -305,7 +305,9 @@ class SupervisedJob:
     job runs, and a full one would block the supervisor and every worker writing to it."""
 
     def __init__(self, tmp: Path, overrides: list[str], nnodes: int = 1, nproc: int = 2,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, own_group: bool = False):
+        """``own_group``: in a process group of its own, as a shell's foreground job is (Ctrl-C
+        there signals the whole group: ``os.killpg(job.proc.pid, SIGINT)``)."""
         dirs = traced_run(tmp)
         self.trace, self.url = dirs.trace, str(dirs.url)
         self.metrics_port = free_port()
@@ -319,7 +321,8 @@ class SupervisedJob:
         self.log_path = self.trace.parent / "supervisor.log"
         with open(self.log_path, "w") as err, open(self.trace.parent / "supervisor.out", "w") as out:
             self.proc = subprocess.Popen(cmd, env=base_env({**dirs.env, **(env or {})}),
-                                         cwd=REPO, stdout=out, stderr=err, text=True)
+                                         cwd=REPO, stdout=out, stderr=err, text=True,
+                                         process_group=0 if own_group else None)
 
     def log(self) -> str:
         """Everything the job wrote to stderr so far."""

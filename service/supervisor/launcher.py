@@ -110,7 +110,10 @@ class LocalSupervisor(Supervisor):
             rdzv_conf="is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2",
             module=procs.SHIM_MODULE if self.zygotes is not None else "service.train",
         )
-        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
+        # A session of its own: Ctrl-C reaches this process only, which forwards it (an agent that got
+        # it too shut down on its own: taken for a crash and relaunched, or checked too early).
+        self.agents[node] = Agent(node, subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent,
+                                                         start_new_session=True))  # noqa: PLW1509
         log.info("node %d: torchrun agent pid %d", node, self.agents[node].proc.pid)
 
     def _stop_agents(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

@@ -5,6 +5,7 @@ test_multihost.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import urllib.request
@@ -41,6 +42,32 @@ def test_sigterm_to_supervisor_commits_and_exits_preempted(tmp_path):
     code, err = job.finish(90)
     assert code == EXIT_PREEMPTED, err[-3000:]
     last = max(line["step"] for line in trace_lines(job.trace))
+    catalog = Catalog(open_storage(job.url))
+    assert catalog.latest()[0] == last
+    assert catalog.verify(last) == []
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_in_a_terminal_commits_and_exits_preempted_without_a_relaunch(tmp_path):
+    """Ctrl-C signals the terminal's whole foreground process group, not only `ftdiff train`:
+    the job still stops the way one SIGINT to the supervisor stops it -- one emergency commit of
+    the last step, exit 43, no relaunch. The supervisor is held (SIGSTOP, a loaded machine) for
+    the moment the Ctrl-C arrives: an agent that got it too stopped its workers and exited on its
+    own meanwhile, and the supervisor took that for a lost node and relaunched it."""
+    job = Job(tmp_path, ["train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1"],
+              own_group=True)
+    job.wait_step(4)
+    faults.freeze(job.proc.pid)
+    try:
+        os.killpg(job.proc.pid, signal.SIGINT)
+        time.sleep(3)
+    finally:
+        faults.thaw(job.proc.pid)
+    code, err = job.finish(90)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    lines = trace_lines(job.trace)
+    last = max(line["step"] for line in lines)
+    assert len({line["pid"] for line in lines}) == 2, f"relaunched after the Ctrl-C: {err[-3000:]}"
     catalog = Catalog(open_storage(job.url))
     assert catalog.latest()[0] == last
     assert catalog.verify(last) == []
