@@ -32,6 +32,7 @@ from service.checkpoint.manifest import Manifest, step_dir
 from service.checkpoint.ownership import Ownership
 from service.checkpoint.storage import Storage, open_storage
 from service.config import Config
+from service.config.paths import canonical_root
 from service.data.skips import Skips
 from service.errors import UserError
 from service.models.pretrained import source_lineage
@@ -237,7 +238,8 @@ class Resumer:
         """Every rank, after loading another run's checkpoint: record the lineage; a stream of
         other data starts at its beginning (the parent's position means nothing in it)."""
         hard, soft = differences(manifest.fingerprint or fingerprint_of_config(manifest.config), self.fingerprint)
-        self.ctx.lineage = {"parent": catalog.storage.url_of(step_dir(step)), "parent_root": catalog.storage.display_url,
+        root = canonical_root(catalog.storage.url)  # a relative local root: absolute, valid from anywhere
+        self.ctx.lineage = {"parent": f"{root}/{step_dir(step)}", "parent_root": root,
                             "parent_run": manifest.run_id or "", "step": step, "changed": hard + soft}
         if any(line.startswith("data.") for line in hard):
             self.state[DATA].load_state_dict({"position": torch.zeros((), dtype=torch.int64),
