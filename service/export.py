@@ -101,11 +101,10 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
     from (the new run's lineage). An existing complete folder is reused."""
     import hashlib
 
+    from service.checkpoint.manifest import step_dir
+    from service.config.paths import canonical_root
     from service.models.pretrained import SOURCE_FILE
     from service.sample import model_from_state
-
-    source = redact_url(ref.url)
-    from service.config.paths import canonical_root
 
     root = canonical_root(ref.catalog.storage.display_url)
     target = parent_folder / f"{hashlib.sha256(root.encode()).hexdigest()[:12]}-step-{ref.step}"
@@ -118,7 +117,7 @@ def export_init_weights(ref: CheckpointRef, parent_folder: Path) -> Path:
 
         shutil.rmtree(partial)
     model_from_state(cfg, state).save_pretrained(str(partial))
-    lineage = {"parent": source, "parent_root": redact_url(ref.catalog.storage.display_url),
+    lineage = {"parent": f"{root}/{step_dir(ref.step)}", "parent_root": root,  # valid from any folder
                "parent_run": ref.manifest.run_id or "", "step": ref.step, "weights": "ema"}
     (partial / SOURCE_FILE).write_text(json.dumps(lineage, indent=1) + "\n")
     partial.rename(target)

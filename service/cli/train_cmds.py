@@ -50,7 +50,7 @@ def weights_of(args: argparse.Namespace) -> Path | None:
     run's directory (model.init_from then starts the run from them; its own restarts resume its
     own checkpoints). Written once per parent checkpoint. A run that has commits already keeps
     the folder it started from (the same command again continues it, even after the parent
-    trained on or was deleted). A dry run only checks that the weights fit: None, nothing written."""
+    trained on or was deleted). The weights' fit is checked first; a dry run stops there: None, nothing written."""
     from service.checkpoint.catalog import Catalog
     from service.checkpoint.storage import open_storage
     from service.cli.common import resolve_ref
@@ -64,8 +64,8 @@ def weights_of(args: argparse.Namespace) -> Path | None:
     if isinstance(started_from, str) and Path(started_from).is_dir():
         return Path(started_from)
     ref = resolve_ref(argparse.Namespace(url=args.from_url, endpoint_url=ck.endpoint_url, region=ck.region))
+    check_init_fit(ref, cfg)  # here, before any worker: one message, not one per rank
     if args.dry_run:
-        check_init_fit(ref, cfg)
         return None
     return export_init_weights(ref, run_dir(cfg) / "init-weights")
 
