@@ -44,14 +44,17 @@ def resolve_file_relative(data: dict[str, Any], folder: Path) -> None:
     for (section, key), only_if_there in keys:
         table = data.get(section)
         value = table.get(key) if isinstance(table, dict) else None
-        if not isinstance(value, str) or not value or "://" in value:
+        if not isinstance(value, str) or not value:
             continue
-        path = Path(value).expanduser()
+        scheme = "file://" if value.startswith("file://") else ""  # file://out: a relative path too
+        if "://" in value[len(scheme):]:  # s3://, memory://, ...
+            continue
+        path = Path(value[len(scheme):]).expanduser()
         if not path.is_absolute():
             if only_if_there and not (folder / path).exists():
                 continue  # a hub id ("org/name"), not a folder here
             path = folder / path
-        table[key] = os.path.normpath(path)
+        table[key] = scheme + os.path.normpath(path)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -153,6 +153,15 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
     assert cfg.model.init_from == "org/some-model"  # no such folder: a hub id, left as written
 
 
+def test_a_relative_file_url_in_a_config_file_is_relative_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "job.toml").write_text('[checkpoint]\nurl = "file://out/checkpoints"\n'
+                                       'resume = "file:///abs/checkpoints/step-4"\n')
+    monkeypatch.chdir(tmp_path.parent)
+    cfg = load_config(tmp_path / "job.toml")
+    assert cfg.checkpoint.url == f"file://{tmp_path}/out/checkpoints"
+    assert cfg.checkpoint.resume == "file:///abs/checkpoints/step-4"  # absolute already: as given
+
+
 def test_absolute_paths_urls_and_set_values_are_left_as_given(tmp_path, monkeypatch):
     (tmp_path / "job.toml").write_text('[data]\nkind = "folder"\nurl = "/data/images"\n'
                                        '[checkpoint]\nurl = "s3://bucket/run"\n')
