@@ -227,12 +227,14 @@ class Resumer:
             if catalog is not self.catalog:  # a fork: its parent, and what changed since
                 self._forked(catalog, step, manifest)
             return step
-        raise UserError(
-            f"checkpoints exist under {catalog.storage.display_url} but none could be loaded:\n  "
-            + "\n  ".join(tried)
-            + "\nRun `ftdiff ckpt verify` on it; to deliberately start from scratch, point "
-            "checkpoint.url at a new location (a fresh run never shares a root with another)."
-        )
+        root = catalog.storage.display_url
+        advice = (f"Run `ftdiff ckpt verify {root}`; to deliberately start from scratch, point checkpoint.url "
+                  "at a new location (a fresh run never shares a root with another).")
+        if catalog is not self.catalog:  # another run's checkpoint: start from another one of them
+            advice = (f"Run `ftdiff ckpt verify {root}`; `ftdiff ckpt ls {root}` lists its other checkpoints: "
+                      "start from one of those (`ftdiff train --from <its URL>`).")
+        raise UserError(f"checkpoints exist under {root} but none could be loaded:\n  " + "\n  ".join(tried)
+                        + "\n" + advice)
 
     def _forked(self, catalog: Catalog, step: int, manifest: Manifest) -> None:
         """Every rank, after loading another run's checkpoint: record the lineage; a stream of

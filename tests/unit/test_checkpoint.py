@@ -211,6 +211,11 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     # Starting afresh on top of them is no way out: that would mix two runs in one root.
     with pytest.raises(UserError, match="never mixes"):
         Job(mem_url, 'checkpoint.resume="never"').ckpt.resume()
+    # A fork from it (another root, that checkpoint pinned) is pointed at the others, not at a new root.
+    with pytest.raises(UserError, match="none could be loaded") as e:
+        Job(mem_url + "-fork", f'checkpoint.resume="{mem_url}/step-000000001"').ckpt.resume()
+    assert f"ftdiff ckpt ls {mem_url}" in str(e.value) and "--from" in str(e.value)
+    assert "new location" not in str(e.value)
 
 
 def test_resume_from_explicit_url(mem_url, tmp_path):
