@@ -112,7 +112,9 @@ class Supervisor:
         def on_leave_signal(signum: int, _frame: object) -> None:
             stray.append(signum)  # logged from the loop, not from the handler
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGHUP: the terminal closed (an ssh session dropped). The agents, in a session of their
+        # own, never see it: it stops the job like SIGTERM, with an emergency checkpoint.
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         # The workers' leave order, sent here by mistake, would otherwise end the supervisor
         # with no emergency checkpoint and no report.
         previous[LEAVE_SIGNAL] = signal.signal(LEAVE_SIGNAL, on_leave_signal)

@@ -47,6 +47,7 @@ from service.supervisor.report import failure_report
 from service.supervisor.torchrun import (
     AGENT_ENV,
     SHUTDOWN_MARGIN_S,
+    reachable_address,
     rendezvous_store,
     shutdown_timeout_s,
     torchrun_command,
@@ -93,7 +94,7 @@ class LocalSupervisor(Supervisor):
             # One run id across every torchrun restart and relaunch (checkpoint.resume = never
             # or a pinned step applies to its first start only; see service.checkpoint.resume);
             # workers stop when this process is gone (see service.heartbeat).
-            **launcher_env(node=node, supervisor_url=f"http://{_reachable(self.cfg.supervisor.host)}:{self.server.port}",
+            **launcher_env(node=node, supervisor_url=f"http://{reachable_address(self.cfg.supervisor.host)}:{self.server.port}",
                            token=self.token, run_id=self.run_id, supervisor_pid=os.getpid()),
             # torchrun SIGKILLs workers this long after forwarding SIGTERM (default 30 s):
             # the emergency checkpoint gets checkpoint.grace_s plus a margin.
@@ -219,19 +220,21 @@ class LocalSupervisor(Supervisor):
         return EXIT_PREEMPTED
 
     def _let_relaunch_finish(self) -> None:
-        """A stop signal during a relaunch would reach the new agents in their rendezvous,
-        before any worker exists, and the steps the survivors left in memory would be lost
-        with this run (another `ftdiff train` is another run). So first wait, up to
-        ``SHUTDOWN_MARGIN_S``, until every rank of the new round trains: then the emergency
-        checkpoint commits those steps."""
-        if self.state.phase is not Phase.RELAUNCHING:
+        """A stop signal during a relaunch (ours, or torchrun's own after a worker crash not
+        seen here yet) would reach the new workers before they load, and the steps the
+        survivors left in memory would be lost with this run (another `ftdiff train` is another
+        run). So first wait, up to ``SHUTDOWN_MARGIN_S``, until every rank trains again in a
+        live process: then the emergency checkpoint commits those steps."""
+        crashed = [s for s in self.monitor.states() if not procs.pid_alive(s.hb.pid)]
+        if self.state.phase is not Phase.RELAUNCHING and not crashed:
             return
         log.warning("stop requested during a relaunch: letting it finish first (up to %ds), so the "
                     "emergency checkpoint keeps the steps the survivors left in memory", SHUTDOWN_MARGIN_S)
         deadline = time.monotonic() + SHUTDOWN_MARGIN_S
         while time.monotonic() < deadline and all(a.proc.poll() is None for a in self.agents.values()):
             states, world = self.monitor.states(), self.monitor.world_size()
-            if world and len(states) >= world and all(s.hb.phase in ("training", "reading") for s in states):
+            if world and len(states) >= world and all(
+                    s.hb.phase in ("training", "reading") and procs.pid_alive(s.hb.pid) for s in states):
                 return
             time.sleep(0.05)
 
@@ -394,7 +397,3 @@ class LocalSupervisor(Supervisor):
         print(report, file=sys.stderr)
         self._stop_agents()
         return EXIT_FAILURE
-
-
-def _reachable(host: str) -> str:  # the address workers use (a wildcard means loopback)
-    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

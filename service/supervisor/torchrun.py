@@ -100,3 +100,8 @@ def rendezvous_store():  # type: ignore[no-untyped-def]
 
     return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
                     timeout=datetime.timedelta(seconds=60))
+
+
+def reachable_address(host: str) -> str:
+    """The address workers reach the supervisor at (a wildcard bind means loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

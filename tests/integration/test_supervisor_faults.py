@@ -48,18 +48,20 @@ def test_sigterm_to_supervisor_commits_and_exits_preempted(tmp_path):
 
 
 @pytest.mark.timeout(200)
-def test_ctrl_c_in_a_terminal_commits_and_exits_preempted_without_a_relaunch(tmp_path):
-    """Ctrl-C signals the terminal's whole foreground process group, not only `ftdiff train`:
-    the job still stops the way one SIGINT to the supervisor stops it -- one emergency commit of
-    the last step, exit 43, no relaunch. The supervisor is held (SIGSTOP, a loaded machine) for
-    the moment the Ctrl-C arrives: an agent that got it too stopped its workers and exited on its
-    own meanwhile, and the supervisor took that for a lost node and relaunched it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_ctrl_c_or_a_hangup_in_a_terminal_commits_and_exits_preempted_without_a_relaunch(tmp_path, sig):
+    """Ctrl-C (SIGINT) and a closed terminal (SIGHUP) signal the terminal's whole foreground
+    process group, not only `ftdiff train`: the job still stops the way one SIGTERM to the
+    supervisor stops it -- one emergency commit of the last step, exit 43, no relaunch. The
+    supervisor is held (SIGSTOP, a loaded machine) for the moment the signal arrives: an agent
+    that got a Ctrl-C too stopped its workers and exited on its own meanwhile, and the
+    supervisor took that for a lost node and relaunched it; a hangup killed the supervisor."""
     job = Job(tmp_path, ["train.max_steps=300", "checkpoint.every_steps=100", "train.step_sleep_s=0.1"],
               own_group=True)
     job.wait_step(4)
     faults.freeze(job.proc.pid)
     try:
-        os.killpg(job.proc.pid, signal.SIGINT)
+        os.killpg(job.proc.pid, sig)
         time.sleep(3)
     finally:
         faults.thaw(job.proc.pid)
@@ -71,6 +73,26 @@ def test_ctrl_c_in_a_terminal_commits_and_exits_preempted_without_a_relaunch(tmp
     catalog = Catalog(open_storage(job.url))
     assert catalog.latest()[0] == last
     assert catalog.verify(last) == []
+
+
+@pytest.mark.timeout(200)
+def test_a_stop_right_after_a_worker_crash_keeps_the_steps_in_memory(tmp_path):
+    """SIGTERM a moment after kill -9 of a worker, before the supervisor has seen the crash:
+    torchrun is restarting the workers, and the survivor left its last step in the memory tier.
+    The stop waits until the new workers train from it, then commits: nothing trained is lost
+    (the stop reached the new workers before they loaded, and the job exited 1 at the older commit)."""
+    job = Job(tmp_path, ["train.max_steps=300", "checkpoint.every_steps=5", "train.step_sleep_s=0.1"])
+    job.wait_step(8)
+    victim = _workers(job.proc.pid)[0]
+    faults.kill9(victim)
+    trained = max(line["step"] for line in trace_lines(job.trace))
+    time.sleep(0.3)
+    job.proc.send_signal(signal.SIGTERM)
+    code, err = job.finish(120)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    catalog = Catalog(open_storage(job.url))
+    assert catalog.latest()[0] >= trained, err[-3000:]
+    assert catalog.verify(catalog.latest()[0]) == []
 
 
 @pytest.mark.timeout(300)
