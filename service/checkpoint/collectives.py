@@ -88,6 +88,15 @@ def fenced_cause(err: BaseException) -> FencedError | None:
     return None
 
 
+def error_cause(err: BaseException) -> BaseException:
+    """``err``, or the first rank's own error inside DCP's per-rank wrapper."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return error_cause(inner[0] if isinstance(inner, tuple) else inner)
+    return err
+
+
 def describe_error(err: BaseException | None) -> str:
     """One line for a log or a message; DCP's per-rank wrapper is unwrapped to its cause."""
     if err is None:

@@ -216,7 +216,7 @@ class Resumer:
                 tried.append(f"{step_dir(step)}: {reason}")
                 self.ctx.unloadable_steps.add(step)
                 self.telemetry.unloadable()
-                if pinned is not None:
+                if pinned is not None or catalog is not self.catalog:  # a fork never falls back silently
                     break
                 below = step
                 candidate = self.group.from_main(lambda: self._older_candidate(catalog, below))
@@ -227,14 +227,14 @@ class Resumer:
             if catalog is not self.catalog:  # a fork: its parent, and what changed since
                 self._forked(catalog, step, manifest)
             return step
-        root = catalog.storage.display_url
-        advice = (f"Run `ftdiff ckpt verify {root}`; to deliberately start from scratch, point checkpoint.url "
-                  "at a new location (a fresh run never shares a root with another).")
-        if catalog is not self.catalog:  # another run's checkpoint: start from another one of them
-            advice = (f"Run `ftdiff ckpt verify {root}`; `ftdiff ckpt ls {root}` lists its other checkpoints: "
-                      "start from one of those (`ftdiff train --from <its URL>`).")
-        raise UserError(f"checkpoints exist under {root} but none could be loaded:\n  " + "\n  ".join(tried)
-                        + "\n" + advice)
+        root, failures = catalog.storage.display_url, "\n  ".join(tried)
+        if catalog is not self.catalog:  # another run's: start from another of its checkpoints, knowingly
+            raise UserError(f"cannot start from {root}: its checkpoint could not be loaded:\n  {failures}\n"
+                            f"Run `ftdiff ckpt verify {root}`; `ftdiff ckpt ls {root}` lists its other "
+                            "checkpoints: start from one of those (`ftdiff train --from <its URL>`).")
+        raise UserError(f"checkpoints exist under {root} but none could be loaded:\n  {failures}\nRun `ftdiff "
+                        f"ckpt verify {root}`; to deliberately start from scratch, point checkpoint.url at a new "
+                        "location (a fresh run never shares a root with another).")
 
     def _forked(self, catalog: Catalog, step: int, manifest: Manifest) -> None:
         """Every rank, after loading another run's checkpoint: record the lineage; a stream of

@@ -52,10 +52,12 @@ def weights_of(args: argparse.Namespace) -> Path | None:
     the folder it started from (the same command again continues it, even after the parent
     trained on or was deleted). The weights' fit is checked first; a dry run stops there: None, nothing written."""
     from service.checkpoint.catalog import Catalog
+    from service.checkpoint.collectives import CHECKPOINT_ERRORS, describe_error, error_cause
+    from service.checkpoint.errors import CorruptCheckpointError, ManifestError
     from service.checkpoint.storage import open_storage
     from service.cli.common import resolve_ref
     from service.config.paths import run_dir
-    from service.export import check_init_fit, export_init_weights
+    from service.export import check_init_fit, export_init_weights, shown_ref
 
     cfg = resolved_config(args.config, args.set)
     ck = cfg.checkpoint
@@ -67,7 +69,16 @@ def weights_of(args: argparse.Namespace) -> Path | None:
     check_init_fit(ref, cfg)  # here, before any worker: one message, not one per rank
     if args.dry_run:
         return None
-    return export_init_weights(ref, run_dir(cfg) / "init-weights")
+    try:
+        return export_init_weights(ref, run_dir(cfg) / "init-weights")
+    except CHECKPOINT_ERRORS as e:
+        if not isinstance(error_cause(e), (CorruptCheckpointError, ManifestError)):
+            raise
+        # No loadable checkpoint at start-up: exit 2, as the workers say it for a full fork.
+        root = ref.catalog.storage.display_url
+        raise UserError(f"--weights-only: the weights of {shown_ref(ref)} could not be loaded: {describe_error(e)}\n"
+                        f"Run `ftdiff ckpt verify {root}`; `ftdiff ckpt ls {root}` lists its other checkpoints: "
+                        "start from one of those (`--from <its URL>`).") from None
 
 
 def print_config(args: argparse.Namespace) -> int:

@@ -110,6 +110,14 @@ class ModelConfig(_Section):
         return self
 
 
+def _file_url_with_slashes(v: object) -> object:
+    """``file:x`` (no ``//``): fsspec takes it, the rest of a run (logs, status, identity) would
+    take it for a folder named ``file:``; refused, naming the two spellings that work."""
+    if isinstance(v, str) and v[:5].lower() == "file:" and v[5:7] != "//":
+        raise ValueError(f"{v!r}: write a local path as a plain path or as file://<path> (file:///abs/path)")
+    return v
+
+
 class DataConfig(_Section):
     kind: str = "shapes"
     """Where the images come from: a kind of service/data/registry.py (shapes, the quick demo,
@@ -118,6 +126,7 @@ class DataConfig(_Section):
     """Image folder (kind=folder) or sharded data set with its index.json (kind=webdataset):
     a local path or fsspec URL such as s3://bucket/images. A relative path in a config file is
     relative to the file's folder (on the command line: to the working directory)."""
+    _file_url = field_validator("url")(_file_url_with_slashes)
     epoch_size: int = Field(default=50_000, ge=1)
     """Samples per epoch of the shapes and synthetic data (infinite; an epoch is a naming unit)."""
     num_workers: int = Field(default=0, ge=0, le=64)
@@ -233,6 +242,7 @@ class CheckpointConfig(_Section):
     upload stream each; s3fs uploads a file's parts one after another), 1 on file systems."""
     resume: str = "auto"
     """auto: latest committed under url, if any; never: start fresh; or a checkpoint URL."""
+    _file_urls = field_validator("url", "resume")(_file_url_with_slashes)
     grace_s: float = Field(default=30.0, gt=0)
     """Time allowed for the emergency checkpoint after SIGTERM."""
     endpoint_url: str | None = None

@@ -10,7 +10,7 @@ from service.checkpoint.storage import Storage, open_storage
 from service.checkpoint.storage_check import check_reachable, missing_folders, remove_folders
 from service.config import Config, load_config
 from service.config.paths import local_path, run_dir
-from service.errors import EXIT_FAILURE, UserError
+from service.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from service.launch_env import LaunchEnv
 from service.supervisor.launcher import LocalSupervisor
 from service.supervisor.run_status import RunStatus
@@ -65,6 +65,8 @@ def run_local_job(
     finally:
         if status is not None:
             status.ended(code)
+        if code == EXIT_USAGE:  # the workers refused (a fork's parent unloadable): an untouched
+            remove_folders(created)  # root goes, as after a refusal here (only empty folders do)
 
 
 def _refuse_what_workers_would(cfg: Config, storage: Storage) -> None:

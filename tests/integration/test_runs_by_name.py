@@ -188,3 +188,27 @@ def test_a_weights_only_fork_starts_at_step_0_from_the_parents_ema_and_may_chang
     listed = subprocess.run([sys.executable, "-m", "service.cli", "runs", "ls", "--json"], cwd=tmp_path,
                             env=base_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=60)
     assert {r["name"]: r["lineage"] for r in json.loads(listed.stdout)}["child"]["step"] == 3
+
+
+@pytest.mark.timeout(400)
+def test_a_fork_from_a_parent_whose_newest_checkpoint_is_corrupt_is_refused_with_the_way_on(tmp_path):
+    """Full or weights-only, a fork from a root whose newest checkpoint cannot be loaded is exit 2
+    naming it and pointing at the others (a full fork moved back to an older step unasked, with
+    exit 0; weights-only was exit 1 with no advice). Pinning an older one then works."""
+    from service.checkpoint.catalog import Catalog
+    from service.checkpoint.manifest import step_dir
+    from service.checkpoint.storage import open_storage
+
+    assert _train(tmp_path, "parent", "train.max_steps=4").returncode == 0  # commits at steps 2 and 4
+    parent = tmp_path / "runs/parent/checkpoints"
+    newest = Catalog(open_storage(str(parent))).latest()[0]  # type: ignore[index]
+    for shard in (parent / step_dir(newest)).glob("*.distcp"):
+        shard.write_bytes(b"junk" * 1000)
+    for name, cli in (("full", ["--from", "runs/parent/checkpoints"]),
+                      ("weights", ["--from", "runs/parent/checkpoints", "--weights-only"])):
+        res = _train(tmp_path, name, "train.max_steps=5", cli=cli)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "ftdiff ckpt ls runs/parent/checkpoints" in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "runs" / name / "checkpoints").exists()  # a refused start leaves no root
+    older = _train(tmp_path, "older", "train.max_steps=3", cli=["--from", f"runs/parent/checkpoints/{step_dir(2)}"])
+    assert older.returncode == 0, older.stderr[-2000:]

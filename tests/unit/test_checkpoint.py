@@ -199,6 +199,21 @@ def test_corrupt_newest_falls_back_to_previous(mem_url):
         assert torch.equal(v, fresh.weights()[k])
 
 
+def test_a_fork_from_a_root_whose_newest_checkpoint_is_corrupt_is_refused_not_moved_back(mem_url):
+    """Its own root's resume falls back to an older commit; a fork from another root would then
+    start from a step nobody asked for, the parent's newer steps silently dropped."""
+    job = Job(mem_url)
+    for step in (1, 2):
+        job.step()
+        job.ckpt.save_at(step, 0, blocking=True)
+    fs = job.ckpt.storage.fs
+    fs.pipe_file(job.ckpt.storage.path(step_dir(2), shard_name(job.ckpt.catalog, 2)), b"junk")
+    with pytest.raises(UserError, match="could not be loaded") as e:
+        Job(mem_url + "-fork", f'checkpoint.resume="{mem_url}"').ckpt.resume()
+    assert "step-000000002" in str(e.value) and f"ftdiff ckpt ls {mem_url}" in str(e.value)
+    assert Job(mem_url).ckpt.resume() == 1  # its own resume still falls back
+
+
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     job = Job(mem_url)
     job.step()
@@ -212,7 +227,7 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(mem_url):
     with pytest.raises(UserError, match="never mixes"):
         Job(mem_url, 'checkpoint.resume="never"').ckpt.resume()
     # A fork from it (another root, that checkpoint pinned) is pointed at the others, not at a new root.
-    with pytest.raises(UserError, match="none could be loaded") as e:
+    with pytest.raises(UserError, match="could not be loaded") as e:
         Job(mem_url + "-fork", f'checkpoint.resume="{mem_url}/step-000000001"').ckpt.resume()
     assert f"ftdiff ckpt ls {mem_url}" in str(e.value) and "--from" in str(e.value)
     assert "new location" not in str(e.value)

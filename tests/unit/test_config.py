@@ -162,6 +162,14 @@ def test_a_relative_file_url_in_a_config_file_is_relative_to_its_folder(tmp_path
     assert cfg.checkpoint.resume == "file:///abs/checkpoints/step-4"  # absolute already: as given
 
 
+@pytest.mark.parametrize("key", ["checkpoint.url", "checkpoint.resume", "data.url"])
+@pytest.mark.parametrize("url", ["file:/tmp/x", "file:rel/x", "FILE:/x"])
+def test_a_file_url_without_its_slashes_is_refused_naming_the_spellings_that_work(key, url):
+    """fsspec reads file:/x as /x, but logs, status and identity took it for a folder "file:"."""
+    with pytest.raises(UserError, match="file:///abs/path"):
+        load_config(None, [f'{key}="{url}"'])
+
+
 def test_absolute_paths_urls_and_set_values_are_left_as_given(tmp_path, monkeypatch):
     (tmp_path / "job.toml").write_text('[data]\nkind = "folder"\nurl = "/data/images"\n'
                                        '[checkpoint]\nurl = "s3://bucket/run"\n')
