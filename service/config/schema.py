@@ -282,7 +282,9 @@ class SupervisorConfig(_Section):
     Heartbeats must still arrive every hang_timeout_s: a stopped process is caught as fast."""
     startup_timeout_s: float = Field(default=180.0, gt=0)
     """Local mode: agents run but no worker has reported for this long since their launch, a
-    restart order or the last heartbeat (stuck in rendezvous or start-up): end and relaunch them."""
+    restart order or the last heartbeat (stuck in rendezvous or start-up): end and relaunch them.
+    Every mode: how long a process's first training step may take without progress (torch.compile,
+    autotuning, the first collectives) before it is a hang."""
     max_restarts: int = Field(default=10, ge=0)
     """Relaunches without a new commit before the job gives up (exit 1); a new commit renews them."""
     min_nodes: int | None = Field(default=None, ge=1)

@@ -33,6 +33,7 @@ class Supervisor:
         self.cfg, self.token = cfg, token
         self.metrics = SupervisorMetrics(run=cfg.run.name)
         self.monitor = JobMonitor(sup.hang_timeout_s, io_timeout_s=sup.io_timeout_s,
+                                  first_step_timeout_s=sup.startup_timeout_s,
                                   heartbeat_interval_s=sup.heartbeat_interval_s)
         self.ledger = FailureLedger(self.monitor, self.metrics, sup.crash_loop_failures)
         self.failure_costs = FailureCostBook(self.metrics)

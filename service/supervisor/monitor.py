@@ -10,7 +10,8 @@ in a synchronous job they wait for it in their next collective, and their own ti
 progress counts from when the last peer left storage (they still need a step to catch up). A
 slow store is therefore
 never taken for a hang, while a process that stops (no heartbeats) or a load that is stuck (no
-bytes) still is. Neither extension holds while a rank of the reported world has been missing
+bytes) still is. A process's first training step (torch.compile, autotuning, the first
+collectives) may take ``first_step_timeout_s`` (supervisor.startup_timeout_s). Neither extension holds while a rank of the reported world has been missing
 (never reported) for a hang timeout: its peers wait for it, not for storage.
 
 A rank *restarted* when another process (node, pid, start time) reports for it. torchrun
@@ -55,13 +56,16 @@ class RankState:
 class JobMonitor:
     def __init__(self, hang_timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  order_ttl_s: float | None = None, io_timeout_s: float | None = None,
-                 restart_window_s: float | None = None, heartbeat_interval_s: float = 1.0):
+                 restart_window_s: float | None = None, heartbeat_interval_s: float = 1.0,
+                 first_step_timeout_s: float | None = None):
         """``order_ttl_s``: how long an exit order stands (default: 3 hang timeouts, at least
         60 s) — long enough for every ordered process to heartbeat once more, short enough
         that an order can never outlive the processes it was meant for. ``restart_window_s``:
         how long after a restart event began a replaced process of the generation it ended
-        still belongs to it (default: ``order_ttl_s``)."""
+        still belongs to it (default: ``order_ttl_s``). ``first_step_timeout_s``: a process's
+        first training step's limit (compile, autotuning; default: the hang timeout)."""
         self.hang_timeout_s, self.clock = hang_timeout_s, clock
+        self.first_step_timeout_s = max(hang_timeout_s, first_step_timeout_s or 0.0)
         self.io_timeout_s = io_timeout_s if io_timeout_s is not None else max(120.0, hang_timeout_s)
         # The longest each storage phase has lasted so far (a measure of this store's speed).
         self.longest_phase_s: dict[str, float] = {}
@@ -196,16 +200,16 @@ class JobMonitor:
             for rank in [r for r in self._on_storage_at if r not in self.ranks]:
                 del self._on_storage_at[rank]
 
-            # A rank of the world that never reported (stopped or wedged before its first
-            # heartbeat) holds the others up in their next collective, whatever phase they are
-            # in: after a hang timeout of that, no phase or peer extends their limit.
+            # A rank of the world that never reported (stopped or wedged before its first heartbeat)
+            # holds the others up, whatever their phase: after a hang timeout, no limit is extended.
             absent = self._absent_for(now) > self.hang_timeout_s
 
             def limit(s: RankState) -> float:  # a peer's storage work holds this rank up too
                 if absent:
                     return self.hang_timeout_s
                 peers = [lim for rank, lim in on_storage.items() if rank != s.hb.rank]
-                return max([self.stall_limit(s.hb.phase), *peers])
+                first = self.first_step_timeout_s if s.hb.phase == "training" and s.trained_at is None else 0.0
+                return max([self.stall_limit(s.hb.phase), first, *peers])
 
             def stalled_s(s: RankState) -> float:  # since its last progress, or a peer's storage work
                 held = [] if absent else [t for rank, t in self._on_storage_at.items() if rank != s.hb.rank]

@@ -348,6 +348,34 @@ def test_a_slow_store_is_not_a_hang_but_silence_and_a_stuck_load_are():
     assert [s.hb.rank for s in m2.hung()] == [0]
 
 
+def test_a_processs_first_training_step_may_take_the_first_step_timeout_later_ones_the_hang_timeout():
+    """torch.compile compiles in the first step (minutes on a big model), heartbeats arriving: not
+    a hang before first_step_timeout_s. Once the process has trained a step, the hang timeout
+    applies again; a replaced process gets the allowance again (it compiles again)."""
+    clock = Clock()
+    m = JobMonitor(10, clock, io_timeout_s=60, first_step_timeout_s=120)
+    m.observe(hb(0, 100, phase="training", world=1))
+    for _ in range(11):  # 110 s in its first step
+        clock.t += 10
+        m.observe(m.ranks[0].hb)
+    assert m.hung() == []
+    clock.t += 11
+    m.observe(m.ranks[0].hb)
+    assert [s.hb.rank for s in m.hung()] == [0]  # past first_step_timeout_s: hung
+
+    m2 = JobMonitor(10, clock, io_timeout_s=60, first_step_timeout_s=120)
+    m2.observe(hb(0, 100, phase="training", step=0, world=1))
+    clock.t += 30
+    m2.observe(hb(0, 100, phase="training", step=1, world=1))  # its first step done: compiled
+    clock.t += 11
+    m2.observe(m2.ranks[0].hb)
+    assert [s.hb.rank for s in m2.hung()] == [0]  # the hang timeout again
+    m2.observe(hb(0, 101, phase="training", step=1, world=1, started=2.0))  # a new process
+    clock.t += 30
+    m2.observe(m2.ranks[0].hb)
+    assert m2.hung() == []
+
+
 def test_a_loading_rank_waiting_for_a_rank_that_never_reported_is_hung_at_the_hang_timeout():
     """Rank 1 was stopped before its first heartbeat; rank 0 loads (bytes arriving), then waits for
     it in a collective. The storage allowance (60 s) is not for that: a hang timeout after rank 1
