@@ -18,6 +18,8 @@ rendezvous looks at the store again, instead of torchrun's fixed second.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -65,19 +67,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     settings = watch_settings(list(args.training_script_args), launch)
     watch = StuckWatch(settings).start() if settings is not None else None
+    code = EXIT_OK
     try:
         run(args)
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]
         code = exit_code_for(codes)
         log.error("workers failed with exit codes %s: agent exits %d", sorted(set(codes)), code)
-        return code
     except SignalException as e:  # SIGTERM/SIGINT to the agent: workers were stopped
-        return 128 + int(e.sigval)
+        code = 128 + int(e.sigval)
     finally:
         if watch is not None:
             watch.stop()
-    return EXIT_OK
+    leave_on_stop_signals(code)
+    return code
+
+
+def leave_on_stop_signals(code: int) -> None:
+    """From here on a stop signal ends the agent at once with ``code``, the exit it decided.
+
+    Its workers are gone, but torch's handler (which raises) stays installed through interpreter
+    shutdown: a SIGTERM then, such as the supervisor ending a start the workers refused, raised
+    inside an exit finalizer and printed a traceback under the user's one-line error."""
+    def leave(_signum: int, _frame: object) -> None:
+        os._exit(code)
+
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), leave)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ ends the pod with that error's code, so the Job's podFailurePolicy can fail the 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,3 +39,33 @@ def test_the_old_module_names_still_run(old):
     res = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, timeout=50)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage" in res.stdout.lower()
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_signal_while_the_agent_exits_ends_it_quietly_with_its_code(tmp_path):
+    """The supervisor ends a refused start with SIGTERM to its agents, which may already be on
+    their way out: torch's handler, still installed, raised in an exit finalizer and printed a
+    traceback under the user's one-line error. The agent now leaves at once, with its code."""
+    worker = tmp_path / "exit.py"
+    worker.write_text("import sys\nsys.exit(2)\n")
+    exiting = tmp_path / "exiting"
+    wrapper = tmp_path / "agent.py"
+    wrapper.write_text(  # an interpreter shutdown slow enough for the signal to land in it
+        "import atexit, pathlib, sys, time\n"
+        f"atexit.register(lambda: (pathlib.Path({str(exiting)!r}).touch(), time.sleep(5)))\n"
+        "from service.node.agent import main\n"
+        "sys.exit(main())\n")
+    agent = subprocess.Popen([sys.executable, str(wrapper), "--nnodes=1", "--nproc-per-node=1", "--max-restarts=1",
+                              str(worker)], env=base_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1000):  # bounded: 100 s
+            if exiting.exists() or agent.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert exiting.exists(), "the agent never reached its exit"
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    finally:
+        agent.kill()
+    assert agent.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-2000:]
