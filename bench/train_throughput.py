@@ -8,7 +8,10 @@ same batch, all in this run.
 ws1_vs_plain = ftdiff's step at one rank / the bare loop (goal >= 0.95);
 ddp_efficiency_2_ranks = samples/s at 2 ranks / (2 x the same step in one process, no DDP);
 vae_encode_share (vae_and_text_encode_share) = the frozen encoders' share of a bare latent
-step. Prints one JSON line.
+step; allreduce_s = two processes all-reducing the model's gradients over gloo in DDP's 25 MB
+buckets, alone; ddp_ceiling_2_ranks = the one-rank step / (that step + allreduce_s), what DDP
+efficiency can reach when compute and communication share the cores (no overlap).
+Prints one JSON line.
 
 Usage: python bench/train_throughput.py [--steps 30] [--batch 8] [--models unet:tiny,dit-latent:tiny]
 """
@@ -86,6 +89,26 @@ def measure_trainer(rank: int, world: int, port: int, model: str, batch: int, st
     cleanup_distributed()
 
 
+def measure_allreduce(rank: int, world: int, port: int, numel: int, out: str) -> None:
+    """Seconds per all-reduce of ``numel`` float32 gradients, in DDP's default bucket size."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    per_bucket = 25 * 2**20 // 4
+    buckets = [torch.ones(min(per_bucket, numel - start)) for start in range(0, numel, per_bucket)]
+    rounds = 8
+    for i in range(rounds + 2):  # 2 warm-up rounds
+        if i == 2:
+            t0 = time.perf_counter()
+        for work in [dist.all_reduce(b, async_op=True) for b in buckets]:
+            work.wait()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"allreduce_s": (time.perf_counter() - t0) / rounds}))
+    dist.destroy_process_group()
+
+
 def plain_loop(model_name: str, batch: int, steps: int, frozen: dict[str, str]) -> tuple[float, float]:
     """The same model (and VAE and text encode) + AdamW + MSE on a fixed batch, one thread: the
     yardstick. (samples/s, the frozen encoders' share of the step time)."""
@@ -121,6 +144,15 @@ def plain_loop(model_name: str, batch: int, steps: int, frozen: dict[str, str]) 
     return (steps - warmup) * batch / elapsed, encoding / elapsed
 
 
+def _parameter_count(model_name: str, frozen: dict[str, str]) -> int:
+    """The trained parameters of the model (what DDP all-reduces), built on the meta device."""
+    from service.models.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(_config(model_name, 1, 1, 1, frozen).model, 0)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
@@ -144,10 +176,16 @@ def main() -> None:
                     mp.spawn(measure_trainer, args=(world, free_port(), model, args.batch, args.steps, out.name, frozen),
                              nprocs=world, join=True)
                     r[f"ws{world}_samples_per_s"] = json.loads(Path(out.name).read_text())["samples_per_s"]
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                mp.spawn(measure_allreduce, args=(2, free_port(), _parameter_count(model, frozen), out.name),
+                         nprocs=2, join=True)
+                r["allreduce_s"] = json.loads(Path(out.name).read_text())["allreduce_s"]
+            step_s = args.batch / r["ws1_samples_per_s"]
+            r["ddp_ceiling_2_ranks"] = step_s / (step_s + r["allreduce_s"])
             r["ddp_efficiency_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["ws1_samples_per_s"])
             r["vs_bare_loop_2_ranks"] = r["ws2_samples_per_s"] / (2 * r["plain_loop_samples_per_s"])
             r["ws1_vs_plain"] = r["ws1_samples_per_s"] / r["plain_loop_samples_per_s"]
-            result[model] = {k: round(v, 3) for k, v in r.items()}
+            result[model] = {k: round(v, 4 if k == "allreduce_s" else 3) for k, v in r.items()}
     print(json.dumps({"per_rank_batch": args.batch, "steps": args.steps, "cpu_threads_per_rank": 1, **result}))
 
 
