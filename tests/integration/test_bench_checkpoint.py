@@ -21,9 +21,10 @@ def test_the_checkpoint_bench_reports_the_ratios_against_the_raw_transfer(s3_buc
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["target"] == "s3"
-    assert {"commit_throughput_vs_raw_upload", "fastest_commit_vs_fastest_raw_upload",
-            "load_throughput_vs_raw_download", "dcp_sync_throughput_vs_raw_upload"} <= set(out["ratios"])
-    assert all(v > 0 for v in out["ratios"].values())
+    against_raw = ("commit_throughput_vs_raw_upload", "fastest_commit_vs_fastest_raw_upload",
+                   "load_throughput_vs_raw_download", "dcp_sync_throughput_vs_raw_upload")
+    # (The stall ratios may round to 0.0: a stall of a millisecond against a save of seconds.)
+    assert all(out["ratios"][name] > 0 for name in against_raw), out["ratios"]
     # The raw times are medians of repeats at the best concurrency, never faster than the fastest.
     assert out["raw_upload_min_s"] <= out["raw_upload_s"] and out["raw_download_min_s"] <= out["raw_download_s"]
     assert out["commit_min_s"] <= out["commit_s"]
