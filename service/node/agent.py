@@ -92,9 +92,8 @@ def leave_on_stop_signals(code: int) -> None:
     def leave(_signum: int, _frame: object) -> None:
         os._exit(code)
 
-    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), leave)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):  # torch's, on POSIX
+        signal.signal(sig, leave)
 
 
 if __name__ == "__main__":
